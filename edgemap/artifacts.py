@@ -1,0 +1,49 @@
+"""Names of the artifacts a run directory records, and which one each runtime loads.
+
+Keys in ``edgemap.json["artifacts"]``:
+
+- ``weights_best`` / ``weights_last``: safetensors weights (finetune)
+- ``onnx_fp32``: ``model.onnx``, uint8 NHWC input, dynamic batch (export)
+- ``onnx_int8_qoperator``: ``model.int8.qoperator.onnx``, for ONNX Runtime CPU (export --int8)
+- ``onnx_int8_qdq``: ``model.int8.qdq.onnx``, for OpenVINO and TensorRT (export --int8)
+
+int8 entries carry ``{"precision": "int8", "format": ..., "runtimes": [...]}``.
+"""
+
+from __future__ import annotations
+
+from edgemap.errors import ManifestError
+from edgemap.runtime.sessions import RUNTIMES, parse_runtime
+
+WEIGHTS_BEST = "weights_best"
+WEIGHTS_LAST = "weights_last"
+ONNX_FP32 = "onnx_fp32"
+INT8_FORMATS = ("qoperator", "qdq")
+FILENAMES = {
+    ONNX_FP32: "model.onnx",
+    "onnx_int8_qoperator": "model.int8.qoperator.onnx",
+    "onnx_int8_qdq": "model.int8.qdq.onnx",
+}
+
+
+def int8_key(fmt: str) -> str:
+    if fmt not in INT8_FORMATS:
+        raise ValueError(f"int8 format must be one of {INT8_FORMATS}")
+    return f"onnx_int8_{fmt}"
+
+
+def key_for(runtime: str, precision: str) -> str:
+    """The artifact key ``runtime`` loads for ``precision`` (``fp32`` or ``int8``)."""
+    info, _ = parse_runtime(runtime)
+    if precision == "fp32":
+        return ONNX_FP32
+    if precision == "int8":
+        if info.int8_format is None:
+            raise ManifestError(f"runtime {info.name} has no int8 path; use --precision fp32")
+        return int8_key(info.int8_format)
+    raise ManifestError(f"unknown precision {precision!r}; use fp32 or int8")
+
+
+def int8_targets() -> dict[str, str]:
+    """runtime name → int8 format, for every runtime with an int8 path."""
+    return {name: r.int8_format for name, r in RUNTIMES.items() if r.int8_format}

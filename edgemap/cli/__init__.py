@@ -1,0 +1,50 @@
+"""The ``edgemap`` command line: one small file per command (Typer)."""
+
+from __future__ import annotations
+
+import importlib
+
+import typer
+
+app = typer.Typer(
+    name="edgemap",
+    help="Map a pretrained backbone to a small, fast, verified model on an edge device.\n\n"
+    "finetune → export [--int8] → eval / bench → package. Each stage reads and writes one run directory.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    rich_markup_mode="rich",
+)
+
+
+
+def _version(value: bool) -> None:
+    if value:
+        from edgemap import __version__
+
+        typer.echo(f"edgemap {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Map a pretrained backbone to a small, fast, verified model on an edge device."""
+
+
+# One module per command; each defines `register(app)`. Imports stay light (no torch) so
+# `edgemap --help` is instant: the stages import torch/onnx/openvino lazily.
+_COMMANDS = ["backbones", "datasets", "finetune", "export", "eval", "bench", "package"]
+for _name in _COMMANDS:
+    try:
+        _mod = importlib.import_module(f"edgemap.cli.cmd_{_name}")
+    except ModuleNotFoundError as _e:  # a command still being built; never hide other import errors
+        if _e.name != f"edgemap.cli.cmd_{_name}":
+            raise
+        continue
+    _mod.register(app)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,66 @@
+"""Shared CLI pieces: option aliases, the error boundary, the console."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from edgemap.errors import EdgemapError
+
+console = Console(stderr=False, highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+RunDirArg = Annotated[Path, typer.Argument(help="Run directory (made by `edgemap finetune --out`).", show_default=False)]
+DataArg = Annotated[Path, typer.Argument(help="Dataset folder: DATA/train/<class>/... + DATA/val/<class>/..., or DATA/<class>/...", show_default=False)]
+JsonOpt = Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON to this file ('-' for stdout).")]
+
+
+def handle_errors(fn: F) -> F:
+    """Turn EdgemapError into one red line and a non-zero exit (EDGEMAP_DEBUG=1: traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except EdgemapError as e:
+            if os.environ.get("EDGEMAP_DEBUG"):
+                raise
+            err_console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
+            raise typer.Exit(code=e.exit_code) from None
+        except KeyboardInterrupt:
+            err_console.print("[yellow]interrupted[/]")
+            raise typer.Exit(code=130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def next_step(cmd: str) -> None:
+    """Print the exact next command to run."""
+    console.print(f"\n[bold]next:[/] {cmd}")
+
+
+def split_csv(value: str | None) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else []
+
+
+def write_json_out(target: Path | None, obj: Any) -> None:
+    """Write JSON results for scripts: to a file (atomically) or stdout ('-')."""
+    if target is None:
+        return
+    import json
+
+    if str(target) == "-":
+        sys.stdout.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+        return
+    from edgemap.fsutil import atomic_write_json
+
+    atomic_write_json(target, obj)

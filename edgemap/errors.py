@@ -1,0 +1,82 @@
+"""The typed error hierarchy of edgemap (re-exports the runtime's base errors)."""
+
+from __future__ import annotations
+
+from edgemap.runtime.errors import (
+    EdgemapError,
+    ImageError,
+    ModelFormatError,
+    ModelIntegrityError,
+    ProviderFallbackError,
+    RuntimeUnavailableError,
+)
+
+__all__ = [
+    "EdgemapError",
+    "ImageError",
+    "ModelFormatError",
+    "ModelIntegrityError",
+    "ProviderFallbackError",
+    "RuntimeUnavailableError",
+    "DatasetError",
+    "ManifestError",
+    "BackboneError",
+    "TrainingError",
+    "ResumeError",
+    "ExportError",
+    "ParityError",
+    "QuantizationError",
+    "AccuracyGateError",
+    "PackageError",
+    "Interrupted",
+]
+
+
+class DatasetError(EdgemapError):
+    """The dataset folder is unusable (missing, empty class, class mismatch, bad file)."""
+
+
+class ManifestError(EdgemapError):
+    """edgemap.json is missing, unreadable, or has wrong types / missing keys."""
+
+
+class BackboneError(EdgemapError):
+    """Unknown backbone, or its weights package is not installed."""
+
+
+class TrainingError(EdgemapError):
+    """Training cannot go on (NaN/Inf loss, bad options)."""
+
+
+class ResumeError(EdgemapError):
+    """``--resume`` on a missing, corrupt or incompatible run."""
+
+
+class ExportError(EdgemapError):
+    """ONNX export failed (unsupported op at opset, IR version too new, no weights)."""
+
+
+class ParityError(ExportError):
+    """A runtime's outputs differ from PyTorch's beyond tolerance."""
+
+
+class QuantizationError(EdgemapError):
+    """int8 quantization cannot run (calibration set empty or too small...)."""
+
+
+class AccuracyGateError(QuantizationError):
+    """No int8 attempt stayed within ``--max-drop`` of fp32 accuracy."""
+
+    def __init__(self, message: str, attempts: list | None = None):
+        super().__init__(message)
+        self.attempts = attempts or []
+
+
+class PackageError(EdgemapError):
+    """A wheel cannot be built (bad name/version, missing artifact)."""
+
+
+class Interrupted(EdgemapError):
+    """The user interrupted a stage (Ctrl-C / SIGTERM); a resumable state was saved."""
+
+    exit_code = 130

@@ -1,0 +1,80 @@
+"""Atomic file writes: a crash never leaves a half-written file where a good one was."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from edgemap.runtime.integrity import sha256_file
+
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_json", "sha256_file", "fsync_dir"]
+
+TMP_SUFFIX = ".edgemap-tmp"
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so a rename inside it survives a power cut (POSIX only)."""
+    if os.name != "posix":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(dest: str | Path) -> Iterator[Path]:
+    """Yield a temp path beside ``dest``; on success fsync it and ``os.replace`` it in.
+
+    Use for writers that want a filename (safetensors, onnx.save, zip). On any
+    exception, the temp file is removed and ``dest`` is left as it was.
+
+    Example:
+        >>> with atomic_path(run / "model.onnx") as tmp:
+        ...     onnx.save(model, str(tmp))
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=TMP_SUFFIX, dir=dest.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+        fsync_dir(dest.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def atomic_write_bytes(dest: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``dest`` atomically."""
+    with atomic_path(dest) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_json(dest: str | Path, obj: Any) -> None:
+    """Write ``obj`` as indented UTF-8 JSON to ``dest`` atomically."""
+    text = json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n"
+    atomic_write_bytes(dest, text.encode("utf-8"))
+
+
+def remove_stale_temps(folder: str | Path) -> list[Path]:
+    """Delete temp files left by a process killed mid-write; return what was removed."""
+    removed = []
+    folder = Path(folder)
+    if folder.is_dir():
+        for p in folder.glob(f".*{TMP_SUFFIX}"):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+                removed.append(p)
+    return removed

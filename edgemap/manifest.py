@@ -1,0 +1,243 @@
+"""The run directory and its ``edgemap.json``: the only thing later stages read.
+
+Layout of a run directory::
+
+    RUN_DIR/
+      edgemap.json                manifest (this module)
+      metrics.jsonl               one JSON line per epoch
+      weights/best.safetensors    best weights (by validation accuracy)
+      weights/last.safetensors    last weights
+      state/                      resumable training state (safetensors + JSON)
+      model.onnx, model.int8.*    export artifacts
+
+Every artifact is recorded with its sha256 and the stage that wrote it; loading an
+artifact whose bytes changed is refused.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+import re
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from edgemap.errors import ManifestError, ModelIntegrityError
+from edgemap.fsutil import atomic_write_json, sha256_file
+from edgemap.runtime.preprocess import PreprocessContract
+
+MANIFEST_NAME = "edgemap.json"
+SCHEMA_VERSION = 1
+_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+_VERSION_PACKAGES = ("edgemap", "torch", "numpy", "pillow", "onnx", "onnxruntime", "onnxruntime-gpu", "openvino")
+
+# key -> (type, required)
+_TOP_LEVEL: dict[str, tuple[type | tuple[type, ...], bool]] = {
+    "schema": (int, True),
+    "backbone": (dict, True),
+    "classes": (list, True),
+    "preprocess": (dict, True),
+    "artifacts": (dict, True),
+    "stages": (dict, True),
+    "options": (dict, False),
+    "dataset": (dict, False),
+    "metrics": (dict, False),
+    "versions": (dict, False),
+    "created": (str, False),
+}
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that shape artifacts (missing ones are left out)."""
+    out = {"python": platform.python_version()}
+    for name in _VERSION_PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def validate_manifest(data: Any, where: str = MANIFEST_NAME) -> dict[str, Any]:
+    """Check types and required keys of a manifest; raise ManifestError listing every problem."""
+    if not isinstance(data, dict):
+        raise ManifestError(f"{where}: top level must be a JSON object, got {type(data).__name__}")
+    problems: list[str] = []
+    for key, (typ, required) in _TOP_LEVEL.items():
+        if key not in data:
+            if required:
+                problems.append(f"missing key '{key}'")
+            continue
+        if not isinstance(data[key], typ) or isinstance(data[key], bool) and typ is int:
+            problems.append(f"'{key}' must be {getattr(typ, '__name__', typ)}, got {type(data[key]).__name__}")
+    if not problems:
+        if data["schema"] > SCHEMA_VERSION:
+            problems.append(f"schema {data['schema']} is newer than this edgemap understands ({SCHEMA_VERSION})")
+        if not isinstance(data["backbone"].get("name"), str):
+            problems.append("'backbone.name' must be a string")
+        classes = data["classes"]
+        if len(classes) < 2 or not all(isinstance(c, str) and c for c in classes):
+            problems.append("'classes' must list at least two non-empty class names")
+        elif len(set(classes)) != len(classes):
+            problems.append("'classes' has duplicates")
+        try:
+            PreprocessContract.from_dict(data["preprocess"])
+        except Exception as e:  # noqa: BLE001 - reported as a manifest problem below
+            problems.append(f"'preprocess' invalid: {e}")
+        for name, art in data["artifacts"].items():
+            if not isinstance(art, dict):
+                problems.append(f"artifact '{name}' must be an object")
+                continue
+            if not isinstance(art.get("path"), str):
+                problems.append(f"artifact '{name}'.path must be a string")
+            if not isinstance(art.get("sha256"), str) or not _SHA_RE.match(art["sha256"]):
+                problems.append(f"artifact '{name}'.sha256 must be 64 lowercase hex characters")
+    if problems:
+        raise ManifestError(f"{where}: " + "; ".join(problems) + ". Re-create the run with `edgemap finetune`.")
+    return data
+
+
+@dataclass
+class RunDir:
+    """A run directory and its parsed manifest.
+
+    Example:
+        >>> run = RunDir.load("models/digits")
+        >>> run.classes[:3], run.contract.height
+    """
+
+    path: Path
+    data: dict[str, Any]
+
+    # ---- construction -------------------------------------------------------------
+    @classmethod
+    def create(
+        cls,
+        path: str | Path,
+        *,
+        backbone: dict[str, Any],
+        classes: list[str],
+        contract: PreprocessContract,
+        options: dict[str, Any] | None = None,
+        dataset: dict[str, Any] | None = None,
+    ) -> RunDir:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        data = {
+            "schema": SCHEMA_VERSION,
+            "created": now_iso(),
+            "backbone": backbone,
+            "classes": list(classes),
+            "preprocess": contract.to_dict(),
+            "options": options or {},
+            "dataset": dataset or {},
+            "metrics": {},
+            "artifacts": {},
+            "stages": {},
+            "versions": package_versions(),
+        }
+        run = cls(path, validate_manifest(data))
+        run.save()
+        return run
+
+    @classmethod
+    def load(cls, path: str | Path) -> RunDir:
+        path = Path(path)
+        mf = path / MANIFEST_NAME
+        if not path.is_dir():
+            raise ManifestError(f"{path}: no such run directory; create one with `edgemap finetune DATA --out {path}`")
+        if not mf.is_file():
+            raise ManifestError(f"{mf}: missing; {path} is not an edgemap run directory (run `edgemap finetune` first)")
+        try:
+            data = json.loads(mf.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ManifestError(f"{mf}: not valid JSON ({e})") from e
+        return cls(path, validate_manifest(data, str(mf)))
+
+    def save(self) -> None:
+        self.data["versions"] = {**self.data.get("versions", {}), **package_versions()}
+        validate_manifest(self.data, str(self.manifest_path))
+        atomic_write_json(self.manifest_path, self.data)
+
+    # ---- accessors ----------------------------------------------------------------
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / MANIFEST_NAME
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.data["classes"])
+
+    @property
+    def contract(self) -> PreprocessContract:
+        return PreprocessContract.from_dict(self.data["preprocess"])
+
+    @property
+    def backbone(self) -> str:
+        return self.data["backbone"]["name"]
+
+    @property
+    def artifacts(self) -> dict[str, dict[str, Any]]:
+        return self.data["artifacts"]
+
+    # ---- artifacts ----------------------------------------------------------------
+    def _inside(self, rel: str) -> Path:
+        p = (self.path / rel).resolve()
+        root = self.path.resolve()
+        if p != root and root not in p.parents:
+            raise ManifestError(f"{self.manifest_path}: artifact path {rel!r} escapes the run directory")
+        return p
+
+    def add_artifact(self, key: str, path: str | Path, *, stage: str, save: bool = True, **meta: Any) -> dict[str, Any]:
+        """Record a file (inside the run dir) with its sha256, size and the stage that made it."""
+        p = Path(path)
+        rel = str(p.resolve().relative_to(self.path.resolve())) if p.is_absolute() else str(p)
+        full = self._inside(rel)
+        entry = {
+            "path": rel.replace("\\", "/"),
+            "sha256": sha256_file(full),
+            "bytes": full.stat().st_size,
+            "stage": stage,
+            "created": now_iso(),
+            **meta,
+        }
+        self.artifacts[key] = entry
+        if save:
+            self.save()
+        return entry
+
+    def has_artifact(self, key: str) -> bool:
+        return key in self.artifacts and self._inside(self.artifacts[key]["path"]).is_file()
+
+    def artifact_path(self, key: str, verify: bool = True) -> Path:
+        """Path of a recorded artifact; refused when missing or when its sha256 changed."""
+        if key not in self.artifacts:
+            raise ManifestError(f"{self.manifest_path}: no artifact '{key}' recorded; run the stage that makes it")
+        entry = self.artifacts[key]
+        p = self._inside(entry["path"])
+        if not p.is_file():
+            raise ManifestError(f"{p}: recorded as artifact '{key}' but missing; re-run the stage '{entry.get('stage')}'")
+        if verify:
+            actual = sha256_file(p)
+            if actual != entry["sha256"]:
+                raise ModelIntegrityError(
+                    f"{p}: sha256 mismatch with {MANIFEST_NAME} (file {actual[:12]}…, recorded "
+                    f"{entry['sha256'][:12]}…); refusing a file changed after it was made. "
+                    f"Re-run `edgemap {entry.get('stage', 'export')}`."
+                )
+        return p
+
+    def set_stage(self, stage: str, status: str, save: bool = True, **info: Any) -> None:
+        self.data["stages"][stage] = {"status": status, "updated": now_iso(), **info}
+        if save:
+            self.save()
+
+    def stage_done(self, stage: str) -> bool:
+        return self.data["stages"].get(stage, {}).get("status") == "done"

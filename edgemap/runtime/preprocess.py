@@ -1,0 +1,207 @@
+"""The only image code outside the ONNX graph: decode, EXIF orientation, RGB, resize/crop.
+
+This module is shared by training, ``edgemap eval`` and the device wheel (it is vendored
+into the wheel), so an image becomes the same uint8 array everywhere. It imports numpy and
+Pillow only.
+
+The graph itself takes that ``(N, H, W, 3)`` uint8 RGB batch and normalises inside, so
+mean/std live in the contract for the exporter, not here.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from edgemap.runtime.errors import ImageError
+
+#: Default limit on decoded pixels (Pillow's own default, ~89 Mpx). Configurable per call.
+DEFAULT_MAX_PIXELS = int(Image.MAX_IMAGE_PIXELS or 89_478_485)
+
+_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+RESIZE_RULES = ("shorter_center_crop", "stretch")
+_WHITE = (255, 255, 255)
+
+ImageInput = Union[str, Path, bytes, Image.Image, np.ndarray]
+
+
+@dataclass(frozen=True)
+class PreprocessContract:
+    """How a file becomes the model's input, recorded in edgemap.json, ONNX metadata and wheels.
+
+    Attributes:
+        height, width: the model input size in pixels.
+        resize: ``shorter_center_crop`` (scale the shorter side to ``size / crop_pct``,
+            then crop the centre) or ``stretch`` (resize to H×W ignoring aspect).
+        crop_pct: fraction of the resized image kept by the centre crop (1.0 = no margin).
+        interpolation: Pillow filter used for resizing.
+        mean, std: per-channel normalisation on 0–255 pixels, applied *inside* the graph.
+    """
+
+    height: int
+    width: int
+    resize: str = "shorter_center_crop"
+    crop_pct: float = 1.0
+    interpolation: str = "bilinear"
+    mean: tuple[float, float, float] = (127.0, 127.0, 127.0)
+    std: tuple[float, float, float] = (128.0, 128.0, 128.0)
+    layout: str = field(default="NHWC uint8 RGB")
+
+    def __post_init__(self) -> None:
+        if self.resize not in RESIZE_RULES:
+            raise ValueError(f"resize must be one of {RESIZE_RULES}, not {self.resize!r}")
+        if self.interpolation not in _RESAMPLE:
+            raise ValueError(f"interpolation must be one of {sorted(_RESAMPLE)}")
+        if not (0.0 < self.crop_pct <= 1.0):
+            raise ValueError("crop_pct must be in (0, 1]")
+        if self.height < 1 or self.width < 1:
+            raise ValueError("height and width must be positive")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["mean"] = list(self.mean)
+        d["std"] = list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PreprocessContract:
+        try:
+            return cls(
+                height=int(d["height"]),
+                width=int(d["width"]),
+                resize=str(d.get("resize", "shorter_center_crop")),
+                crop_pct=float(d.get("crop_pct", 1.0)),
+                interpolation=str(d.get("interpolation", "bilinear")),
+                mean=tuple(float(x) for x in d.get("mean", (127.0,) * 3)),  # type: ignore[arg-type]
+                std=tuple(float(x) for x in d.get("std", (128.0,) * 3)),  # type: ignore[arg-type]
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ImageError(f"invalid preprocessing contract {d!r}: {e}") from e
+
+
+def open_image(source: str | Path | bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode an image fully, apply EXIF orientation and convert it to RGB.
+
+    Raises ImageError naming the file for anything that is not a complete, decodable
+    image, or whose pixel count exceeds ``max_pixels`` (decompression-bomb guard;
+    ``None`` disables edgemap's own check, Pillow's global limit still applies).
+    """
+    name = "<bytes>" if isinstance(source, bytes) else str(source)
+    fp = io.BytesIO(source) if isinstance(source, bytes) else source
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns (not raises) between 1x and 2x its limit: treat that as an error too.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(fp) as im:
+                w, h = im.size
+                if max_pixels is not None and w * h > max_pixels:
+                    raise ImageError(
+                        f"{name}: {w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,} "
+                        "(decompression-bomb guard); raise --max-pixels if the image is genuine"
+                    )
+                im.load()  # decode everything now: truncated files fail here, not mid-training
+                im = ImageOps.exif_transpose(im)
+                return to_rgb(im, name)
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"{name}: refused as a decompression bomb ({e})") from e
+    except FileNotFoundError as e:
+        raise ImageError(f"{name}: file not found") from e
+    except (OSError, ValueError, SyntaxError, EOFError, Image.UnidentifiedImageError) as e:
+        raise ImageError(f"{name}: not a readable image ({type(e).__name__}: {e})") from e
+
+
+def to_rgb(im: Image.Image, name: str = "<image>") -> Image.Image:
+    """Deterministic conversion of any Pillow mode to 8-bit RGB.
+
+    Alpha is composited over white; 16/32-bit integer images keep their top 8 bits
+    (``v >> 8``); float images are clipped to 0–255; CMYK/YCbCr/LAB use Pillow's converters.
+    """
+    mode = im.mode
+    if mode == "RGB":
+        return im.copy() if im.readonly else im
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, _WHITE + (255,))
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    if mode.startswith("I;16") or mode == "I":
+        arr = np.asarray(im).astype(np.int64)
+        arr = (np.clip(arr, 0, 65535) >> 8).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if mode == "F":
+        arr = np.clip(np.nan_to_num(np.asarray(im, dtype=np.float32)), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if mode in ("1", "L", "P", "CMYK", "YCbCr", "LAB", "HSV"):
+        return im.convert("RGB")
+    raise ImageError(f"{name}: unsupported image mode {mode!r}")
+
+
+def resize_crop(im: Image.Image, contract: PreprocessContract) -> np.ndarray:
+    """Resize/crop an RGB image by the contract's rule; returns uint8 (H, W, 3)."""
+    resample = _RESAMPLE[contract.interpolation]
+    H, W = contract.height, contract.width
+    if contract.resize == "stretch":
+        out = im.resize((W, H), resample=resample, reducing_gap=None)
+    else:
+        w, h = im.size
+        scale = max(H / h, W / w) / contract.crop_pct
+        nw, nh = max(W, round(w * scale)), max(H, round(h * scale))
+        out = im.resize((nw, nh), resample=resample, reducing_gap=None) if (nw, nh) != (w, h) else im
+        left, top = (nw - W) // 2, (nh - H) // 2
+        out = out.crop((left, top, left + W, top + H))
+    arr = np.asarray(out, dtype=np.uint8)
+    return np.ascontiguousarray(arr)
+
+
+def preprocess(
+    image: ImageInput, contract: PreprocessContract, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
+    """Any supported input → the contract's uint8 RGB array of shape (H, W, 3).
+
+    Accepts a path, encoded bytes, a PIL image, or a uint8 array (H, W), (H, W, 3) or
+    (H, W, 4). An array already of the contract's size passes through unchanged.
+
+    Example:
+        >>> x = preprocess("cat.jpg", PreprocessContract(224, 224, crop_pct=0.875))
+        >>> x.shape, x.dtype
+        ((224, 224, 3), dtype('uint8'))
+    """
+    if isinstance(image, np.ndarray):
+        arr = image
+        if arr.dtype != np.uint8:
+            raise ImageError(f"array input must be uint8, got {arr.dtype}")
+        if arr.ndim == 2:
+            arr = np.repeat(arr[:, :, None], 3, axis=2)
+        if arr.ndim != 3 or arr.shape[2] not in (3, 4):
+            raise ImageError(f"array input must be (H, W), (H, W, 3) or (H, W, 4), got {arr.shape}")
+        if arr.shape[2] == 4:
+            arr = np.asarray(to_rgb(Image.fromarray(arr, mode="RGBA")))
+        if arr.shape[:2] == (contract.height, contract.width):
+            return np.ascontiguousarray(arr)
+        im = Image.fromarray(np.ascontiguousarray(arr), mode="RGB")
+    elif isinstance(image, Image.Image):
+        im = to_rgb(ImageOps.exif_transpose(image))
+    else:
+        im = open_image(image, max_pixels=max_pixels)
+    return resize_crop(im, contract)
+
+
+def preprocess_batch(
+    images: list[ImageInput], contract: PreprocessContract, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
+    """Preprocess several inputs into one (N, H, W, 3) uint8 batch."""
+    if not images:
+        return np.zeros((0, contract.height, contract.width, 3), dtype=np.uint8)
+    return np.stack([preprocess(x, contract, max_pixels) for x in images])

@@ -1,0 +1,292 @@
+"""Runtime sessions behind one small interface, with a capability table and fallback checks.
+
+Runtimes (names accepted by ``--runtime``):
+
+========== ============= ================================ ================================
+name       engine        provider / device                int8 format it runs fastest
+========== ============= ================================ ================================
+cpu        onnxruntime   CPUExecutionProvider             QOperator (U8 act, S8 weights)
+cuda       onnxruntime   CUDAExecutionProvider            fp32 (no QLinearConv kernel)
+tensorrt   onnxruntime   TensorrtExecutionProvider        QDQ (S8 symmetric activations)
+openvino   openvino      CPU (``openvino:GPU`` etc.)      QDQ
+========== ============= ================================ ================================
+
+A session that ran on another provider/device than the one asked for raises
+:class:`ProviderFallbackError`: a silent CPU fallback is never reported as a CUDA result.
+No torch import here: this module is vendored into the device wheel.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgemap.runtime.errors import ProviderFallbackError, RuntimeUnavailableError
+
+CUDA_INSTALL_HINT = (
+    "pip uninstall -y onnxruntime && pip install 'edgemap[cuda]' "
+    "(onnxruntime-gpu replaces onnxruntime; never install both)"
+)
+
+
+@dataclass(frozen=True)
+class RuntimeInfo:
+    """One row of the capability table."""
+
+    name: str
+    engine: str  # "onnxruntime" | "openvino"
+    provider: str  # ORT execution provider, or the OpenVINO device
+    precisions: tuple[str, ...]
+    int8_format: str | None  # which int8 artifact this runtime runs fastest: "qoperator" | "qdq" | None
+    dynamic_batch: bool = True
+    description: str = ""
+
+
+RUNTIMES: dict[str, RuntimeInfo] = {
+    r.name: r
+    for r in (
+        RuntimeInfo("cpu", "onnxruntime", "CPUExecutionProvider", ("fp32", "int8"), "qoperator",
+                    description="ONNX Runtime on CPU"),
+        RuntimeInfo("cuda", "onnxruntime", "CUDAExecutionProvider", ("fp32",), None,
+                    description="ONNX Runtime CUDA EP (no int8 conv kernels: runs fp32)"),
+        RuntimeInfo("tensorrt", "onnxruntime", "TensorrtExecutionProvider", ("fp32", "int8"), "qdq",
+                    description="ONNX Runtime TensorRT EP (int8 via QDQ)"),
+        RuntimeInfo("openvino", "openvino", "CPU", ("fp32", "int8"), "qdq",
+                    description="OpenVINO runtime (CPU by default; openvino:GPU etc.)"),
+    )
+}
+
+
+def parse_runtime(spec: str) -> tuple[RuntimeInfo, str]:
+    """``"openvino:GPU"`` → (openvino info, "GPU"); ``"cpu"`` → (cpu info, provider)."""
+    name, _, device = spec.strip().partition(":")
+    name = name.lower()
+    if name not in RUNTIMES:
+        raise RuntimeUnavailableError(f"unknown runtime {spec!r}; choose from {', '.join(RUNTIMES)}")
+    info = RUNTIMES[name]
+    if device and info.engine != "openvino":
+        raise RuntimeUnavailableError(f"runtime {name!r} takes no device suffix (only openvino:DEVICE does)")
+    return info, (device.upper() if device else info.provider)
+
+
+def check_precision(info: RuntimeInfo, precision: str) -> tuple[bool, str]:
+    """Whether the capability table allows ``precision`` on ``info``, and why not."""
+    if precision not in ("fp32", "int8"):
+        return False, f"unknown precision {precision!r} (fp32 or int8)"
+    if precision not in info.precisions:
+        return False, f"{info.name} has no {precision} kernels for convolutions; use {'/'.join(info.precisions)}"
+    return True, ""
+
+
+def physical_cores() -> int:
+    """Physical cores (hyper-threads don't speed up these kernels); falls back to os.cpu_count()."""
+    try:
+        cores = set()
+        phys = core = None
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("physical id"):
+                    phys = line.split(":")[1].strip()
+                elif line.startswith("core id"):
+                    core = line.split(":")[1].strip()
+                elif not line.strip() and core is not None:
+                    cores.add((phys, core))
+                    phys = core = None
+        if cores:
+            avail = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            return max(1, min(len(cores), avail))
+    except OSError:
+        pass
+    return max(1, os.cpu_count() or 1)
+
+
+def _can_load(*libs: str) -> str | None:
+    """None if one of ``libs`` loads, else the last error text."""
+    err = None
+    for lib in libs:
+        try:
+            ctypes.CDLL(lib)
+            return None
+        except OSError as e:
+            err = str(e)
+    return err
+
+
+def available(spec: str) -> tuple[bool, str]:
+    """Whether runtime ``spec`` can run here, and why not ("" when it can)."""
+    try:
+        info, device = parse_runtime(spec)
+    except RuntimeUnavailableError as e:
+        return False, str(e)
+    if info.engine == "onnxruntime":
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            pkg = "onnxruntime-gpu" if info.name in ("cuda", "tensorrt") else "onnxruntime"
+            return False, f"package {pkg} is not installed"
+        providers = ort.get_available_providers()
+        if info.provider not in providers:
+            if info.name == "cpu":
+                return False, "this onnxruntime build has no CPUExecutionProvider"
+            return False, f"{info.provider} missing from this onnxruntime build ({', '.join(providers)}): {CUDA_INSTALL_HINT}"
+        if info.name in ("cuda", "tensorrt"):
+            err = _can_load("libcuda.so.1", "libcuda.so", "nvcuda.dll")
+            if err:
+                return False, f"no NVIDIA driver: libcuda could not be loaded ({err})"
+            if info.name == "tensorrt":
+                err = _can_load("libnvinfer.so.10", "libnvinfer.so.8", "libnvinfer.so", "nvinfer.dll", "nvinfer_10.dll")
+                if err:
+                    return False, f"TensorRT libraries missing: libnvinfer could not be loaded ({err})"
+        return True, ""
+    try:
+        import openvino as ov
+    except ImportError:
+        return False, "package openvino is not installed (pip install openvino)"
+    devices = ov.Core().available_devices
+    base = device.split(".")[0]
+    if base not in ("AUTO", "HETERO", "MULTI") and not any(d == device or d.startswith(base) for d in devices):
+        return False, f"OpenVINO device {device} not found (available: {', '.join(devices) or 'none'})"
+    return True, ""
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    """How a session is created.
+
+    Attributes:
+        threads: intra-op threads (None = physical cores).
+        hint: "latency" or "throughput" (OpenVINO performance hint; ORT ignores it).
+        exact: force fp32 inference on OpenVINO (it runs bf16 by default on bf16-capable
+            CPUs); parity checks use it.
+    """
+
+    threads: int | None = None
+    hint: str = "latency"
+    exact: bool = False
+
+
+@dataclass
+class Session:
+    """A loaded model on one runtime: ``run(uint8 NHWC batch) -> float32 logits``."""
+
+    runtime: str
+    info: RuntimeInfo
+    device: str
+    path: Path
+    load_ms: float
+    providers_in_use: list[str]
+    precision_in_use: str
+    _run: Any = field(repr=False)
+    input_name: str = "images"
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[-1] != 3:
+            raise ValueError(f"expected a uint8 (N, H, W, 3) batch, got {batch.dtype} {batch.shape}")
+        return self._run(np.ascontiguousarray(batch))
+
+    @property
+    def provider(self) -> str:
+        """What actually ran, in words (for bench/eval tables)."""
+        return ",".join(self.providers_in_use) + (f" ({self.precision_in_use})" if self.precision_in_use else "")
+
+
+def load(path: str | Path, runtime: str = "cpu", opts: SessionOptions | None = None) -> Session:
+    """Create a session for the model at ``path`` on ``runtime``; refuse silent fallbacks.
+
+    Example:
+        >>> s = load("models/digits/model.onnx", "openvino")
+        >>> logits = s.run(np.zeros((1, 64, 64, 3), np.uint8))
+    """
+    opts = opts or SessionOptions()
+    info, device = parse_runtime(runtime)
+    ok, why = available(runtime)
+    if not ok:
+        raise RuntimeUnavailableError(f"runtime {runtime!r} unavailable: {why}")
+    path = Path(path)
+    threads = opts.threads or physical_cores()
+    t0 = time.perf_counter()
+    if info.engine == "onnxruntime":
+        sess = _load_ort(path, info, threads)
+    else:
+        sess = _load_openvino(path, device, threads, opts)
+    sess.load_ms = (time.perf_counter() - t0) * 1000
+    sess.runtime = runtime
+    return sess
+
+
+def _load_ort(path: Path, info: RuntimeInfo, threads: int) -> Session:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    providers: list[Any] = [info.provider]
+    if info.name == "tensorrt":
+        providers = [(info.provider, {"trt_int8_enable": True}), "CUDAExecutionProvider", "CPUExecutionProvider"]
+    elif info.name == "cuda":
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    try:
+        s = ort.InferenceSession(str(path), sess_options=so, providers=providers)
+    except Exception as e:  # ORT raises its own Fail/InvalidGraph/... types
+        raise RuntimeUnavailableError(f"{path}: onnxruntime could not load the model on {info.name}: {e}") from e
+    in_use = s.get_providers()
+    if not in_use or in_use[0] != info.provider:
+        raise ProviderFallbackError(
+            f"asked for {info.provider} but onnxruntime created {in_use}: the session fell back "
+            f"(CUDA/TensorRT libraries missing or incompatible?); not reporting a CPU result as {info.name}"
+        )
+    name = s.get_inputs()[0].name
+    out = s.get_outputs()[0].name
+    return Session(
+        runtime=info.name, info=info, device=info.provider, path=path, load_ms=0.0,
+        providers_in_use=in_use[:1], precision_in_use="", _run=lambda b: s.run([out], {name: b})[0], input_name=name,
+    )
+
+
+def _load_openvino(path: Path, device: str, threads: int, opts: SessionOptions) -> Session:
+    import openvino as ov
+
+    core = ov.Core()
+    config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY" if opts.hint == "latency" else "THROUGHPUT"}
+    if device.startswith("CPU"):
+        config["INFERENCE_NUM_THREADS"] = threads
+        if opts.exact:
+            config["INFERENCE_PRECISION_HINT"] = "f32"
+    try:
+        model = core.read_model(str(path))
+        compiled = core.compile_model(model, device, config)
+    except Exception as e:  # OpenVINO raises RuntimeError for everything
+        raise RuntimeUnavailableError(f"{path}: OpenVINO could not compile the model for {device}: {e}") from e
+    try:
+        devices = list(compiled.get_property("EXECUTION_DEVICES"))
+    except Exception:  # noqa: BLE001 - older plugins lack the property
+        devices = [device]
+    base = device.split(".")[0]
+    if base not in ("AUTO", "HETERO", "MULTI") and not any(d.startswith(base) for d in devices):
+        raise ProviderFallbackError(f"asked for OpenVINO {device} but it ran on {devices}")
+    precision = ""
+    if any(d.startswith("CPU") for d in devices):
+        try:
+            precision = str(compiled.get_property("INFERENCE_PRECISION_HINT")).lower().replace("<type: '", "").strip("'>")
+        except Exception:  # noqa: BLE001
+            precision = ""
+    request = compiled.create_infer_request()
+    out_port = compiled.output(0)
+
+    def _run(batch: np.ndarray) -> np.ndarray:
+        res = request.infer({0: batch})
+        return np.asarray(res[out_port], dtype=np.float32)
+
+    return Session(
+        runtime="openvino", info=RUNTIMES["openvino"], device=device, path=path, load_ms=0.0,
+        providers_in_use=[f"OpenVINO:{d}" for d in devices], precision_in_use=precision, _run=_run,
+        input_name=compiled.input(0).get_any_name() if compiled.input(0).get_names() else "images",
+    )
