@@ -1,0 +1,1 @@
+"""Folder datasets: scanning/validation (scan.py) and the bundled demo dataset (digits.py)."""

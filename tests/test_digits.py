@@ -1,0 +1,116 @@
+"""The bundled digits demo dataset: layout, split, pixels, refusal of a non-empty OUT."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from edgemap.data.digits import stratified_split, write_digits
+from edgemap.errors import DatasetError
+
+
+def _files(root: Path) -> dict[str, set[str]]:
+    return {s: {p.relative_to(root / s).as_posix() for p in (root / s).rglob("*.png")} for s in ("train", "val", "test") if (root / s).is_dir()}
+
+
+def test_write_digits_layout_counts_and_pixels(odd_tmp: Path) -> None:
+    from sklearn.datasets import load_digits
+
+    out = odd_tmp / "digits"
+    counts = write_digits(out)
+    assert set(counts) == {"train", "val"}
+    assert sum(counts["train"].values()) + sum(counts["val"].values()) == 1797
+    files = _files(out)
+    assert sum(len(v) for v in files.values()) == 1797
+    assert not (out / "test").exists()
+    # stratified: every class is in val with ~20% of its images
+    for c in range(10):
+        n_val, n_tr = counts["val"][str(c)], counts["train"][str(c)]
+        assert abs(n_val / (n_val + n_tr) - 0.2) < 0.01
+        assert len(list((out / "val" / str(c)).glob("*.png"))) == n_val
+    # disjoint splits, names are the indices into load_digits()
+    names_tr = {Path(f).name for f in files["train"]}
+    names_val = {Path(f).name for f in files["val"]}
+    assert not names_tr & names_val
+    d = load_digits()
+    for rel in sorted(files["val"])[:20]:
+        label, name = rel.split("/")
+        i = int(Path(name).stem)
+        assert int(d.target[i]) == int(label)
+        with Image.open(out / "val" / rel) as im:
+            assert im.mode == "L" and im.size == (8, 8)
+            arr = np.asarray(im)
+        np.testing.assert_array_equal(arr, np.round(d.images[i] * 255 / 16).astype(np.uint8))
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # staging folder removed
+
+
+def test_write_digits_deterministic_and_seeded(tmp_path: Path) -> None:
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    write_digits(a, seed=3)
+    write_digits(b, seed=3)
+    write_digits(c, seed=4)
+    assert _files(a) == _files(b)
+    assert _files(a)["val"] != _files(c)["val"]
+
+
+def test_write_digits_test_split(tmp_path: Path) -> None:
+    counts = write_digits(tmp_path / "d", val_fraction=0.1, test_fraction=0.1)
+    files = _files(tmp_path / "d")
+    assert set(files) == {"train", "val", "test"}
+    assert all(counts["test"][str(c)] >= 1 for c in range(10))
+    names = [{Path(f).name for f in files[s]} for s in ("train", "val", "test")]
+    assert not (names[0] & names[1] or names[0] & names[2] or names[1] & names[2])
+    assert sum(len(n) for n in names) == 1797
+
+
+def test_write_digits_refuses_non_empty_out_unless_force(tmp_path: Path) -> None:
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(DatasetError, match="not empty.*--force"):
+        write_digits(out)
+    assert not (out / "train").exists()
+    write_digits(out, test_fraction=0.1, force=True)
+    assert (out / "test").is_dir()
+    write_digits(out, force=True)  # a re-write without test removes the stale test split
+    assert not (out / "test").exists()
+    assert (out / "notes.txt").read_text() == "mine"  # the user's own file is left alone
+    assert sum(len(v) for v in _files(out).values()) == 1797
+
+
+@pytest.mark.parametrize(("val", "test"), [(0.0, 0.0), (1.0, 0.0), (0.5, 0.5), (0.2, -0.1)])
+def test_write_digits_rejects_bad_fractions(tmp_path: Path, val: float, test: float) -> None:
+    with pytest.raises(DatasetError, match="fraction"):
+        write_digits(tmp_path / "d", val_fraction=val, test_fraction=test)
+    assert not (tmp_path / "d").exists()
+
+
+def test_stratified_split_small_classes_keep_a_training_image() -> None:
+    labels = np.array([0, 1, 1, 2, 2, 2] + [3] * 10)
+    parts = stratified_split(labels, 0.2)
+    for c in range(4):
+        n_tr = int(np.sum(labels[parts["train"]] == c))
+        n_val = int(np.sum(labels[parts["val"]] == c))
+        assert n_tr >= 1
+        assert n_val == (0 if c == 0 else max(1, round(np.sum(labels == c) * 0.2)))
+    assert sorted(np.concatenate(list(parts.values())).tolist()) == list(range(len(labels)))
+
+
+def test_cli_datasets_digits(odd_tmp: Path) -> None:
+    from edgemap.cli import app
+
+    out = odd_tmp / "cli digits"
+    r = CliRunner().invoke(app, ["datasets", "digits", str(out), "--val-fraction", "0.25", "--seed", "1"])
+    assert r.exit_code == 0, r.output
+    from sklearn.datasets import load_digits
+
+    expected_val = sum(round(n * 0.25) for n in np.bincount(load_digits().target))
+    assert len(list((out / "val").rglob("*.png"))) == expected_val
+    assert f"val {expected_val}" in r.output
+    r = CliRunner().invoke(app, ["datasets", "digits", str(out)])
+    assert r.exit_code != 0
+    assert "--force" in r.output
