@@ -1,0 +1,622 @@
+"""Scan and validate a folder dataset before anything trains on it.
+
+Accepted layouts (folder names matched case-insensitively)::
+
+    DATA/train/<class>/...  +  DATA/val/<class>/...          layout "train/val"
+    DATA/train/<class>/...  +  DATA/validation/<class>/...   layout "train/validation"
+    DATA/train/<class>/...  +  DATA/valid/<class>/...        layout "train/valid"  (Roboflow-style exports)
+    DATA/<class>/...                                         layout "split" (stratified val_split)
+
+plus an optional ``DATA/test/<class>/...`` in every layout, kept aside (never used for
+training, model selection or calibration). Images may sit in nested folders inside a
+class folder. Every image is decoded fully with the runtime's own ``open_image`` (the
+same code training, eval and the device wheel use), so a truncated or fake image fails
+here with its name rather than mid-training. The dataset is only ever read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import stat
+import sys
+import unicodedata
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from edgemap.errors import DatasetError, ImageError, ManifestError
+from edgemap.runtime.preprocess import DEFAULT_MAX_PIXELS, open_image
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "DatasetScan",
+    "Sample",
+    "ScanOptions",
+    "is_hidden",
+    "rescan_for_run",
+    "scan_dataset",
+]
+
+log = logging.getLogger("edgemap.data")
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+#: Names that are never a class or a sample besides anything starting with ".".
+_HIDDEN_NAMES = frozenset({"__MACOSX"})
+_TRAIN_NAMES = ("train",)
+_VAL_NAMES = ("val", "validation", "valid")
+_TEST_NAMES = ("test",)
+_ROOT_KEY = "."  # key in `ignored` for files lying directly in a split folder, outside any class
+_MAX_LISTED = 5  # bad files named in one error message
+_PROGRESS_MIN = 200  # show a progress bar from this many files on (TTY only)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image of the dataset.
+
+    Attributes:
+        path: absolute path as found (symlinks followed for reading, path kept as listed).
+        label: index into ``DatasetScan.classes``.
+    """
+
+    path: Path
+    label: int
+
+
+@dataclass(frozen=True)
+class ScanOptions:
+    """Options of :func:`scan_dataset` (the single home of their defaults).
+
+    Attributes:
+        val_split: share of each class held out for validation; only used for the
+            single-folder layout ``DATA/<class>/...``.
+        seed: seed of that stratified split.
+        skip_bad: skip undecodable files (and list them in ``skipped``) instead of raising.
+        max_pixels: decompression-bomb guard per image (``None``: Pillow's own limit only).
+        min_val_per_class: validation must hold at least this many images of each class.
+        workers: threads used to decode-check files.
+    """
+
+    val_split: float = 0.2
+    seed: int = 0
+    skip_bad: bool = False
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+    min_val_per_class: int = 1
+    workers: int = 2
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.val_split < 1.0:
+            raise DatasetError(f"--val-split must be in [0, 1), got {self.val_split}")
+        if self.min_val_per_class < 1:
+            raise DatasetError(f"min_val_per_class must be at least 1, got {self.min_val_per_class}")
+        if self.max_pixels is not None and self.max_pixels < 1:
+            raise DatasetError(f"--max-pixels must be positive, got {self.max_pixels}")
+        if self.workers < 1:
+            raise DatasetError(f"workers must be at least 1, got {self.workers}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ScanOptions:
+        """Rebuild options recorded by :meth:`DatasetScan.to_manifest` (unknown keys ignored)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass
+class DatasetScan:
+    """The validated content of a dataset folder.
+
+    Attributes:
+        root: absolute dataset folder.
+        layout: ``"train/val"``, ``"train/validation"``, ``"train/valid"`` or ``"split"``.
+        classes: sorted class names; a class's index is its label.
+        train, val, test: samples per split (``test`` from ``DATA/test/`` when present).
+        skipped: ``(path, reason)`` of undecodable files skipped with ``skip_bad``.
+        ignored: class -> number of non-image files ignored (``"."``: files outside any class).
+        fingerprint: sha256 over (split, relative path, size, mtime_ns) of every sample.
+        options: the options the scan used.
+    """
+
+    root: Path
+    layout: str
+    classes: list[str]
+    train: list[Sample]
+    val: list[Sample]
+    test: list[Sample]
+    skipped: list[tuple[str, str]]
+    ignored: dict[str, int]
+    fingerprint: str
+    options: ScanOptions = field(default_factory=ScanOptions)
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Images per split and class: ``{"train": {"cat": 40, ...}, "val": {...}, "test": {...}}``."""
+        out: dict[str, dict[str, int]] = {}
+        for split, samples in (("train", self.train), ("val", self.val), ("test", self.test)):
+            per = dict.fromkeys(self.classes, 0) if samples else {}
+            for s in samples:
+                per[self.classes[s.label]] += 1
+            out[split] = per
+        return out
+
+    def to_manifest(self) -> dict[str, Any]:
+        """JSON-able summary stored as ``edgemap.json["dataset"]`` (read back by :func:`rescan_for_run`)."""
+        return {
+            "root": _json_safe(str(self.root)),
+            "layout": self.layout,
+            "classes": list(self.classes),
+            "options": asdict(self.options),
+            "counts": self.counts(),
+            "fingerprint": self.fingerprint,
+            "skipped": [[_json_safe(p), _json_safe(r)] for p, r in self.skipped],
+            "ignored": dict(self.ignored),
+        }
+
+
+# ---- public entry points ----------------------------------------------------------------
+
+
+def scan_dataset(root: str | Path, opts: ScanOptions = ScanOptions()) -> DatasetScan:  # noqa: B008 - frozen
+    """List, decode-check and validate a folder dataset.
+
+    Raises DatasetError, naming the file or folder and the fix, for: a missing root, no
+    class folders, a single class, an empty class folder, train/val class sets that
+    differ, a validation set smaller than ``min_val_per_class`` per class, and (unless
+    ``skip_bad``) any unreadable image, including decompression bombs.
+
+    Example:
+        >>> scan = scan_dataset("data/digits", ScanOptions(skip_bad=True))
+        >>> scan.classes[:3], len(scan.train), len(scan.val)
+        (['0', '1', '2'], 1438, 359)
+    """
+    return _scan(root, opts, decode_check=True, known_bad=None)
+
+
+def rescan_for_run(manifest_dataset: dict[str, Any]) -> DatasetScan:
+    """Re-scan the dataset a run was trained on and refuse it if it changed.
+
+    Uses the options recorded in ``edgemap.json["dataset"]`` so the train/val/test lists
+    come out exactly as in training (the files skipped then are skipped again). The
+    files are not decoded again: an unchanged fingerprint (sizes and mtimes) means they
+    are the files that were checked then.
+
+    Raises:
+        ManifestError: the ``dataset`` record is missing or malformed.
+        DatasetError: the folder is gone or its fingerprint differs ("dataset changed since training").
+
+    Example:
+        >>> scan = rescan_for_run(RunDir.load("models/digits").data["dataset"])
+    """
+    if not isinstance(manifest_dataset, dict) or not {"root", "fingerprint"} <= set(manifest_dataset):
+        raise ManifestError(
+            "edgemap.json: 'dataset' is missing root/fingerprint; the run was not made by `edgemap finetune` "
+            "from a dataset folder. Re-create the run with `edgemap finetune`."
+        )
+    raw_opts = manifest_dataset.get("options") or {}
+    try:
+        opts = ScanOptions.from_dict(raw_opts)
+    except (TypeError, DatasetError) as e:
+        raise ManifestError(f"edgemap.json: dataset.options {raw_opts!r} are invalid ({e})") from e
+    root = Path(manifest_dataset["root"])
+    if not root.is_dir():
+        raise DatasetError(
+            f"{root}: the dataset this run was trained on is gone; restore it there (same files) to continue"
+        )
+    known_bad = {str(p) for p, *_ in (manifest_dataset.get("skipped") or [])}
+    try:
+        scan = _scan(root, opts, decode_check=False, known_bad=known_bad)
+    except DatasetError as e:
+        raise DatasetError(f"dataset changed since training: {e}") from e
+    recorded = manifest_dataset["fingerprint"]
+    if scan.fingerprint != recorded:
+        was = manifest_dataset.get("counts") or {}
+        diff = _count_diff(was, scan.counts())
+        raise DatasetError(
+            f"dataset changed since training: {root} fingerprint {scan.fingerprint[:12]} != recorded {str(recorded)[:12]}"
+            f" ({diff or 'same counts: files were modified, renamed or touched'}); "
+            "restore the original files or train a new run on the changed dataset"
+        )
+    classes = manifest_dataset.get("classes")
+    if classes is not None and list(classes) != scan.classes:
+        raise DatasetError(f"dataset changed since training: classes {scan.classes} != recorded {classes}")
+    return scan
+
+
+def is_hidden(name: str) -> bool:
+    """Hidden entries (``.DS_Store``, ``.ipynb_checkpoints``, ``._x.jpg``, ``__MACOSX``) are never data."""
+    return name.startswith(".") or name in _HIDDEN_NAMES
+
+
+# ---- listing ------------------------------------------------------------------------------
+
+
+@dataclass
+class _Listing:
+    """Files found under one split folder: class name -> image paths, and ignored counts."""
+
+    folder: Path
+    images: dict[str, list[Path]]
+    dirs: dict[str, Path]
+    ignored: dict[str, int]
+    broken: list[tuple[Path, str]]
+
+
+def _scan(root: str | Path, opts: ScanOptions, *, decode_check: bool, known_bad: set[str] | None) -> DatasetScan:
+    root = Path(os.path.abspath(os.fspath(root)))
+    if not root.exists():
+        raise DatasetError(f"{root}: dataset folder not found; pass the folder holding train/ and val/ (or one folder per class)")
+    if not root.is_dir():
+        raise DatasetError(f"{root}: is a file, not a dataset folder; pass the folder holding train/ and val/ (or one folder per class)")
+
+    top = _subdirs(root)
+    by_lower: dict[str, list[str]] = {}
+    for name in top:
+        by_lower.setdefault(name.lower(), []).append(name)
+    train_name = _pick(root, by_lower, _TRAIN_NAMES)
+    val_name = _pick(root, by_lower, _VAL_NAMES)
+    test_name = _pick(root, by_lower, _TEST_NAMES)
+
+    if train_name or val_name:
+        if not train_name:
+            raise DatasetError(f"{root / val_name}: found a validation folder but no {root / 'train'}; add train/<class>/... beside it")
+        if not val_name:
+            raise DatasetError(
+                f"{root / train_name}: found train/ but no val/ (or validation/) beside it; add val/<class>/..., "
+                f"or put the class folders directly in {root} to let edgemap split off {opts.val_split:.0%} for validation"
+            )
+        layout = f"train/{val_name.lower()}"
+        others = sorted(set(top) - {train_name, val_name, test_name})
+        if others:
+            log.warning("%s: ignoring folders %s (not train/val/test)", root, ", ".join(others))
+        tr = _list_split(root / train_name)
+        va = _list_split(root / val_name)
+        class_dirs = tr.dirs
+    else:
+        layout = "split"
+        tr = _list_split(root, exclude={test_name} if test_name else set())
+        va = None
+        class_dirs = tr.dirs
+    te = _list_split(root / test_name) if test_name else None
+
+    listings = [x for x in (tr, va, te) if x is not None]
+    classes = sorted(tr.images)
+    if not classes:
+        raise DatasetError(
+            f"{tr.folder}: no class folders found; expected {tr.folder}/<class>/<image>.jpg "
+            "(one sub-folder per class, at least two classes)"
+        )
+    for lst in listings:
+        for name, paths in lst.images.items():
+            if not paths and not any(p.is_relative_to(lst.dirs[name]) for p, _ in lst.broken):
+                raise DatasetError(
+                    f"{lst.dirs[name]}: class folder has no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
+                    "add images or remove the folder"
+                )
+    if len(classes) < 2:
+        raise DatasetError(f"{class_dirs[classes[0]]}: only one class found in {tr.folder}; a classifier needs at least two class folders")
+    if va is not None and set(va.images) != set(classes):
+        missing = sorted(set(classes) - set(va.images))
+        extra = sorted(set(va.images) - set(classes))
+        raise DatasetError(
+            f"{va.folder}: classes differ from {tr.folder}: "
+            + "; ".join(x for x in (f"missing in val: {missing}" if missing else "", f"not in train: {extra}" if extra else "") if x)
+            + "; make both folders hold the same class sub-folders"
+        )
+    if te is not None:
+        extra = sorted(set(te.images) - set(classes))
+        if extra:
+            raise DatasetError(f"{te.folder}: classes not in training: {extra}; remove them or add them to training")
+
+    # ---- decode check (or re-apply the recorded skips) --------------------------------------
+    all_files = [p for lst in listings for paths in lst.images.values() for p in paths]
+    bad: dict[str, str] = {str(p): why for lst in listings for p, why in lst.broken}
+    if decode_check:
+        bad.update(_decode_check(all_files, opts))
+    elif known_bad:
+        for p in all_files:
+            if str(p) in known_bad or _json_safe(str(p)) in known_bad:
+                bad[str(p)] = "skipped in training"
+    if bad and not opts.skip_bad and decode_check:
+        listed = "; ".join(f"{p} ({why})" for p, why in sorted(bad.items())[:_MAX_LISTED])
+        more = f" and {len(bad) - _MAX_LISTED} more" if len(bad) > _MAX_LISTED else ""
+        raise DatasetError(
+            f"{len(bad)} unreadable image file(s) in {root}: {listed}{more}. "
+            "Fix or remove them (edgemap never changes your dataset), or pass --skip-bad to skip them"
+        )
+    skipped = sorted(bad.items())
+
+    index = {c: i for i, c in enumerate(classes)}
+    train, val, test = [], [], []
+    for name in classes:
+        good = [p for p in tr.images[name] if str(p) not in bad]
+        if va is None:
+            t, v = _split_class(root, name, good, opts)
+            train += [Sample(p, index[name]) for p in t]
+            val += [Sample(p, index[name]) for p in v]
+        else:
+            train += [Sample(p, index[name]) for p in good]
+            val += [Sample(p, index[name]) for p in va.images[name] if str(p) not in bad]
+        if not any(s.label == index[name] for s in train):
+            raise DatasetError(f"{class_dirs[name]}: no readable training images left after skipping bad files; add images")
+    if te is not None:
+        test = [Sample(p, index[c]) for c in sorted(te.images) for p in te.images[c] if str(p) not in bad]
+
+    _check_val(root, layout, classes, val, va, opts)
+
+    ignored: dict[str, int] = {}
+    for lst in listings:
+        for name, n in lst.ignored.items():
+            ignored[name] = ignored.get(name, 0) + n
+    if ignored:
+        log.warning(
+            "%s: ignored %d non-image file(s) (%s)",
+            root,
+            sum(ignored.values()),
+            ", ".join(f"{k}: {v}" for k, v in sorted(ignored.items())),
+        )
+    return DatasetScan(
+        root=root,
+        layout=layout,
+        classes=classes,
+        train=train,
+        val=val,
+        test=test,
+        skipped=skipped,
+        ignored=ignored,
+        fingerprint=_fingerprint(root, (("train", train), ("val", val), ("test", test))),
+        options=opts,
+    )
+
+
+def _pick(root: Path, by_lower: dict[str, list[str]], names: tuple[str, ...]) -> str | None:
+    found = [n for key in names for n in by_lower.get(key, [])]
+    if len(found) > 1:
+        raise DatasetError(f"{root}: ambiguous split folders {sorted(found)}; keep only one of them")
+    return found[0] if found else None
+
+
+def _subdirs(folder: Path) -> list[str]:
+    """Visible sub-folders (symlinks followed) of ``folder``, sorted."""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError as e:
+        raise DatasetError(f"{folder}: cannot list folder ({e.strerror or e}); check its permissions") from e
+    out = []
+    for entry in entries:
+        if is_hidden(entry.name):
+            continue
+        try:
+            if entry.is_dir(follow_symlinks=True):
+                out.append(entry.name)
+        except OSError:
+            continue
+    return sorted(out)
+
+
+def _class_name(folder: Path) -> str:
+    name = folder.name
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DatasetError(f"{folder}: class folder name is not valid UTF-8; rename the folder") from e
+    # NFC so that "café" copied from macOS (NFD) and from Linux (NFC) is one class.
+    return unicodedata.normalize("NFC", name)
+
+
+def _list_split(folder: Path, exclude: Iterable[str] = ()) -> _Listing:
+    """List class folders of one split and the image files below each (recursive, loop-safe)."""
+    excluded = set(exclude)
+    lst = _Listing(folder=folder, images={}, dirs={}, ignored={}, broken=[])
+    visited: set[tuple[int, int]] = set()
+    try:
+        st = os.stat(folder)
+    except OSError as e:
+        raise DatasetError(f"{folder}: cannot read folder ({e.strerror or e})") from e
+    visited.add((st.st_dev, st.st_ino))
+    for entry in _entries(folder):
+        if is_hidden(entry.name) or entry.name in excluded:
+            continue
+        path = Path(folder, entry.name)
+        kind = _kind(path)
+        if kind == "dir":
+            name = _class_name(path)
+            if name in lst.images:
+                raise DatasetError(f"{path}: two class folders are named {name!r} (after Unicode normalisation); rename one")
+            lst.dirs[name] = path
+            lst.images[name] = []
+            _walk_class(path, name, lst, visited)
+        elif kind == "file" or kind == "broken":
+            lst.ignored[_ROOT_KEY] = lst.ignored.get(_ROOT_KEY, 0) + 1
+    return lst
+
+
+def _entries(folder: Path) -> list[os.DirEntry[str]]:
+    try:
+        return sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as e:
+        raise DatasetError(f"{folder}: cannot list folder ({e.strerror or e}); check its permissions") from e
+
+
+def _kind(path: Path) -> str:
+    """'dir', 'file', 'broken' (dangling symlink) or 'other' (socket, fifo, device)."""
+    try:
+        st = os.stat(path)  # follows symlinks
+    except FileNotFoundError:
+        return "broken" if os.path.islink(path) else "other"
+    except OSError:
+        return "broken"
+    if stat.S_ISDIR(st.st_mode):
+        return "dir"
+    if stat.S_ISREG(st.st_mode):
+        return "file"
+    return "other"
+
+
+def _walk_class(folder: Path, name: str, lst: _Listing, visited: set[tuple[int, int]]) -> None:
+    """Depth-first walk of a class folder; a real folder is entered once (symlink loops end)."""
+    stack = [folder]
+    while stack:
+        current = stack.pop()
+        try:
+            st = os.stat(current)
+        except OSError:
+            continue
+        key = (st.st_dev, st.st_ino)
+        if key in visited:
+            log.warning("%s: already scanned (symlink loop or duplicate link); not entered again", current)
+            continue
+        visited.add(key)
+        subdirs = []
+        for entry in _entries(current):
+            if is_hidden(entry.name):
+                continue
+            path = Path(current, entry.name)
+            kind = _kind(path)
+            if kind == "dir":
+                subdirs.append(path)
+            elif Path(entry.name).suffix.lower() in IMAGE_EXTENSIONS:
+                if kind == "file":
+                    lst.images[name].append(path)
+                elif kind == "broken":
+                    lst.broken.append((path, "broken symlink: its target does not exist"))
+                else:
+                    lst.broken.append((path, "not a regular file"))
+            else:
+                lst.ignored[name] = lst.ignored.get(name, 0) + 1
+        stack.extend(reversed(subdirs))
+    lst.images[name].sort(key=lambda p: os.fsencode(p))
+
+
+# ---- checks -------------------------------------------------------------------------------
+
+
+def _decode_check(files: list[Path], opts: ScanOptions) -> dict[str, str]:
+    """Decode every file fully with the runtime's ``open_image``; return {path: reason} of failures."""
+
+    def check(p: Path) -> tuple[Path, str | None]:
+        try:
+            open_image(p, max_pixels=opts.max_pixels)
+        except ImageError as e:
+            msg = str(e)
+            prefix = f"{p}: "
+            return p, msg[len(prefix) :] if msg.startswith(prefix) else msg
+        except MemoryError:
+            return p, "out of memory while decoding (lower --max-pixels)"
+        return p, None
+
+    bad: dict[str, str] = {}
+    with contextlib.ExitStack() as stack:
+        advance = stack.enter_context(_progress(len(files), "checking images"))
+        results: Iterable[tuple[Path, str | None]]
+        if opts.workers == 1 or len(files) < 32:
+            results = map(check, files)
+        else:
+            pool = stack.enter_context(ThreadPoolExecutor(max_workers=opts.workers, thread_name_prefix="edgemap-scan"))
+            results = pool.map(check, files, chunksize=16)
+        for p, why in results:
+            if why is not None:
+                bad[str(p)] = why
+            advance()
+    return bad
+
+
+class _progress:
+    """A rich progress bar on a TTY for big folders; a no-op otherwise."""
+
+    def __init__(self, total: int, what: str):
+        self.total, self.what, self.bar = total, what, None
+
+    def __enter__(self) -> Callable[[], None]:
+        if self.total < _PROGRESS_MIN or not sys.stderr.isatty():
+            return lambda: None
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+            console=Console(stderr=True), transient=True,
+        )
+        self.bar.start()
+        task = self.bar.add_task(self.what, total=self.total)
+        bar = self.bar
+        return lambda: bar.advance(task)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _split_class(root: Path, name: str, files: list[Path], opts: ScanOptions) -> tuple[list[Path], list[Path]]:
+    """Deterministic stratified split of one class: order by a seeded hash of the relative path.
+
+    Hash order (not a shuffled index) keeps each file's side stable when other files are
+    added or removed, and does not depend on listing order or the numpy version.
+    """
+    k = opts.min_val_per_class
+    n = len(files)
+    if n <= k:
+        raise DatasetError(
+            f"{files[0].parent if files else root / name}: class {name!r} has {n} image(s); the validation split needs "
+            f"{k} and training at least 1, so add images (at least {k + 1}) or provide DATA/train + DATA/val"
+        )
+    n_val = min(n - 1, max(k, round(n * opts.val_split)))
+
+    def key(p: Path) -> bytes:
+        rel = os.fsencode(os.path.relpath(p, root))
+        return hashlib.sha256(f"{opts.seed}\0".encode() + rel).digest()
+
+    ordered = sorted(files, key=key)
+    val = set(ordered[:n_val])
+    return [p for p in files if p not in val], [p for p in files if p in val]
+
+
+def _check_val(root: Path, layout: str, classes: list[str], val: list[Sample], va: _Listing | None, opts: ScanOptions) -> None:
+    k = opts.min_val_per_class
+    if not val:
+        where = va.folder if va is not None else root
+        raise DatasetError(f"{where}: validation set is empty; add images to it (at least {k} per class)")
+    per = dict.fromkeys(classes, 0)
+    for s in val:
+        per[classes[s.label]] += 1
+    short = {c: n for c, n in per.items() if n < k}
+    if short:
+        where = va.folder if va is not None else root
+        listed = ", ".join(f"{c!r}: {n}" for c, n in sorted(short.items()))
+        raise DatasetError(
+            f"{where}: validation needs at least {k} readable image(s) per class; too few for {listed}; "
+            + ("add images to those val/<class> folders" if va is not None else "add images or raise --val-split")
+        )
+
+
+def _fingerprint(root: Path, splits: Iterable[tuple[str, list[Sample]]]) -> str:
+    h = hashlib.sha256()
+    for split, samples in splits:
+        for s in samples:
+            try:
+                st = os.stat(s.path)
+            except OSError as e:
+                raise DatasetError(f"{s.path}: cannot read file ({e.strerror or e})") from e
+            rel = os.fsencode(os.path.relpath(s.path, root)).replace(b"\\", b"/")
+            h.update(split.encode() + b"\0" + rel + b"\0" + f"{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _count_diff(was: dict[str, dict[str, int]], now: dict[str, dict[str, int]]) -> str:
+    parts = []
+    for split in ("train", "val", "test"):
+        a, b = sum((was.get(split) or {}).values()), sum((now.get(split) or {}).values())
+        if a != b:
+            parts.append(f"{split} {b} images, was {a}")
+    return ", ".join(parts)
+
+
+def _json_safe(s: str) -> str:
+    """Paths with undecodable bytes (surrogate escapes) made printable for JSON."""
+    try:
+        s.encode("utf-8")
+        return s
+    except UnicodeEncodeError:
+        return s.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
