@@ -184,6 +184,9 @@ class Session:
     precision_in_use: str
     _run: Any = field(repr=False)
     input_name: str = "images"
+    #: the engine's own object (onnxruntime.InferenceSession or openvino.CompiledModel), for
+    #: callers that need more than ``run`` (e.g. bench's OpenVINO async throughput queue).
+    native: Any = field(default=None, repr=False)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[-1] != 3:
@@ -220,6 +223,54 @@ def load(path: str | Path, runtime: str = "cpu", opts: SessionOptions | None = N
     return sess
 
 
+def check_ort_providers(info: RuntimeInfo, in_use: list[str]) -> list[str]:
+    """Return ``in_use`` if its first provider is the one ``info`` asks for, else raise.
+
+    ONNX Runtime silently drops a provider it cannot create (CUDA libraries missing, no
+    device) and runs the rest of the list, logging one line: that is a fallback, never a result.
+    """
+    if not in_use or in_use[0] != info.provider:
+        raise ProviderFallbackError(
+            f"asked for {info.provider} but onnxruntime created {in_use}: the session fell back "
+            f"(CUDA/TensorRT libraries missing or incompatible?); not reporting a CPU result as {info.name}"
+        )
+    return list(in_use)
+
+
+def check_ov_devices(device: str, devices: list[str]) -> list[str]:
+    """Return the devices a compiled OpenVINO model runs on if they match ``device``, else raise."""
+    base = device.split(".")[0].split(":")[0]
+    if base not in ("AUTO", "HETERO", "MULTI") and not any(d.startswith(base) for d in devices):
+        raise ProviderFallbackError(f"asked for OpenVINO {device} but it ran on {devices}; not reporting that as {device}")
+    return list(devices)
+
+
+_OV_COMPUTE_OPS = ("Convolution", "GroupConvolution", "FullyConnected", "MatMul", "Deconvolution")
+
+
+def ov_compute_precision(compiled: Any) -> str:
+    """The precision(s) OpenVINO really computes convolutions/matmuls in, most used first.
+
+    Read from the compiled runtime model ("bf16" for an fp32 model on an AMX/AVX512-BF16
+    CPU, "i8"/"u8" for int8 kernels), falling back to ``INFERENCE_PRECISION_HINT``.
+    """
+    counts: dict[str, int] = {}
+    try:
+        for op in compiled.get_runtime_model().get_ordered_ops():
+            rt = op.get_rt_info()
+            if "layerType" in rt and rt["layerType"].astype(str) in _OV_COMPUTE_OPS and "runtimePrecision" in rt:
+                prec = rt["runtimePrecision"].astype(str)
+                counts[prec] = counts.get(prec, 0) + 1
+    except Exception:  # noqa: BLE001 - plugins without a runtime model (some GPUs/NPUs)
+        counts = {}
+    if counts:
+        return "+".join(sorted(counts, key=lambda k: -counts[k]))
+    try:
+        return compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+    except Exception:  # noqa: BLE001
+        return ""
+
+
 def _load_ort(path: Path, info: RuntimeInfo, threads: int) -> Session:
     import onnxruntime as ort
 
@@ -237,17 +288,13 @@ def _load_ort(path: Path, info: RuntimeInfo, threads: int) -> Session:
         s = ort.InferenceSession(str(path), sess_options=so, providers=providers)
     except Exception as e:  # ORT raises its own Fail/InvalidGraph/... types
         raise RuntimeUnavailableError(f"{path}: onnxruntime could not load the model on {info.name}: {e}") from e
-    in_use = s.get_providers()
-    if not in_use or in_use[0] != info.provider:
-        raise ProviderFallbackError(
-            f"asked for {info.provider} but onnxruntime created {in_use}: the session fell back "
-            f"(CUDA/TensorRT libraries missing or incompatible?); not reporting a CPU result as {info.name}"
-        )
+    in_use = check_ort_providers(info, s.get_providers())
     name = s.get_inputs()[0].name
     out = s.get_outputs()[0].name
     return Session(
         runtime=info.name, info=info, device=info.provider, path=path, load_ms=0.0,
         providers_in_use=in_use[:1], precision_in_use="", _run=lambda b: s.run([out], {name: b})[0], input_name=name,
+        native=s,
     )
 
 
@@ -269,15 +316,8 @@ def _load_openvino(path: Path, device: str, threads: int, opts: SessionOptions) 
         devices = list(compiled.get_property("EXECUTION_DEVICES"))
     except Exception:  # noqa: BLE001 - older plugins lack the property
         devices = [device]
-    base = device.split(".")[0]
-    if base not in ("AUTO", "HETERO", "MULTI") and not any(d.startswith(base) for d in devices):
-        raise ProviderFallbackError(f"asked for OpenVINO {device} but it ran on {devices}")
-    precision = ""
-    if any(d.startswith("CPU") for d in devices):
-        try:
-            precision = str(compiled.get_property("INFERENCE_PRECISION_HINT")).lower().replace("<type: '", "").strip("'>")
-        except Exception:  # noqa: BLE001
-            precision = ""
+    devices = check_ov_devices(device, devices)
+    precision = ov_compute_precision(compiled)
     request = compiled.create_infer_request()
     out_port = compiled.output(0)
 
@@ -289,4 +329,5 @@ def _load_openvino(path: Path, device: str, threads: int, opts: SessionOptions) 
         runtime="openvino", info=RUNTIMES["openvino"], device=device, path=path, load_ms=0.0,
         providers_in_use=[f"OpenVINO:{d}" for d in devices], precision_in_use=precision, _run=_run,
         input_name=compiled.input(0).get_any_name() if compiled.input(0).get_names() else "images",
+        native=compiled,
     )

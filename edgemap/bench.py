@@ -1,0 +1,245 @@
+"""``edgemap bench``: latency percentiles, throughput, load time and memory per runtime × precision × batch.
+
+Method (PERFORMANCE.md): a fixed random uint8 batch of the contract's size; ``warmup`` calls
+not timed; then ``iters`` timed calls (or as many as fit in ``seconds``); percentiles, never
+means alone. Threads default to the physical cores. OpenVINO gets the LATENCY hint at batch
+1 and the THROUGHPUT hint above it; under THROUGHPUT it is driven like ``benchmark_app``:
+an ``AsyncInferQueue`` with the plugin's optimal number of requests (one synchronous
+request would use a single stream, i.e. a fraction of the cores). Every row says what really
+ran: the provider/device and, for OpenVINO, the precision its kernels compute in.
+
+Peak memory growth is the process's resident set size (RSS) sampled after load, after
+warm-up and after every timed call, minus the RSS before the session was created.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgemap.errors import EdgemapError, RuntimeUnavailableError
+from edgemap.evaluate import _combos, open_session
+from edgemap.manifest import RunDir, now_iso
+
+DEFAULT_ITERS = 100
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """Options of ``edgemap bench`` (the single home of their defaults).
+
+    Attributes:
+        runtimes: runtimes to measure (``torch`` = PyTorch eager fp32 on the trained weights).
+        precisions: ``fp32`` and/or ``int8``.
+        batches: batch sizes.
+        threads: intra-op threads (None = physical cores).
+        warmup: untimed calls before measuring.
+        iters: timed calls (None = ``DEFAULT_ITERS`` unless ``seconds`` is set).
+        seconds: measure for this long instead of a fixed count.
+        strict: raise when a combination is unavailable or fails instead of listing it.
+        save: store the rows in edgemap.json under ``metrics.bench``.
+        seed: seed of the random input batch.
+    """
+
+    runtimes: tuple[str, ...] = ("torch", "cpu", "cuda", "openvino")
+    precisions: tuple[str, ...] = ("fp32", "int8")
+    batches: tuple[int, ...] = (1, 8)
+    threads: int | None = None
+    warmup: int = 10
+    iters: int | None = None
+    seconds: float | None = None
+    strict: bool = False
+    save: bool = True
+    seed: int = 0
+
+
+@dataclass
+class BenchRow:
+    """One runtime × precision × batch. ``status`` is ``ok``, ``unavailable`` or ``error`` (+ ``reason``)."""
+
+    runtime: str
+    precision: str
+    batch: int
+    status: str = "ok"
+    reason: str = ""
+    p50_ms: float | None = None
+    p90_ms: float | None = None
+    p99_ms: float | None = None
+    mean_ms: float | None = None
+    throughput: float | None = None  # images per second
+    load_ms: float | None = None
+    mem_mb: float | None = None  # peak RSS growth
+    model_bytes: int | None = None
+    provider: str = ""
+    inference_precision: str = ""
+    threads: int | None = None
+    mode: str = ""  # "sync" or "async xN" (OpenVINO THROUGHPUT)
+    iters: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---- memory --------------------------------------------------------------------------------
+def rss_bytes() -> int:
+    """Current resident set size of this process (0 where it cannot be read)."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        pass
+    try:  # macOS / BSD: peak, not current; growth then under-reports after the first row
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(peak) * (1 if os.uname().sysname == "Darwin" else 1024)
+    except (ImportError, OSError):
+        return 0
+
+
+def _release_memory() -> None:
+    """Return freed heap to the OS so the next row's baseline is honest (glibc only)."""
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+# ---- timing --------------------------------------------------------------------------------
+def _stop(n: int, started: float, iters: int | None, seconds: float | None) -> bool:
+    if seconds is not None:
+        return time.perf_counter() - started >= seconds and n >= 1
+    return n >= (iters or DEFAULT_ITERS)
+
+
+def measure_sync(run: Any, x: np.ndarray, opts: BenchOptions, peak: list[int]) -> tuple[np.ndarray, float]:
+    """Latencies (s) of back-to-back ``run(x)`` calls and the wall time they took."""
+    for _ in range(opts.warmup):
+        run(x)
+    peak[0] = max(peak[0], rss_bytes())
+    lat: list[float] = []
+    started = time.perf_counter()
+    while not _stop(len(lat), started, opts.iters, opts.seconds):
+        t0 = time.perf_counter()
+        run(x)
+        lat.append(time.perf_counter() - t0)
+        peak[0] = max(peak[0], rss_bytes())
+    return np.asarray(lat), float(np.sum(lat))
+
+
+def measure_ov_async(compiled: Any, x: np.ndarray, opts: BenchOptions, peak: list[int]) -> tuple[np.ndarray, float, int]:
+    """benchmark_app's throughput loop: keep the plugin's optimal number of requests busy."""
+    import openvino as ov
+
+    try:
+        nreq = max(1, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+    except Exception:  # noqa: BLE001 - plugin without the property
+        nreq = 1
+    queue = ov.AsyncInferQueue(compiled, nreq)
+    lat: list[float] = []
+    queue.set_callback(lambda _req, t0: lat.append(time.perf_counter() - t0))
+    for _ in range(max(opts.warmup, nreq)):
+        queue.start_async({0: x}, time.perf_counter())
+    queue.wait_all()
+    lat.clear()
+    peak[0] = max(peak[0], rss_bytes())
+    n = 0
+    started = time.perf_counter()
+    while not _stop(n, started, opts.iters, opts.seconds):
+        queue.start_async({0: x}, time.perf_counter())  # blocks while every request is busy
+        n += 1
+        peak[0] = max(peak[0], rss_bytes())
+    queue.wait_all()
+    wall = time.perf_counter() - started
+    return np.asarray(lat), wall, nreq
+
+
+def _bench_one(run: RunDir, runtime: str, precision: str, batch: int, opts: BenchOptions, threads: int) -> BenchRow:
+    row = BenchRow(runtime, precision, batch, threads=threads)
+    is_ov = runtime.split(":")[0] == "openvino"
+    hint = "throughput" if is_ov and batch > 1 else "latency"
+    _release_memory()
+    base = rss_bytes()
+    peak = [base]
+    sess = open_session(run, runtime, precision, threads, hint=hint)
+    peak[0] = max(peak[0], rss_bytes())
+    c = run.contract
+    x = np.random.default_rng(opts.seed).integers(0, 256, (batch, c.height, c.width, 3), dtype=np.uint8)
+    if is_ov and hint == "throughput" and getattr(sess, "native", None) is not None:
+        lat, wall, nreq = measure_ov_async(sess.native, x, opts, peak)
+        row.mode = f"async x{nreq}"
+        done = len(lat)
+    else:
+        lat, wall = measure_sync(sess.run, x, opts, peak)
+        row.mode = "sync"
+        done = len(lat)
+    ms = lat * 1000.0
+    row.p50_ms, row.p90_ms, row.p99_ms = (round(float(v), 4) for v in np.percentile(ms, [50, 90, 99]))
+    row.mean_ms = round(float(ms.mean()), 4)
+    row.throughput = round(batch * done / wall, 2) if wall > 0 else None
+    row.load_ms = round(float(sess.load_ms), 2)
+    row.mem_mb = round(max(0, peak[0] - base) / 2**20, 2)
+    row.model_bytes = Path(sess.path).stat().st_size
+    row.provider = ",".join(sess.providers_in_use)
+    row.inference_precision = sess.precision_in_use or precision
+    row.iters = done
+    getattr(sess, "close", lambda: None)()
+    return row
+
+
+def bench(run_dir: str | Path | RunDir, opts: BenchOptions = BenchOptions()) -> list[BenchRow]:
+    """Measure every runtime × precision × batch on the run's exported models.
+
+    Args:
+        run_dir: a run directory (or loaded RunDir) with exported models (and weights for ``torch``).
+        opts: runtimes, precisions, batches, threads and how long to measure.
+
+    Returns:
+        One BenchRow per combination; unavailable ones carry ``status`` and ``reason``.
+
+    Example:
+        >>> rows = bench("models/digits", BenchOptions(runtimes=("cpu", "openvino"), batches=(1,)))
+        >>> [(r.runtime, r.precision, r.p50_ms, r.provider) for r in rows]
+    """
+    from edgemap.runtime.sessions import physical_cores
+
+    if opts.iters is not None and opts.seconds is not None:
+        raise RuntimeUnavailableError("give either --iters or --seconds, not both")
+    if opts.iters is not None and opts.iters < 1 or opts.seconds is not None and opts.seconds <= 0:
+        raise RuntimeUnavailableError("--iters must be >= 1 and --seconds > 0")
+    if opts.warmup < 0:
+        raise RuntimeUnavailableError("--warmup must be >= 0")
+    if not opts.batches or any(b < 1 for b in opts.batches):
+        raise RuntimeUnavailableError(f"--batch needs positive sizes, got {list(opts.batches)}")
+    if opts.threads is not None and opts.threads < 1:
+        raise RuntimeUnavailableError("--threads must be >= 1")
+    run = run_dir if isinstance(run_dir, RunDir) else RunDir.load(run_dir)
+    threads = opts.threads or physical_cores()
+    rows: list[BenchRow] = []
+    for runtime, precision in _combos(opts.runtimes, opts.precisions):
+        for batch in dict.fromkeys(opts.batches):
+            try:
+                rows.append(_bench_one(run, runtime, precision, batch, opts, threads))
+            except (EdgemapError, OSError) as e:
+                status = "unavailable" if isinstance(e, RuntimeUnavailableError) else "error"
+                rows.append(BenchRow(runtime, precision, batch, status=status, reason=str(e), threads=threads))
+    if opts.strict:
+        bad = [r for r in rows if r.status != "ok"]
+        if bad:
+            raise RuntimeUnavailableError(
+                "--strict: " + "; ".join(f"{r.runtime}/{r.precision}/b{r.batch} {r.status}: {r.reason}" for r in bad)
+            )
+    if opts.save:
+        run.data.setdefault("metrics", {})["bench"] = {"updated": now_iso(), "threads": threads,
+                                                       "rows": [r.to_dict() for r in rows]}
+        run.save()
+    return rows

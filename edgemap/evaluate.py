@@ -1,0 +1,327 @@
+"""``edgemap eval``: accuracy of every runtime × precision on the same images.
+
+Each image is decoded and resized once (``edgemap.runtime.preprocess``, the code the device
+wheel runs) and the same uint8 batch goes to every runtime. PyTorch eager on the trained
+weights (runtime ``torch``, fp32) is the reference: every row carries its top-1
+``agreement`` with it and the largest logit difference from it.
+
+Tolerance (``TOLERANCE``; a row outside it has ``within_tolerance = False``):
+
+- fp32 on any runtime: disagreements with the reference ≤ max(1, 1 % of n) and accuracy
+  within max(1/n, 1 point). Kernel order and OpenVINO's default bf16 compute on
+  AMX/AVX512-BF16 CPUs only flip near-tie predictions.
+- int8: disagreements ≤ max(2, 5 % of n) and accuracy within max(2/n, 2 points) of the
+  reference (export's accuracy gate already bounds the int8 drop on the validation set).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgemap.errors import DatasetError, EdgemapError, ManifestError, RuntimeUnavailableError
+from edgemap.manifest import RunDir, now_iso
+
+REFERENCE = "torch"
+ALL_RUNTIMES = ("torch", "cpu", "cuda", "tensorrt", "openvino")
+#: precision → (max disagreement fraction, min disagreements allowed, max |accuracy diff|, min in samples)
+TOLERANCE: dict[str, tuple[float, int, float, int]] = {"fp32": (0.01, 1, 0.01, 1), "int8": (0.05, 2, 0.02, 2)}
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """Options of ``edgemap eval`` (the single home of their defaults).
+
+    Attributes:
+        data: dataset folder to evaluate on; None = the run's test split, else its validation split.
+        runtimes: runtimes to evaluate (``torch`` is the fp32 reference; ``openvino:GPU`` accepted).
+        precisions: ``fp32`` and/or ``int8``.
+        strict: raise when a combination is unavailable or fails instead of listing it.
+        batch: images per inference call.
+        threads: intra-op threads (None = physical cores).
+        save: store the rows in the run's edgemap.json under ``metrics.eval``.
+    """
+
+    data: Path | None = None
+    runtimes: tuple[str, ...] = ("torch", "cpu", "cuda", "openvino")
+    precisions: tuple[str, ...] = ("fp32", "int8")
+    strict: bool = False
+    batch: int = 32
+    threads: int | None = None
+    save: bool = True
+
+
+@dataclass
+class EvalRow:
+    """One runtime × precision. ``status`` is ``ok``, ``unavailable`` or ``error`` (+ ``reason``)."""
+
+    runtime: str
+    precision: str
+    status: str = "ok"
+    reason: str = ""
+    n: int = 0
+    accuracy: float | None = None
+    top5: float | None = None
+    macro_precision: float | None = None
+    macro_recall: float | None = None
+    macro_f1: float | None = None
+    agreement: float | None = None
+    max_abs_diff: float | None = None
+    within_tolerance: bool | None = None
+    provider: str = ""
+    model: str = ""
+    seconds: float | None = None
+    per_class: list[dict[str, Any]] = field(default_factory=list)
+    confusion: list[list[int]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class EvalResult:
+    """Rows of one ``evaluate`` call plus what they were measured on."""
+
+    rows: list[EvalRow]
+    classes: list[str]
+    data: str
+    n: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"data": self.data, "n": self.n, "classes": self.classes, "rows": [r.to_dict() for r in self.rows]}
+
+
+# ---- torch reference runtime ------------------------------------------------------------
+class TorchSession:
+    """PyTorch eager on the run's trained weights, with the runtime Session's interface."""
+
+    def __init__(self, run: RunDir, threads: int | None = None):
+        import torch
+
+        from edgemap.model import load_classifier
+        from edgemap.runtime.sessions import physical_cores
+
+        self.threads = threads or physical_cores()
+        self._prev_threads = torch.get_num_threads()
+        t0 = time.perf_counter()
+        self.net = load_classifier(run)
+        self.load_ms = (time.perf_counter() - t0) * 1000
+        self.path = run.artifact_path("weights_best", verify=False)
+        self.providers_in_use = [f"torch {torch.__version__.split('+')[0]} eager:CPU"]
+        self.precision_in_use = "fp32"
+        self._torch = torch
+
+    @property
+    def provider(self) -> str:
+        return f"{self.providers_in_use[0]} (fp32)"
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        torch = self._torch
+        if torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
+        with torch.inference_mode():
+            return self.net(torch.from_numpy(np.ascontiguousarray(batch))).float().numpy()
+
+    def close(self) -> None:
+        """Give torch back the thread count it had (it is process-wide)."""
+        self._torch.set_num_threads(self._prev_threads)
+
+
+def open_session(run: RunDir, runtime: str, precision: str, threads: int | None, hint: str = "latency") -> Any:
+    """A loaded session for ``runtime`` × ``precision`` on the run's matching artifact.
+
+    Raises RuntimeUnavailableError (with the reason) for any combination that cannot run here.
+    """
+    from edgemap.artifacts import key_for
+    from edgemap.runtime.sessions import SessionOptions, available, check_precision, load, parse_runtime
+
+    if runtime == REFERENCE:
+        if precision != "fp32":
+            raise RuntimeUnavailableError("torch is the fp32 reference; int8 runs on cpu/openvino/tensorrt")
+        try:
+            import torch  # noqa: F401
+        except ImportError as e:
+            raise RuntimeUnavailableError("package torch is not installed") from e
+        return TorchSession(run, threads)
+    info, _ = parse_runtime(runtime)
+    ok, why = check_precision(info, precision)
+    if not ok:
+        raise RuntimeUnavailableError(why)
+    ok, why = available(runtime)
+    if not ok:
+        raise RuntimeUnavailableError(why)
+    key = key_for(runtime, precision)
+    if key not in run.artifacts:
+        flag = " --int8" if precision == "int8" else ""
+        raise RuntimeUnavailableError(f"no '{key}' artifact in {run.path}; run `edgemap export {run.path}{flag}` first")
+    path = run.artifact_path(key)  # refuses a file whose sha256 changed
+    return load(path, runtime, SessionOptions(threads=threads, hint=hint))
+
+
+def _row_error(runtime: str, precision: str, e: Exception) -> EvalRow:
+    status = "unavailable" if isinstance(e, RuntimeUnavailableError) else "error"
+    return EvalRow(runtime, precision, status=status, reason=str(e))
+
+
+def _combos(runtimes: tuple[str, ...], precisions: tuple[str, ...]) -> list[tuple[str, str]]:
+    """Reference first, then the asked order; every pair once."""
+    if not runtimes:
+        raise RuntimeUnavailableError("--runtime is empty; name at least one of " + ", ".join(ALL_RUNTIMES))
+    for p in precisions:
+        if p not in ("fp32", "int8"):
+            raise RuntimeUnavailableError(f"--precision {p!r} is unknown; use fp32 and/or int8")
+    if not precisions:
+        raise RuntimeUnavailableError("--precision is empty; use fp32 and/or int8")
+    rts = sorted(dict.fromkeys(r.strip() for r in runtimes), key=lambda r: r != REFERENCE)
+    return [(r, p) for r in rts for p in dict.fromkeys(precisions) if not (r == REFERENCE and p != "fp32")]
+
+
+def _within(precision: str, n: int, agreement: float, acc: float, ref_acc: float) -> bool:
+    frac, min_dis, acc_tol, min_acc = TOLERANCE[precision]
+    disagreements = round((1.0 - agreement) * n)
+    return disagreements <= max(min_dis, math.floor(frac * n)) and abs(acc - ref_acc) <= max(min_acc / max(n, 1), acc_tol) + 1e-9
+
+
+def evaluate_arrays(
+    run: RunDir, images: np.ndarray, labels: np.ndarray, opts: EvalOptions = EvalOptions(), data: str = "<arrays>"
+) -> EvalResult:
+    """Evaluate already-preprocessed uint8 (N, H, W, 3) images with labels in the run's class order.
+
+    Example:
+        >>> res = evaluate_arrays(RunDir.load("models/digits"), x, y, EvalOptions(runtimes=("torch", "cpu")))
+    """
+    from edgemap.metrics import agreement, classification_report
+
+    classes = run.classes
+    c = run.contract
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (c.height, c.width, 3):
+        raise DatasetError(f"images must be uint8 (N, {c.height}, {c.width}, 3), got {images.dtype} {images.shape}")
+    if len(images) == 0:
+        raise DatasetError(f"{data}: no images to evaluate")
+    if opts.batch < 1:
+        raise DatasetError("--batch must be at least 1")
+    labels = np.asarray(labels, dtype=np.int64)
+
+    rows: list[EvalRow] = []
+    ref_logits: np.ndarray | None = None
+    ref_acc = 0.0
+    combos = _combos(opts.runtimes, opts.precisions)
+    ref_shown = any(r == REFERENCE for r, _ in combos)
+    if not ref_shown:  # the reference still runs (agreement needs it) but gets no row
+        combos.insert(0, (REFERENCE, "fp32"))
+    for runtime, precision in combos:
+        shown = runtime != REFERENCE or ref_shown
+        try:
+            sess = open_session(run, runtime, precision, opts.threads)
+            t0 = time.perf_counter()
+            try:
+                logits = np.concatenate([sess.run(images[i : i + opts.batch]) for i in range(0, len(images), opts.batch)])
+            finally:
+                getattr(sess, "close", lambda: None)()
+            seconds = time.perf_counter() - t0
+        except (EdgemapError, OSError) as e:
+            if runtime == REFERENCE and not shown:
+                continue  # reference only needed for agreement; rows without it say so below
+            rows.append(_row_error(runtime, precision, e))
+            continue
+        if logits.shape != (len(images), len(classes)):
+            rows.append(EvalRow(runtime, precision, status="error",
+                                reason=f"model output {logits.shape} does not match {len(classes)} classes"))
+            continue
+        rep = classification_report(labels, logits, classes)
+        row = EvalRow(
+            runtime, precision, n=rep.n, accuracy=rep.accuracy, top5=rep.top5,
+            macro_precision=rep.macro_precision, macro_recall=rep.macro_recall, macro_f1=rep.macro_f1,
+            provider=sess.provider, model=Path(sess.path).name, seconds=round(seconds, 4),
+            per_class=rep.per_class, confusion=rep.confusion,
+        )
+        if runtime == REFERENCE:
+            ref_logits, ref_acc = logits, rep.accuracy
+        if ref_logits is not None:
+            row.agreement = agreement(ref_logits.argmax(1), logits.argmax(1))
+            row.max_abs_diff = float(np.abs(ref_logits - logits).max())
+            row.within_tolerance = _within(precision, rep.n, row.agreement, rep.accuracy, ref_acc)
+        if shown:
+            rows.append(row)
+    if opts.strict:
+        bad = [r for r in rows if r.status != "ok"]
+        if bad:
+            raise RuntimeUnavailableError(
+                "--strict: " + "; ".join(f"{r.runtime}/{r.precision} {r.status}: {r.reason}" for r in bad)
+            )
+    result = EvalResult(rows=rows, classes=classes, data=data, n=int(len(images)))
+    if opts.save:
+        run.data.setdefault("metrics", {})["eval"] = {"updated": now_iso(), **result.to_dict()}
+        run.save()
+    return result
+
+
+def _split_samples(scan: Any, whole: bool) -> tuple[list[Any], str]:
+    """The samples eval uses from a scan: its test split, else its validation split.
+
+    With ``whole`` (a folder given by ``--data``) a single-folder dataset (layout ``split``,
+    no ``test/``) is evaluated entirely: its train/val division only matters for training.
+    """
+    if scan.test:
+        return list(scan.test), "test"
+    if whole and scan.layout == "split":
+        return [*scan.train, *scan.val], "all"
+    if scan.val:
+        return list(scan.val), "val"
+    raise DatasetError(f"{scan.root}: neither a test nor a validation split to evaluate on; pass --data DIR")
+
+
+def load_samples(run: RunDir, data: Path | None) -> tuple[list[Path], np.ndarray, str]:
+    """Image paths and labels (in the run's class order) for ``evaluate``, plus a description."""
+    from edgemap.data import scan as scan_mod
+
+    if data is not None:
+        scan = scan_mod.scan_dataset(Path(data))
+        where = str(data)
+    else:
+        if not run.data.get("dataset"):
+            raise ManifestError(f"{run.manifest_path}: no dataset recorded; pass --data DIR")
+        scan = scan_mod.rescan_for_run(run.data["dataset"])
+        where = str(scan.root)
+    samples, split = _split_samples(scan, whole=data is not None)
+    index = {c: i for i, c in enumerate(run.classes)}
+    scan_classes = list(scan.classes)
+    unknown = sorted(set(scan_classes) - set(index))
+    if unknown:
+        raise DatasetError(
+            f"{where}: classes not known to the run {run.path} ({', '.join(unknown)}); "
+            f"the run knows: {', '.join(run.classes)}. Remove those folders or evaluate another dataset."
+        )
+    paths, labels = [], []
+    for s in samples:
+        name = s.label if isinstance(s.label, str) else scan_classes[int(s.label)]
+        paths.append(Path(s.path))
+        labels.append(index[name])
+    return paths, np.asarray(labels, dtype=np.int64), f"{where} ({split}, {len(paths)} images)"
+
+
+def evaluate(run_dir: str | Path | RunDir, opts: EvalOptions = EvalOptions()) -> EvalResult:
+    """Evaluate every runtime × precision on the run's test (else validation) split or ``opts.data``.
+
+    Args:
+        run_dir: a run directory (or a loaded RunDir) with trained weights and exported models.
+        opts: runtimes, precisions, data folder, strictness.
+
+    Returns:
+        EvalResult with one EvalRow per combination, the torch fp32 reference first.
+
+    Example:
+        >>> res = evaluate("models/digits", EvalOptions(runtimes=("torch", "cpu", "openvino")))
+        >>> [(r.runtime, r.precision, r.accuracy, r.agreement) for r in res.rows]
+    """
+    from edgemap.runtime.preprocess import preprocess_batch
+
+    run = run_dir if isinstance(run_dir, RunDir) else RunDir.load(run_dir)
+    paths, labels, where = load_samples(run, opts.data)
+    images = preprocess_batch(paths, run.contract)  # once, reused by every runtime
+    return evaluate_arrays(run, images, labels, opts, data=where)

@@ -1,0 +1,126 @@
+"""Helpers (no tests) shared by test_eval*, test_bench* and test_sessions: a small trained run.
+
+A generated 6-class colour dataset (PNG files, 32 px), the `tiny` backbone trained for a few
+hundred SGD steps, then ONNX fp32 + int8 (QOperator and QDQ) artifacts. Export goes through
+``edgemap.export`` when that stage exists, else through the same torch.onnx / onnxruntime
+calls the stage makes.
+"""
+
+from __future__ import annotations
+
+import colorsys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from edgemap.manifest import RunDir
+from edgemap.runtime.preprocess import PreprocessContract
+
+CLASSES = ["red", "yellow", "green", "cyan", "blue", "magenta"]
+SIZE = 32
+
+
+def make_images(root: Path, n_per_class: int, seed: int) -> list[tuple[Path, int]]:
+    """Noisy images whose mean hue says the class; written as PNG under root/<class>/."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for k, name in enumerate(CLASSES):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            hue = (k / len(CLASSES) + rng.normal(0, 0.06)) % 1.0
+            r, g, b = colorsys.hsv_to_rgb(hue, rng.uniform(0.4, 1.0), rng.uniform(0.4, 1.0))
+            img = np.array([r, g, b]) * 255 + rng.normal(0, 40, (SIZE + 8, SIZE + 4, 3))
+            p = root / name / f"img {i:03d}.png"
+            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(p)
+            out.append((p, k))
+    return out
+
+
+def load_arrays(samples: list[tuple[Path, int]], contract: PreprocessContract) -> tuple[np.ndarray, np.ndarray]:
+    from edgemap.runtime.preprocess import preprocess_batch
+
+    return preprocess_batch([p for p, _ in samples], contract), np.array([y for _, y in samples], np.int64)
+
+
+def build_trained_run(base: Path, steps: int = 150, seed: int = 0) -> tuple[RunDir, dict[str, list]]:
+    """Dataset under base/data, run under base/run: trained tiny net + weights_best."""
+    import torch
+    from safetensors.torch import save_file
+
+    from edgemap.model import build_classifier
+
+    data = base / "data"
+    splits = {
+        "train": make_images(data / "train", 24, seed),
+        "val": make_images(data / "val", 8, seed + 1),
+        "test": make_images(data / "test", 10, seed + 2),
+    }
+    from edgemap.data.scan import scan_dataset
+
+    contract = PreprocessContract(SIZE, SIZE)
+    scan = scan_dataset(data)
+    assert scan.classes == sorted(CLASSES)
+    run = RunDir.create(
+        base / "run", backbone={"name": "tiny"}, classes=CLASSES, contract=contract, dataset=scan.to_manifest(),
+    )
+    torch.manual_seed(seed)
+    net = build_classifier("tiny", len(CLASSES), contract, pretrained=False, seed=seed)
+    x, y = load_arrays(splits["train"], contract)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    net.train()
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randint(0, len(xt), (32,), generator=g)
+        loss = torch.nn.functional.cross_entropy(net(xt[idx]), yt[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.eval()
+    (run.path / "weights").mkdir(exist_ok=True)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(run.path / "weights" / "best.safetensors"))
+    run.add_artifact("weights_best", run.path / "weights" / "best.safetensors", stage="finetune")
+    run.set_stage("finetune", "done")
+    return run, splits
+
+
+def export_run(run: RunDir, calib: np.ndarray) -> None:
+    """fp32 + int8 (qoperator, qdq) ONNX artifacts, via edgemap.export when it exists."""
+    try:
+        from edgemap.export import ExportOptions, export
+    except ImportError:
+        export = None
+    if export is not None:
+        export(run.path, ExportOptions(int8=True))
+        run.data = RunDir.load(run.path).data
+        return
+    import torch
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from edgemap.model import load_classifier
+
+    net = load_classifier(run)
+    fp32 = run.path / "model.onnx"
+    torch.onnx.export(
+        net, (torch.from_numpy(calib[:1]),), str(fp32), input_names=["images"], output_names=["logits"],
+        dynamic_axes={"images": {0: "n"}, "logits": {0: "n"}}, dynamo=False,
+    )
+    run.add_artifact("onnx_fp32", fp32, stage="export", precision="fp32")
+    pre = run.path / "pre.onnx"
+    quant_pre_process(str(fp32), str(pre))
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter([{"images": calib[i : i + 8]} for i in range(0, len(calib), 8)])
+
+        def get_next(self):  # noqa: ANN202
+            return next(self.it, None)
+
+    for fmt, qf in (("qoperator", QuantFormat.QOperator), ("qdq", QuantFormat.QDQ)):
+        out = run.path / f"model.int8.{fmt}.onnx"
+        quantize_static(str(pre), str(out), Reader(), quant_format=qf, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8, per_channel=True)
+        run.add_artifact(f"onnx_int8_{fmt}", out, stage="export", precision="int8", format=fmt)
+    pre.unlink()
