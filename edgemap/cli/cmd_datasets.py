@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from edgemap.cli.common import console, handle_errors, next_step
+from edgemap.cli.common import DataArg, JsonOpt, console, handle_errors, next_step, write_json_out
 
 datasets_app = typer.Typer(help="Demo datasets and dataset checks.", no_args_is_help=True)
 
@@ -30,6 +30,45 @@ def digits(
     totals = ", ".join(f"{split} {sum(c.values())}" for split, c in counts.items())
     console.print(f"wrote digits to {out} ({totals}; 10 classes) in {time.perf_counter() - t0:.2f}s")
     next_step(f'edgemap finetune "{out}" --backbone efficientnet_lite0 --out models/digits')
+
+
+@datasets_app.command("scan")
+@handle_errors
+def scan(
+    data: DataArg,
+    val_split: Annotated[float | None, typer.Option("--val-split", help="Share held out for validation (single-folder layout only). [default: 0.2]")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed of that split. [default: 0]")] = None,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip (and list) unreadable images instead of failing.")] = False,
+    max_pixels: Annotated[int | None, typer.Option("--max-pixels", help="Decompression-bomb limit per image, in pixels. [default: Pillow's, ~89 M]")] = None,
+    min_val_per_class: Annotated[int | None, typer.Option("--min-val-per-class", help="Validation images needed per class. [default: 1]")] = None,
+    json_out: JsonOpt = None,
+) -> None:
+    """Check a dataset folder the way `edgemap finetune` will: layout, classes, every image decoded."""
+    from rich.table import Table
+
+    from edgemap.data.scan import ScanOptions, scan_dataset
+
+    given = {"val_split": val_split, "seed": seed, "max_pixels": max_pixels, "min_val_per_class": min_val_per_class}
+    opts = ScanOptions(skip_bad=skip_bad, **{k: v for k, v in given.items() if v is not None})
+    t0 = time.perf_counter()
+    result = scan_dataset(data, opts)
+    seconds = time.perf_counter() - t0
+    counts = result.counts()
+    splits = [s for s in ("train", "val", "test") if counts[s]]
+    table = Table(title=f"{result.root} ({result.layout})")
+    table.add_column("class")
+    for s in splits:
+        table.add_column(s, justify="right")
+    table.add_column("ignored", justify="right")
+    for c in result.classes:
+        table.add_row(c, *(str(counts[s].get(c, 0)) for s in splits), str(result.ignored.get(c, 0) or ""))
+    console.print(table)
+    for path, why in result.skipped:
+        console.print(f"[yellow]skipped[/] {path}: {why}", soft_wrap=True)
+    total = sum(len(x) for x in (result.train, result.val, result.test))
+    console.print(f"{len(result.classes)} classes, {total} images checked in {seconds:.2f}s; fingerprint {result.fingerprint[:16]}")
+    write_json_out(json_out, result.to_manifest())
+    next_step(f'edgemap finetune "{data}" --out models/{result.root.name or "run"}')
 
 
 def register(app: typer.Typer) -> None:

@@ -271,15 +271,20 @@ def _scan(root: str | Path, opts: ScanOptions, *, decode_check: bool, known_bad:
         others = sorted(set(top) - {train_name, val_name, test_name})
         if others:
             log.warning("%s: ignoring folders %s (not train/val/test)", root, ", ".join(others))
-        tr = _list_split(root / train_name)
-        va = _list_split(root / val_name)
+        tr = _list_split(root / train_name, root)
+        va = _list_split(root / val_name, root)
         class_dirs = tr.dirs
     else:
         layout = "split"
-        tr = _list_split(root, exclude={test_name} if test_name else set())
+        if opts.val_split <= 0:
+            raise DatasetError(
+                f"{root}: --val-split 0 leaves no validation images for a single-folder dataset; "
+                "use e.g. --val-split 0.2, or provide DATA/train + DATA/val"
+            )
+        tr = _list_split(root, root, exclude={test_name} if test_name else set())
         va = None
         class_dirs = tr.dirs
-    te = _list_split(root / test_name) if test_name else None
+    te = _list_split(root / test_name, root) if test_name else None
 
     listings = [x for x in (tr, va, te) if x is not None]
     classes = sorted(tr.images)
@@ -406,9 +411,11 @@ def _class_name(folder: Path) -> str:
     return unicodedata.normalize("NFC", name)
 
 
-def _list_split(folder: Path, exclude: Iterable[str] = ()) -> _Listing:
+def _list_split(folder: Path, root: Path, exclude: Iterable[str] = ()) -> _Listing:
     """List class folders of one split and the image files below each (recursive, loop-safe)."""
     excluded = set(exclude)
+    root_real = os.path.realpath(root)
+    split_real = os.path.realpath(folder)
     lst = _Listing(folder=folder, images={}, dirs={}, ignored={}, broken=[])
     visited: set[tuple[int, int]] = set()
     try:
@@ -425,9 +432,15 @@ def _list_split(folder: Path, exclude: Iterable[str] = ()) -> _Listing:
             name = _class_name(path)
             if name in lst.images:
                 raise DatasetError(f"{path}: two class folders are named {name!r} (after Unicode normalisation); rename one")
+            class_real = os.path.realpath(path)
+            if _inside(split_real, class_real):
+                raise DatasetError(
+                    f"{path}: symlink loop: this class folder points to {class_real}, which contains the dataset; "
+                    "remove the link"
+                )
             lst.dirs[name] = path
             lst.images[name] = []
-            _walk_class(path, name, lst, visited)
+            _walk_class(path, name, lst, visited, class_real, root_real)
         elif kind == "file" or kind == "broken":
             lst.ignored[_ROOT_KEY] = lst.ignored.get(_ROOT_KEY, 0) + 1
     return lst
@@ -455,8 +468,21 @@ def _kind(path: Path) -> str:
     return "other"
 
 
-def _walk_class(folder: Path, name: str, lst: _Listing, visited: set[tuple[int, int]]) -> None:
-    """Depth-first walk of a class folder; a real folder is entered once (symlink loops end)."""
+def _inside(path: str, folder: str) -> bool:
+    """Whether real path ``path`` is ``folder`` or lies below it."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _walk_class(
+    folder: Path, name: str, lst: _Listing, visited: set[tuple[int, int]], class_real: str, root_real: str
+) -> None:
+    """Depth-first walk of a class folder; a real folder is entered once (symlink loops end).
+
+    A linked sub-folder is followed when it stays inside this class folder or points
+    outside the dataset altogether; a link to the dataset itself, one of its ancestors,
+    another class or another split is skipped with a warning (it would loop or leak
+    images across classes/splits).
+    """
     stack = [folder]
     while stack:
         current = stack.pop()
@@ -476,7 +502,11 @@ def _walk_class(folder: Path, name: str, lst: _Listing, visited: set[tuple[int, 
             path = Path(current, entry.name)
             kind = _kind(path)
             if kind == "dir":
-                subdirs.append(path)
+                real = os.path.realpath(path)
+                if _inside(real, class_real) or not (_inside(real, root_real) or _inside(root_real, real)):
+                    subdirs.append(path)
+                else:
+                    log.warning("%s: links to %s, outside this class folder but inside the dataset; skipped", path, real)
             elif Path(entry.name).suffix.lower() in IMAGE_EXTENSIONS:
                 if kind == "file":
                     lst.images[name].append(path)
