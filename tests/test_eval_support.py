@@ -12,6 +12,7 @@ import colorsys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from edgemap.manifest import RunDir
@@ -124,3 +125,14 @@ def export_run(run: RunDir, calib: np.ndarray) -> None:
                         weight_type=QuantType.QInt8, per_channel=True)
         run.add_artifact(f"onnx_int8_{fmt}", out, stage="export", precision="int8", format=fmt)
     pre.unlink()
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[RunDir, dict[str, list]]:
+    """A trained + exported tiny run in a folder whose path has a space, é and 日本."""
+    base = tmp_path_factory.mktemp("eval") / "runs é 日本"
+    base.mkdir()
+    run, splits = build_trained_run(base)
+    x, _ = load_arrays(splits["val"], run.contract)
+    export_run(run, x)
+    return run, splits

@@ -1,0 +1,97 @@
+"""`edgemap bench` on a trained tiny run: rows, percentiles, memory, unavailable rows, JSON, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_eval_support import trained_run  # noqa: F401
+from typer.testing import CliRunner
+
+from edgemap.bench import BenchOptions, bench
+from edgemap.errors import RuntimeUnavailableError
+from edgemap.manifest import RunDir
+
+BENCH_KEYS = {"runtime", "precision", "batch", "p50_ms", "p90_ms", "p99_ms", "throughput", "load_ms", "model_bytes",
+              "provider", "status", "reason", "mem_mb", "inference_precision", "threads", "mode", "iters"}
+
+
+@pytest.fixture(scope="module")
+def rows(trained_run):  # noqa: ANN001, F811
+    run, _ = trained_run
+    return bench(run.path, BenchOptions(runtimes=("torch", "cpu", "cuda", "openvino"), batches=(1, 7),
+                                        warmup=2, iters=15, threads=1))
+
+
+def test_every_combination_is_a_row(rows) -> None:  # noqa: ANN001
+    got = {(r.runtime, r.precision, r.batch): r.status for r in rows}
+    for b in (1, 7):
+        assert got[("torch", "fp32", b)] == "ok"
+        for rt in ("cpu", "openvino"):
+            assert got[(rt, "fp32", b)] == "ok" and got[(rt, "int8", b)] == "ok"
+        assert got[("cuda", "fp32", b)] == "unavailable" and got[("cuda", "int8", b)] == "unavailable"
+    assert ("torch", "int8", 1) not in got  # torch is the fp32 reference only
+    assert len(rows) == 2 * (1 + 2 + 2 + 2)
+
+
+def test_ok_rows_are_consistent_measurements(rows, trained_run) -> None:  # noqa: ANN001, F811
+    run, _ = trained_run
+    for r in (r for r in rows if r.status == "ok"):
+        assert 0 < r.p50_ms <= r.p90_ms <= r.p99_ms
+        assert r.iters == 15 and r.threads == 1 and r.load_ms > 0 and r.mem_mb >= 0
+        assert r.throughput > 0
+        if r.mode == "sync":  # back-to-back calls: images/s can't beat batch / fastest call
+            assert r.throughput <= r.batch / (min(r.p50_ms, r.mean_ms) / 1000) * 1.01 or r.p50_ms > r.mean_ms
+        assert r.provider and r.inference_precision
+    by = {(r.runtime, r.precision, r.batch): r for r in rows}
+    assert by[("cpu", "int8", 1)].model_bytes == run.artifact_path("onnx_int8_qoperator").stat().st_size
+    assert by[("openvino", "int8", 1)].model_bytes == run.artifact_path("onnx_int8_qdq").stat().st_size
+    assert by[("cpu", "int8", 1)].model_bytes < by[("cpu", "fp32", 1)].model_bytes
+    assert by[("cpu", "fp32", 1)].provider == "CPUExecutionProvider"
+    assert by[("openvino", "fp32", 1)].provider == "OpenVINO:CPU" and by[("openvino", "fp32", 1)].mode == "sync"
+    assert by[("openvino", "int8", 7)].mode.startswith("async x")  # THROUGHPUT hint above batch 1
+    assert by[("openvino", "int8", 1)].inference_precision.split("+")[0] in ("u8", "i8")
+    assert by[("torch", "fp32", 1)].provider.startswith("torch ")
+
+
+def test_rows_are_json_and_stored(rows, trained_run) -> None:  # noqa: ANN001, F811
+    run, _ = trained_run
+    stored = RunDir.load(run.path).data["metrics"]["bench"]
+    assert stored["threads"] == 1 and len(stored["rows"]) == len(rows)
+    for row in stored["rows"]:
+        assert BENCH_KEYS <= set(row)
+        assert (row["status"] == "ok") == (row["reason"] == "") and (row["p50_ms"] is None) == (row["status"] != "ok")
+    json.dumps(stored)
+
+
+def test_seconds_mode_and_option_checks(trained_run) -> None:  # noqa: F811
+    run, _ = trained_run
+    rows = bench(run, BenchOptions(runtimes=("cpu",), precisions=("fp32",), batches=(2,), warmup=0, seconds=0.2,
+                                   save=False))
+    assert rows[0].status == "ok" and rows[0].iters >= 1 and rows[0].batch == 2
+    for bad in (BenchOptions(iters=5, seconds=1.0), BenchOptions(iters=0), BenchOptions(batches=(0,)),
+                BenchOptions(threads=0), BenchOptions(warmup=-1)):
+        with pytest.raises(RuntimeUnavailableError):
+            bench(run, bad)
+    with pytest.raises(RuntimeUnavailableError, match="--strict"):
+        bench(run, BenchOptions(runtimes=("cuda",), precisions=("fp32",), batches=(1,), iters=1, strict=True,
+                                save=False))
+
+
+def test_cli_table_and_json(trained_run, tmp_path) -> None:  # noqa: ANN001, F811
+    from edgemap.cli import app
+
+    run, _ = trained_run
+    out = tmp_path / "bench é.json"
+    r = CliRunner().invoke(app, ["bench", str(run.path), "--runtime", "cpu,cuda", "--precision", "int8,fp32",
+                                 "--batch", "1,3", "--warmup", "1", "--iters", "3", "--threads", "1",
+                                 "--json", str(out)], env={"COLUMNS": "220"})
+    assert r.exit_code == 0, r.output
+    assert "edgemap bench" in r.output and "unavailable" in r.output and "next: edgemap package" in r.output
+    data = json.loads(out.read_text(encoding="utf-8"))
+    assert isinstance(data, list) and len(data) == 8 and all(BENCH_KEYS <= set(x) for x in data)
+    assert {x["batch"] for x in data} == {1, 3}
+    r = CliRunner().invoke(app, ["bench", str(run.path), "--batch", "one"])
+    assert r.exit_code != 0 and "--batch" in r.output
+    r = CliRunner().invoke(app, ["bench", str(run.path), "--iters", "3", "--seconds", "1"])
+    assert r.exit_code != 0 and "--iters or --seconds" in r.output

@@ -1,0 +1,147 @@
+"""`edgemap eval` on a trained tiny run: every runtime, agreement, tolerance, data selection, CLI, JSON."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from test_eval_support import CLASSES, load_arrays, make_images, trained_run  # noqa: F401
+from typer.testing import CliRunner
+
+from edgemap.errors import DatasetError, RuntimeUnavailableError
+from edgemap.evaluate import EvalOptions, evaluate, evaluate_arrays
+from edgemap.manifest import RunDir
+from edgemap.metrics import classification_report
+
+EVAL_KEYS = {"runtime", "precision", "n", "accuracy", "macro_f1", "agreement", "status", "reason", "provider",
+             "top5", "macro_precision", "macro_recall", "per_class", "confusion", "within_tolerance"}
+
+
+@pytest.fixture(scope="module")
+def result(trained_run):  # noqa: ANN001, F811
+    run, _ = trained_run
+    return evaluate(run.path, EvalOptions(runtimes=("torch", "cpu", "cuda", "openvino")))
+
+
+def test_default_data_is_the_test_split_and_rows_cover_every_combo(result, trained_run) -> None:  # noqa: ANN001, F811
+    _, splits = trained_run
+    assert result.n == len(splits["test"]) and "(test," in result.data
+    got = [(r.runtime, r.precision, r.status) for r in result.rows]
+    assert got[0] == ("torch", "fp32", "ok")  # the reference comes first
+    assert ("cpu", "fp32", "ok") in got and ("cpu", "int8", "ok") in got
+    assert ("openvino", "fp32", "ok") in got and ("openvino", "int8", "ok") in got
+    assert ("cuda", "fp32", "unavailable") in got and ("cuda", "int8", "unavailable") in got
+    cuda = next(r for r in result.rows if r.runtime == "cuda" and r.precision == "fp32")
+    assert "CUDAExecutionProvider" in cuda.reason and "edgemap[cuda]" in cuda.reason
+
+
+def test_runtimes_agree_within_documented_tolerance(result) -> None:  # noqa: ANN001
+    ok = [r for r in result.rows if r.status == "ok"]
+    ref = ok[0]
+    assert ref.accuracy > 0.5  # the tiny net learned the colours: a meaningful comparison
+    for r in ok:
+        assert r.within_tolerance, (r.runtime, r.precision, r.agreement, r.accuracy)
+        assert r.agreement >= 0.95
+        if r.precision == "fp32" and r.runtime == "cpu":
+            assert r.max_abs_diff < 1e-3
+            assert r.accuracy == ref.accuracy
+    ov = next(r for r in ok if r.runtime == "openvino" and r.precision == "int8")
+    assert "OpenVINO:CPU" in ov.provider and "8" in ov.provider  # its kernels really ran int8
+
+
+def test_row_metrics_equal_the_metrics_of_torch_logits(result, trained_run) -> None:  # noqa: ANN001, F811
+    import torch
+
+    from edgemap.model import load_classifier
+
+    run, splits = trained_run
+    x, y = load_arrays(splits["test"], run.contract)
+    with torch.inference_mode():
+        logits = load_classifier(run)(torch.from_numpy(x)).numpy()
+    rep = classification_report(y, logits, CLASSES)
+    ref = result.rows[0]
+    assert (ref.accuracy, ref.top5, ref.macro_f1, ref.confusion) == (rep.accuracy, rep.top5, rep.macro_f1, rep.confusion)
+    assert sum(map(sum, ref.confusion)) == ref.n == len(y)
+
+
+def test_results_are_stored_in_the_manifest_as_json_rows(result, trained_run) -> None:  # noqa: ANN001, F811
+    run, _ = trained_run
+    stored = RunDir.load(run.path).data["metrics"]["eval"]
+    assert stored["n"] == result.n and len(stored["rows"]) == len(result.rows)
+    for row in stored["rows"]:
+        assert EVAL_KEYS <= set(row)
+        assert row["status"] in ("ok", "unavailable", "error")
+        assert (row["status"] == "ok") == (row["reason"] == "")
+    json.dumps(stored)  # plain JSON types only
+
+
+def test_data_option_maps_classes_by_name_and_refuses_unknown(trained_run, tmp_path) -> None:  # noqa: ANN001, F811
+    run, _ = trained_run
+    flat = tmp_path / "flat é"
+    make_images(flat, 3, seed=9)
+    shutil.rmtree(flat / "blue")  # a subset of the run's classes is fine
+    res = evaluate(run, EvalOptions(data=flat, runtimes=("torch", "cpu"), precisions=("fp32",), save=False))
+    assert res.n == 15 and "(all," in res.data  # a single-folder dataset is evaluated entirely
+    assert res.rows[1].agreement == 1.0
+    ref = res.rows[0]
+    support = {c["class"]: c["support"] for c in ref.per_class}
+    assert support["blue"] == 0 and support["red"] == 3
+    (flat / "purple").mkdir()
+    make_images(tmp_path / "x", 1, seed=1)
+    shutil.copy(tmp_path / "x" / "red" / "img 000.png", flat / "purple" / "a.png")
+    with pytest.raises(DatasetError, match="purple"):
+        evaluate(run, EvalOptions(data=flat, runtimes=("cpu",), save=False))
+
+
+def test_strict_fails_on_unavailable_and_reference_runs_when_not_asked(trained_run) -> None:  # noqa: F811
+    run, splits = trained_run
+    x, y = load_arrays(splits["test"][:10], run.contract)
+    with pytest.raises(RuntimeUnavailableError, match="cuda/fp32 unavailable"):
+        evaluate_arrays(run, x, y, EvalOptions(runtimes=("cpu", "cuda"), precisions=("fp32",), strict=True, save=False))
+    res = evaluate_arrays(run, x, y, EvalOptions(runtimes=("openvino",), precisions=("fp32",), save=False))
+    assert [r.runtime for r in res.rows] == ["openvino"] and res.rows[0].agreement is not None
+
+
+def test_changed_model_file_is_refused(trained_run, tmp_path) -> None:  # noqa: ANN001, F811
+    run, splits = trained_run
+    copy = tmp_path / "copy"
+    shutil.copytree(run.path, copy)
+    with open(copy / "model.onnx", "ab") as f:
+        f.write(b"\0")
+    x, y = load_arrays(splits["test"][:4], run.contract)
+    res = evaluate_arrays(RunDir.load(copy), x, y, EvalOptions(runtimes=("cpu",), precisions=("fp32",), save=False))
+    assert res.rows[0].status == "error" and "sha256" in res.rows[0].reason
+    with pytest.raises(RuntimeUnavailableError, match="sha256"):
+        evaluate_arrays(RunDir.load(copy), x, y,
+                        EvalOptions(runtimes=("cpu",), precisions=("fp32",), save=False, strict=True))
+
+
+def test_bad_options_and_inputs(trained_run) -> None:  # noqa: F811
+    run, _ = trained_run
+    x = np.zeros((2, 32, 32, 3), np.uint8)
+    with pytest.raises(RuntimeUnavailableError, match="--precision"):
+        evaluate_arrays(run, x, np.zeros(2), EvalOptions(precisions=("fp16",), save=False))
+    with pytest.raises(DatasetError, match="uint8"):
+        evaluate_arrays(run, x.astype(np.float32), np.zeros(2), EvalOptions(save=False))
+    bogus = evaluate_arrays(run, x, np.zeros(2, np.int64), EvalOptions(runtimes=("nosuch",), save=False))
+    assert bogus.rows[0].status == "unavailable" and "unknown runtime" in bogus.rows[0].reason
+
+
+def test_cli_table_json_and_exit_codes(trained_run, tmp_path) -> None:  # noqa: ANN001, F811
+    from edgemap.cli import app
+
+    run, _ = trained_run
+    out = tmp_path / "eval é.json"
+    r = CliRunner().invoke(app, ["eval", str(run.path), "--runtime", "torch,cpu,cuda", "--precision", "fp32",
+                                 "--json", str(out), "--details"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    assert "edgemap eval" in r.output and "unavailable" in r.output and "next: edgemap bench" in r.output
+    assert "confusion" in r.output
+    rows = json.loads(out.read_text(encoding="utf-8"))
+    assert [x["runtime"] for x in rows] == ["torch", "cpu", "cuda"] and all(EVAL_KEYS <= set(x) for x in rows)
+    r = CliRunner().invoke(app, ["eval", str(run.path), "--runtime", "cuda", "--strict"])
+    assert r.exit_code != 0 and "unavailable" in r.output
+    r = CliRunner().invoke(app, ["eval", str(run.path / "nope")])
+    assert r.exit_code != 0 and "no such run directory" in r.output

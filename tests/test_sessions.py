@@ -1,0 +1,141 @@
+"""Runtime sessions: unavailable paths with their reasons, fallback detection, batch 1 and 7, precision."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+from test_eval_support import load_arrays, trained_run  # noqa: F401
+
+from edgemap.errors import ProviderFallbackError, RuntimeUnavailableError
+from edgemap.runtime import sessions as S
+
+
+# ---- unavailable paths ------------------------------------------------------------------
+def test_cuda_and_tensorrt_unavailable_without_onnxruntime_gpu() -> None:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("onnxruntime-gpu installed: the unavailable path is not reachable here")
+    for name in ("cuda", "tensorrt"):
+        ok, why = S.available(name)
+        assert not ok
+        assert S.RUNTIMES[name].provider in why and "edgemap[cuda]" in why and "onnxruntime-gpu" in why
+
+
+def test_load_of_an_unavailable_runtime_raises_with_the_reason(trained_run) -> None:  # noqa: F811
+    run, _ = trained_run
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("onnxruntime-gpu installed")
+    with pytest.raises(RuntimeUnavailableError, match="runtime 'cuda' unavailable: .*CUDAExecutionProvider"):
+        S.load(run.artifact_path("onnx_fp32"), "cuda")
+
+
+def test_openvino_missing_device_and_bad_specs() -> None:
+    import openvino as ov
+
+    if any(d.startswith("GPU") for d in ov.Core().available_devices):
+        pytest.skip("this machine has an OpenVINO GPU")
+    ok, why = S.available("openvino:GPU")
+    assert not ok and "OpenVINO device GPU not found" in why and "CPU" in why
+    assert S.available("openvino") == (True, "")
+    assert S.available("cpu") == (True, "")
+    ok, why = S.available("tpu")
+    assert not ok and "unknown runtime 'tpu'" in why
+    with pytest.raises(RuntimeUnavailableError, match="no device suffix"):
+        S.parse_runtime("cpu:GPU")
+    ok, why = S.check_precision(S.RUNTIMES["cuda"], "int8")
+    assert not ok and "fp32" in why
+
+
+@pytest.mark.parametrize(("runtime", "module", "package"), [("cpu", "onnxruntime", "onnxruntime"),
+                                                             ("cuda", "onnxruntime", "onnxruntime-gpu"),
+                                                             ("openvino", "openvino", "openvino")])
+def test_missing_package_is_reported(monkeypatch, runtime: str, module: str, package: str) -> None:  # noqa: ANN001
+    monkeypatch.setitem(sys.modules, module, None)  # `import module` now raises ImportError, as when not installed
+    ok, why = S.available(runtime)
+    assert not ok and f"package {package} is not installed" in why
+
+
+# ---- fallback detection -----------------------------------------------------------------
+def test_ort_cuda_session_that_falls_back_to_cpu_is_refused(trained_run) -> None:  # noqa: F811
+    """A real ORT session asked for [CUDA, CPU] where CUDA cannot be created: ORT runs it on CPU."""
+    run, _ = trained_run
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("CUDA provider creatable here")
+    # _load_ort skips the availability pre-check, exactly as a session whose CUDA libraries
+    # fail at creation time would get past it.
+    with pytest.warns(UserWarning, match="CUDAExecutionProvider"), \
+            pytest.raises(ProviderFallbackError, match=r"asked for CUDAExecutionProvider but .*CPUExecutionProvider"):
+        S._load_ort(run.artifact_path("onnx_fp32"), S.RUNTIMES["cuda"], 1)
+
+
+def test_provider_list_of_a_real_session_is_checked(trained_run, monkeypatch) -> None:  # noqa: ANN001, F811
+    run, _ = trained_run
+    import onnxruntime as ort
+
+    s = ort.InferenceSession(str(run.artifact_path("onnx_fp32")), providers=["CPUExecutionProvider"])
+    assert S.check_ort_providers(S.RUNTIMES["cpu"], s.get_providers()) == ["CPUExecutionProvider"]
+    with pytest.raises(ProviderFallbackError, match="TensorrtExecutionProvider"):
+        S.check_ort_providers(S.RUNTIMES["tensorrt"], s.get_providers())
+    # only the provider-list result changes: the real cpu loader must then refuse its own session
+    monkeypatch.setattr(ort.InferenceSession, "get_providers", lambda self: ["AzureExecutionProvider"])
+    with pytest.raises(ProviderFallbackError, match="AzureExecutionProvider"):
+        S.load(run.artifact_path("onnx_fp32"), "cpu")
+
+
+def test_openvino_device_check_on_a_real_compiled_model(trained_run) -> None:  # noqa: F811
+    run, _ = trained_run
+    sess = S.load(run.artifact_path("onnx_fp32"), "openvino", S.SessionOptions(threads=1))
+    devices = list(sess.native.get_property("EXECUTION_DEVICES"))
+    assert S.check_ov_devices("CPU", devices) == devices
+    with pytest.raises(ProviderFallbackError, match="asked for OpenVINO GPU"):
+        S.check_ov_devices("GPU", devices)
+    assert S.check_ov_devices("AUTO", devices) == devices
+
+
+# ---- running ----------------------------------------------------------------------------
+@pytest.mark.parametrize("runtime", ["cpu", "openvino"])
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_batch_1_and_7_match_torch(trained_run, runtime: str, precision: str) -> None:  # noqa: F811
+    from edgemap.artifacts import key_for
+    from edgemap.model import load_classifier
+
+    run, splits = trained_run
+    x, _ = load_arrays(splits["test"][:7], run.contract)
+    with torch.inference_mode():
+        ref = load_classifier(run)(torch.from_numpy(x)).numpy()
+    sess = S.load(run.artifact_path(key_for(runtime, precision)), runtime,
+                  S.SessionOptions(threads=1, exact=True))
+    assert sess.load_ms > 0 and sess.providers_in_use
+    one = sess.run(x[:1])
+    seven = sess.run(x)
+    assert one.shape == (1, 6) and seven.shape == (7, 6) and seven.dtype == np.float32
+    np.testing.assert_allclose(one[0], seven[0], rtol=1e-4, atol=1e-4)  # batch size changes nothing
+    tol = 1e-4 if precision == "fp32" else 0.35 * float(np.abs(ref).max())
+    np.testing.assert_allclose(seven, ref, atol=tol)
+    with pytest.raises(ValueError, match="uint8"):
+        sess.run(x.astype(np.float32))
+
+
+def test_openvino_reports_the_precision_it_computes_in(trained_run) -> None:  # noqa: F811
+    run, _ = trained_run
+    exact = S.load(run.artifact_path("onnx_fp32"), "openvino", S.SessionOptions(threads=1, exact=True))
+    assert exact.precision_in_use == "f32"
+    default = S.load(run.artifact_path("onnx_fp32"), "openvino", S.SessionOptions(threads=1))
+    assert default.precision_in_use in ("f32", "bf16", "f16")  # bf16 on AMX/AVX512-BF16 CPUs
+    int8 = S.load(run.artifact_path("onnx_int8_qdq"), "openvino", S.SessionOptions(threads=1))
+    assert int8.precision_in_use.split("+")[0] in ("i8", "u8")
+    assert int8.provider.startswith("OpenVINO:CPU (")
+
+
+def test_physical_cores_is_sane() -> None:
+    import os
+
+    assert 1 <= S.physical_cores() <= (os.cpu_count() or 1)
