@@ -45,7 +45,7 @@ def handle_errors(fn: F) -> F:
 
 def next_step(cmd: str) -> None:
     """Print the exact next command to run."""
-    console.print(f"\n[bold]next:[/] {cmd}")
+    console.print(f"\n[bold]next:[/] {cmd}", soft_wrap=True)  # one line: copy-pasteable
 
 
 def split_csv(value: str | None) -> list[str]:

@@ -1,0 +1,533 @@
+"""`edgemap package`: the last mapping, from a verified model to a wheel a device pip-installs.
+
+The wheel is built by setuptools (``pip wheel --no-deps --no-build-isolation``, offline)
+from a source tree generated in a temp folder:
+
+    <module>/__init__.py      generated: ``load()``, ``main()``, ``Classifier``, ``Prediction``
+    <module>/*.py             edgemap/runtime/*.py copied at build time, ``edgemap.runtime``
+                              imports rewritten to ``<module>`` (one source of truth)
+    <module>/model.onnx       the chosen artifact (not in ``--runtime-only`` wheels)
+    <module>/model.json       file, sha256, classes, contract, precision, format, runtime, source run
+    <module>/MODEL_CARD.md    classes, accuracy and latency from edgemap.json, input contract
+    README.md                 the same model card, as the wheel's long description
+
+It depends on numpy, Pillow and the chosen runtime only (never torch, never edgemap).
+``--runtime-only`` builds ``edgemap-runtime``: the same module without a model, whose
+console command takes the model file first (for over-the-air model updates).
+"""
+
+from __future__ import annotations
+
+import json
+import keyword
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgemap.errors import ManifestError, PackageError
+from edgemap.fsutil import atomic_path, sha256_file
+from edgemap.manifest import RunDir
+
+#: the runtimes a wheel can target → (session runtime spec, pip requirement)
+WHEEL_RUNTIMES = {
+    "onnxruntime": ("cpu", "onnxruntime>=1.18"),
+    "openvino": ("openvino", "openvino>=2024.4"),
+}
+BASE_REQUIREMENTS = ("numpy>=1.24", "pillow>=10.3")
+RUNTIME_DIST = "edgemap-runtime"
+MODEL_FILE = "model.onnx"
+MODEL_CARD = "MODEL_CARD.md"
+# The wheel's module must not shadow what it imports or what edgemap installs.
+_RESERVED_MODULES = {"edgemap", "numpy", "pil", "pillow", "onnxruntime", "openvino", "onnx", "torch", "setuptools", "pip"}
+_NAME_RE = re.compile(r"^([A-Z0-9]|[A-Z0-9][A-Z0-9._-]*[A-Z0-9])$", re.IGNORECASE)  # PEP 508 / core metadata
+_IMPORT_RE = re.compile(r"^(\s*)(from|import)\s+edgemap(\.runtime)?\b(.*)$", re.MULTILINE)
+_PEP440_RE = re.compile(  # canonical public + local version (PEP 440 appendix B), used if packaging is absent
+    r"^v?(?:(?:[0-9]+)!)?[0-9]+(?:\.[0-9]+)*(?:[-_.]?(?:a|b|c|rc|alpha|beta|pre|preview)[-_.]?[0-9]*)?"
+    r"(?:-[0-9]+|[-_.]?(?:post|rev|r)[-_.]?[0-9]*)?(?:[-_.]?dev[-_.]?[0-9]*)?(?:\+[a-z0-9]+(?:[-_.][a-z0-9]+)*)?$",
+    re.IGNORECASE,
+)
+
+
+@dataclass(frozen=True)
+class PackageOptions:
+    """Options of ``edgemap package`` (the single home of its defaults).
+
+    Attributes:
+        runtime: ``onnxruntime`` (ORT CPU; loads the QOperator int8 model) or ``openvino`` (QDQ).
+        precision: ``int8`` or ``fp32``; None = int8 when the run has an int8 model for this
+            runtime, else fp32 (the result says which).
+        name: distribution name (PEP 503); default ``<run dir name>-classifier``. It is also
+            the console command; the module is the normalised name with ``_``.
+        version: PEP 440 version of the wheel.
+        out: folder the wheel lands in; default ``RUN_DIR/dist`` (``./dist`` for --runtime-only).
+        runtime_only: build ``edgemap-runtime`` (no model) instead.
+    """
+
+    runtime: str = "onnxruntime"
+    precision: str | None = None
+    name: str | None = None
+    version: str | None = None
+    out: Path | None = None
+    runtime_only: bool = False
+    default_version: str = "0.1.0"
+
+
+@dataclass
+class PackageResult:
+    """What was built, and how to install it."""
+
+    wheel: Path
+    name: str
+    module: str
+    version: str
+    command: str
+    runtime: str
+    precision: str | None
+    model_sha256: str | None
+    model_bytes: int | None
+    wheel_bytes: int
+    requirements: list[str] = field(default_factory=list)
+
+    @property
+    def overhead_bytes(self) -> int | None:
+        """Wheel size minus model size (goal: <= 100 KB)."""
+        return None if self.model_bytes is None else self.wheel_bytes - self.model_bytes
+
+    @property
+    def pip_install(self) -> str:
+        w = str(self.wheel)
+        return f"pip install {w!r}" if any(c in w for c in " '\"$") else f"pip install {w}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "wheel": str(self.wheel), "name": self.name, "module": self.module, "version": self.version,
+            "command": self.command, "runtime": self.runtime, "precision": self.precision,
+            "model_sha256": self.model_sha256, "model_bytes": self.model_bytes, "wheel_bytes": self.wheel_bytes,
+            "overhead_bytes": self.overhead_bytes, "requirements": self.requirements,
+        }
+
+
+# ---- validation ---------------------------------------------------------------------------
+def normalize_name(name: str) -> str:
+    """PEP 503 normalised form: runs of ``-_.`` become ``-``, lower case."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def validate_name(name: str, *, allow_reserved: bool = False) -> tuple[str, str]:
+    """Check a distribution name; return (normalised name, module name) or raise PackageError.
+
+    The name must be a valid PEP 508 project name ([A-Za-z0-9._-], alphanumeric at both
+    ends, so no path characters), start with a letter (it becomes a Python module) and not
+    shadow a module the wheel or edgemap relies on.
+    """
+    if not isinstance(name, str) or not _NAME_RE.match(name) or len(name) > 100:
+        raise PackageError(
+            f"--name {name!r}: not a valid package name; use letters, digits and . _ - "
+            "(starting and ending with a letter or digit), e.g. --name digits-classifier"
+        )
+    norm = normalize_name(name)
+    module = norm.replace("-", "_")
+    if not module[0].isalpha():
+        raise PackageError(f"--name {name!r}: must start with a letter (it becomes the Python module {module!r})")
+    if keyword.iskeyword(module) or not module.isidentifier():
+        raise PackageError(f"--name {name!r}: {module!r} is not a usable Python module name; pick another --name")
+    shadowed = module.lower() in _RESERVED_MODULES or module in getattr(sys, "stdlib_module_names", ())
+    if (shadowed or norm == RUNTIME_DIST) and not allow_reserved:
+        raise PackageError(f"--name {name!r}: the module {module!r} would shadow an existing package; pick another --name")
+    return norm, module
+
+
+def validate_version(version: str) -> str:
+    """Check a PEP 440 version; return its normalised form or raise PackageError."""
+    bad = PackageError(f"--version {version!r}: not a PEP 440 version; use e.g. 1.0.0, 1.0.0rc1 or 1.0.0+build.7")
+    if not isinstance(version, str) or not version or version != version.strip():
+        raise bad
+    try:
+        from packaging.version import InvalidVersion, Version
+    except ImportError:
+        if not _PEP440_RE.match(version):
+            raise bad from None
+        return version
+    try:
+        return str(Version(version))
+    except InvalidVersion as e:
+        raise bad from e
+
+
+# ---- choosing the artifact -----------------------------------------------------------------
+def _choose_artifact(run: RunDir, runtime: str, precision: str | None) -> tuple[str, str, Path, dict[str, Any]]:
+    from edgemap.artifacts import key_for
+
+    spec = WHEEL_RUNTIMES[runtime][0]
+    if precision is None:
+        k8 = key_for(spec, "int8")
+        precision = "int8" if k8 in run.artifacts else "fp32"
+    if precision not in ("fp32", "int8"):
+        raise PackageError(f"--precision {precision!r}: use int8 or fp32")
+    try:
+        key = key_for(spec, precision)
+    except ManifestError as e:
+        raise PackageError(f"--precision {precision} --runtime {runtime}: {e}") from e
+    if key not in run.artifacts:
+        fix = "edgemap export RUN_DIR --int8" if precision == "int8" else "edgemap export RUN_DIR"
+        raise PackageError(
+            f"{run.manifest_path}: no {precision} model for {runtime} (artifact '{key}'); run `{fix}` first"
+            + (" or package with --precision fp32" if precision == "int8" else "")
+        )
+    path = run.artifact_path(key)  # refuses a file whose sha256 changed since export
+    return precision, key, path, run.artifacts[key]
+
+
+# ---- the generated source tree ----------------------------------------------------------
+def runtime_sources() -> dict[str, str]:
+    """edgemap/runtime/*.py (but __init__) with ``edgemap.runtime`` imports left as they are."""
+    folder = Path(__file__).parent / "runtime"
+    return {p.name: p.read_text(encoding="utf-8") for p in sorted(folder.glob("*.py")) if p.name != "__init__.py"}
+
+
+def vendor_source(text: str, module: str, filename: str) -> str:
+    """Rewrite ``edgemap.runtime`` imports to ``module``; refuse imports of the rest of edgemap or torch."""
+
+    def sub(m: re.Match[str]) -> str:
+        indent, kw, runtime_part, rest = m.groups()
+        if not runtime_part:
+            raise PackageError(
+                f"edgemap/runtime/{filename} imports edgemap{rest.split()[0] if rest.strip() else ''} outside "
+                "edgemap.runtime; the device wheel cannot vendor it (a bug in edgemap: report it)"
+            )
+        return f"{indent}{kw} {module}{rest}"
+
+    out = _IMPORT_RE.sub(sub, text)
+    if re.search(r"^\s*(from|import)\s+torch\b", out, re.MULTILINE):
+        raise PackageError(f"edgemap/runtime/{filename} imports torch; the device wheel must stay torch-free (a bug in edgemap)")
+    return out
+
+
+_INIT_TEMPLATE = '''"""{title}
+
+Generated by ``edgemap package`` ({edgemap_version}); the other modules are edgemap's own
+torch-free runtime, vendored. {usage}
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from {module}.classifier import Classifier, Prediction
+from {module}.errors import (
+    EdgemapError,
+    ImageError,
+    ModelFormatError,
+    ModelIntegrityError,
+    ProviderFallbackError,
+    RuntimeUnavailableError,
+)
+
+__version__ = {version!r}
+DIST_NAME = {name!r}
+PACKAGE_DIR = Path(__file__).resolve().parent
+EMBEDDED = {embedded!r}
+__all__ = ["Classifier", "Prediction", "EdgemapError", "ImageError", "ModelFormatError", "ModelIntegrityError",
+           "ProviderFallbackError", "RuntimeUnavailableError", "load", "main"]
+{extra}
+
+def main(argv: list[str] | None = None) -> int:
+    """The console command ``{command}``."""
+    from {module}.device_cli import main as _main
+
+    return _main(argv, package_dir=PACKAGE_DIR if EMBEDDED else None, prog={command!r})
+'''
+
+_LOAD_EMBEDDED = '''
+
+def load(runtime: str | None = None, **kwargs) -> Classifier:
+    """Load the embedded model (sha256 checked against model.json).
+
+    Example:
+        >>> clf = load()
+        >>> clf.predict("photo.jpg", top_k=3)[0].label
+    """
+    return Classifier.from_package_dir(PACKAGE_DIR, runtime=runtime, **kwargs)
+'''
+
+_LOAD_GENERIC = '''
+
+def load(model_file: str | Path, runtime: str = {runtime!r}, expected_sha256: str | None = None, **kwargs) -> Classifier:
+    """Load any edgemap-exported model: ``Classifier.from_path``."""
+    return Classifier.from_path(model_file, runtime=runtime, expected_sha256=expected_sha256, **kwargs)
+'''
+
+
+def _pyproject(name: str, version: str, module: str, requirements: list[str], description: str, data: list[str]) -> str:
+    q = json.dumps  # a JSON string with ensure_ascii is a valid TOML basic string
+    deps = ", ".join(q(r) for r in requirements)
+    return (
+        "[build-system]\n"
+        'requires = ["setuptools>=68"]\n'
+        'build-backend = "setuptools.build_meta"\n\n'
+        "[project]\n"
+        f"name = {q(name)}\nversion = {q(version)}\ndescription = {q(description)}\n"
+        'readme = {file = "README.md", content-type = "text/markdown"}\n'
+        'requires-python = ">=3.10"\n'
+        f"dependencies = [{deps}]\n\n"
+        "[project.scripts]\n"
+        f"{q(name)} = {q(module + ':main')}\n\n"
+        "[tool.setuptools]\n"
+        f"packages = [{q(module)}]\n"
+        "include-package-data = false\n"
+        "zip-safe = false\n\n"
+        "[tool.setuptools.package-data]\n"
+        f"{module} = [{', '.join(q(d) for d in data)}]\n"
+    )
+
+
+def _rows(section: Any) -> list[dict[str, Any]]:
+    """metrics.eval / metrics.bench → a list of row dicts (lists or dicts of rows accepted)."""
+    if isinstance(section, dict):
+        if "rows" in section:
+            return _rows(section["rows"])
+        return [{"key": k, **v} for k, v in section.items() if isinstance(v, dict)]
+    if isinstance(section, list):
+        return [r for r in section if isinstance(r, dict)]
+    return []
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if v is None:
+        return "—"
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+def _table(rows: list[dict[str, Any]], preferred: tuple[str, ...], max_cols: int = 9) -> str:
+    scalar = [k for r in rows for k, v in r.items() if isinstance(v, (str, int, float, bool)) or v is None]
+    seen = list(dict.fromkeys(scalar))
+    cols = [k for k in preferred if k in seen] + [k for k in seen if k not in preferred and k != "reason"]
+    cols = cols[:max_cols]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_fmt(r.get(k)) for k in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _kind(info: dict[str, Any]) -> str:
+    p, f = info["precision"], info.get("format") or ""
+    return p if f in ("", p) else f"{p} {f}"
+
+
+def model_card(run: RunDir | None, info: dict[str, Any], name: str, version: str, module: str) -> str:
+    """The README/model card: use, classes, accuracy (eval), latency (bench), input contract."""
+    lines = [f"# {name} {version}", ""]
+    if run is None:
+        lines += [
+            "edgemap's torch-free device runtime without a model: it loads any model written by "
+            "`edgemap export` (classes and preprocessing come from the model's metadata).", "",
+            "## Use", "", "```sh", f"{name} model.onnx photo.jpg --top-k 3 [--json]", "```", "",
+            "```python", f"from {module} import Classifier", 'clf = Classifier.from_path("model.onnx")',
+            'print(clf.predict("photo.jpg", top_k=3)[0])', "```", "",
+            f"Depends on: {', '.join(info['requirements'])}.", "",
+        ]
+        return "\n".join(lines)
+    c = info["contract"]
+    lines += [
+        f"Image classifier packaged by edgemap from run `{info['source_run']}` "
+        f"(backbone `{info['backbone']}`, {_kind(info)} model for {info['runtime']}).", "",
+        "## Use", "", "```sh", f"pip install {module}-{version}-py3-none-any.whl",
+        f"{name} photo.jpg more/photos/ --top-k 3 [--json]", "```", "",
+        "```python", f"import {module}", f"clf = {module}.load()   # sha256 of the model checked here",
+        'for p in clf.predict(["a.jpg", "b.png"], top_k=3):', "    print(p.label, p.prob, p.topk)", "```", "",
+        f"Depends on: {', '.join(info['requirements'])} (no torch).", "",
+        f"## Classes ({len(info['classes'])})", "", "| index | class |", "|---|---|",
+    ]
+    lines += [f"| {i} | {_fmt(cname)} |" for i, cname in enumerate(info["classes"])]
+    metrics = run.data.get("metrics", {}) or {}
+    ev = _rows(metrics.get("eval"))
+    bench = _rows(metrics.get("bench"))
+    lines += ["", "## Accuracy (`edgemap eval`)", ""]
+    lines += [_table(ev, ("runtime", "precision", "n", "accuracy", "top5", "macro_f1", "agreement", "status")) if ev
+              else "not measured (run `edgemap eval RUN_DIR` before packaging)"]
+    lines += ["", "## Latency (`edgemap bench`)", ""]
+    lines += [_table(bench, ("runtime", "precision", "batch", "p50_ms", "p90_ms", "p99_ms", "throughput", "provider", "status"))
+              if bench else "not measured (run `edgemap bench RUN_DIR` before packaging)"]
+    lines += [
+        "", "## Input contract", "",
+        f"- input: `images`, uint8 RGB, layout NHWC, shape (N, {c['height']}, {c['width']}, 3), any batch size",
+        f"- resize: `{c['resize']}`, crop_pct {c['crop_pct']}, interpolation `{c['interpolation']}`",
+        f"- normalisation inside the graph: mean {c['mean']}, std {c['std']} (on 0–255 pixels)",
+        "- decode: full decode, EXIF orientation applied, alpha composited over white, 16-bit keeps the top 8 bits",
+        "", "## Model", "",
+        f"- file: `{module}/{info['file']}` ({info['bytes']:,} bytes), sha256 `{info['sha256']}` (checked at load)",
+        f"- precision {info['precision']}, format {info['format']}, runtime {info['runtime']}",
+        f"- made with: {', '.join(f'{k} {v}' for k, v in sorted(info.get('versions', {}).items()))}", "",
+    ]
+    return "\n".join(lines)
+
+
+def _write_tree(src: Path, *, name: str, module: str, version: str, requirements: list[str], runtime: str,
+                model: Path | None, info: dict[str, Any] | None, card: str) -> None:
+    from edgemap import __version__ as edgemap_version
+
+    pkg = src / module
+    pkg.mkdir(parents=True)
+    for fname, text in runtime_sources().items():
+        (pkg / fname).write_text(vendor_source(text, module, fname), encoding="utf-8")
+    embedded = model is not None
+    extra = _LOAD_EMBEDDED if embedded else _LOAD_GENERIC.format(runtime=runtime)
+    title = (f"{name}: an image classifier packaged by edgemap (model embedded)." if embedded
+             else "edgemap-runtime: edgemap's torch-free device runtime; loads any edgemap-exported model.")
+    usage = ("``load()`` returns the Classifier of the embedded model." if embedded
+             else "``Classifier.from_path(model_file)`` loads a model from its own metadata.")
+    (pkg / "__init__.py").write_text(_INIT_TEMPLATE.format(
+        title=title, edgemap_version=f"edgemap {edgemap_version}", usage=usage, module=module, version=version,
+        name=name, embedded=embedded, extra=extra, command=name), encoding="utf-8")
+    data = [MODEL_CARD]
+    if embedded:
+        shutil.copyfile(model, pkg / MODEL_FILE)
+        (pkg / "model.json").write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        data += [MODEL_FILE, "model.json"]
+    (pkg / MODEL_CARD).write_text(card, encoding="utf-8")
+    (src / "README.md").write_text(card, encoding="utf-8")
+    desc = (f"Image classifier ({info['precision']}, {len(info['classes'])} classes) packaged by edgemap" if embedded
+            else "edgemap's torch-free device runtime: classify images with any edgemap-exported ONNX model")
+    (src / "pyproject.toml").write_text(_pyproject(name, version, module, requirements, desc, data), encoding="utf-8")
+
+
+def _build_wheel(src: Path, out: Path) -> Path:
+    """setuptools via pip, offline: no index, no build isolation, no dependencies."""
+    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+           "--disable-pip-version-check", "--no-cache-dir", "-q", "-w", str(out), str(src)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=src)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-8:]
+        raise PackageError("building the wheel failed (pip wheel + setuptools; is setuptools>=68 installed in this "
+                           "environment? `pip install 'setuptools>=68'`):\n" + "\n".join(tail))
+    wheels = sorted(out.glob("*.whl"))
+    if len(wheels) != 1:
+        raise PackageError(f"expected one wheel from the build, found {[w.name for w in wheels]}")
+    return wheels[0]
+
+
+def _check_wheel(whl: Path, module: str, model_sha: str | None) -> None:
+    """Every member stays inside the module or its dist-info; the embedded model is the artifact."""
+    with zipfile.ZipFile(whl) as z:
+        names = z.namelist()
+        for n in names:
+            top = n.split("/")[0]
+            if n.startswith("/") or "\\" in n or ".." in n.split("/") or not (top == module or top.endswith(".dist-info")):
+                raise PackageError(f"{whl.name}: unexpected member {n!r} (the wheel must hold only {module}/ and its metadata)")
+        if any("__pycache__" in n or n.endswith(".pyc") for n in names):
+            raise PackageError(f"{whl.name}: contains compiled caches; a bug in edgemap's packager")
+        if model_sha is not None:
+            member = f"{module}/{MODEL_FILE}"
+            if member not in names:
+                raise PackageError(f"{whl.name}: the model is missing from the wheel")
+            import hashlib
+
+            if hashlib.sha256(z.read(member)).hexdigest() != model_sha:
+                raise PackageError(f"{whl.name}: the embedded model differs from the exported artifact")
+
+
+def package(run_dir: str | Path | None, opts: PackageOptions | None = None) -> PackageResult:
+    """Build the device wheel of a run (or the generic ``edgemap-runtime`` wheel).
+
+    Args:
+        run_dir: the run directory (ignored, and may be None, with ``runtime_only``).
+        opts: PackageOptions.
+
+    Returns:
+        PackageResult with the wheel path, its size and the model's, and the console command.
+
+    Raises:
+        PackageError: bad name/version/runtime/precision, no such artifact, build failure.
+        ModelIntegrityError: the artifact changed since export.
+
+    Example:
+        >>> r = package("models/digits", PackageOptions(runtime="onnxruntime", precision="int8"))
+        >>> r.pip_install
+        'pip install models/digits/dist/digits_classifier-0.1.0-py3-none-any.whl'
+    """
+    opts = opts or PackageOptions()
+    runtime = (opts.runtime or "onnxruntime").strip().lower()
+    if runtime not in WHEEL_RUNTIMES:
+        raise PackageError(f"--runtime {opts.runtime!r}: choose {' or '.join(WHEEL_RUNTIMES)}")
+    requirements = [*BASE_REQUIREMENTS, WHEEL_RUNTIMES[runtime][1]]
+    run: RunDir | None = None
+    if opts.runtime_only:
+        from edgemap import __version__ as edgemap_version
+
+        name, module = validate_name(opts.name or RUNTIME_DIST, allow_reserved=True)
+        if name != RUNTIME_DIST:
+            raise PackageError(f"--runtime-only builds {RUNTIME_DIST}; drop --name {opts.name!r}")
+        version = validate_version(opts.version or edgemap_version)
+        if opts.out is not None:
+            out = Path(opts.out)
+        elif run_dir is not None:
+            out = Path(run_dir) / "dist"
+        else:
+            out = Path("dist")
+    else:
+        if run_dir is None:
+            raise PackageError("RUN_DIR is required (or pass --runtime-only for the generic runtime wheel)")
+        run = RunDir.load(run_dir)
+        default_name = re.sub(r"[^a-z0-9]+", "-", run.path.resolve().name.lower()).strip("-")
+        name, module = validate_name(opts.name or (f"{default_name}-classifier" if default_name else "edgemap-classifier"))
+        version = validate_version(opts.version or opts.default_version)
+        out = Path(opts.out) if opts.out is not None else run.path / "dist"
+
+    precision = key = None
+    model: Path | None = None
+    info: dict[str, Any] | None = None
+    if run is not None:
+        precision, key, model, entry = _choose_artifact(run, runtime, opts.precision)
+        from edgemap.runtime.onnx_meta import read_model_meta
+
+        meta = read_model_meta(model)  # refuses external data / missing metadata before we ship it
+        if list(meta.classes) != run.classes:
+            raise PackageError(f"{model}: its metadata classes differ from {run.manifest_path}; re-run `edgemap export`")
+        info = {
+            "file": MODEL_FILE,
+            "sha256": entry["sha256"],
+            "bytes": model.stat().st_size,
+            "runtime": runtime,
+            "precision": precision,
+            "format": entry.get("format", meta.format or ("fp32" if precision == "fp32" else "")),
+            "artifact": key,
+            "classes": run.classes,
+            "contract": run.contract.to_dict(),
+            "backbone": run.backbone,
+            "source_run": run.path.resolve().name,
+            "versions": {k: v for k, v in run.data.get("versions", {}).items() if isinstance(v, str)},
+            "requirements": requirements,
+            "name": name,
+            "version": version,
+        }
+    card = model_card(run, info or {"requirements": requirements}, name, version, module)
+
+    with tempfile.TemporaryDirectory(prefix="edgemap-package-") as tmp:
+        src, built = Path(tmp) / "src", Path(tmp) / "wheel"
+        _write_tree(src, name=name, module=module, version=version, requirements=requirements,
+                    runtime=runtime, model=model, info=info, card=card)
+        whl = _build_wheel(src, built)
+        _check_wheel(whl, module, info["sha256"] if info else None)
+        out.mkdir(parents=True, exist_ok=True)
+        dest = out / whl.name
+        if dest.resolve().parent != out.resolve():
+            raise PackageError(f"wheel name {whl.name!r} would land outside {out}")
+        with atomic_path(dest) as tmp_dest:
+            shutil.copyfile(whl, tmp_dest)
+            os.chmod(tmp_dest, 0o644)  # mkstemp makes 0600; a wheel is meant to be shared
+    if info is not None and sha256_file(model) != info["sha256"]:  # changed while we were building
+        dest.unlink(missing_ok=True)
+        raise PackageError(f"{model}: changed while packaging; run `edgemap package` again")
+    return PackageResult(
+        wheel=dest, name=name, module=module, version=version, command=name, runtime=runtime, precision=precision,
+        model_sha256=info["sha256"] if info else None, model_bytes=info["bytes"] if info else None,
+        wheel_bytes=dest.stat().st_size, requirements=requirements,
+    )

@@ -1,0 +1,265 @@
+"""The device-side ``Classifier``: load an edgemap model once, classify images.
+
+Labels and preprocessing come from the model's own metadata (read without onnx by
+:mod:`edgemap.runtime.onnx_meta`), images go through :mod:`edgemap.runtime.preprocess`, and
+the model runs in a :mod:`edgemap.runtime.sessions` session: the very code ``edgemap eval``
+uses, vendored unchanged into the device wheel. No torch import here.
+
+Example:
+    >>> clf = Classifier.from_path("model.int8.qoperator.onnx")
+    >>> clf.predict("cat.jpg", top_k=3)[0].label
+    'cat'
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgemap.runtime.errors import EdgemapError, ImageError, ModelFormatError, ModelIntegrityError
+from edgemap.runtime.onnx_meta import ModelMeta, model_meta, parse_model_bytes
+from edgemap.runtime.preprocess import DEFAULT_MAX_PIXELS, ImageInput, PreprocessContract, preprocess
+from edgemap.runtime.sessions import Session, SessionOptions, check_precision, load, parse_runtime
+
+#: Names a user may give for a runtime → the session runtime spec (see sessions.RUNTIMES).
+RUNTIME_ALIASES = {"onnxruntime": "cpu", "ort": "cpu", "onnxruntime-gpu": "cuda"}
+MODEL_JSON = "model.json"
+_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+def runtime_spec(runtime: str) -> str:
+    """``"onnxruntime"`` → ``"cpu"``; session specs (cpu, cuda, tensorrt, openvino[:DEV]) pass through."""
+    r = runtime.strip()
+    return RUNTIME_ALIASES.get(r.lower(), r)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One image's result: the top-1 class, its probability and the top-k list."""
+
+    label: str
+    index: int
+    prob: float
+    topk: list[tuple[str, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "index": self.index,
+            "prob": self.prob,
+            "topk": [{"label": lab, "prob": p} for lab, p in self.topk],
+        }
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64 (stable: max subtracted), returned as float64."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _as_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+        return list(images)  # an (N, H, W, C) batch
+    if isinstance(images, (list, tuple)):
+        return list(images)
+    return [images]  # type: ignore[list-item]
+
+
+class Classifier:
+    """A loaded edgemap model: classes, preprocessing contract and one runtime session."""
+
+    def __init__(self, session: Session, meta: ModelMeta, sha256: str, top_k: int = 5,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS):
+        self.session = session
+        self.meta = meta
+        self.sha256 = sha256
+        self.top_k = top_k
+        self.max_pixels = max_pixels
+
+    # ---- loading --------------------------------------------------------------------
+    @classmethod
+    def from_path(
+        cls,
+        model_file: str | Path,
+        runtime: str = "onnxruntime",
+        expected_sha256: str | None = None,
+        *,
+        threads: int | None = None,
+        exact: bool = False,
+        top_k: int = 5,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    ) -> Classifier:
+        """Load an edgemap-exported ONNX model; classes and preprocessing come from its metadata.
+
+        Args:
+            model_file: the ``.onnx`` file (fp32 or int8) written by ``edgemap export``.
+            runtime: ``onnxruntime`` (CPU), ``openvino`` (``openvino:GPU`` ...), ``cuda``, ``tensorrt``.
+            expected_sha256: when known (the wheel's model.json, the run's edgemap.json), the
+                file must hash to it or loading is refused with ModelIntegrityError.
+            threads: intra-op threads (default: physical cores).
+            exact: OpenVINO only: run fp32 instead of its default bf16 on bf16-capable CPUs.
+            top_k: default number of classes in each Prediction's ``topk``.
+            max_pixels: decompression-bomb guard for decoded images (None: Pillow's own limit).
+
+        Raises:
+            ModelIntegrityError: sha256 mismatch. ModelFormatError: not an edgemap model or
+            external data. RuntimeUnavailableError: the runtime cannot run here.
+
+        Example:
+            >>> clf = Classifier.from_path("model.onnx", runtime="openvino")
+        """
+        path = Path(model_file)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError as e:
+            raise ModelFormatError(f"{path}: model file not found") from e
+        except OSError as e:
+            raise ModelFormatError(f"{path}: cannot read the model ({e})") from e
+        import hashlib
+
+        actual = hashlib.sha256(data).hexdigest()
+        if expected_sha256 is not None:
+            expected = expected_sha256.strip().lower()
+            if not _SHA_RE.match(expected):
+                raise ModelIntegrityError(f"{path}: expected sha256 {expected_sha256!r} is not 64 hex characters")
+            if actual != expected:
+                raise ModelIntegrityError(
+                    f"{path}: sha256 {actual[:16]}… does not match the recorded {expected[:16]}…; "
+                    "the model was changed or corrupted after packaging. Reinstall the package "
+                    "(or re-run `edgemap package`) instead of editing the model by hand."
+                )
+        meta = model_meta(parse_model_bytes(data, str(path)), str(path))
+        del data
+        spec = runtime_spec(runtime)
+        info, _ = parse_runtime(spec)
+        if meta.precision:
+            ok, why = check_precision(info, meta.precision)
+            if not ok:
+                raise ModelFormatError(f"{path}: a {meta.precision} model cannot run on {spec}: {why}")
+        session = load(path, spec, SessionOptions(threads=threads, exact=exact))
+        return cls(session, meta, actual, top_k=top_k, max_pixels=max_pixels)
+
+    @classmethod
+    def from_package_dir(cls, folder: str | Path, runtime: str | None = None, **kwargs: Any) -> Classifier:
+        """Load the model a device wheel embeds, checked against the sha256 in its model.json."""
+        folder = Path(folder)
+        info = read_model_json(folder)
+        return cls.from_path(folder / info["file"], runtime or info.get("runtime", "onnxruntime"),
+                             expected_sha256=info["sha256"], **kwargs)
+
+    # ---- accessors ------------------------------------------------------------------
+    @property
+    def classes(self) -> list[str]:
+        return list(self.meta.classes)
+
+    @property
+    def contract(self) -> PreprocessContract:
+        return self.meta.contract
+
+    @property
+    def precision(self) -> str:
+        return self.meta.precision
+
+    @property
+    def providers(self) -> list[str]:
+        return list(self.session.providers_in_use)
+
+    def __repr__(self) -> str:
+        return (f"Classifier({len(self.meta.classes)} classes, {self.contract.height}x{self.contract.width}, "
+                f"{self.meta.precision or '?'} on {self.session.provider})")
+
+    # ---- inference ------------------------------------------------------------------
+    def preprocess(self, images: ImageInput | Sequence[ImageInput]) -> np.ndarray:
+        """Inputs → the contract's (N, H, W, 3) uint8 batch (the shared preprocessing)."""
+        items = _as_list(images)
+        c = self.contract
+        if not items:
+            return np.zeros((0, c.height, c.width, 3), dtype=np.uint8)
+        return np.stack([preprocess(x, c, self.max_pixels) for x in items])
+
+    def logits(self, images: ImageInput | Sequence[ImageInput], batch_size: int = 32) -> np.ndarray:
+        """Raw float32 logits (N, num_classes), run in batches of ``batch_size``."""
+        items = _as_list(images)
+        n_cls = len(self.meta.classes)
+        if not items:
+            return np.zeros((0, n_cls), dtype=np.float32)
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        out = []
+        for i in range(0, len(items), batch_size):
+            out.append(self.run_batch(self.preprocess(items[i:i + batch_size])))
+        return np.concatenate(out)
+
+    def run_batch(self, batch: np.ndarray) -> np.ndarray:
+        """Run an already preprocessed (N, H, W, 3) uint8 batch; returns logits."""
+        c = self.contract
+        if batch.ndim != 4 or batch.shape[1:] != (c.height, c.width, 3):
+            raise ImageError(f"batch must be (N, {c.height}, {c.width}, 3) uint8, got {batch.dtype} {batch.shape}")
+        logits = self.session.run(batch)
+        if logits.ndim != 2 or logits.shape[1] != len(self.meta.classes):
+            raise ModelFormatError(f"{self.session.path}: model output {logits.shape} does not match "
+                                   f"{len(self.meta.classes)} classes in its metadata")
+        return logits
+
+    def probabilities(self, images: ImageInput | Sequence[ImageInput], batch_size: int = 32) -> np.ndarray:
+        """Softmax probabilities (N, num_classes), float64."""
+        return softmax(self.logits(images, batch_size))
+
+    def predict(self, images: ImageInput | Sequence[ImageInput], top_k: int | None = None,
+                batch_size: int = 32) -> list[Prediction]:
+        """Classify one input or many: paths, bytes, PIL images, uint8 arrays (one or an N-batch).
+
+        Returns one :class:`Prediction` per input, in order, with ``top_k`` classes
+        (default: the classifier's ``top_k``, capped at the number of classes).
+
+        Example:
+            >>> [p.label for p in clf.predict(["a.jpg", "b.png"])]
+        """
+        k = self.top_k if top_k is None else top_k
+        if k < 1:
+            raise ValueError("top_k must be >= 1")
+        return self.decode(self.probabilities(images, batch_size), k)
+
+    def predict_one(self, image: ImageInput, top_k: int | None = None) -> Prediction:
+        """Classify a single input."""
+        return self.predict([image], top_k=top_k)[0]
+
+    __call__ = predict
+
+    def decode(self, probs: np.ndarray, top_k: int) -> list[Prediction]:
+        """Probabilities (N, C) → Predictions (ties broken by the lower class index)."""
+        classes = self.meta.classes
+        k = min(top_k, len(classes))
+        out = []
+        for row in probs:
+            order = np.argsort(-row, kind="stable")[:k]
+            top = [(classes[i], float(row[i])) for i in order]
+            out.append(Prediction(label=top[0][0], index=int(order[0]), prob=top[0][1], topk=top))
+        return out
+
+
+def read_model_json(folder: str | Path) -> dict[str, Any]:
+    """The model.json a device wheel carries beside its model (file, sha256, runtime...)."""
+    p = Path(folder) / MODEL_JSON
+    try:
+        info = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise ModelFormatError(f"{p}: missing; this package embeds no model (use Classifier.from_path)") from e
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelFormatError(f"{p}: unreadable ({e}); reinstall the package") from e
+    if not isinstance(info, dict) or not isinstance(info.get("file"), str) or not _SHA_RE.match(str(info.get("sha256", ""))):
+        raise ModelFormatError(f"{p}: needs 'file' and a 64-hex 'sha256'; reinstall the package")
+    if "/" in info["file"] or "\\" in info["file"] or info["file"] in ("", ".", ".."):
+        raise ModelFormatError(f"{p}: 'file' must be a plain file name, got {info['file']!r}")
+    return info
+
+
+__all__ = ["Classifier", "Prediction", "EdgemapError", "read_model_json", "runtime_spec", "softmax"]

@@ -1,0 +1,363 @@
+"""`edgemap package`, the vendored runtime's Classifier, and the torch-free metadata reader.
+
+The integration tests build real wheels from a tiny exported run, install them into a fresh
+venv without torch (one module-scoped venv, reused), and compare the console command's
+predictions with eval's path (same artifact, same preprocessing) image by image.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from test_package_support import CLASSES, PROB_TOL, fresh_venv, make_images, make_tiny_run, pip_install, venv_env
+from typer.testing import CliRunner
+
+from edgemap.cli import app
+from edgemap.errors import ModelFormatError, ModelIntegrityError, PackageError
+from edgemap.package import PackageOptions, package, validate_name, validate_version, vendor_source
+from edgemap.runtime.classifier import Classifier, softmax
+from edgemap.runtime.onnx_meta import parse_model_bytes, read_metadata, read_model_meta
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("pkg") / "my run é 日本"
+    root.mkdir()
+    make_images(root / "data")
+    run = make_tiny_run(root / "run")
+    val = sorted((root / "data" / "val").rglob("*.*"))
+    return {"root": root, "run": run, "model": run.artifact_path("onnx_fp32"), "val": val, "data": root / "data"}
+
+
+@pytest.fixture(scope="module")
+def clf(tiny: dict) -> Classifier:
+    return Classifier.from_path(tiny["model"])
+
+
+# ---- onnx_meta ------------------------------------------------------------------------------
+def test_metadata_reader_matches_onnx(tiny: dict) -> None:
+    import onnx
+
+    m = onnx.load(str(tiny["model"]))
+    expected = {p.key: p.value for p in m.metadata_props}
+    assert read_metadata(tiny["model"]) == expected
+    info = parse_model_bytes(tiny["model"].read_bytes())
+    assert info.ir_version == m.ir_version
+    assert info.opsets["ai.onnx"] == next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))
+    meta = read_model_meta(tiny["model"])
+    assert list(meta.classes) == CLASSES and meta.contract.height == 32 and meta.precision == "fp32"
+
+
+@pytest.mark.parametrize("blob", [b"", b"\x00\x01\x02", b"\xff" * 40, b"\x89PNG\r\n\x1a\n" + b"\x00" * 30, b"\x3a\x05abc"])
+def test_metadata_reader_refuses_garbage(tmp_path: Path, blob: bytes) -> None:
+    p = tmp_path / "bad.onnx"
+    p.write_bytes(blob)
+    with pytest.raises(ModelFormatError, match="bad.onnx"):
+        read_model_meta(p)
+
+
+def test_metadata_reader_refuses_truncated_model(tiny: dict, tmp_path: Path) -> None:
+    data = tiny["model"].read_bytes()
+    for cut in (len(data) // 2, len(data) - 3, 7):
+        p = tmp_path / f"cut{cut}.onnx"
+        p.write_bytes(data[:cut])
+        with pytest.raises(ModelFormatError):
+            read_model_meta(p)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_metadata_reader_fuzz_only_raises_model_format_error(blob: bytes) -> None:
+    try:
+        parse_model_bytes(blob)
+    except ModelFormatError:
+        pass
+
+
+def test_model_without_edgemap_metadata_refused(tmp_path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    g = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    p = tmp_path / "plain.onnx"
+    onnx.save(helper.make_model(g), str(p))
+    with pytest.raises(ModelFormatError, match="no edgemap metadata"):
+        read_model_meta(p)
+
+
+def test_external_data_model_refused(tiny: dict, tmp_path: Path) -> None:
+    import onnx
+
+    p = tmp_path / "ext" / "model.onnx"
+    p.parent.mkdir()
+    onnx.save(onnx.load(str(tiny["model"])), str(p), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="weights.bin", size_threshold=0)
+    hostile = tmp_path / "ext" / "hostile.onnx"  # points outside its folder (onnx itself refuses to write this)
+    m = onnx.load(str(tiny["model"]))
+    t = m.graph.initializer[0]
+    t.data_location = onnx.TensorProto.EXTERNAL
+    e = t.external_data.add()
+    e.key, e.value = "location", "../../etc/passwd"
+    hostile.write_bytes(m.SerializeToString())
+    for model in (p, hostile):
+        assert parse_model_bytes(model.read_bytes()).external_tensors
+        with pytest.raises(ModelFormatError, match="external data"):
+            read_model_meta(model)
+        with pytest.raises(ModelFormatError, match="external data"):
+            Classifier.from_path(model)
+
+
+# ---- Classifier (in process) ------------------------------------------------------------------
+def test_classifier_inputs_agree(clf: Classifier, tiny: dict) -> None:
+    from edgemap.runtime.preprocess import preprocess_batch
+
+    paths = tiny["val"]
+    preds = clf.predict(paths, top_k=3)
+    assert len(preds) == len(paths)
+    x = preprocess_batch(paths, clf.contract)
+    ref = softmax(clf.session.run(x))
+    assert [p.index for p in preds] == list(ref.argmax(1))
+    assert len({p.label for p in preds}) >= 2, "the fixture model should not predict one class for everything"
+    for p, row in zip(preds, ref, strict=True):
+        assert p.label == CLASSES[p.index] and abs(p.prob - row[p.index]) < 1e-9
+        assert [lab for lab, _ in p.topk] == [CLASSES[i] for i in np.argsort(-row)[:3]]
+        assert p.topk[0][1] >= p.topk[1][1] >= p.topk[2][1]
+    # a PIL image, a uint8 array, an (N, H, W, 3) batch and a single path give the same answers
+    one = paths[0]
+    pil = Image.open(one)
+    assert clf.predict(pil)[0].index == preds[0].index
+    assert clf.predict(x[0])[0].index == preds[0].index
+    assert [p.index for p in clf.predict(x, batch_size=3)] == [p.index for p in preds]
+    assert clf.predict_one(one).label == preds[0].label
+    assert len(clf.predict(one, top_k=99)[0].topk) == len(CLASSES)
+    np.testing.assert_allclose(clf.probabilities(paths).sum(1), 1.0, rtol=1e-9)
+
+
+def test_classifier_refuses_tampered_model(tiny: dict, tmp_path: Path) -> None:
+    from edgemap.fsutil import sha256_file
+
+    good = sha256_file(tiny["model"])
+    Classifier.from_path(tiny["model"], expected_sha256=good)  # accepted
+    bad = tmp_path / "model.onnx"
+    data = bytearray(tiny["model"].read_bytes())
+    data[len(data) // 2] ^= 0x01  # one flipped bit in the weights
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ModelIntegrityError, match="sha256"):
+        Classifier.from_path(bad, expected_sha256=good)
+
+
+def test_classifier_runtime_errors_are_clean(tiny: dict) -> None:
+    from edgemap.errors import RuntimeUnavailableError
+
+    with pytest.raises(RuntimeUnavailableError, match="unavailable"):
+        Classifier.from_path(tiny["model"], runtime="cuda")
+    with pytest.raises(RuntimeUnavailableError, match="unknown runtime"):
+        Classifier.from_path(tiny["model"], runtime="tpu")
+
+
+# ---- validation ------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["../x", "a/b", "a\\b", "", "-x", "x-", "a b", "1abc", "x..", "numpy", "edgemap",
+                                  "json", "edgemap-runtime", "é", "a:b", "/abs", "class"])
+def test_bad_names_refused(name: str) -> None:
+    with pytest.raises(PackageError, match="--name"):
+        validate_name(name)
+
+
+@pytest.mark.parametrize(("name", "norm", "module"), [
+    ("Digits_Classifier", "digits-classifier", "digits_classifier"),
+    ("a.b-c", "a-b-c", "a_b_c"),
+    ("x1", "x1", "x1"),
+])
+def test_good_names(name: str, norm: str, module: str) -> None:
+    assert validate_name(name) == (norm, module)
+
+
+@pytest.mark.parametrize("version", ["1.0/../../x", "", "abc", " 1.0", "1.0 ", "../1", "1.0+a/b", "1..0"])
+def test_bad_versions_refused(version: str) -> None:
+    with pytest.raises(PackageError, match="--version"):
+        validate_version(version)
+
+
+@pytest.mark.parametrize(("version", "norm"), [("1.0", "1.0"), ("1.0.0rc1", "1.0.0rc1"), ("2!1.0+build.7", "2!1.0+build.7"),
+                                               ("1.0-alpha", "1.0a0")])
+def test_good_versions(version: str, norm: str) -> None:
+    assert validate_version(version) == norm
+
+
+@pytest.mark.parametrize(("name", "version"), [("../x", "1.0"), ("a/b", "1.0"), ("ok", "1.0/../../x")])
+def test_package_refuses_bad_name_or_version_writes_nothing(tiny: dict, tmp_path: Path, name: str, version: str) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(PackageError):
+        package(tiny["run"].path, PackageOptions(name=name, version=version, out=out))
+    assert not out.exists() or not any(out.iterdir())
+    assert not (tmp_path / "x").exists()
+
+
+def test_package_refuses_missing_int8_and_tampered_artifact(tiny: dict, tmp_path: Path) -> None:
+    with pytest.raises(PackageError, match="export"):
+        package(tiny["run"].path, PackageOptions(precision="int8", out=tmp_path))
+    with pytest.raises(PackageError, match="--runtime"):
+        package(tiny["run"].path, PackageOptions(runtime="tflite", out=tmp_path))
+    # a copy of the run whose model was edited after export
+    import shutil
+
+    copy = tmp_path / "run copy"
+    shutil.copytree(tiny["run"].path, copy)
+    with open(copy / "model.onnx", "ab") as f:
+        f.write(b"\x00")
+    with pytest.raises(ModelIntegrityError, match="sha256"):
+        package(copy, PackageOptions(out=tmp_path / "dist"))
+    assert not (tmp_path / "dist").exists()
+
+
+def test_vendor_source_rewrites_and_refuses() -> None:
+    src = "from edgemap.runtime.errors import X\nimport edgemap.runtime.sessions as s\nfrom edgemap.runtime import metadata\n"
+    out = vendor_source(src, "pkg", "f.py")
+    assert out == "from pkg.errors import X\nimport pkg.sessions as s\nfrom pkg import metadata\n"
+    with pytest.raises(PackageError, match="outside"):
+        vendor_source("from edgemap.errors import PackageError\n", "pkg", "f.py")
+    with pytest.raises(PackageError, match="torch"):
+        vendor_source("import torch\n", "pkg", "f.py")
+
+
+def test_cli_package_errors_and_success(tiny: dict, tmp_path: Path) -> None:
+    runner = CliRunner()
+    r = runner.invoke(app, ["package", str(tiny["run"].path), "--name", "../evil", "--out", str(tmp_path)])
+    assert r.exit_code == 2 and "--name" in r.output and "Traceback" not in r.output
+    r = runner.invoke(app, ["package", str(tiny["run"].path), "--version", "1.0/../../x", "--out", str(tmp_path)])
+    assert r.exit_code == 2 and "--version" in r.output
+    r = runner.invoke(app, ["package", str(tiny["run"].path), "--name", "cli-pkg", "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    assert "pip install" in r.output and (tmp_path / "cli_pkg-0.1.0-py3-none-any.whl").is_file()
+
+
+# ---- wheels in a fresh venv without torch -----------------------------------------------------
+@pytest.fixture(scope="module")
+def wheels(tiny: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("dist é")
+    model_wheel = package(tiny["run"].path, PackageOptions(name="tiny-clf", version="1.2.3", out=out))
+    runtime_wheel = package(None, PackageOptions(runtime_only=True, out=out))
+    return {"model": model_wheel, "runtime": runtime_wheel}
+
+
+@pytest.fixture(scope="module")
+def venv(wheels: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    py = fresh_venv(tmp_path_factory.mktemp("venv") / "v")
+    pip_install(py, str(wheels["model"].wheel), str(wheels["runtime"].wheel))
+    return py
+
+
+def _run(py: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*args], capture_output=True, text=True, env=venv_env(py), cwd=py.parent.parent)
+
+
+def _eval_probs(tiny: dict, paths: list[Path]) -> np.ndarray:
+    """What `edgemap eval` computes for the cpu fp32 row: its session on the once-preprocessed batch."""
+    from edgemap.evaluate import EvalOptions, evaluate, open_session
+    from edgemap.runtime.preprocess import preprocess_batch
+
+    run = tiny["run"]
+    res = evaluate(run, EvalOptions(data=tiny["data"] / "val", runtimes=("torch", "cpu"), precisions=("fp32",), save=True))
+    assert all(r.status == "ok" for r in res.rows), [r.reason for r in res.rows]
+    sess = open_session(run, "cpu", "fp32", None)
+    x = preprocess_batch(paths, run.contract)
+    return softmax(np.concatenate([sess.run(x[i:i + 32]) for i in range(0, len(x), 32)]))
+
+
+def test_wheel_contents_and_size(wheels: dict) -> None:
+    w = wheels["model"]
+    assert w.wheel_bytes <= w.model_bytes + 100 * 1024, (w.wheel_bytes, w.model_bytes)
+    with zipfile.ZipFile(w.wheel) as z:
+        names = z.namelist()
+        meta = z.read("tiny_clf-1.2.3.dist-info/METADATA").decode()
+        info = json.loads(z.read("tiny_clf/model.json"))
+    assert all(n.startswith(("tiny_clf/", "tiny_clf-1.2.3.dist-info/")) for n in names)
+    assert not any("__pycache__" in n or n.endswith(".pyc") or "test" in n for n in names)
+    reqs = sorted(line.split(":", 1)[1].strip() for line in meta.splitlines() if line.startswith("Requires-Dist:"))
+    assert reqs == ["numpy>=1.24", "onnxruntime>=1.18", "pillow>=10.3"]
+    assert "## Classes (3)" in meta and "dög" in meta and "## Input contract" in meta and "not measured" in meta
+    assert info["sha256"] == w.model_sha256 and info["classes"] == CLASSES and info["precision"] == "fp32"
+    assert wheels["runtime"].name == "edgemap-runtime" and wheels["runtime"].model_bytes is None
+
+
+@pytest.mark.slow
+def test_venv_has_no_torch_nor_edgemap(venv: Path) -> None:
+    for mod in ("torch", "edgemap", "onnx"):
+        r = _run(venv, str(venv), "-c", f"import {mod}")
+        assert r.returncode != 0 and "ModuleNotFoundError" in r.stderr, mod
+    r = _run(venv, str(venv), "-c", "import tiny_clf, edgemap_runtime, sys; print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'edgemap', 'onnx')))")
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("form", ["model wheel", "edgemap-runtime"])
+def test_installed_command_matches_eval(venv: Path, tiny: dict, wheels: dict, form: str) -> None:
+    paths = tiny["val"]
+    if form == "model wheel":
+        cmd = [str(venv.parent / "tiny-clf")]
+    else:
+        cmd = [str(venv.parent / "edgemap-runtime"), str(tiny["model"]), "--sha256", wheels["model"].model_sha256]
+    r = _run(venv, *cmd, *map(str, paths), "--json", "--top-k", "3")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    ref = _eval_probs(tiny, paths)
+    assert [row["image"] for row in rows] == [str(p) for p in paths]
+    for row, probs in zip(rows, ref, strict=True):
+        assert row["index"] == int(probs.argmax()), row["image"]
+        assert row["label"] == CLASSES[row["index"]]
+        for t in row["topk"]:
+            assert abs(t["prob"] - probs[CLASSES.index(t["label"])]) <= PROB_TOL
+    # text output, a folder argument, and the Python API of the installed wheel agree too
+    r = _run(venv, *cmd, str(tiny["data"] / "val"))
+    lines = [ln.split("\t") for ln in r.stdout.strip().splitlines()]
+    assert r.returncode == 0 and [ln[1] for ln in lines] == [row["label"] for row in rows]
+
+
+@pytest.mark.slow
+def test_installed_python_api(venv: Path, tiny: dict) -> None:
+    code = (
+        "import json, sys, tiny_clf\n"
+        "clf = tiny_clf.load()\n"
+        "preds = clf.predict(sys.argv[1:], top_k=2)\n"
+        "print(json.dumps([[p.label, p.prob] for p in preds]))\n"
+    )
+    r = _run(venv, str(venv), "-c", code, *map(str, tiny["val"]))
+    assert r.returncode == 0, r.stderr
+    ref = _eval_probs(tiny, tiny["val"])
+    got = json.loads(r.stdout)
+    assert [lab for lab, _ in got] == [CLASSES[i] for i in ref.argmax(1)]
+    assert max(abs(p - ref[i].max()) for i, (_, p) in enumerate(got)) <= PROB_TOL
+
+
+@pytest.mark.slow
+def test_installed_refuses_tampered_model_and_bad_images(venv: Path, tiny: dict, tmp_path: Path) -> None:
+    r = _run(venv, str(venv), "-c", "import tiny_clf; print(tiny_clf.PACKAGE_DIR)")
+    model = Path(r.stdout.strip()) / "model.onnx"
+    bad_img = tmp_path / "broken é.jpg"
+    bad_img.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    r = _run(venv, str(venv.parent / "tiny-clf"), str(tiny["val"][0]), str(bad_img))
+    assert r.returncode == 1 and "broken é.jpg" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stdout.strip().splitlines()) == 1  # the good image is still classified
+    original = model.read_bytes()
+    try:
+        data = bytearray(original)
+        data[len(data) // 2] ^= 0x01
+        model.write_bytes(bytes(data))
+        r = _run(venv, str(venv.parent / "tiny-clf"), str(tiny["val"][0]))
+        assert r.returncode == 2 and "sha256" in r.stderr and "Traceback" not in r.stderr
+        r = _run(venv, str(venv), "-c", "import tiny_clf; tiny_clf.load()")
+        assert r.returncode != 0 and "ModelIntegrityError" in r.stderr
+    finally:
+        model.write_bytes(original)
+    r = _run(venv, str(venv.parent / "edgemap-runtime"), str(tiny["model"]), str(tiny["val"][0]), "--sha256", "0" * 64)
+    assert r.returncode == 2 and "sha256" in r.stderr
