@@ -24,6 +24,12 @@ from edgemap.runtime.errors import ImageError
 #: Default limit on decoded pixels (Pillow's own default, ~89 Mpx). Configurable per call.
 DEFAULT_MAX_PIXELS = int(Image.MAX_IMAGE_PIXELS or 89_478_485)
 
+# open_image checks the pixel count itself against the caller's limit, so Pillow's warning
+# between 1x and 2x its own limit is redundant noise. Filtered once here: a
+# warnings.catch_warnings() block per call is not thread-safe (images are decoded in
+# threads) and could leave the process-wide filters changed.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning, module=r"PIL\.")
+
 _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
@@ -95,27 +101,31 @@ def open_image(source: str | Path | bytes, max_pixels: int | None = DEFAULT_MAX_
 
     Raises ImageError naming the file for anything that is not a complete, decodable
     image, or whose pixel count exceeds ``max_pixels`` (decompression-bomb guard;
-    ``None`` disables edgemap's own check, Pillow's global limit still applies).
+    ``None`` uses Pillow's global limit ``PIL.Image.MAX_IMAGE_PIXELS`` instead). Pillow
+    itself still refuses anything over twice its global limit before edgemap can look.
     """
     name = "<bytes>" if isinstance(source, bytes) else str(source)
     fp = io.BytesIO(source) if isinstance(source, bytes) else source
+    limit = max_pixels if max_pixels is not None else Image.MAX_IMAGE_PIXELS
     try:
-        with warnings.catch_warnings():
-            # Pillow warns (not raises) between 1x and 2x its limit: treat that as an error too.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(fp) as im:
-                w, h = im.size
-                if max_pixels is not None and w * h > max_pixels:
-                    raise ImageError(
-                        f"{name}: {w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,} "
-                        "(decompression-bomb guard); raise --max-pixels if the image is genuine"
-                    )
-                im.load()  # decode everything now: truncated files fail here, not mid-training
-                im = ImageOps.exif_transpose(im)
-                return to_rgb(im, name)
+        with Image.open(fp) as im:
+            w, h = im.size
+            if limit is not None and w * h > limit:
+                raise ImageError(
+                    f"{name}: {w}x{h} = {w * h:,} pixels exceeds the limit of {limit:,} "
+                    "(decompression-bomb guard); raise --max-pixels if the image is genuine"
+                )
+            im.load()  # decode everything now: truncated files fail here, not mid-training
+            im = ImageOps.exif_transpose(im)
+            return to_rgb(im, name)
     except ImageError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except Image.DecompressionBombError as e:
+        raise ImageError(
+            f"{name}: refused as a decompression bomb ({e}); that is over twice Pillow's own limit, "
+            "so PIL.Image.MAX_IMAGE_PIXELS must be raised too if the image is genuine"
+        ) from e
+    except Image.DecompressionBombWarning as e:  # the caller turned warnings into errors
         raise ImageError(f"{name}: refused as a decompression bomb ({e})") from e
     except FileNotFoundError as e:
         raise ImageError(f"{name}: file not found") from e
