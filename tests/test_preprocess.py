@@ -1,0 +1,373 @@
+"""runtime.preprocess: every image mode to RGB, EXIF orientation, bombs, truncation, resize rules, input kinds."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from edgemap.errors import ImageError
+from edgemap.runtime.preprocess import PreprocessContract, open_image, preprocess, preprocess_batch, to_rgb
+
+
+def decode(path: Path, **kw) -> np.ndarray:
+    return np.asarray(open_image(path, **kw))
+
+
+def decode_twice(path: Path) -> np.ndarray:
+    a, b = decode(path), decode(path)
+    assert a.dtype == np.uint8 and a.ndim == 3 and a.shape[2] == 3
+    np.testing.assert_array_equal(a, b)  # deterministic
+    return a
+
+
+# ---- modes → RGB ------------------------------------------------------------------------------
+
+
+def test_grayscale_L(tmp_path: Path) -> None:
+    g = np.arange(0, 256, dtype=np.uint8).reshape(16, 16)
+    Image.fromarray(g, mode="L").save(tmp_path / "g.png")
+    out = decode_twice(tmp_path / "g.png")
+    np.testing.assert_array_equal(out, np.repeat(g[:, :, None], 3, axis=2))
+
+
+def test_palette_P_without_transparency(tmp_path: Path) -> None:
+    im = Image.new("P", (4, 2))
+    im.putpalette([255, 0, 0, 0, 255, 0, 0, 0, 255, 10, 20, 30] + [0] * (256 * 3 - 12))
+    im.putdata([0, 1, 2, 3, 3, 2, 1, 0])
+    im.save(tmp_path / "p.png")
+    with Image.open(tmp_path / "p.png") as check:
+        assert check.mode == "P" and "transparency" not in check.info
+    out = decode_twice(tmp_path / "p.png")
+    pal = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [10, 20, 30]], dtype=np.uint8)
+    np.testing.assert_array_equal(out, pal[np.array([[0, 1, 2, 3], [3, 2, 1, 0]])])
+
+
+def test_palette_P_with_transparency_composited_on_white(tmp_path: Path) -> None:
+    im = Image.new("P", (3, 1))
+    im.putpalette([255, 0, 0, 0, 0, 255, 7, 7, 7] + [0] * (256 * 3 - 9))
+    im.putdata([0, 1, 2])
+    im.save(tmp_path / "pt.png", transparency=2)  # index 2 is fully transparent
+    with Image.open(tmp_path / "pt.png") as check:
+        assert check.mode == "P" and check.info.get("transparency") is not None
+    out = decode_twice(tmp_path / "pt.png")
+    np.testing.assert_array_equal(out[0], [[255, 0, 0], [0, 0, 255], [255, 255, 255]])
+
+
+def _expected_over_white(rgb: np.ndarray, a: np.ndarray) -> np.ndarray:
+    a = a.astype(np.float64)[..., None] / 255.0
+    return rgb.astype(np.float64) * a + 255.0 * (1.0 - a)
+
+
+def test_rgba_composited_on_white(tmp_path: Path) -> None:
+    rgb = np.array([[[0, 0, 0], [200, 100, 50], [10, 20, 30], [0, 0, 0]]], dtype=np.uint8)
+    a = np.array([[0, 255, 128, 64]], dtype=np.uint8)
+    Image.fromarray(np.dstack([rgb, a]), mode="RGBA").save(tmp_path / "a.png")
+    out = decode_twice(tmp_path / "a.png")
+    np.testing.assert_array_equal(out[0, 0], [255, 255, 255])  # fully transparent → white, not black
+    np.testing.assert_array_equal(out[0, 1], [200, 100, 50])  # opaque → unchanged
+    assert np.abs(out.astype(np.float64) - _expected_over_white(rgb, a)).max() <= 1.0
+
+
+def test_la_composited_on_white(tmp_path: Path) -> None:
+    la = np.array([[[0, 0], [0, 255], [100, 128]]], dtype=np.uint8)
+    Image.fromarray(la, mode="LA").save(tmp_path / "la.png")
+    with Image.open(tmp_path / "la.png") as check:
+        assert check.mode == "LA"
+    out = decode_twice(tmp_path / "la.png")
+    np.testing.assert_array_equal(out[0, 0], [255, 255, 255])
+    np.testing.assert_array_equal(out[0, 1], [0, 0, 0])
+    gray = np.repeat(la[..., :1], 3, axis=2)
+    assert np.abs(out.astype(np.float64) - _expected_over_white(gray, la[..., 1])).max() <= 1.0
+    assert out[0, 2, 0] == out[0, 2, 1] == out[0, 2, 2]
+
+
+def test_16bit_png_keeps_the_top_8_bits(tmp_path: Path) -> None:
+    v = np.array([[0x0000, 0x00FF, 0x0100, 0xABCD], [0x7FFF, 0x8000, 0xFF00, 0xFFFF]], dtype=np.uint16)
+    Image.fromarray(v).save(tmp_path / "i16.png")
+    with Image.open(tmp_path / "i16.png") as check:
+        assert check.mode in ("I;16", "I")  # Pillow versions differ in how they open 16-bit PNGs
+    out = decode_twice(tmp_path / "i16.png")
+    expected = (v >> 8).astype(np.uint8)
+    np.testing.assert_array_equal(out, np.repeat(expected[:, :, None], 3, axis=2))
+
+
+def test_in_memory_I16_and_I32_and_F(tmp_path: Path) -> None:
+    v = np.array([[0x1234, 0xFFFF]], dtype=np.uint16)
+    np.testing.assert_array_equal(np.asarray(to_rgb(Image.fromarray(v)))[0, :, 0], [0x12, 0xFF])
+    i32 = Image.fromarray(np.array([[-5, 0x3456, 70000]], dtype=np.int32), mode="I")
+    np.testing.assert_array_equal(np.asarray(to_rgb(i32))[0, :, 0], [0, 0x34, 0xFF])  # clipped to 16 bits first
+    f = Image.fromarray(np.array([[-5.0, 100.7, 300.0, np.nan]], dtype=np.float32), mode="F")
+    f.save(tmp_path / "f.tif")
+    np.testing.assert_array_equal(decode_twice(tmp_path / "f.tif")[0, :, 0], [0, 100, 255, 0])
+
+
+def test_1bit(tmp_path: Path) -> None:
+    bits = np.array([[0, 1, 1, 0], [1, 0, 0, 1]], dtype=bool)
+    Image.fromarray(bits).convert("1").save(tmp_path / "b.png")
+    with Image.open(tmp_path / "b.png") as check:
+        assert check.mode == "1"
+    out = decode_twice(tmp_path / "b.png")
+    np.testing.assert_array_equal(out, np.repeat((bits * 255).astype(np.uint8)[:, :, None], 3, axis=2))
+
+
+CMYK_COLOURS = {  # CMYK → expected RGB, by Pillow's rule (since 4.3): R = round((255 - C) * (255 - K) / 255) ...
+    (0, 0, 0, 0): (255, 255, 255),
+    (0, 255, 255, 0): (255, 0, 0),
+    (255, 0, 255, 0): (0, 255, 0),
+    (0, 0, 0, 255): (0, 0, 0),
+    (0, 0, 0, 100): (155, 155, 155),
+}
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "TIFF"])
+def test_cmyk(tmp_path: Path, fmt: str) -> None:
+    """CMYK JPEG (Adobe, stored inverted) and lossless CMYK TIFF decode to the same colours."""
+    p = tmp_path / ("c.jpg" if fmt == "JPEG" else "c.tif")
+    blocks = [Image.new("CMYK", (16, 16), c) for c in CMYK_COLOURS]
+    im = Image.new("CMYK", (16 * len(blocks), 16))
+    for i, b in enumerate(blocks):
+        im.paste(b, (16 * i, 0))
+    im.save(p, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    with Image.open(p) as check:
+        assert check.mode == "CMYK"
+    out = decode_twice(p).astype(int)
+    tol = 3 if fmt == "JPEG" else 0
+    for i, rgb in enumerate(CMYK_COLOURS.values()):
+        centre = out[8, 16 * i + 8]
+        assert np.abs(centre - np.array(rgb)).max() <= tol, (i, centre, rgb)
+
+
+def test_cmyk_decodes_like_pillow_convert(tmp_path: Path) -> None:
+    arr = np.random.default_rng(0).integers(0, 256, (8, 8, 4), dtype=np.uint8)
+    Image.fromarray(arr, mode="CMYK").save(tmp_path / "c.tif")
+    with Image.open(tmp_path / "c.tif") as im:
+        ref = np.asarray(im.convert("RGB"))
+    np.testing.assert_array_equal(decode(tmp_path / "c.tif"), ref)
+    # and the rule, by hand (Pillow >= 4.3, python-pillow/Pillow#2699), so a Pillow change would show here
+    c, m, y, k = (arr[..., i].astype(np.float64) for i in range(4))
+    by_hand = np.stack([np.round((255 - v) * (255 - k) / 255) for v in (c, m, y)], -1).astype(np.uint8)
+    np.testing.assert_array_equal(ref, by_hand)
+
+
+# ---- EXIF orientation ---------------------------------------------------------------------------
+
+
+def _quadrants(w: int = 32, h: int = 16) -> np.ndarray:
+    """An asymmetric picture: four flat coloured quadrants (survives JPEG almost exactly)."""
+    a = np.zeros((h, w, 3), dtype=np.uint8)
+    a[: h // 2, : w // 2] = (255, 0, 0)
+    a[: h // 2, w // 2 :] = (0, 255, 0)
+    a[h // 2 :, : w // 2] = (0, 0, 255)
+    a[h // 2 :, w // 2 :] = (255, 255, 0)
+    return a
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_exif_orientation_6_is_applied(tmp_path: Path, fmt: str) -> None:
+    src = _quadrants()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90° clockwise to display
+    p = tmp_path / ("o.jpg" if fmt == "JPEG" else "o.png")
+    Image.fromarray(src).save(p, format=fmt, exif=exif, **({"quality": 98} if fmt == "JPEG" else {}))
+    with Image.open(p) as check:
+        assert check.getexif().get(0x0112) == 6 and check.size == (32, 16)
+    out = decode_twice(p)
+    expected = np.rot90(src, k=-1)  # clockwise
+    assert out.shape == (32, 16, 3)
+    if fmt == "PNG":
+        np.testing.assert_array_equal(out, expected)
+    else:  # compare block centres away from JPEG's edge ringing
+        for y, x in ((4, 4), (4, 12), (28, 4), (28, 12)):
+            assert np.abs(out[y, x].astype(int) - expected[y, x]).max() <= 8
+
+
+def test_exif_orientation_is_the_same_for_every_input_kind(tmp_path: Path) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    p = tmp_path / "o8.jpg"
+    Image.fromarray(_quadrants()).save(p, exif=exif, quality=95)
+    c = PreprocessContract(20, 12, resize="stretch")
+    from_path = preprocess(p, c)
+    with Image.open(p) as im:
+        from_pil = preprocess(im, c)
+    np.testing.assert_array_equal(preprocess(p.read_bytes(), c), from_path)
+    np.testing.assert_array_equal(from_pil, from_path)
+
+
+# ---- refusals ----------------------------------------------------------------------------------
+
+
+def _png_header_only(path: Path, width: int, height: int) -> None:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b""))
+
+
+def test_decompression_bomb_refused_by_default(tmp_path: Path) -> None:
+    p = tmp_path / "bomb é.png"
+    _png_header_only(p, 50_000, 50_000)
+    assert p.stat().st_size < 200
+    # over 2x Pillow's limit: Pillow's own guard (kept on) refuses it at open, before edgemap's check
+    with pytest.raises(ImageError, match=r"bomb é\.png: refused as a decompression bomb"):
+        open_image(p)
+    with pytest.raises(ImageError, match=r"bomb é\.png: refused as a decompression bomb"):
+        open_image(p, max_pixels=None)
+    # between 1x and 2x Pillow's limit Pillow only warns: edgemap's own check refuses it
+    _png_header_only(p, 10_000, 10_000)
+    with pytest.raises(ImageError, match=r"bomb é\.png: 10000x10000 = 100,000,000 pixels exceeds the limit of 89,478,485"):
+        open_image(p)
+    with pytest.raises(ImageError, match=r"bomb é\.png: 10000x10000 .* exceeds the limit of 89,478,485"):
+        open_image(p, max_pixels=None)  # None = Pillow's global limit, still on
+    # a genuine 100 Mpx photo is let through by raising the limit (this one then fails as truncated)
+    with pytest.raises(ImageError, match="not a readable image"):
+        open_image(p, max_pixels=120_000_000)
+    with pytest.raises(ImageError, match="decompression|exceeds"):
+        preprocess(p.read_bytes(), PreprocessContract(8, 8))
+    assert Image.MAX_IMAGE_PIXELS is not None
+
+
+def test_decompression_limit_configurable(tmp_path: Path) -> None:
+    Image.fromarray(np.zeros((50, 60, 3), dtype=np.uint8)).save(tmp_path / "x.png")
+    with pytest.raises(ImageError, match="3,000 pixels exceeds the limit of 2,999"):
+        open_image(tmp_path / "x.png", max_pixels=2_999)
+    assert open_image(tmp_path / "x.png", max_pixels=3_000).size == (60, 50)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_truncated_file_is_refused(tmp_path: Path, fmt: str) -> None:
+    p = tmp_path / f"t.{fmt.lower()}"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(p, format=fmt)
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageError, match=rf"t\.{fmt.lower()}: not a readable image"):
+        open_image(p)
+    with pytest.raises(ImageError, match="<bytes>: not a readable image"):
+        open_image(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("content", [b"", b"hello, not an image", b"\x89PNG\r\n\x1a\n"])
+def test_not_an_image(tmp_path: Path, content: bytes) -> None:
+    p = tmp_path / "fake.jpg"
+    p.write_bytes(content)
+    with pytest.raises(ImageError, match="fake.jpg: not a readable image"):
+        open_image(p)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ImageError, match="nope.png: file not found"):
+        open_image(tmp_path / "nope.png")
+
+
+# ---- resize rules ------------------------------------------------------------------------------
+
+
+def _ramp(w: int, h: int) -> np.ndarray:
+    """Red = column index, green = row index: resized pixels tell where they came from."""
+    a = np.zeros((h, w, 3), dtype=np.uint8)
+    a[..., 0] = np.arange(w, dtype=np.uint8)[None, :]
+    a[..., 1] = np.arange(h, dtype=np.uint8)[:, None]
+    return a
+
+
+@pytest.mark.parametrize("size", [(40, 20), (20, 40), (7, 3), (1, 1), (300, 299)])
+@pytest.mark.parametrize("rule", ["stretch", "shorter_center_crop"])
+@pytest.mark.parametrize("crop_pct", [1.0, 0.875])
+def test_resize_shapes(size: tuple[int, int], rule: str, crop_pct: float) -> None:
+    im = Image.fromarray(np.zeros((size[1], size[0], 3), dtype=np.uint8))
+    for h, w in ((32, 32), (24, 40)):
+        out = preprocess(im, PreprocessContract(h, w, resize=rule, crop_pct=crop_pct))
+        assert out.shape == (h, w, 3) and out.dtype == np.uint8 and out.flags["C_CONTIGUOUS"]
+
+
+def test_centre_crop_without_resize_is_exact() -> None:
+    # 20x20 with crop_pct 0.5 for a 10x10 input: scale = (10/20)/0.5 = 1, so a pure centre crop
+    src = _ramp(20, 20)
+    out = preprocess(src, PreprocessContract(10, 10, crop_pct=0.5))
+    np.testing.assert_array_equal(out, src[5:15, 5:15])
+
+
+def test_shorter_side_then_centre_crop_by_hand() -> None:
+    # 40x20 → shorter side to 10 → 20x10 (nearest picks source column 2x+1) → centre 10 columns from x=5
+    out = preprocess(_ramp(40, 20), PreprocessContract(10, 10, interpolation="nearest"))
+    np.testing.assert_array_equal(out[0, :, 0], [2 * x + 1 for x in range(5, 15)])
+    np.testing.assert_array_equal(out[:, 0, 1], [2 * y + 1 for y in range(10)])
+
+
+def test_stretch_by_hand() -> None:
+    # 40x20 → 10x10 ignoring aspect: columns every 4 (nearest picks 4x+2), rows every 2 (2y+1)
+    out = preprocess(_ramp(40, 20), PreprocessContract(10, 10, resize="stretch", interpolation="nearest"))
+    np.testing.assert_array_equal(out[0, :, 0], [4 * x + 2 for x in range(10)])
+    np.testing.assert_array_equal(out[:, 0, 1], [2 * y + 1 for y in range(10)])
+
+
+def test_crop_pct_keeps_the_centre() -> None:
+    # 256x256 with crop_pct 0.875 for 224: resized to 256 (unchanged), centre 224 crop at offset 16
+    src = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    out = preprocess(Image.fromarray(src), PreprocessContract(224, 224, crop_pct=0.875))
+    np.testing.assert_array_equal(out, src[16:240, 16:240])
+
+
+def test_same_size_array_passes_through_unchanged() -> None:
+    a = np.random.default_rng(0).integers(0, 256, (12, 16, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(preprocess(a, PreprocessContract(12, 16)), a)
+
+
+# ---- input kinds -------------------------------------------------------------------------------
+
+
+def test_path_bytes_pil_and_array_give_the_same_array(odd_tmp: Path) -> None:
+    src = np.random.default_rng(3).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    p = odd_tmp / "photo é 日本.png"
+    Image.fromarray(src).save(p)
+    c = PreprocessContract(16, 24, crop_pct=0.875)
+    ref = preprocess(p, c)
+    np.testing.assert_array_equal(preprocess(str(p), c), ref)
+    np.testing.assert_array_equal(preprocess(p.read_bytes(), c), ref)
+    with Image.open(p) as im:
+        np.testing.assert_array_equal(preprocess(im, c), ref)
+    np.testing.assert_array_equal(preprocess(src, c), ref)
+
+
+def test_gray_and_rgba_arrays_match_their_pil_decoding(tmp_path: Path) -> None:
+    c = PreprocessContract(8, 8, resize="stretch")
+    g = np.random.default_rng(4).integers(0, 256, (11, 13), dtype=np.uint8)
+    Image.fromarray(g, mode="L").save(tmp_path / "g.png")
+    np.testing.assert_array_equal(preprocess(g, c), preprocess(tmp_path / "g.png", c))
+    rgba = np.random.default_rng(5).integers(0, 256, (11, 13, 4), dtype=np.uint8)
+    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "a.png")
+    np.testing.assert_array_equal(preprocess(rgba, c), preprocess(tmp_path / "a.png", c))
+
+
+@pytest.mark.parametrize("bad", [np.zeros((4, 4, 3), dtype=np.float32), np.zeros((4, 4, 2), dtype=np.uint8), np.zeros((4,), dtype=np.uint8)])
+def test_bad_arrays_are_refused(bad: np.ndarray) -> None:
+    with pytest.raises(ImageError):
+        preprocess(bad, PreprocessContract(4, 4))
+
+
+def test_preprocess_batch(tmp_path: Path) -> None:
+    c = PreprocessContract(8, 8)
+    buf = io.BytesIO()
+    Image.fromarray(_quadrants()).save(buf, format="PNG")
+    batch = preprocess_batch([buf.getvalue(), _quadrants(), Image.fromarray(_quadrants())], c)
+    assert batch.shape == (3, 8, 8, 3) and batch.dtype == np.uint8
+    np.testing.assert_array_equal(batch[0], batch[1])
+    np.testing.assert_array_equal(batch[0], batch[2])
+    assert preprocess_batch([], c).shape == (0, 8, 8, 3)
+
+
+def test_contract_round_trip_and_validation() -> None:
+    c = PreprocessContract(24, 32, resize="stretch", crop_pct=0.9, interpolation="bicubic", mean=(1.0, 2.0, 3.0))
+    assert PreprocessContract.from_dict(c.to_dict()) == c
+    for bad in ({"resize": "zoom"}, {"interpolation": "magic"}, {"crop_pct": 0.0}, {"crop_pct": 1.5}):
+        with pytest.raises(ValueError):
+            PreprocessContract(8, 8, **bad)
+    with pytest.raises(ImageError, match="invalid preprocessing contract"):
+        PreprocessContract.from_dict({"width": 8})
