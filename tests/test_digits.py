@@ -49,12 +49,14 @@ def test_write_digits_layout_counts_and_pixels(odd_tmp: Path) -> None:
 
 
 def test_write_digits_deterministic_and_seeded(tmp_path: Path) -> None:
-    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    a, b = tmp_path / "a", tmp_path / "b"
     write_digits(a, seed=3)
     write_digits(b, seed=3)
-    write_digits(c, seed=4)
     assert _files(a) == _files(b)
-    assert _files(a)["val"] != _files(c)["val"]
+    labels = np.repeat(np.arange(10), 30)
+    s3, s4 = stratified_split(labels, 0.2, seed=3), stratified_split(labels, 0.2, seed=3)
+    np.testing.assert_array_equal(s3["val"], s4["val"])
+    assert not np.array_equal(s3["val"], stratified_split(labels, 0.2, seed=4)["val"])
 
 
 def test_write_digits_test_split(tmp_path: Path) -> None:
@@ -114,3 +116,17 @@ def test_cli_datasets_digits(odd_tmp: Path) -> None:
     r = CliRunner().invoke(app, ["datasets", "digits", str(out)])
     assert r.exit_code != 0
     assert "--force" in r.output
+
+
+def test_digits_scan_end_to_end(odd_tmp: Path) -> None:
+    from edgemap.data.scan import ScanOptions, rescan_for_run, scan_dataset
+
+    out = odd_tmp / "digits"
+    counts = write_digits(out, test_fraction=0.1)
+    scan = scan_dataset(out, ScanOptions(workers=2))
+    assert scan.layout == "train/val"
+    assert scan.classes == [str(c) for c in range(10)]
+    assert scan.counts() == counts
+    assert len(scan.train) + len(scan.val) + len(scan.test) == 1797
+    assert all(int(s.path.parent.name) == s.label for s in scan.train + scan.val + scan.test)
+    assert rescan_for_run(scan.to_manifest()).fingerprint == scan.fingerprint

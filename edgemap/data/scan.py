@@ -159,7 +159,7 @@ class DatasetScan:
 # ---- public entry points ----------------------------------------------------------------
 
 
-def scan_dataset(root: str | Path, opts: ScanOptions = ScanOptions()) -> DatasetScan:  # noqa: B008 - frozen
+def scan_dataset(root: str | Path, opts: ScanOptions = ScanOptions()) -> DatasetScan:
     """List, decode-check and validate a folder dataset.
 
     Raises DatasetError, naming the file or folder and the fix, for: a missing root, no
