@@ -1,0 +1,336 @@
+"""``edgemap export``: the trained run → ``model.onnx`` (+ int8 models), verified.
+
+The exported graph takes what a device has after decode + resize, a uint8 RGB batch
+``images`` of shape (N, H, W, 3) with a dynamic N, and returns float32 ``logits`` (N, C);
+the cast, NHWC→NCHW transpose and mean/std normalisation are inside the graph. Class names,
+the resize/crop rule and interpolation, the input/output spec and provenance (backbone,
+run, package versions) are in ``metadata_props`` (keys in :mod:`edgemap.runtime.metadata`).
+
+Steps, each recorded in ``edgemap.json``:
+
+1. export with the TorchScript exporter (see :mod:`edgemap.export.onnx_export` for why),
+   ``onnx.checker`` + an ONNX Runtime load (typed errors for an op unsupported at the
+   opset and an IR version newer than the installed runtime); ``model.onnx`` is written
+   atomically and only when its bytes change;
+2. the parity check, always on (:mod:`edgemap.export.parity`) → ``metrics.parity``;
+3. with ``int8``: calibration on training images, quantization, accuracy gate
+   (:mod:`edgemap.export.quantize`) → ``metrics.int8_gate``.
+
+Example:
+    >>> from edgemap.export import ExportOptions, export
+    >>> res = export("models/digits", ExportOptions(int8=True))
+    >>> res.int8["qoperator"]
+    PosixPath('models/digits/model.int8.qoperator.onnx')
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgemap.errors import AccuracyGateError, ExportError, ParityError, QuantizationError
+
+__all__ = ["ExportOptions", "ExportResult", "export"]
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """Options of ``edgemap export`` (the single home of their defaults).
+
+    Attributes:
+        opset: ONNX opset (int8 needs ≥ 13).
+        int8: also write int8 models behind the accuracy gate.
+        calib_size: calibration images (training split, stratified across classes).
+        calib_method: minmax | entropy | percentile.
+        max_drop: largest allowed int8 top-1 drop, in points, on the validation set.
+        targets: runtimes to write int8 models for; None = every runtime with an int8
+            path (``edgemap.artifacts.int8_targets()``).
+        parity_atol, parity_rtol: parity tolerance on max |Δlogit| (atol + rtol·max|logit|).
+        parity_batch: the odd batch size of the parity check.
+        parity_runtimes: runtimes compared with PyTorch.
+        gate_images: at most this many validation images (stratified) in the gate.
+        calib_chunk: images per calibration pass (bounds histogram memory).
+        threads: intra-op threads of the sessions used (None = physical cores).
+        seed: seeds the stratified picks.
+    """
+
+    opset: int = 17
+    int8: bool = False
+    calib_size: int = 300
+    calib_method: str = "minmax"
+    max_drop: float = 1.0
+    targets: tuple[str, ...] | None = None
+    parity_atol: float = 1e-3
+    parity_rtol: float = 1e-3
+    parity_batch: int = 7
+    parity_runtimes: tuple[str, ...] = ("cpu", "openvino")
+    gate_images: int = 2000
+    calib_chunk: int = 16
+    threads: int | None = None
+    seed: int = 0
+
+
+@dataclass
+class ExportResult:
+    """What ``export`` wrote and measured."""
+
+    run_dir: Path
+    onnx_path: Path
+    rewritten: bool  # False when model.onnx already had exactly these bytes
+    parity: list[Any] = field(default_factory=list)  # ParityRow
+    int8: dict[str, Path] = field(default_factory=dict)  # format -> written path
+    gate: list[Any] = field(default_factory=list)  # GateAttempt, every format
+    seconds: float = 0.0
+
+
+def _int8_plan(targets: tuple[str, ...] | None) -> dict[str, list[str]]:
+    """format → target runtimes, validated against the capability table."""
+    from edgemap.artifacts import int8_targets
+    from edgemap.runtime.errors import RuntimeUnavailableError
+    from edgemap.runtime.sessions import parse_runtime
+
+    table = int8_targets()
+    names = list(table) if targets is None else list(targets)
+    if not names:
+        raise QuantizationError("--targets is empty; name runtimes such as cpu,openvino")
+    plan: dict[str, list[str]] = {}
+    for t in names:
+        try:
+            info, _ = parse_runtime(t)
+        except RuntimeUnavailableError as e:
+            raise QuantizationError(f"--targets: {e}") from e
+        if info.name not in table:
+            raise QuantizationError(
+                f"--targets: runtime {info.name} has no int8 path (it runs fp32); choose from {', '.join(table)}"
+            )
+        plan.setdefault(table[info.name], []).append(info.name)
+    return plan
+
+
+def _check_options(opts: ExportOptions) -> dict[str, list[str]]:
+    from edgemap.export.calibration import METHODS, MIN_CALIB_IMAGES
+    from edgemap.export.onnx_export import MIN_INT8_OPSET
+
+    if opts.parity_batch < 2 or opts.parity_batch % 2 == 0:
+        raise ExportError(f"parity_batch must be an odd number > 1, got {opts.parity_batch}")
+    if not opts.int8:
+        return {}
+    if opts.opset < MIN_INT8_OPSET:
+        raise QuantizationError(f"--int8 needs --opset {MIN_INT8_OPSET} or newer (per-channel int8), got {opts.opset}")
+    if opts.calib_method not in METHODS:
+        raise QuantizationError(f"--calib-method {opts.calib_method!r} is not one of {', '.join(METHODS)}")
+    if opts.calib_size < MIN_CALIB_IMAGES:
+        raise QuantizationError(
+            f"--calib-size {opts.calib_size} is too small: int8 calibration needs at least {MIN_CALIB_IMAGES} images"
+        )
+    if not opts.max_drop >= 0:
+        raise QuantizationError(f"--max-drop must be ≥ 0 points, got {opts.max_drop}")
+    return _int8_plan(opts.targets)
+
+
+def _dataset(run: Any, dataset: Any) -> Any:
+    if dataset is not None:
+        return dataset
+    if not run.data.get("dataset"):
+        raise ExportError(f"{run.manifest_path}: no dataset recorded; export needs the run's validation images for the parity check")
+    from edgemap.data.scan import rescan_for_run
+
+    return rescan_for_run(run.data["dataset"])
+
+
+def export(run_dir: Any, opts: ExportOptions | None = None, *, dataset: Any = None, progress: Progress | None = None) -> ExportResult:
+    """Export a trained run to ONNX, check parity, and (``opts.int8``) quantize behind the gate.
+
+    Args:
+        run_dir: a RunDir or its path (made by ``edgemap finetune``).
+        opts: options (defaults: opset 17, fp32 only).
+        dataset: override the run's recorded dataset (an object with ``.train`` and
+            ``.val`` lists of samples having ``.path`` and ``.label``); default: rescan it.
+        progress: called with a short text before each step (the CLI shows it).
+
+    Returns:
+        ExportResult with the paths written, the parity table and every gate attempt.
+
+    Raises:
+        ExportError: no trained weights, op unsupported at the opset, IR version too new.
+        ParityError: a runtime's logits differ from PyTorch (lists every failure).
+        QuantizationError: calibration set empty or too small, bad int8 options.
+        AccuracyGateError: no int8 attempt within ``max_drop`` (``.attempts`` is the table).
+
+    Example:
+        >>> res = export("models/digits", ExportOptions(int8=True, targets=("cpu",)))
+    """
+    from edgemap.manifest import RunDir
+
+    t_start = time.perf_counter()
+    opts = opts or ExportOptions()
+    say = progress or (lambda _msg: None)
+    run = run_dir if isinstance(run_dir, RunDir) else RunDir.load(run_dir)
+    plan = _check_options(opts)
+    if "weights_best" not in run.artifacts:
+        raise ExportError(f"{run.path}: no trained weights ('weights_best') recorded; run `edgemap finetune` to completion first")
+    ds = _dataset(run, dataset)
+    from edgemap.export.calibration import load_images, select_calibration, stratified
+
+    calib = select_calibration(list(ds.train), opts.calib_size, opts.seed) if opts.int8 else []
+    parity_samples = stratified(list(ds.val), opts.parity_batch, opts.seed)
+    if not parity_samples:
+        raise ParityError(f"{run.path}: the validation split is empty; the parity check needs validation images")
+
+    say("loading the trained model")
+    from edgemap.model import load_classifier
+
+    net = load_classifier(run)
+    onnx_path, rewritten = _export_fp32(run, net, opts, say)
+
+    say(f"parity check (PyTorch vs {', '.join(opts.parity_runtimes)}; batch 1 and {opts.parity_batch})")
+    from edgemap.export.parity import check_parity
+
+    images = load_images(parity_samples, run.contract)
+    try:
+        rows = check_parity(net, onnx_path, images, opts.parity_runtimes, opts.parity_batch,
+                            opts.parity_atol, opts.parity_rtol, opts.threads)
+    except ParityError as e:
+        _record_parity(run, getattr(e, "rows", []), opts, failed=True)
+        raise
+    _record_parity(run, rows, opts, failed=False)
+    result = ExportResult(run.path, onnx_path, rewritten, parity=rows)
+    if opts.int8:
+        _int8(run, onnx_path, calib, list(ds.val), plan, opts, result, say)
+    run.set_stage("export", "done", int8=opts.int8)
+    result.seconds = time.perf_counter() - t_start
+    return result
+
+
+def _export_fp32(run: Any, net: Any, opts: ExportOptions, say: Progress) -> tuple[Path, bool]:
+    from edgemap.artifacts import FILENAMES, ONNX_FP32
+    from edgemap.export.onnx_export import build_metadata, check_model, finalize_bytes, io_spec, torch_to_onnx_bytes
+    from edgemap.fsutil import atomic_path
+
+    c = run.contract
+    say(f"exporting ONNX (opset {opts.opset})")
+    data = finalize_bytes(torch_to_onnx_bytes(net, c.height, c.width, opts.opset), build_metadata(run, "fp32", "fp32"))
+    dest = run.path / FILENAMES[ONNX_FP32]
+    rewritten = not (dest.is_file() and dest.read_bytes() == data)
+    if rewritten:
+        with atomic_path(dest) as tmp:
+            tmp.write_bytes(data)
+            check_model(tmp, opts.opset)  # a model that fails here never replaces a good one
+    else:
+        check_model(dest, opts.opset)
+    inp, out = io_spec(c.height, c.width, len(run.classes))
+    run.add_artifact(
+        ONNX_FP32, dest, stage="export", opset=opts.opset, input=inp, output=out, precision="fp32", format="fp32",
+        exporter="torch.onnx.export(dynamo=False)", weights_sha256=run.artifacts["weights_best"]["sha256"],
+    )
+    return dest, rewritten
+
+
+def _record_parity(run: Any, rows: list[Any], opts: ExportOptions, failed: bool) -> None:
+    metrics = run.data.setdefault("metrics", {})
+    metrics["parity"] = {
+        "passed": not failed,
+        "atol": opts.parity_atol,
+        "rtol": opts.parity_rtol,
+        "rows": [r.to_dict() for r in rows],
+    }
+    run.save()
+
+
+def _int8(run: Any, onnx_path: Path, calib: list[Any], val: list[Any], plan: dict[str, list[str]],
+          opts: ExportOptions, result: ExportResult, say: Progress) -> None:
+    import numpy as np
+
+    from edgemap.export.calibration import load_images, stratified
+    from edgemap.export.quantize import predict, prepare, run_gate
+    from edgemap.fsutil import sha256_file
+
+    gate_samples = stratified(val, opts.gate_images, opts.seed)
+    if not gate_samples:
+        raise QuantizationError(f"{run.path}: the validation split is empty; the int8 accuracy gate needs validation images")
+    work = Path(tempfile.mkdtemp(prefix=".export-work-", dir=run.path))
+    table: dict[str, Any] = {}
+    failed: list[str] = []
+    try:
+        say("preparing the graph for quantization (quant_pre_process)")
+        pre = prepare(onnx_path, work / "pre.onnx")
+        say(f"fp32 reference predictions on {len(gate_samples)} validation images")
+        images = load_images(gate_samples, run.contract)
+        labels = np.array([int(s.label) for s in gate_samples])
+        fp32_preds = predict(onnx_path, "cpu", images, opts.threads)
+        caches: dict[tuple[str, bool], Path] = {}
+        calib_paths = [s.path for s in calib]
+        source_sha = sha256_file(onnx_path)
+        for fmt, targets in plan.items():
+            gate = run_gate(fmt, targets, pre, work, calib_paths, run.contract, opts.calib_method, images, labels,
+                            fp32_preds, opts.max_drop, caches, opts.calib_chunk, opts.threads, say)
+            result.gate.extend(gate.attempts)
+            chosen = gate.attempts[gate.chosen] if gate.chosen is not None else None
+            entry: dict[str, Any] = {"passed": gate.passed, "max_drop": opts.max_drop, "targets": targets,
+                                     "attempts": [a.to_dict() for a in gate.attempts]}
+            if gate.passed and chosen is not None and gate.path is not None:
+                dest = _write_int8(run, gate.path, fmt, targets, chosen, len(calib), opts, source_sha)
+                result.int8[fmt] = dest
+                entry["artifact"] = dest.name
+            elif gate.path is not None:
+                rejected = _write_int8(run, gate.path, fmt, targets, chosen, len(calib), opts, source_sha, rejected=True)
+                entry["rejected"] = rejected.name
+                failed.append(fmt)
+            table[fmt] = entry
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        if table:
+            run.data.setdefault("metrics", {})["int8_gate"] = table
+            run.save()
+    if failed:
+        attempts = [a for a in result.gate if a.format in failed]
+        best = {f: max(table[f]["attempts"], key=lambda a: a["top1_int8"]) for f in failed}
+        summary = "; ".join(f"{f}: best drop {b['drop_points']:.2f} points (attempt {b['attempt']})" for f, b in best.items())
+        raise AccuracyGateError(
+            f"int8 accuracy gate failed ({summary}) > --max-drop {opts.max_drop}; no int8 artifact was replaced, "
+            f"fp32 model.onnx is untouched; the best attempt is kept as "
+            f"{', '.join(table[f]['rejected'] for f in failed)} for inspection. Try more/more varied calibration "
+            "images (--calib-size), another --calib-method, or deploy fp32",
+            attempts=attempts,
+        )
+
+
+def _write_int8(run: Any, src: Path, fmt: str, targets: list[str], chosen: Any, n_calib: int,
+                opts: ExportOptions, source_sha: str, rejected: bool = False) -> Path:
+    import onnx
+
+    from edgemap.artifacts import FILENAMES, int8_key
+    from edgemap.export.onnx_export import build_metadata, set_metadata
+    from edgemap.export.quantize import FORMATS
+    from edgemap.fsutil import atomic_path
+
+    spec = FORMATS[fmt]
+    quant = {
+        "activations": f"{spec.activation} {'symmetric' if spec.symmetric_activations else 'asymmetric'}",
+        "weights": "int8 symmetric per-channel", "calib_method": chosen.method, "calib_images": n_calib,
+        "excluded": chosen.excluded, "source_sha256": source_sha,
+    }
+    model = onnx.load(str(src))
+    set_metadata(model, build_metadata(run, "int8", fmt, {"edgemap.quantization": json.dumps({"format": fmt, **quant})}))
+    key = int8_key(fmt) if fmt in ("qoperator", "qdq") else f"onnx_int8_{fmt}"
+    name = FILENAMES.get(key, f"model.int8.{fmt}.onnx")
+    if rejected:
+        name = name.replace(".onnx", ".rejected.onnx")
+    dest = run.path / name
+    with atomic_path(dest) as tmp:
+        onnx.save(model, str(tmp))
+    if not rejected:
+        run.add_artifact(key, dest, stage="export", save=False, precision="int8", format=fmt, runtimes=targets,
+                         gate={"top1_fp32": chosen.top1_fp32, "top1_int8": chosen.top1_int8,
+                               "drop_points": chosen.drop_points, "agreement": chosen.agreement,
+                               "evaluated_on": chosen.runtime},
+                         **quant)
+    return dest

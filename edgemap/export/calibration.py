@@ -1,0 +1,148 @@
+"""Calibration data: stratified training images through the training-time eval preprocessing.
+
+Calibration uses training images only (never validation or test), picked round-robin
+across classes with a seeded shuffle inside each class, so a few hundred images cover
+every class evenly. Images are decoded lazily, one per ``get_next`` call, and ranges are
+collected in chunks (``chunk`` images at a time): ONNX Runtime's histogram calibrators
+keep every intermediate tensor of everything fed to one ``collect_data`` call, so feeding
+the whole set at once would need memory proportional to ``calib_size``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import random
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgemap.errors import QuantizationError
+from edgemap.runtime.preprocess import PreprocessContract, preprocess
+
+#: Fewer images than this cannot give stable activation ranges.
+MIN_CALIB_IMAGES = 16
+METHODS = ("minmax", "entropy", "percentile")
+
+
+def select_calibration(samples: Sequence[Any], size: int, seed: int = 0) -> list[Any]:
+    """Up to ``size`` training samples, stratified across classes (round-robin, seeded).
+
+    Raises:
+        QuantizationError: ``size`` below the minimum, or too few training images.
+    """
+    if size < MIN_CALIB_IMAGES:
+        raise QuantizationError(
+            f"--calib-size {size} is too small: int8 calibration needs at least {MIN_CALIB_IMAGES} images "
+            "(a few hundred is the default); raise --calib-size"
+        )
+    if len(samples) < MIN_CALIB_IMAGES:
+        raise QuantizationError(
+            f"the calibration set is {'empty' if not samples else f'only {len(samples)} image(s)'}: int8 "
+            f"calibration needs at least {MIN_CALIB_IMAGES} training images; add training images or export without --int8"
+        )
+    return stratified(samples, size, seed)
+
+
+def stratified(samples: Sequence[Any], size: int, seed: int = 0) -> list[Any]:
+    """Up to ``size`` samples picked round-robin across classes (seeded shuffle inside each)."""
+    by_class: dict[int, list[Any]] = {}
+    for s in samples:
+        by_class.setdefault(int(s.label), []).append(s)
+    rng = random.Random(seed)
+    queues = []
+    for label in sorted(by_class):
+        items = sorted(by_class[label], key=lambda s: str(s.path))
+        rng.shuffle(items)
+        queues.append(items)
+    out: list[Any] = []
+    i = 0
+    while len(out) < size and any(queues):
+        q = queues[i % len(queues)]
+        if q:
+            out.append(q.pop())
+        i += 1
+    return out
+
+
+def load_images(samples: Sequence[Any], contract: PreprocessContract) -> np.ndarray:
+    """Preprocess samples (``.path``) into one uint8 (N, H, W, 3) array."""
+    if not samples:
+        return np.zeros((0, contract.height, contract.width, 3), np.uint8)
+    return np.stack([preprocess(s.path, contract) for s in samples])
+
+
+class ImageReader:
+    """A CalibrationDataReader over image files: one preprocessed image per call."""
+
+    def __init__(self, paths: Sequence[Path], contract: PreprocessContract, input_name: str = "images"):
+        self.paths = list(paths)
+        self.contract = contract
+        self.input_name = input_name
+        self._it: Iterator[Path] = iter(self.paths)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        p = next(self._it, None)
+        if p is None:
+            return None
+        return {self.input_name: preprocess(p, self.contract)[None]}
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def rewind(self) -> None:
+        self._it = iter(self.paths)
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Silence onnxruntime.quantization's prints and root-logger warnings."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        root.setLevel(level)
+
+
+def calibrate(
+    model_path: Path,
+    paths: Sequence[Path],
+    contract: PreprocessContract,
+    method: str,
+    symmetric: bool,
+    cache_path: Path,
+    chunk: int = 16,
+) -> Path:
+    """Collect activation ranges of ``model_path`` on ``paths``; save ORT's JSON range cache.
+
+    Returns ``cache_path``, usable as ``quantize_static(..., calibration_cache_path=...)``.
+    """
+    import tempfile
+
+    from onnxruntime.quantization import CalibrationMethod, create_calibrator
+    from onnxruntime.quantization.calibrate import save_tensors_data
+
+    if method not in METHODS:
+        raise QuantizationError(f"--calib-method {method!r} is not one of {', '.join(METHODS)}")
+    if not paths:
+        raise QuantizationError("the calibration set is empty; add training images or export without --int8")
+    ort_method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                  "percentile": CalibrationMethod.Percentile}[method]
+    extra: dict[str, Any] = {"symmetric": symmetric}
+    with tempfile.TemporaryDirectory(prefix=".calib-", dir=cache_path.parent) as tmp, quiet():
+        calibrator = create_calibrator(
+            model_path, None, augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+            calibrate_method=ort_method, providers=["CPUExecutionProvider"], extra_options=extra,
+        )
+        for start in range(0, len(paths), max(1, chunk)):
+            calibrator.collect_data(ImageReader(paths[start : start + chunk], contract))
+        ranges = calibrator.compute_data()
+        del calibrator
+    save_tensors_data(ranges, cache_path)
+    return cache_path
