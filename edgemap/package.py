@@ -310,7 +310,9 @@ def _fmt(v: Any) -> str:
 def _table(rows: list[dict[str, Any]], preferred: tuple[str, ...], max_cols: int = 9) -> str:
     scalar = [k for r in rows for k, v in r.items() if isinstance(v, (str, int, float, bool)) or v is None]
     seen = list(dict.fromkeys(scalar))
-    cols = [k for k in preferred if k in seen] + [k for k in seen if k not in preferred and k != "reason"]
+    cols = [k for k in preferred if k in seen]
+    if len(cols) < 3:  # rows of an unknown shape: show what they have
+        cols += [k for k in seen if k not in preferred and k != "reason"]
     cols = cols[:max_cols]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(r.get(k)) for k in cols) + " |" for r in rows]
@@ -351,7 +353,7 @@ def model_card(run: RunDir | None, info: dict[str, Any], name: str, version: str
     ev = _rows(metrics.get("eval"))
     bench = _rows(metrics.get("bench"))
     lines += ["", "## Accuracy (`edgemap eval`)", ""]
-    lines += [_table(ev, ("runtime", "precision", "n", "accuracy", "top5", "macro_f1", "agreement", "status")) if ev
+    lines += [_table(ev, ("runtime", "precision", "n", "accuracy", "top5", "macro_f1", "agreement", "provider", "status")) if ev
               else "not measured (run `edgemap eval RUN_DIR` before packaging)"]
     lines += ["", "## Latency (`edgemap bench`)", ""]
     lines += [_table(bench, ("runtime", "precision", "batch", "p50_ms", "p90_ms", "p99_ms", "throughput", "provider", "status"))

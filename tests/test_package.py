@@ -361,3 +361,23 @@ def test_installed_refuses_tampered_model_and_bad_images(venv: Path, tiny: dict,
         model.write_bytes(original)
     r = _run(venv, str(venv.parent / "edgemap-runtime"), str(tiny["model"]), str(tiny["val"][0]), "--sha256", "0" * 64)
     assert r.returncode == 2 and "sha256" in r.stderr
+
+
+def test_model_card_reads_eval_and_bench(tiny: dict, tmp_path: Path) -> None:
+    import shutil
+
+    from edgemap.bench import BenchOptions, bench
+    from edgemap.evaluate import EvalOptions, evaluate
+    from edgemap.manifest import RunDir
+
+    copy = tmp_path / "run"
+    shutil.copytree(tiny["run"].path, copy)
+    evaluate(RunDir.load(copy), EvalOptions(data=tiny["data"] / "val", runtimes=("torch", "cpu"), precisions=("fp32",)))
+    bench(RunDir.load(copy), BenchOptions(runtimes=("cpu",), precisions=("fp32",), batches=(1,), warmup=1, iters=5))
+    r = package(copy, PackageOptions(name="card-test", out=tmp_path / "dist"))
+    with zipfile.ZipFile(r.wheel) as z:
+        card = z.read("card_test/MODEL_CARD.md").decode()
+    acc = card.split("## Accuracy")[1].split("## Latency")[0]
+    lat = card.split("## Latency")[1].split("## Input contract")[0]
+    assert "| runtime | precision |" in acc and "| torch | fp32 |" in acc and "| cpu | fp32 |" in acc
+    assert "| cpu | fp32 | 1 |" in lat and "not measured" not in card
