@@ -1,9 +1,8 @@
 """Helpers (no tests) shared by test_eval*, test_bench* and test_sessions: a small trained run.
 
 A generated 6-class colour dataset (PNG files, 32 px), the `tiny` backbone trained for a few
-hundred SGD steps, then ONNX fp32 + int8 (QOperator and QDQ) artifacts. Export goes through
-``edgemap.export`` when that stage exists, else through the same torch.onnx / onnxruntime
-calls the stage makes.
+hundred SGD steps, then ONNX fp32 + int8 (QOperator and QDQ) artifacts made by
+``edgemap.export``.
 """
 
 from __future__ import annotations
@@ -86,53 +85,28 @@ def build_trained_run(base: Path, steps: int = 150, seed: int = 0) -> tuple[RunD
     return run, splits
 
 
-def export_run(run: RunDir, calib: np.ndarray) -> None:
-    """fp32 + int8 (qoperator, qdq) ONNX artifacts, via edgemap.export when it exists."""
-    try:
-        from edgemap.export import ExportOptions, export
-    except ImportError:
-        export = None
-    if export is not None:
-        export(run.path, ExportOptions(int8=True))
-        run.data = RunDir.load(run.path).data
-        return
-    import torch
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+def export_run(run: RunDir) -> None:
+    """fp32 + int8 (qoperator, qdq) ONNX artifacts through the real export stage (parity + accuracy gate)."""
+    from edgemap.export import ExportOptions, export
 
-    from edgemap.model import load_classifier
+    export(run.path, ExportOptions(int8=True, max_drop=5.0))  # 48 val images: one flip is 2 points
+    run.data = RunDir.load(run.path).data
 
-    net = load_classifier(run)
-    fp32 = run.path / "model.onnx"
-    torch.onnx.export(
-        net, (torch.from_numpy(calib[:1]),), str(fp32), input_names=["images"], output_names=["logits"],
-        dynamic_axes={"images": {0: "n"}, "logits": {0: "n"}}, dynamo=False,
-    )
-    run.add_artifact("onnx_fp32", fp32, stage="export", precision="fp32")
-    pre = run.path / "pre.onnx"
-    quant_pre_process(str(fp32), str(pre))
 
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.it = iter([{"images": calib[i : i + 8]} for i in range(0, len(calib), 8)])
-
-        def get_next(self):  # noqa: ANN202
-            return next(self.it, None)
-
-    for fmt, qf in (("qoperator", QuantFormat.QOperator), ("qdq", QuantFormat.QDQ)):
-        out = run.path / f"model.int8.{fmt}.onnx"
-        quantize_static(str(pre), str(out), Reader(), quant_format=qf, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8, per_channel=True)
-        run.add_artifact(f"onnx_int8_{fmt}", out, stage="export", precision="int8", format=fmt)
-    pre.unlink()
+_BUILT: dict[str, tuple[RunDir, dict[str, list]]] = {}
 
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[RunDir, dict[str, list]]:
-    """A trained + exported tiny run in a folder whose path has a space, é and 日本."""
-    base = tmp_path_factory.mktemp("eval") / "runs é 日本"
-    base.mkdir()
-    run, splits = build_trained_run(base)
-    x, _ = load_arrays(splits["val"], run.contract)
-    export_run(run, x)
-    return run, splits
+    """A trained + exported tiny run in a folder whose path has a space, é and 日本.
+
+    Built once per test session (cached here: the modules importing this fixture share it).
+    """
+    if "run" not in _BUILT:
+        base = tmp_path_factory.mktemp("eval") / "runs é 日本"
+        base.mkdir()
+        run, splits = build_trained_run(base)
+        export_run(run)
+        _BUILT["run"] = (run, splits)
+    run, splits = _BUILT["run"]
+    return RunDir.load(run.path), splits

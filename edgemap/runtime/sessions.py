@@ -322,7 +322,8 @@ def _load_openvino(path: Path, device: str, threads: int, opts: SessionOptions) 
     out_port = compiled.output(0)
 
     def _run(batch: np.ndarray) -> np.ndarray:
-        res = request.infer({0: batch})
+        # share_inputs: no copy of the (contiguous) batch; outputs are copied (share_outputs=False)
+        res = request.infer({0: batch}, share_inputs=True)
         return np.asarray(res[out_port], dtype=np.float32)
 
     return Session(
