@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from edgemap.data.digits import stratified_split, write_digits
+from edgemap.data.digits import load_digits_arrays, stratified_split, write_digits
 from edgemap.errors import DatasetError
 
 
@@ -17,11 +17,17 @@ def _files(root: Path) -> dict[str, set[str]]:
     return {s: {p.relative_to(root / s).as_posix() for p in (root / s).rglob("*.png")} for s in ("train", "val", "test") if (root / s).is_dir()}
 
 
-def test_write_digits_layout_counts_and_pixels(odd_tmp: Path) -> None:
+@pytest.fixture(scope="module")
+def written(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """One default digits dataset (seed 0) under a path with a space, é and 日本, shared by this module."""
+    out = tmp_path_factory.mktemp("digits") / "my data é 日本" / "digits"
+    return out, write_digits(out)
+
+
+def test_write_digits_layout_counts_and_pixels(written: tuple[Path, dict]) -> None:
     from sklearn.datasets import load_digits
 
-    out = odd_tmp / "digits"
-    counts = write_digits(out)
+    out, counts = written
     assert set(counts) == {"train", "val"}
     assert sum(counts["train"].values()) + sum(counts["val"].values()) == 1797
     files = _files(out)
@@ -48,36 +54,39 @@ def test_write_digits_layout_counts_and_pixels(odd_tmp: Path) -> None:
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # staging folder removed
 
 
-def test_write_digits_deterministic_and_seeded(tmp_path: Path) -> None:
-    a, b = tmp_path / "a", tmp_path / "b"
-    write_digits(a, seed=3)
-    write_digits(b, seed=3)
-    assert _files(a) == _files(b)
+def test_bundled_csv_equals_load_digits() -> None:
+    from sklearn.datasets import load_digits
+
+    images, labels = load_digits_arrays()
+    d = load_digits()
+    np.testing.assert_array_equal(images, d.images)
+    np.testing.assert_array_equal(labels, d.target)
+    assert images.min() == 0 and images.max() == 16
+
+
+def test_write_digits_deterministic_and_seeded(tmp_path: Path, written: tuple[Path, dict]) -> None:
+    write_digits(tmp_path / "again", seed=0)
+    assert _files(tmp_path / "again") == _files(written[0])
     labels = np.repeat(np.arange(10), 30)
-    s3, s4 = stratified_split(labels, 0.2, seed=3), stratified_split(labels, 0.2, seed=3)
-    np.testing.assert_array_equal(s3["val"], s4["val"])
+    s3 = stratified_split(labels, 0.2, seed=3)
+    np.testing.assert_array_equal(s3["val"], stratified_split(labels, 0.2, seed=3)["val"])
     assert not np.array_equal(s3["val"], stratified_split(labels, 0.2, seed=4)["val"])
 
 
-def test_write_digits_test_split(tmp_path: Path) -> None:
-    counts = write_digits(tmp_path / "d", val_fraction=0.1, test_fraction=0.1)
-    files = _files(tmp_path / "d")
-    assert set(files) == {"train", "val", "test"}
-    assert all(counts["test"][str(c)] >= 1 for c in range(10))
-    names = [{Path(f).name for f in files[s]} for s in ("train", "val", "test")]
-    assert not (names[0] & names[1] or names[0] & names[2] or names[1] & names[2])
-    assert sum(len(n) for n in names) == 1797
-
-
-def test_write_digits_refuses_non_empty_out_unless_force(tmp_path: Path) -> None:
+def test_write_digits_test_split_and_force(tmp_path: Path) -> None:
     out = tmp_path / "d"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     with pytest.raises(DatasetError, match="not empty.*--force"):
         write_digits(out)
     assert not (out / "train").exists()
-    write_digits(out, test_fraction=0.1, force=True)
-    assert (out / "test").is_dir()
+    counts = write_digits(out, val_fraction=0.1, test_fraction=0.1, force=True)
+    files = _files(out)
+    assert set(files) == {"train", "val", "test"}
+    assert all(counts["test"][str(c)] >= 1 for c in range(10))
+    names = [{Path(f).name for f in files[s]} for s in ("train", "val", "test")]
+    assert not (names[0] & names[1] or names[0] & names[2] or names[1] & names[2])
+    assert sum(len(n) for n in names) == 1797
     write_digits(out, force=True)  # a re-write without test removes the stale test split
     assert not (out / "test").exists()
     assert (out / "notes.txt").read_text() == "mine"  # the user's own file is left alone
@@ -118,15 +127,14 @@ def test_cli_datasets_digits(odd_tmp: Path) -> None:
     assert "--force" in r.output
 
 
-def test_digits_scan_end_to_end(odd_tmp: Path) -> None:
+def test_digits_scan_end_to_end(written: tuple[Path, dict]) -> None:
     from edgemap.data.scan import ScanOptions, rescan_for_run, scan_dataset
 
-    out = odd_tmp / "digits"
-    counts = write_digits(out, test_fraction=0.1)
+    out, counts = written
     scan = scan_dataset(out, ScanOptions(workers=2))
     assert scan.layout == "train/val"
     assert scan.classes == [str(c) for c in range(10)]
-    assert scan.counts() == counts
-    assert len(scan.train) + len(scan.val) + len(scan.test) == 1797
+    assert scan.counts() == {**counts, "test": {}}
+    assert len(scan.train) + len(scan.val) == 1797
     assert all(int(s.path.parent.name) == s.label for s in scan.train + scan.val + scan.test)
     assert rescan_for_run(scan.to_manifest()).fingerprint == scan.fingerprint

@@ -56,6 +56,30 @@ def stratified_split(
     return {s: np.sort(np.asarray(v, dtype=np.int64)) for s, v in out.items()}
 
 
+def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """The digits as float64 images (1797, 8, 8) with values 0–16, and int64 labels.
+
+    Reads the CSV that scikit-learn bundles straight from its install folder: importing
+    ``sklearn`` (and SciPy behind it) costs over a second, the file itself a few ms. Falls
+    back to ``sklearn.datasets.load_digits`` if the file is not where it is expected.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")  # locates the package without importing it
+    if spec is None:
+        raise DatasetError('the digits demo needs scikit-learn: pip install "scikit-learn>=1.3"')
+    for folder in spec.submodule_search_locations or []:
+        csv = Path(folder, "datasets", "data", "digits.csv.gz")
+        if csv.is_file():
+            data = np.loadtxt(csv, delimiter=",")
+            if data.shape == (1797, 65):
+                return data[:, :64].reshape(-1, 8, 8), data[:, 64].astype(np.int64)
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return np.asarray(digits.images, dtype=np.float64), np.asarray(digits.target, dtype=np.int64)
+
+
 def _check_fractions(val_fraction: float, test_fraction: float) -> None:
     if not 0.0 < val_fraction < 1.0:
         raise DatasetError(f"--val-fraction must be between 0 and 1 (exclusive), got {val_fraction}")
@@ -104,16 +128,10 @@ def write_digits(
     if out.is_dir() and _visible_entries(out) and not force:
         raise DatasetError(f"{out}: folder is not empty; choose an empty/new OUT or pass --force to replace its splits")
 
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as e:  # pragma: no cover - scikit-learn is a dependency
-        raise DatasetError('the digits demo needs scikit-learn: pip install "scikit-learn>=1.3"') from e
     from PIL import Image
 
-    digits = load_digits()
-    images = np.round(np.asarray(digits.images, dtype=np.float64) * (255.0 / 16.0))
-    images = np.clip(images, 0, 255).astype(np.uint8)
-    labels = np.asarray(digits.target, dtype=np.int64)
+    raw, labels = load_digits_arrays()
+    images = np.clip(np.round(raw * (255.0 / 16.0)), 0, 255).astype(np.uint8)
     parts = stratified_split(labels, val_fraction, test_fraction, seed)
 
     out.mkdir(parents=True, exist_ok=True)
