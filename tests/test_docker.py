@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from test_package_support import PROB_TOL, PROB_TOL_OPENVINO, fresh_venv, make_images, make_tiny_run
+from test_package_support import PROB_TOL, PROB_TOL_OPENVINO, fresh_venv, make_exported_run
 
 from edgemap.package import PackageOptions, package
 from edgemap.runtime.classifier import Classifier
@@ -198,11 +198,11 @@ def test_parser_joins_continuations_and_skips_comments() -> None:
 # ---- replays in fresh venvs (slow) ------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A tiny run trained briefly and exported by `edgemap export --int8` (fp32, QOperator, QDQ)."""
     root = tmp_path_factory.mktemp("docker") / "ctx é 日本"
     root.mkdir()
-    make_images(root / "data", per_class=3)
-    run = make_tiny_run(root / "run")
-    return {"root": root, "run": run, "val": sorted((root / "data" / "val").rglob("*.*"))}
+    run, val = make_exported_run(root)
+    return {"root": root, "run": run, "val": val}
 
 
 def _replay(tiny: dict, tmp_path: Path, dockerfile: str, opts: PackageOptions, substitute: dict | None = None) -> Replay:
@@ -213,11 +213,11 @@ def _replay(tiny: dict, tmp_path: Path, dockerfile: str, opts: PackageOptions, s
     return rp
 
 
-def _check_predictions(rp: Replay, tiny: dict, runtime: str, tol: float) -> None:
+def _check_predictions(rp: Replay, tiny: dict, runtime: str, key: str, tol: float) -> None:
     out = rp.run([*map(str, tiny["val"]), "--json", "--top-k", "3"])
     assert out.returncode == 0, out.stderr
     rows = json.loads(out.stdout)
-    clf = Classifier.from_path(tiny["run"].artifact_path("onnx_fp32"), runtime=runtime)
+    clf = Classifier.from_path(tiny["run"].artifact_path(key), runtime=runtime)
     preds = clf.predict(tiny["val"], top_k=3)
     assert [r["label"] for r in rows] == [p.label for p in preds]
     assert max(abs(r["prob"] - p.prob) for r, p in zip(rows, preds, strict=True)) <= tol
@@ -229,7 +229,7 @@ def _check_predictions(rp: Replay, tiny: dict, runtime: str, tol: float) -> None
 def test_replay_cpu(tiny: dict, tmp_path: Path) -> None:
     rp = _replay(tiny, tmp_path, "Dockerfile.cpu", PackageOptions(runtime="onnxruntime", name="dock-cpu", out=tmp_path / "dist"))
     assert rp.skipped == [] and rp.user == "nobody"
-    _check_predictions(rp, tiny, "onnxruntime", PROB_TOL)
+    _check_predictions(rp, tiny, "onnxruntime", "onnx_int8_qoperator", PROB_TOL)
     r = subprocess.run([str(rp.py), "-c", "import torch"], capture_output=True, text=True)
     assert r.returncode != 0
 
@@ -238,11 +238,11 @@ def test_replay_cpu(tiny: dict, tmp_path: Path) -> None:
 @pytest.mark.openvino
 def test_replay_openvino(tiny: dict, tmp_path: Path) -> None:
     rp = _replay(tiny, tmp_path, "Dockerfile.openvino",
-                 PackageOptions(runtime="openvino", precision="fp32", name="dock-ov", out=tmp_path / "dist"))
+                 PackageOptions(runtime="openvino", precision="int8", name="dock-ov", out=tmp_path / "dist"))
     r = subprocess.run([str(rp.py), "-c", "import openvino, importlib.util as u; print(u.find_spec('onnxruntime'))"],
                        capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "None", "the openvino wheel must not pull onnxruntime"
-    _check_predictions(rp, tiny, "openvino", PROB_TOL_OPENVINO)
+    _check_predictions(rp, tiny, "openvino", "onnx_int8_qdq", PROB_TOL_OPENVINO)
 
 
 @pytest.mark.slow

@@ -17,7 +17,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from test_package_support import CLASSES, PROB_TOL, fresh_venv, make_images, make_tiny_run, pip_install, venv_env
+from test_package_support import (
+    CLASSES,
+    PROB_TOL,
+    fresh_venv,
+    make_exported_run,
+    make_images,
+    make_tiny_run,
+    pip_install,
+    venv_env,
+)
 from typer.testing import CliRunner
 
 from edgemap.cli import app
@@ -241,19 +250,28 @@ def test_cli_package_errors_and_success(tiny: dict, tmp_path: Path) -> None:
     assert "pip install" in r.output and (tmp_path / "cli_pkg-0.1.0-py3-none-any.whl").is_file()
 
 
-# ---- wheels in a fresh venv without torch -----------------------------------------------------
+# ---- wheels from a really exported run, in a fresh venv without torch ---------------------
 @pytest.fixture(scope="module")
-def wheels(tiny: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    out = tmp_path_factory.mktemp("dist é")
-    model_wheel = package(tiny["run"].path, PackageOptions(name="tiny-clf", version="1.2.3", out=out))
+def exported(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """finetune (tiny, short) → export --int8 → eval → bench → package (int8 model wheel + edgemap-runtime)."""
+    from edgemap.bench import BenchOptions, bench
+    from edgemap.evaluate import EvalOptions, evaluate
+
+    root = tmp_path_factory.mktemp("exported") / "run é 日本"
+    root.mkdir()
+    run, val = make_exported_run(root)
+    evaluate(run, EvalOptions(runtimes=("torch", "cpu"), precisions=("fp32", "int8")))
+    bench(run, BenchOptions(runtimes=("cpu",), precisions=("fp32", "int8"), batches=(1,), warmup=2, iters=10))
+    out = root / "dist"
+    model_wheel = package(run.path, PackageOptions(name="tiny-clf", version="1.2.3", out=out))
     runtime_wheel = package(None, PackageOptions(runtime_only=True, out=out))
-    return {"model": model_wheel, "runtime": runtime_wheel}
+    return {"run": run, "val": val, "model": model_wheel, "runtime": runtime_wheel}
 
 
 @pytest.fixture(scope="module")
-def venv(wheels: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def venv(exported: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
     py = fresh_venv(tmp_path_factory.mktemp("venv") / "v")
-    pip_install(py, str(wheels["model"].wheel), str(wheels["runtime"].wheel))
+    pip_install(py, str(exported["model"].wheel), str(exported["runtime"].wheel))
     return py
 
 
@@ -261,33 +279,39 @@ def _run(py: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([*args], capture_output=True, text=True, env=venv_env(py), cwd=py.parent.parent)
 
 
-def _eval_probs(tiny: dict, paths: list[Path]) -> np.ndarray:
-    """What `edgemap eval` computes for the cpu fp32 row: its session on the once-preprocessed batch."""
-    from edgemap.evaluate import EvalOptions, evaluate, open_session
+def _eval_probs(run, paths: list[Path], precision: str) -> np.ndarray:  # noqa: ANN001
+    """What `edgemap eval` computes for its cpu row: the run's artifact on the once-preprocessed batch."""
+    from edgemap.evaluate import open_session
     from edgemap.runtime.preprocess import preprocess_batch
 
-    run = tiny["run"]
-    res = evaluate(run, EvalOptions(data=tiny["data"] / "val", runtimes=("torch", "cpu"), precisions=("fp32",), save=True))
-    assert all(r.status == "ok" for r in res.rows), [r.reason for r in res.rows]
-    sess = open_session(run, "cpu", "fp32", None)
+    sess = open_session(run, "cpu", precision, None)
     x = preprocess_batch(paths, run.contract)
     return softmax(np.concatenate([sess.run(x[i:i + 32]) for i in range(0, len(x), 32)]))
 
 
-def test_wheel_contents_and_size(wheels: dict) -> None:
-    w = wheels["model"]
+def test_wheel_contents_size_and_card(exported: dict) -> None:
+    w = exported["model"]
+    assert w.precision == "int8" and w.runtime == "onnxruntime"  # int8 by default when exported
     assert w.wheel_bytes <= w.model_bytes + 100 * 1024, (w.wheel_bytes, w.model_bytes)
     with zipfile.ZipFile(w.wheel) as z:
         names = z.namelist()
         meta = z.read("tiny_clf-1.2.3.dist-info/METADATA").decode()
         info = json.loads(z.read("tiny_clf/model.json"))
+        card = z.read("tiny_clf/MODEL_CARD.md").decode()
     assert all(n.startswith(("tiny_clf/", "tiny_clf-1.2.3.dist-info/")) for n in names)
     assert not any("__pycache__" in n or n.endswith(".pyc") or "test" in n for n in names)
     reqs = sorted(line.split(":", 1)[1].strip() for line in meta.splitlines() if line.startswith("Requires-Dist:"))
     assert reqs == ["numpy>=1.24", "onnxruntime>=1.18", "pillow>=10.3"]
-    assert "## Classes (3)" in meta and "dög" in meta and "## Input contract" in meta and "not measured" in meta
-    assert info["sha256"] == w.model_sha256 and info["classes"] == CLASSES and info["precision"] == "fp32"
-    assert wheels["runtime"].name == "edgemap-runtime" and wheels["runtime"].model_bytes is None
+    run = exported["run"]
+    assert info["sha256"] == w.model_sha256 == run.artifacts["onnx_int8_qoperator"]["sha256"]
+    assert info["classes"] == run.classes and info["format"] == "qoperator"
+    assert card in meta  # the model card is also the wheel's long description
+    acc = card.split("## Accuracy")[1].split("## Latency")[0]
+    lat = card.split("## Latency")[1].split("## Input contract")[0]
+    assert "| torch | fp32 |" in acc and "| cpu | int8 |" in acc and "| cpu | fp32 |" in acc
+    assert "| cpu | int8 | 1 |" in lat and "not measured" not in card
+    assert f"(N, {run.contract.height}, {run.contract.width}, 3)" in card
+    assert exported["runtime"].name == "edgemap-runtime" and exported["runtime"].model_bytes is None
 
 
 @pytest.mark.slow
@@ -300,52 +324,56 @@ def test_venv_has_no_torch_nor_edgemap(venv: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("form", ["model wheel", "edgemap-runtime"])
-def test_installed_command_matches_eval(venv: Path, tiny: dict, wheels: dict, form: str) -> None:
-    paths = tiny["val"]
+@pytest.mark.parametrize(("form", "precision"), [("model wheel", "int8"), ("edgemap-runtime", "int8"),
+                                                 ("edgemap-runtime", "fp32")])
+def test_installed_command_matches_eval(venv: Path, exported: dict, form: str, precision: str) -> None:
+    run, paths = exported["run"], exported["val"]
+    key = "onnx_int8_qoperator" if precision == "int8" else "onnx_fp32"
     if form == "model wheel":
         cmd = [str(venv.parent / "tiny-clf")]
     else:
-        cmd = [str(venv.parent / "edgemap-runtime"), str(tiny["model"]), "--sha256", wheels["model"].model_sha256]
+        cmd = [str(venv.parent / "edgemap-runtime"), str(run.artifact_path(key)), "--sha256", run.artifacts[key]["sha256"]]
     r = _run(venv, *cmd, *map(str, paths), "--json", "--top-k", "3")
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)
-    ref = _eval_probs(tiny, paths)
+    ref = _eval_probs(run, paths, precision)
     assert [row["image"] for row in rows] == [str(p) for p in paths]
+    assert len({row["label"] for row in rows}) == len(run.classes)  # a trained model: every class predicted
     for row, probs in zip(rows, ref, strict=True):
         assert row["index"] == int(probs.argmax()), row["image"]
-        assert row["label"] == CLASSES[row["index"]]
+        assert row["label"] == run.classes[row["index"]]
         for t in row["topk"]:
-            assert abs(t["prob"] - probs[CLASSES.index(t["label"])]) <= PROB_TOL
-    # text output, a folder argument, and the Python API of the installed wheel agree too
-    r = _run(venv, *cmd, str(tiny["data"] / "val"))
+            assert abs(t["prob"] - probs[run.classes.index(t["label"])]) <= PROB_TOL
+    # text output with a folder argument agrees too
+    r = _run(venv, *cmd, str(paths[0].parent.parent))
     lines = [ln.split("\t") for ln in r.stdout.strip().splitlines()]
     assert r.returncode == 0 and [ln[1] for ln in lines] == [row["label"] for row in rows]
 
 
 @pytest.mark.slow
-def test_installed_python_api(venv: Path, tiny: dict) -> None:
+def test_installed_python_api(venv: Path, exported: dict) -> None:
     code = (
         "import json, sys, tiny_clf\n"
         "clf = tiny_clf.load()\n"
         "preds = clf.predict(sys.argv[1:], top_k=2)\n"
         "print(json.dumps([[p.label, p.prob] for p in preds]))\n"
     )
-    r = _run(venv, str(venv), "-c", code, *map(str, tiny["val"]))
+    r = _run(venv, str(venv), "-c", code, *map(str, exported["val"]))
     assert r.returncode == 0, r.stderr
-    ref = _eval_probs(tiny, tiny["val"])
+    ref = _eval_probs(exported["run"], exported["val"], "int8")
     got = json.loads(r.stdout)
-    assert [lab for lab, _ in got] == [CLASSES[i] for i in ref.argmax(1)]
+    assert [lab for lab, _ in got] == [exported["run"].classes[i] for i in ref.argmax(1)]
     assert max(abs(p - ref[i].max()) for i, (_, p) in enumerate(got)) <= PROB_TOL
 
 
 @pytest.mark.slow
-def test_installed_refuses_tampered_model_and_bad_images(venv: Path, tiny: dict, tmp_path: Path) -> None:
+def test_installed_refuses_tampered_model_and_bad_images(venv: Path, exported: dict, tmp_path: Path) -> None:
     r = _run(venv, str(venv), "-c", "import tiny_clf; print(tiny_clf.PACKAGE_DIR)")
     model = Path(r.stdout.strip()) / "model.onnx"
+    good_img = str(exported["val"][0])
     bad_img = tmp_path / "broken é.jpg"
     bad_img.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    r = _run(venv, str(venv.parent / "tiny-clf"), str(tiny["val"][0]), str(bad_img))
+    r = _run(venv, str(venv.parent / "tiny-clf"), good_img, str(bad_img))
     assert r.returncode == 1 and "broken é.jpg" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stdout.strip().splitlines()) == 1  # the good image is still classified
     original = model.read_bytes()
@@ -353,31 +381,14 @@ def test_installed_refuses_tampered_model_and_bad_images(venv: Path, tiny: dict,
         data = bytearray(original)
         data[len(data) // 2] ^= 0x01
         model.write_bytes(bytes(data))
-        r = _run(venv, str(venv.parent / "tiny-clf"), str(tiny["val"][0]))
+        r = _run(venv, str(venv.parent / "tiny-clf"), good_img)
         assert r.returncode == 2 and "sha256" in r.stderr and "Traceback" not in r.stderr
         r = _run(venv, str(venv), "-c", "import tiny_clf; tiny_clf.load()")
         assert r.returncode != 0 and "ModelIntegrityError" in r.stderr
     finally:
         model.write_bytes(original)
-    r = _run(venv, str(venv.parent / "edgemap-runtime"), str(tiny["model"]), str(tiny["val"][0]), "--sha256", "0" * 64)
+    model_file = str(exported["run"].artifact_path("onnx_fp32"))
+    r = _run(venv, str(venv.parent / "edgemap-runtime"), model_file, good_img, "--sha256", "0" * 64)
     assert r.returncode == 2 and "sha256" in r.stderr
 
 
-def test_model_card_reads_eval_and_bench(tiny: dict, tmp_path: Path) -> None:
-    import shutil
-
-    from edgemap.bench import BenchOptions, bench
-    from edgemap.evaluate import EvalOptions, evaluate
-    from edgemap.manifest import RunDir
-
-    copy = tmp_path / "run"
-    shutil.copytree(tiny["run"].path, copy)
-    evaluate(RunDir.load(copy), EvalOptions(data=tiny["data"] / "val", runtimes=("torch", "cpu"), precisions=("fp32",)))
-    bench(RunDir.load(copy), BenchOptions(runtimes=("cpu",), precisions=("fp32",), batches=(1,), warmup=1, iters=5))
-    r = package(copy, PackageOptions(name="card-test", out=tmp_path / "dist"))
-    with zipfile.ZipFile(r.wheel) as z:
-        card = z.read("card_test/MODEL_CARD.md").decode()
-    acc = card.split("## Accuracy")[1].split("## Latency")[0]
-    lat = card.split("## Latency")[1].split("## Input contract")[0]
-    assert "| runtime | precision |" in acc and "| torch | fp32 |" in acc and "| cpu | fp32 |" in acc
-    assert "| cpu | fp32 | 1 |" in lat and "not measured" not in card

@@ -104,6 +104,44 @@ def make_tiny_run(run_path: Path, data: Path | None = None, head_scale: float = 
     return run
 
 
+def add_mode_images(val_dir: Path, seed: int = 1) -> list[Path]:
+    """Extra validation images of the export fixture's classes in other modes and odd names
+    (RGBA, grayscale, EXIF-rotated JPEG), so the wheel's preprocessing is compared on them too."""
+    from _export_fixtures import CLASSES as EXPORT_CLASSES
+    from _export_fixtures import pattern
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for label, cname in enumerate(EXPORT_CLASSES):
+        d = val_dir / cname
+        d.mkdir(parents=True, exist_ok=True)
+        im = Image.fromarray(pattern(label, rng, 48))
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        for p, img, kw in ((d / "photo é 1.jpg", im, {"quality": 92, "exif": exif}),
+                           (d / "alpha 日本.png", im.convert("RGBA"), {}),
+                           (d / "grey one.png", im.convert("L"), {})):
+            img.save(p, **kw)
+            out.append(p)
+    return out
+
+
+def make_exported_run(root: Path, steps: int = 100):
+    """A trained tiny run exported by the real ``edgemap export --int8`` (fp32 + QOperator + QDQ).
+
+    Returns (run, validation image paths)."""
+    from _export_fixtures import make_run, write_dataset
+
+    from edgemap.export import ExportOptions, export
+
+    data = write_dataset(root / "data", n_train=24, n_val=6)
+    add_mode_images(data / "val")
+    run, _ = make_run(root / "run", data, steps=steps)
+    export(run, ExportOptions(int8=True, calib_size=24))
+    val = sorted(p for p in (data / "val").rglob("*") if p.is_file())
+    return run, val
+
+
 def fresh_venv(path: Path) -> Path:
     """``python -m venv`` (never --system-site-packages); returns its python."""
     subprocess.run([sys.executable, "-m", "venv", str(path)], check=True, capture_output=True)
