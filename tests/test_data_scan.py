@@ -537,6 +537,7 @@ def test_rescan_for_run_returns_the_same_lists(tmp_path: Path) -> None:
     assert (again.train, again.val, again.test) == (scan.train, scan.val, scan.test)
     assert again.classes == scan.classes and again.fingerprint == scan.fingerprint
     assert bad not in {s.path for s in again.train + again.val}
+    assert again.skipped == scan.skipped  # same files, same reasons
 
 
 @pytest.mark.parametrize("change", ["touch", "add", "remove", "rewrite"])
@@ -597,3 +598,23 @@ def test_cli_datasets_scan(odd_tmp: Path) -> None:
     assert r.exit_code == 0, r.output
     assert "skipped" in r.output and "2 classes, 11 images" in r.output
     assert json.loads(out.read_text(encoding="utf-8"))["skipped"][0][0] == str(root / "train" / "cat" / "z.jpg")
+
+
+def test_progress_bar_on_a_tty_gives_the_same_scan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+    import sys
+
+    import edgemap.data.scan as scan_mod
+
+    class FakeTTY(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    root = train_val(tmp_path, {"cat": 20, "dog": 20})
+    plain = scan_dataset(root, ScanOptions(workers=2))
+    fake = FakeTTY()
+    monkeypatch.setattr(sys, "stderr", fake)
+    monkeypatch.setattr(scan_mod, "_PROGRESS_MIN", 10)
+    shown = scan_dataset(root, ScanOptions(workers=2))
+    assert "checking images" in fake.getvalue()
+    assert (shown.train, shown.val, shown.fingerprint) == (plain.train, plain.val, plain.fingerprint)

@@ -205,7 +205,7 @@ def rescan_for_run(manifest_dataset: dict[str, Any]) -> DatasetScan:
         raise DatasetError(
             f"{root}: the dataset this run was trained on is gone; restore it there (same files) to continue"
         )
-    known_bad = {str(p) for p, *_ in (manifest_dataset.get("skipped") or [])}
+    known_bad = {str(item[0]): str(item[1]) if len(item) > 1 else "skipped in training" for item in manifest_dataset.get("skipped") or []}
     try:
         scan = _scan(root, opts, decode_check=False, known_bad=known_bad)
     except DatasetError as e:
@@ -244,7 +244,7 @@ class _Listing:
     broken: list[tuple[Path, str]]
 
 
-def _scan(root: str | Path, opts: ScanOptions, *, decode_check: bool, known_bad: set[str] | None) -> DatasetScan:
+def _scan(root: str | Path, opts: ScanOptions, *, decode_check: bool, known_bad: dict[str, str] | None) -> DatasetScan:
     root = Path(os.path.abspath(os.fspath(root)))
     if not root.exists():
         raise DatasetError(f"{root}: dataset folder not found; pass the folder holding train/ and val/ (or one folder per class)")
@@ -322,8 +322,9 @@ def _scan(root: str | Path, opts: ScanOptions, *, decode_check: bool, known_bad:
         bad.update(_decode_check(all_files, opts))
     elif known_bad:
         for p in all_files:
-            if str(p) in known_bad or _json_safe(str(p)) in known_bad:
-                bad[str(p)] = "skipped in training"
+            why = known_bad.get(str(p)) or known_bad.get(_json_safe(str(p)))
+            if why is not None:
+                bad[str(p)] = why
     if bad and not opts.skip_bad and decode_check:
         listed = "; ".join(f"{p} ({why})" for p, why in sorted(bad.items())[:_MAX_LISTED])
         more = f" and {len(bad) - _MAX_LISTED} more" if len(bad) > _MAX_LISTED else ""
