@@ -143,6 +143,43 @@ def test_cmyk(tmp_path: Path, fmt: str) -> None:
         assert np.abs(centre - np.array(rgb)).max() <= tol, (i, centre, rgb)
 
 
+def _ycck_jpeg(cmyk: np.ndarray) -> bytes:
+    """A YCCK JPEG (Adobe transform 2) of a CMYK array: Pillow cannot write one, so build it.
+
+    YCCK stores Y/Cb/Cr of the inverted CMY (i.e. of an RGB) plus K. Pillow writes the four
+    planes as given; flipping the Adobe marker's transform byte to 2 makes libjpeg decode
+    them as YCCK.
+    """
+    rgb = (255 - cmyk[..., :3]).astype(np.float64)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    ycc = np.stack(
+        [0.299 * r + 0.587 * g + 0.114 * b, -0.168736 * r - 0.331264 * g + 0.5 * b + 128, 0.5 * r - 0.418688 * g - 0.081312 * b + 128],
+        -1,
+    )
+    planes = np.dstack([np.clip(np.round(ycc), 0, 255).astype(np.uint8), cmyk[..., 3]])
+    buf = io.BytesIO()
+    Image.fromarray(planes, mode="CMYK").save(buf, format="JPEG", quality=100)
+    data = bytearray(buf.getvalue())
+    at = data.find(b"Adobe")
+    assert at > 0 and data[at + 11] == 0  # transform 0: plain CMYK as written by Pillow
+    data[at + 11] = 2
+    return bytes(data)
+
+
+def test_ycck_jpeg(tmp_path: Path) -> None:
+    colours = list(CMYK_COLOURS)
+    cmyk = np.concatenate([np.full((16, 16, 4), c, dtype=np.uint8) for c in colours], axis=1)
+    p = tmp_path / "ycck.jpg"
+    p.write_bytes(_ycck_jpeg(cmyk))
+    with Image.open(p) as check:
+        assert check.mode == "CMYK"
+        check.load()
+        assert np.abs(np.asarray(check).astype(int) - cmyk).max() <= 4  # really decoded as YCCK
+    out = decode_twice(p).astype(int)
+    for i, rgb in enumerate(CMYK_COLOURS.values()):
+        assert np.abs(out[8, 16 * i + 8] - np.array(rgb)).max() <= 4, (i, out[8, 16 * i + 8], rgb)
+
+
 def test_cmyk_decodes_like_pillow_convert(tmp_path: Path) -> None:
     arr = np.random.default_rng(0).integers(0, 256, (8, 8, 4), dtype=np.uint8)
     Image.fromarray(arr, mode="CMYK").save(tmp_path / "c.tif")
