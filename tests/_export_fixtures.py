@@ -16,24 +16,29 @@ from PIL import Image
 from edgemap.manifest import RunDir
 from edgemap.runtime.preprocess import PreprocessContract
 
-CLASSES = ["blue", "green", "red"]
+CLASSES = ["bright", "dark", "mid"]  # sorted, as the scanner orders them
+_LEVEL = {0: (175, 225), 1: (15, 65), 2: (95, 145)}
 
 
-def pattern(label: int, rng: np.random.Generator, size: int = 32, gray: bool = False) -> np.ndarray:
-    """One uint8 RGB image of class ``label`` (``gray``: a near-uniform grey, for bad calibration)."""
-    if gray:
-        return rng.integers(124, 131, (size, size, 3), dtype=np.uint8)
-    img = rng.integers(0, 90, (size, size, 3)).astype(np.int64)
-    channel = {0: 2, 1: 1, 2: 0}[label]
-    img[:, :, channel] += rng.integers(120, 166)
-    y0, x0 = rng.integers(0, size // 2, 2)
-    h, w = rng.integers(4, size // 2, 2)
-    img[y0 : y0 + h, x0 : x0 + w] = rng.integers(0, 256, 3)
+def pattern(label: int, rng: np.random.Generator, size: int = 32, flat: bool = False) -> np.ndarray:
+    """One uint8 RGB image of class ``label``: its brightness level, noise and a small patch.
+
+    ``flat``: a flat mid-grey image instead (127: all zeros after normalisation). A
+    calibration set of those is deliberately bad: every activation range it measures is a
+    small fraction of what real images produce, so int8 saturates exactly where the classes
+    differ (in brightness) and predicts one class for everything.
+    """
+    if flat:
+        return np.full((size, size, 3), 127, np.uint8)
+    lo, hi = _LEVEL[label]
+    img = rng.integers(lo, hi, (size, size, 1)) + rng.integers(-25, 26, (size, size, 3))
+    y0, x0 = rng.integers(0, size - 8, 2)
+    img[y0 : y0 + 6, x0 : x0 + 6] = rng.integers(0, 256, 3)
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
 def write_dataset(root: Path, n_train: int = 40, n_val: int = 12, seed: int = 0, size: int = 32,
-                  gray_train: bool = False) -> Path:
+                  flat_train: bool = False) -> Path:
     """DATA/train/<class>/*.png + DATA/val/<class>/*.png."""
     rng = np.random.default_rng(seed)
     for split, n in (("train", n_train), ("val", n_val)):
@@ -41,7 +46,7 @@ def write_dataset(root: Path, n_train: int = 40, n_val: int = 12, seed: int = 0,
             d = root / split / name
             d.mkdir(parents=True, exist_ok=True)
             for i in range(n):
-                Image.fromarray(pattern(label, rng, size, gray=gray_train and split == "train")).save(d / f"{i:03d}.png")
+                Image.fromarray(pattern(label, rng, size, flat=flat_train and split == "train")).save(d / f"{i:03d}.png")
     return root
 
 

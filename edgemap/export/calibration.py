@@ -93,6 +93,10 @@ class ImageReader:
     def __len__(self) -> int:
         return len(self.paths)
 
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:  # qdq_loss_debug iterates readers
+        for p in self.paths:
+            yield {self.input_name: preprocess(p, self.contract)[None]}
+
     def rewind(self) -> None:
         self._it = iter(self.paths)
 

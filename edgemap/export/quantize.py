@@ -26,7 +26,8 @@ stopping at the first that passes:
 2. another calibration method (the first of percentile, minmax, entropy not yet tried);
 3. the better method so far, with the stem conv and the classifier kept in float;
 4. as 3, plus the nodes whose local quantization error is largest (lowest SQNR of the
-   QDQ model's activations on calibration images; 10% of the quantized nodes, at least 2).
+   QDQ model's activations on calibration images; 10% of the quantized nodes, at least 2),
+   while at least half of the conv/linear layers stay int8.
 
 A passing attempt is written atomically under its final name. If none passes, nothing is
 written over an existing artifact: the best attempt is kept as
@@ -100,6 +101,7 @@ class GraphInfo:
     stem: str | None  # first Conv
     classifier: str | None  # the Gemm/MatMul producing the logits
     quantizable: list[str] = field(default_factory=list)
+    weighted: list[str] = field(default_factory=list)  # Conv/Gemm/MatMul among them
 
 
 def prepare(fp32_path: Path, out_path: Path) -> Path:
@@ -153,7 +155,8 @@ def graph_info(model_path: Path) -> GraphInfo:
         node = producer.get(node.input[0])
     quantizable = [n.name for n in g.node if n.op_type in ("Conv", "Gemm", "MatMul", "Add", "Mul", "GlobalAveragePool")
                    and n.name not in norm]
-    return GraphInfo(norm, tensor if norm else None, uint8_nchw, stem, classifier, quantizable)
+    weighted = [n.name for n in g.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+    return GraphInfo(norm, tensor if norm else None, uint8_nchw, stem, classifier, quantizable, weighted)
 
 
 def foldable(contract: PreprocessContract) -> bool:
@@ -255,7 +258,7 @@ def worst_nodes(
     import onnx
     from onnxruntime.quantization.qdq_loss_debug import (
         collect_activations,
-        compute_activation_error,
+        compute_signal_to_quantization_noice_ratio,
         create_activation_matching,
         modify_model_output_intermediate_tensors,
     )
@@ -265,9 +268,14 @@ def worst_nodes(
         modify_model_output_intermediate_tensors(str(qdq_path), str(aug))
         acts = collect_activations(str(aug), ImageReader(paths, contract))
     aug.unlink(missing_ok=True)
-    errors = compute_activation_error(create_activation_matching(acts))
+    # compute_activation_error() needs float activations too (KeyError 'float' without): score pre vs post QDQ here.
+    errors = {
+        name: float(compute_signal_to_quantization_noice_ratio(m["pre_qdq"], m["post_qdq"]))
+        for name, m in create_activation_matching(acts).items()
+        if m.get("pre_qdq") is not None and m.get("post_qdq") is not None
+    }
     producer = {o: n.name for n in onnx.load(str(pre_path)).graph.node for o in n.output}
-    scored = sorted((e["qdq_err"], name) for name, e in errors.items() if name in producer and np.isfinite(e["qdq_err"]))
+    scored = sorted((e, name) for name, e in errors.items() if name in producer and np.isfinite(e))
     out: list[str] = []
     for _, name in scored:
         node = producer[name]
@@ -379,7 +387,18 @@ def run_gate(
         probe = work / f"{fmt}.probe.onnx"
         probe_spec = FORMATS["qdq_s8"] if spec.symmetric_activations else FORMATS["qdq"]
         quantize_once(pre_path, probe, probe_spec, m, cache_for(m), info, contract, edge)
-        worst = [n for n in worst_nodes(pre_path, probe, list(calib_paths)[:16], contract, k + len(edge)) if n not in edge][:k]
+        ranked = [n for n in worst_nodes(pre_path, probe, list(calib_paths)[:16], contract, len(info.quantizable)) if n not in edge]
+        # Keep at least half of the conv/linear layers int8: past that the "int8" model is mostly float.
+        room = len(info.weighted) // 2 - sum(1 for n in edge if n in info.weighted)
+        worst = []
+        for n in ranked:
+            if len(worst) >= k:
+                break
+            if n in info.weighted:
+                if room <= 0:
+                    continue
+                room -= 1
+            worst.append(n)
         attempt(m, edge + worst, f"+ {len(worst)} nodes with the largest quantization error in float")
     passed = next((i for i, a in enumerate(attempts) if a.passed), None)
     chosen = passed if passed is not None else best()

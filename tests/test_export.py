@@ -1,0 +1,216 @@
+"""`edgemap export`: ONNX with the preprocessing inside, metadata, parity, typed errors, CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import pytest
+from _export_fixtures import CLASSES, make_run, write_dataset
+from typer.testing import CliRunner
+
+from edgemap.errors import ExportError, ParityError
+from edgemap.export import ExportOptions, export
+from edgemap.export.calibration import load_images
+from edgemap.export.onnx_export import check_model, read_metadata
+from edgemap.export.parity import check_parity
+from edgemap.manifest import RunDir
+from edgemap.runtime import metadata as md
+from edgemap.runtime.sessions import SessionOptions, load
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[RunDir, dict, Path]:  # noqa: ANN001
+    """A trained tiny run (32 px, 3 classes) under a path with a space, é and 日本."""
+    root = tmp_path_factory.mktemp("export") / "my runs é 日本"
+    data = write_dataset(root / "data", n_train=30, n_val=10)
+    run, state = make_run(root / "run", data, steps=200)
+    return run, state, root
+
+
+@pytest.fixture(scope="module")
+def exported(trained):  # noqa: ANN001
+    run, _, _ = trained
+    return export(run.path, ExportOptions())
+
+
+def test_model_onnx_is_recorded_with_spec_and_contract_inside(exported, trained) -> None:  # noqa: ANN001
+    run, _, _ = trained
+    run = RunDir.load(run.path)
+    entry = run.artifacts["onnx_fp32"]
+    assert entry["opset"] == 17 and entry["stage"] == "export" and entry["path"] == "model.onnx"
+    assert entry["input"] == {"name": "images", "layout": "NHWC", "dtype": "uint8", "shape": [-1, 32, 32, 3]}
+    assert entry["output"]["shape"] == [-1, 3]
+    assert run.artifact_path("onnx_fp32") == exported.onnx_path  # sha256 verified
+    model = onnx.load(str(exported.onnx_path))
+    inp = model.graph.input[0].type.tensor_type
+    assert model.graph.input[0].name == "images" and inp.elem_type == onnx.TensorProto.UINT8
+    assert inp.shape.dim[0].dim_param and [d.dim_value for d in inp.shape.dim[1:]] == [32, 32, 3]
+    assert {n.op_type for n in model.graph.node} >= {"Transpose", "Cast", "Sub", "Mul"}  # normalisation inside
+    assert {o.version for o in model.opset_import if o.domain in ("", "ai.onnx")} == {17}
+
+
+def test_metadata_round_trip(exported, trained) -> None:  # noqa: ANN001
+    run, _, _ = trained
+    meta = read_metadata(exported.onnx_path)
+    keys = [v for k, v in vars(md).items() if k.isupper() and isinstance(v, str) and v.startswith("edgemap.")]
+    assert set(keys) <= set(meta)
+    assert json.loads(meta[md.CLASSES]) == CLASSES == run.classes
+    assert json.loads(meta[md.PREPROCESS]) == run.contract.to_dict()
+    assert meta[md.BACKBONE] == "tiny" and meta[md.PRECISION] == "fp32" and meta[md.FORMAT] == "fp32"
+    assert meta[md.RUN] == "run" and meta[md.SCHEMA] == md.METADATA_SCHEMA_VERSION
+    assert json.loads(meta[md.INPUT])["shape"] == [-1, 32, 32, 3]
+    assert "torch" in json.loads(meta[md.VERSIONS])
+
+
+def test_reexport_is_byte_identical_and_not_rewritten(exported, trained) -> None:  # noqa: ANN001
+    run, _, _ = trained
+    before = exported.onnx_path.read_bytes()
+    again = export(run.path, ExportOptions())
+    assert again.rewritten is False and exported.onnx_path.read_bytes() == before
+
+
+def test_parity_rows_cover_ort_and_openvino_at_batch_1_and_7(exported, trained) -> None:  # noqa: ANN001
+    run, _, _ = trained
+    got = {(r.runtime, r.batch): r for r in exported.parity}
+    assert set(got) == {("cpu", 1), ("cpu", 7), ("openvino", 1), ("openvino", 7)}
+    for r in got.values():
+        assert r.status == "ok" and r.images == 7 and r.max_abs_diff < 1e-4 and r.top1_agreement == 1.0
+    assert "(f32)" in got[("openvino", 7)].provider  # exact mode, not bf16
+    stored = RunDir.load(run.path).data["metrics"]["parity"]
+    assert stored["passed"] is True and len(stored["rows"]) == 4
+
+
+def test_dynamic_batch_runs_other_sizes(exported, trained) -> None:  # noqa: ANN001
+    run, _, _ = trained
+    from edgemap.data.scan import rescan_for_run
+
+    x = load_images(rescan_for_run(run.data["dataset"]).val[:5], run.contract)
+    for rt in ("cpu", "openvino"):
+        s = load(exported.onnx_path, rt, SessionOptions(exact=True))
+        assert s.run(x[:3]).shape == (3, 3) and s.run(x).shape == (5, 3)
+
+
+def test_parity_failure_lists_every_runtime_and_batch(exported, trained) -> None:  # noqa: ANN001
+    import torch
+
+    from edgemap.model import load_classifier
+
+    run, _, _ = trained
+    net = load_classifier(run)
+    with torch.no_grad():
+        net.head.bias += torch.tensor([0.0, 3.0, -3.0])  # the "PyTorch" side no longer matches the file
+    from edgemap.data.scan import rescan_for_run
+
+    images = load_images(rescan_for_run(run.data["dataset"]).val[:7], run.contract)
+    with pytest.raises(ParityError) as e:
+        check_parity(net, exported.onnx_path, images)
+    msg = str(e.value)
+    for part in ("cpu batch 1", "cpu batch 7", "openvino batch 1", "openvino batch 7", "max|Δlogit|"):
+        assert part in msg
+    assert all(r.status == "FAIL" for r in e.value.rows)
+
+
+def test_run_without_weights_is_refused(trained, tmp_path) -> None:  # noqa: ANN001
+    run, _, _ = trained
+    bare = RunDir.create(tmp_path / "bare", backbone={"name": "tiny"}, classes=CLASSES, contract=run.contract,
+                         dataset=run.data["dataset"])
+    with pytest.raises(ExportError, match="no trained weights.*edgemap finetune"):
+        export(bare.path, ExportOptions())
+    assert not (bare.path / "model.onnx").exists()
+
+
+def test_op_unsupported_at_opset_is_a_clear_error_and_writes_nothing(trained, tmp_path) -> None:  # noqa: ANN001
+    run, state, root = trained
+    other, _ = make_run(tmp_path / "run6", root / "data", state=state)
+    with pytest.raises(ExportError, match=r"op Sub at opset 6 is not supported by onnxruntime.*--opset"):
+        export(other.path, ExportOptions(opset=6))
+    assert not (other.path / "model.onnx").exists() and "onnx_fp32" not in RunDir.load(other.path).artifacts
+    assert not list(other.path.glob(".*edgemap-tmp"))
+    with pytest.raises(ExportError, match="could not export.*--opset 99.*nsupported"):
+        export(other.path, ExportOptions(opset=99))
+
+
+def test_ir_version_newer_than_installed_is_a_clear_error(exported, tmp_path) -> None:  # noqa: ANN001
+    model = onnx.load(str(exported.onnx_path))
+    model.ir_version = 99
+    bad = tmp_path / "ir99.onnx"
+    onnx.save(model, str(bad))
+    with pytest.raises(ExportError, match="IR version 99 is newer than the installed"):
+        check_model(bad)
+    check_model(exported.onnx_path)  # the real one passes
+
+
+def test_empty_validation_split_is_refused(trained) -> None:  # noqa: ANN001
+    run, _, _ = trained
+    from edgemap.data.scan import rescan_for_run
+
+    ds = rescan_for_run(run.data["dataset"])
+    with pytest.raises(ParityError, match="validation split is empty"):
+        export(run.path, ExportOptions(), dataset=SimpleNamespace(train=ds.train, val=[]))
+
+
+def test_cli_export_prints_parity_and_next_step(trained, tmp_path) -> None:  # noqa: ANN001
+    from edgemap.cli import app
+
+    run, state, root = trained
+    other, _ = make_run(tmp_path / "cli run", root / "data", state=state)
+    out = tmp_path / "res.json"
+    res = CliRunner().invoke(app, ["export", str(other.path), "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "parity" in res.output and "openvino" in res.output
+    assert f'next: edgemap eval "{other.path}"' in " ".join(res.output.split())
+    data = json.loads(out.read_text(encoding="utf-8"))
+    assert len(data["parity"]) == 4 and data["int8"] == {}
+    res = CliRunner().invoke(app, ["export", str(tmp_path / "missing")])
+    assert res.exit_code != 0 and "no such run directory" in res.output
+
+
+@pytest.mark.slow
+def test_parity_on_efficientnet_lite0_at_64px(trained, tmp_path) -> None:  # noqa: ANN001
+    """Real ImageNet weights (random 3-class head): ORT and OpenVINO at batch 1 and 7."""
+    import torch
+    from safetensors.torch import save_file
+
+    from edgemap.backbones import get_spec
+    from edgemap.model import build_classifier
+    from edgemap.runtime.preprocess import PreprocessContract
+
+    run, _, root = trained
+    spec = get_spec("efficientnet_lite0")
+    contract = PreprocessContract(64, 64, interpolation=spec.interpolation, mean=spec.mean, std=spec.std)
+    lite = RunDir.create(tmp_path / "lite0 é", backbone={"name": "efficientnet_lite0"}, classes=CLASSES, contract=contract,
+                         options={"finetune": {"dropout": 0.2}}, dataset=run.data["dataset"])
+    net = build_classifier("efficientnet_lite0", 3, contract, pretrained=True)
+    with torch.no_grad():
+        net.head.weight.mul_(20)  # spread the logits so top-1 is not a near-tie everywhere
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(lite.path / "w.safetensors"))
+    lite.add_artifact("weights_best", lite.path / "w.safetensors", stage="finetune")
+    res = export(lite.path, ExportOptions())
+    got = {(r.runtime, r.batch): r for r in res.parity}
+    assert set(got) == {("cpu", 1), ("cpu", 7), ("openvino", 1), ("openvino", 7)}
+    assert all(r.status == "ok" for r in got.values()), res.parity
+    assert max(r.max_abs_diff for r in got.values()) < 1e-3
+    shutil.rmtree(lite.path)
+
+
+def test_options_are_validated_before_any_work(trained) -> None:  # noqa: ANN001
+    from edgemap.errors import QuantizationError
+
+    run, _, _ = trained
+    for opts, pat in [
+        (ExportOptions(int8=True, targets=("cuda",)), "cuda has no int8 path"),
+        (ExportOptions(int8=True, targets=("nope",)), "unknown runtime"),
+        (ExportOptions(int8=True, calib_method="mse"), "--calib-method 'mse'"),
+        (ExportOptions(int8=True, max_drop=-1), "--max-drop"),
+        (ExportOptions(int8=True, opset=11), "--int8 needs --opset 13"),
+    ]:
+        with pytest.raises(QuantizationError, match=pat):
+            export(run.path, opts)
+    with pytest.raises(ExportError, match="parity_batch"):
+        export(run.path, ExportOptions(parity_batch=8))
+    assert np.isfinite(ExportOptions().max_drop)

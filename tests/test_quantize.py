@@ -1,0 +1,179 @@
+"""`edgemap export --int8`: calibration, formats, the lossless input fold, the accuracy gate."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import pytest
+from _export_fixtures import make_run, write_dataset
+from typer.testing import CliRunner
+
+from edgemap.errors import AccuracyGateError, QuantizationError
+from edgemap.export import ExportOptions, export
+from edgemap.export.calibration import MIN_CALIB_IMAGES, load_images, select_calibration
+from edgemap.export.onnx_export import read_metadata
+from edgemap.manifest import RunDir
+from edgemap.runtime.sessions import load
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[RunDir, dict, Path]:  # noqa: ANN001
+    root = tmp_path_factory.mktemp("quant") / "q runs é 日本"
+    data = write_dataset(root / "data", n_train=30, n_val=10)
+    run, state = make_run(root / "run", data, steps=200)
+    return run, state, root
+
+
+@pytest.fixture(scope="module")
+def int8_result(trained):  # noqa: ANN001
+    run, _, _ = trained
+    return export(run.path, ExportOptions(int8=True, calib_size=60, targets=("cpu", "openvino")))
+
+
+def test_int8_artifacts_are_recorded_per_format_and_runtime(int8_result, trained) -> None:  # noqa: ANN001
+    run = RunDir.load(trained[0].path)
+    assert set(int8_result.int8) == {"qoperator", "qdq"}
+    qop, qdq = run.artifacts["onnx_int8_qoperator"], run.artifacts["onnx_int8_qdq"]
+    assert qop["path"] == "model.int8.qoperator.onnx" and qop["runtimes"] == ["cpu"] and qop["precision"] == "int8"
+    assert qdq["path"] == "model.int8.qdq.onnx" and qdq["runtimes"] == ["openvino"] and qdq["format"] == "qdq"
+    assert qop["weights"] == "int8 symmetric per-channel" and qop["activations"] == "uint8 asymmetric"
+    assert qop["source_sha256"] == run.artifacts["onnx_fp32"]["sha256"] and qop["calib_images"] == 60
+    for key in ("onnx_int8_qoperator", "onnx_int8_qdq"):
+        run.artifact_path(key)  # sha256 verified
+        meta = read_metadata(run.path / run.artifacts[key]["path"])
+        assert meta["edgemap.precision"] == "int8" and meta["edgemap.format"] == run.artifacts[key]["format"]
+        assert json.loads(meta["edgemap.classes"]) == run.classes
+    ops = {n.op_type for n in onnx.load(str(run.path / qop["path"])).graph.node}
+    assert "QLinearConv" in ops and not ops & {"QuantizeLinear", "Cast", "Sub", "Mul"}  # uint8 input folded in
+    ops = {n.op_type for n in onnx.load(str(run.path / qdq["path"])).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops and "QLinearConv" not in ops
+
+
+def test_gate_table_is_stored_and_int8_agrees_with_fp32(int8_result, trained) -> None:  # noqa: ANN001
+    run = RunDir.load(trained[0].path)
+    gate = run.data["metrics"]["int8_gate"]
+    assert gate["qoperator"]["passed"] and gate["qdq"]["passed"]
+    first = gate["qoperator"]["attempts"][0]
+    assert first["method"] == "minmax" and first["runtime"] == "cpu" and first["note"] == "as asked"
+    assert gate["qdq"]["attempts"][0]["runtime"] == "openvino"
+    for a in int8_result.gate:
+        assert a.top1_fp32 > 90 and a.drop_points <= 1.0 and a.agreement >= 95
+
+
+def test_batch_1_and_7_run_on_int8_models(int8_result, trained) -> None:  # noqa: ANN001
+    run, _, _ = trained
+    from edgemap.data.scan import rescan_for_run
+
+    x = load_images(rescan_for_run(run.data["dataset"]).val[:7], run.contract)
+    for fmt, rt in (("qoperator", "cpu"), ("qdq", "openvino"), ("qdq", "cpu")):
+        s = load(int8_result.int8[fmt], rt)
+        one = np.concatenate([s.run(x[i : i + 1]) for i in range(7)])
+        seven = s.run(x)
+        assert seven.shape == (7, 3) and np.allclose(one, seven, atol=1e-4)
+
+
+def test_input_fold_is_lossless(int8_result, trained, tmp_path) -> None:  # noqa: ANN001
+    """Pinned (1/std, mean) input quantization returns the uint8 pixels: folded == unfolded, bit for bit."""
+    from edgemap.data.scan import rescan_for_run
+    from edgemap.export.calibration import calibrate
+    from edgemap.export.quantize import FORMATS, fold_input_quantization, graph_info, prepare, quantize_once
+
+    run = RunDir.load(trained[0].path)
+    ds = rescan_for_run(run.data["dataset"])
+    pre = prepare(run.artifact_path("onnx_fp32"), tmp_path / "pre.onnx")
+    info = graph_info(pre)
+    assert info.uint8_nchw and info.norm_output and len(info.norm_nodes) == 3  # Cast, Sub, Mul
+    cache = calibrate(pre, [s.path for s in ds.train[:20]], run.contract, "minmax", False, tmp_path / "r.json")
+    folded = quantize_once(pre, tmp_path / "f.onnx", FORMATS["qoperator"], "minmax", cache, info, run.contract)
+    import shutil
+
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    extra = {"TensorQuantOverrides": {info.norm_output: [{"scale": np.array(1 / 128, np.float32), "zero_point": np.array(127, np.uint8)}]}}
+    quantize_static(str(pre), str(tmp_path / "u.onnx"), None, quant_format=QuantFormat.QOperator, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=info.norm_nodes,
+                    calibrate_method=CalibrationMethod.MinMax, extra_options=extra, calibration_cache_path=str(cache))
+    assert [n.op_type for n in onnx.load(str(folded)).graph.node][:2] == ["Transpose", "QLinearConv"]
+    assert "Sub" in {n.op_type for n in onnx.load(str(tmp_path / "u.onnx")).graph.node}
+    x = load_images(ds.val, run.contract)
+    a, b = load(folded, "cpu").run(x), load(tmp_path / "u.onnx", "cpu").run(x)
+    assert np.array_equal(a, b)
+    shutil.copy(tmp_path / "u.onnx", tmp_path / "again.onnx")
+    assert fold_input_quantization(tmp_path / "again.onnx", info, run.contract) is True
+
+
+def test_calibration_is_stratified_training_only(trained) -> None:  # noqa: ANN001
+    run, _, _ = trained
+    from edgemap.data.scan import rescan_for_run
+
+    ds = rescan_for_run(run.data["dataset"])
+    picked = select_calibration(ds.train, 30)
+    assert len(picked) == 30 and sorted(np.bincount([s.label for s in picked])) == [10, 10, 10]
+    assert {s.path for s in picked} <= {s.path for s in ds.train}
+    assert picked == select_calibration(ds.train, 30)  # seeded
+    assert len(select_calibration(ds.train, 10_000)) == len(ds.train)
+
+
+def test_calibration_set_empty_or_too_small_is_a_clear_error(trained) -> None:  # noqa: ANN001
+    run, _, _ = trained
+    from edgemap.data.scan import rescan_for_run
+
+    ds = rescan_for_run(run.data["dataset"])
+    with pytest.raises(QuantizationError, match="calibration set is empty"):
+        export(run.path, ExportOptions(int8=True), dataset=SimpleNamespace(train=[], val=ds.val))
+    with pytest.raises(QuantizationError, match=f"only 5 image.*at least {MIN_CALIB_IMAGES}"):
+        export(run.path, ExportOptions(int8=True), dataset=SimpleNamespace(train=ds.train[:5], val=ds.val))
+    with pytest.raises(QuantizationError, match="--calib-size 4 is too small"):
+        export(run.path, ExportOptions(int8=True, calib_size=4))
+
+
+def test_gate_failure_exits_nonzero_with_table_and_leaves_artifacts_untouched(trained) -> None:  # noqa: ANN001
+    """Flat-grey calibration images + --max-drop 0: every fallback fails; nothing good is overwritten."""
+    from edgemap.cli import app
+
+    run, state, root = trained
+    data = write_dataset(root / "flat data", n_train=6, n_val=10, flat_train=True)
+    bad, _ = make_run(root / "bad run", data, state=state)
+    export(bad.path, ExportOptions())  # fp32 first
+    onnx_bytes = (bad.path / "model.onnx").read_bytes()
+    before = RunDir.load(bad.path).artifacts["onnx_fp32"]
+    res = CliRunner().invoke(app, ["export", str(bad.path), "--int8", "--max-drop", "0", "--calib-size", "16",
+                                   "--targets", "cpu"])
+    assert res.exit_code != 0
+    out = " ".join(res.output.split())
+    assert "int8 accuracy gate" in out and "int8 accuracy gate failed" in out
+    rows = re.findall(r"qoperator +(\d) +(\w+) +(\d+) +cpu .* fail", res.output)
+    assert [r[0] for r in rows] == ["1", "2", "3", "4"] and [r[1] for r in rows][:2] == ["minmax", "percentile"]
+    assert (bad.path / "model.onnx").read_bytes() == onnx_bytes
+    after = RunDir.load(bad.path)
+    assert after.artifacts["onnx_fp32"]["sha256"] == before["sha256"]
+    assert "onnx_int8_qoperator" not in after.artifacts and not (bad.path / "model.int8.qoperator.onnx").exists()
+    gate = after.data["metrics"]["int8_gate"]["qoperator"]
+    assert gate["passed"] is False and len(gate["attempts"]) == 4
+    assert [a["note"].split(" ")[0] for a in gate["attempts"]][:3] == ["as", "another", "stem"]
+    assert gate["attempts"][1]["method"] == "percentile" and len(gate["attempts"][2]["excluded"]) == 2
+    assert (bad.path / gate["rejected"]).is_file() and gate["rejected"] == "model.int8.qoperator.rejected.onnx"
+    assert not list(bad.path.glob(".export-work-*"))
+
+
+def test_gate_failure_never_overwrites_a_good_int8_artifact(trained) -> None:  # noqa: ANN001
+    run, state, root = trained
+    good_data = root / "data"
+    r, _ = make_run(root / "keep run", good_data, state=state)
+    export(r.path, ExportOptions(int8=True, calib_size=30, targets=("cpu",)))
+    good = (r.path / "model.int8.qoperator.onnx").read_bytes()
+    sha = RunDir.load(r.path).artifacts["onnx_int8_qoperator"]["sha256"]
+    flat = write_dataset(root / "flat data 2", n_train=6, n_val=10, flat_train=True)
+    from edgemap.data.scan import scan_dataset
+
+    with pytest.raises(AccuracyGateError) as e:
+        export(r.path, ExportOptions(int8=True, calib_size=16, max_drop=0.0, targets=("cpu",)),
+               dataset=scan_dataset(flat))
+    assert len(e.value.attempts) == 4 and not any(a.passed for a in e.value.attempts)
+    assert (r.path / "model.int8.qoperator.onnx").read_bytes() == good
+    assert RunDir.load(r.path).artifacts["onnx_int8_qoperator"]["sha256"] == sha
