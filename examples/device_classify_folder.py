@@ -1,0 +1,97 @@
+"""Device-side script: classify every image in a folder with an installed edgemap wheel, write a CSV.
+
+Runs where only the wheel is installed (numpy, Pillow, onnxruntime or openvino; no torch,
+no edgemap). The model loads once (its sha256 is checked), images go through in batches,
+and an unreadable image becomes a CSV row with its error instead of stopping the run.
+
+Usage:
+    python device_classify_folder.py FOLDER OUT.csv --module digits_classifier [--top-k 3] [--batch 32]
+    python device_classify_folder.py FOLDER OUT.csv --model model.onnx   # with the edgemap-runtime wheel
+
+CSV columns: path, label, prob, then label_2, prob_2 ... up to --top-k, and error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib
+import os
+import sys
+from pathlib import Path
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def load_classifier(module: str | None, model: Path | None, runtime: str | None):  # noqa: ANN201
+    """The embedded model of wheel ``module``, or ``model`` through the edgemap-runtime wheel."""
+    if model is not None:
+        rt = importlib.import_module("edgemap_runtime")
+        return rt.Classifier.from_path(model, runtime=runtime or "onnxruntime")
+    pkg = importlib.import_module(module)
+    return pkg.load(runtime=runtime)
+
+
+def images_in(folder: Path) -> list[Path]:
+    out = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        out += [Path(root) / f for f in sorted(files) if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("folder", type=Path)
+    ap.add_argument("out", type=Path, help="CSV file to write")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--module", help="import name of the installed model wheel (e.g. digits_classifier)")
+    src.add_argument("--model", type=Path, help="an .onnx model, loaded with the edgemap-runtime wheel")
+    ap.add_argument("--runtime", default=None, help="override the wheel's runtime (onnxruntime, openvino, cuda)")
+    ap.add_argument("--top-k", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=32)
+    args = ap.parse_args(argv)
+
+    clf = load_classifier(args.module, args.model, args.runtime)
+    paths = images_in(args.folder)
+    if not paths:
+        print(f"{args.folder}: no images", file=sys.stderr)
+        return 2
+    header = ["path", "label", "prob"]
+    for k in range(2, args.top_k + 1):
+        header += [f"label_{k}", f"prob_{k}"]
+    header.append("error")
+    errors = 0
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_name(args.out.name + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        for i in range(0, len(paths), args.batch):
+            chunk = paths[i:i + args.batch]
+            try:
+                preds = clf.predict(chunk, top_k=args.top_k)
+            except Exception:  # noqa: BLE001 - one bad file: retry the chunk image by image
+                preds = []
+                for p in chunk:
+                    try:
+                        preds.append(clf.predict(p, top_k=args.top_k)[0])
+                    except Exception as e:  # noqa: BLE001 - reported in the CSV
+                        preds.append(e)
+            for path, pred in zip(chunk, preds, strict=True):
+                if isinstance(pred, Exception):
+                    errors += 1
+                    w.writerow([str(path)] + [""] * (len(header) - 2) + [str(pred)])
+                    continue
+                row = [str(path)]
+                for lab, prob in pred.topk:
+                    row += [lab, f"{prob:.6f}"]
+                row += [""] * (len(header) - 1 - len(row)) + [""]
+                w.writerow(row)
+    os.replace(tmp, args.out)  # never a half-written CSV where a good one was
+    print(f"{args.out}: {len(paths)} images, {errors} errors")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
