@@ -1,0 +1,178 @@
+"""int8 vs fp32 latency of `edgemap export --int8` artifacts: EfficientNet-Lite0, 224 px, batch 1, 2 threads.
+
+Builds a run directory in a temp folder (real ImageNet Lite0 weights + a random 10-class
+head), a small dataset of skimage photos and sklearn digits (crops, flips), exports with
+``--int8`` (calibrated on those training images), then times in one process, interleaved
+in rounds so drift from other load hits every variant alike:
+
+- ONNX Runtime CPU: fp32 ``model.onnx``, int8 QOperator, int8 QDQ
+- OpenVINO CPU: fp32 (default precision hint, i.e. bf16 where the CPU has it, and exact
+  f32), int8 QDQ (default hint and f32 hint)
+
+Median and p90 over ``--runs`` timed runs per variant after ``--warmup``. Targets checked:
+ORT int8 ≥ 2.5× faster than ORT fp32; OpenVINO int8 at least as fast as OpenVINO fp32.
+
+    python benchmarks/export_int8_speed.py [--runs 300] [--threads 2] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+PHOTOS = ("astronaut", "camera", "chelsea", "coffee", "coins", "horse", "moon", "page", "text", "rocket",
+          "hubble_deep_field", "immunohistochemistry", "clock", "grass", "gravel", "brick", "colorwheel", "logo")
+
+
+def photos() -> list[np.ndarray]:
+    import skimage.data as data
+
+    out = []
+    for name in PHOTOS:
+        try:
+            a = np.asarray(getattr(data, name)())
+        except Exception:  # noqa: BLE001 - some images are downloads; this runs offline
+            continue
+        if a.dtype != np.uint8:
+            a = (255 * (a.astype(np.float64) / max(1.0, float(a.max())))).astype(np.uint8)
+        if a.ndim == 2:
+            a = np.stack([a] * 3, -1)
+        out.append(np.ascontiguousarray(a[..., :3]))
+    return out
+
+
+def write_dataset(root: Path, per_class_train: int = 5, per_class_val: int = 2, seed: int = 0) -> Path:
+    """10 classes; each image is a random crop of a photo with a class digit pasted in."""
+    from sklearn.datasets import load_digits
+
+    rng = np.random.default_rng(seed)
+    pics = photos()
+    digits = load_digits()
+    for split, n in (("train", per_class_train), ("val", per_class_val)):
+        for c in range(10):
+            d = root / split / f"class{c}"
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                p = pics[int(rng.integers(len(pics)))]
+                h, w = p.shape[:2]
+                s = int(min(h, w) * rng.uniform(0.5, 1.0))
+                y, x = int(rng.integers(0, h - s + 1)), int(rng.integers(0, w - s + 1))
+                img = Image.fromarray(p[y : y + s, x : x + s]).resize((256, 256), Image.Resampling.BILINEAR)
+                if rng.random() < 0.5:
+                    img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+                dig = digits.images[np.flatnonzero(digits.target == c)[int(rng.integers(20))]]
+                patch = Image.fromarray((dig * 15).astype(np.uint8)).resize((96, 96), Image.Resampling.NEAREST).convert("RGB")
+                img.paste(patch, (int(rng.integers(0, 160)), int(rng.integers(0, 160))))
+                img.save(d / f"{i}.png")
+    return root
+
+
+def make_run(tmp: Path, calib_size: int) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    from edgemap.backbones import get_spec
+    from edgemap.data.scan import scan_dataset
+    from edgemap.export import ExportOptions, export
+    from edgemap.manifest import RunDir
+    from edgemap.model import build_classifier
+    from edgemap.runtime.preprocess import PreprocessContract
+
+    scan = scan_dataset(write_dataset(tmp / "data"))
+    spec = get_spec("efficientnet_lite0")
+    contract = PreprocessContract(224, 224, crop_pct=spec.crop_pct, interpolation=spec.interpolation, mean=spec.mean, std=spec.std)
+    run = RunDir.create(tmp / "run", backbone={"name": spec.name}, classes=scan.classes, contract=contract,
+                        options={"finetune": {"dropout": 0.2}}, dataset=scan.to_manifest())
+    net = build_classifier(spec.name, 10, contract, pretrained=True, seed=0)
+    with torch.no_grad():
+        net.head.weight.mul_(10)  # a random head: spread its logits so agreement means something
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(run.path / "weights.safetensors"))
+    run.add_artifact("weights_best", run.path / "weights.safetensors", stage="finetune")
+    t0 = time.perf_counter()
+    # A random head has no meaningful accuracy: the gate is informational here (agreement is printed).
+    res = export(run.path, ExportOptions(int8=True, calib_size=calib_size, max_drop=100.0, targets=("cpu", "openvino")),
+                 progress=lambda m: print(f"  export: {m}", flush=True))
+    print(f"  export --int8 took {time.perf_counter() - t0:.1f} s")
+    for a in res.gate:
+        print(f"  gate {a.format}: {a.method}, agreement with fp32 {a.agreement:.1f}% on {a.runtime}")
+    return run.path
+
+
+def bench(variants: dict[str, object], x: np.ndarray, runs: int, warmup: int, rounds: int) -> dict[str, list[float]]:
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for s in variants.values():
+        for _ in range(warmup):
+            s.run(x)
+    per = max(1, runs // rounds)
+    names = list(variants)
+    for r in range(rounds):
+        order = names if r % 2 == 0 else names[::-1]
+        for k in order:
+            s = variants[k]
+            for _ in range(per):
+                t0 = time.perf_counter()
+                s.run(x)
+                times[k].append((time.perf_counter() - t0) * 1000)
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=300)
+    ap.add_argument("--warmup", type=int, default=30)
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--calib-size", type=int, default=50)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+
+    from edgemap.runtime.preprocess import preprocess
+    from edgemap.runtime.sessions import SessionOptions, load
+
+    with tempfile.TemporaryDirectory(prefix="edgemap-int8-bench-") as tmp:
+        run = make_run(Path(tmp), args.calib_size)
+        fp32, qop, qdq = run / "model.onnx", run / "model.int8.qoperator.onnx", run / "model.int8.qdq.onnx"
+        opt = SessionOptions(threads=args.threads, hint="latency")
+        exact = SessionOptions(threads=args.threads, hint="latency", exact=True)
+        variants = {
+            "ort fp32": load(fp32, "cpu", opt),
+            "ort int8 qoperator": load(qop, "cpu", opt),
+            "ort int8 qdq": load(qdq, "cpu", opt),
+            "ov fp32 (default hint)": load(fp32, "openvino", opt),
+            "ov fp32 (f32 hint)": load(fp32, "openvino", exact),
+            "ov int8 qdq (default hint)": load(qdq, "openvino", opt),
+            "ov int8 qdq (f32 hint)": load(qdq, "openvino", exact),
+        }
+        img = next((run.parent / "data" / "val").rglob("*.png"))
+        from edgemap.manifest import RunDir
+
+        x = preprocess(img, RunDir.load(run).contract)[None]
+        times = bench(variants, x, args.runs, args.warmup, args.rounds)
+
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    print(f"\nEfficientNet-Lite0 224 px, batch 1, {args.threads} threads, {len(next(iter(times.values())))} runs each "
+          f"(interleaved in {args.rounds} rounds) — {platform.processor() or platform.machine()}")
+    print(f"{'variant':30s} {'ran on':34s} {'median ms':>10s} {'p90 ms':>8s}")
+    for k, v in times.items():
+        print(f"{k:30s} {variants[k].provider:34s} {med[k]:10.3f} {np.percentile(v, 90):8.3f}")
+    ort_ratio = med["ort fp32"] / med["ort int8 qoperator"]
+    ov_fp32 = min(med["ov fp32 (default hint)"], med["ov fp32 (f32 hint)"])
+    ov_int8 = min(med["ov int8 qdq (default hint)"], med["ov int8 qdq (f32 hint)"])
+    print(f"\nORT CPU: fp32 / int8 QOperator = {ort_ratio:.2f}x (target >= 2.5x: {'met' if ort_ratio >= 2.5 else 'NOT met'}); "
+          f"fp32 / int8 QDQ = {med['ort fp32'] / med['ort int8 qdq']:.2f}x")
+    print(f"OpenVINO: fastest fp32 / fastest int8 = {ov_fp32 / ov_int8:.2f}x (target >= 1.0x: {'met' if ov_int8 <= ov_fp32 else 'NOT met'}); "
+          f"same default hint: {med['ov fp32 (default hint)'] / med['ov int8 qdq (default hint)']:.2f}x")
+    if args.json:
+        args.json.write_text(json.dumps({"median_ms": med, "ort_ratio": ort_ratio, "ov_ratio": ov_fp32 / ov_int8,
+                                         "providers": {k: s.provider for k, s in variants.items()}}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
