@@ -45,6 +45,7 @@ class BenchOptions:
         strict: raise when a combination is unavailable or fails instead of listing it.
         save: store the rows in edgemap.json under ``metrics.bench``.
         seed: seed of the random input batch.
+        exact: OpenVINO computes in f32 instead of its bf16 default on bf16-capable CPUs.
     """
 
     runtimes: tuple[str, ...] = ("torch", "cpu", "cuda", "openvino")
@@ -57,6 +58,7 @@ class BenchOptions:
     strict: bool = False
     save: bool = True
     seed: int = 0
+    exact: bool = False
 
 
 @dataclass
@@ -170,7 +172,7 @@ def _bench_one(run: RunDir, runtime: str, precision: str, batch: int, opts: Benc
     _release_memory()
     base = rss_bytes()
     peak = [base]
-    sess = open_session(run, runtime, precision, threads, hint=hint)
+    sess = open_session(run, runtime, precision, threads, hint=hint, exact=opts.exact)
     peak[0] = max(peak[0], rss_bytes())
     c = run.contract
     x = np.random.default_rng(opts.seed).integers(0, 256, (batch, c.height, c.width, 3), dtype=np.uint8)

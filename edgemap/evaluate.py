@@ -45,6 +45,8 @@ class EvalOptions:
         batch: images per inference call.
         threads: intra-op threads (None = physical cores).
         save: store the rows in the run's edgemap.json under ``metrics.eval``.
+        exact: OpenVINO computes in f32 (its default on AMX/AVX512-BF16 CPUs is bf16, which is
+            what a deployed model gets, hence the default False).
     """
 
     data: Path | None = None
@@ -54,6 +56,7 @@ class EvalOptions:
     batch: int = 32
     threads: int | None = None
     save: bool = True
+    exact: bool = False
 
 
 @dataclass
@@ -132,8 +135,12 @@ class TorchSession:
         self._torch.set_num_threads(self._prev_threads)
 
 
-def open_session(run: RunDir, runtime: str, precision: str, threads: int | None, hint: str = "latency") -> Any:
+def open_session(
+    run: RunDir, runtime: str, precision: str, threads: int | None, hint: str = "latency", exact: bool = False
+) -> Any:
     """A loaded session for ``runtime`` × ``precision`` on the run's matching artifact.
+
+    ``exact`` makes OpenVINO compute in f32 instead of its bf16 default on bf16-capable CPUs.
 
     Raises RuntimeUnavailableError (with the reason) for any combination that cannot run here.
     """
@@ -160,7 +167,7 @@ def open_session(run: RunDir, runtime: str, precision: str, threads: int | None,
         flag = " --int8" if precision == "int8" else ""
         raise RuntimeUnavailableError(f"no '{key}' artifact in {run.path}; run `edgemap export {run.path}{flag}` first")
     path = run.artifact_path(key)  # refuses a file whose sha256 changed
-    return load(path, runtime, SessionOptions(threads=threads, hint=hint))
+    return load(path, runtime, SessionOptions(threads=threads, hint=hint, exact=exact))
 
 
 def _row_error(runtime: str, precision: str, e: Exception) -> EvalRow:
@@ -217,7 +224,7 @@ def evaluate_arrays(
     for runtime, precision in combos:
         shown = runtime != REFERENCE or ref_shown
         try:
-            sess = open_session(run, runtime, precision, opts.threads)
+            sess = open_session(run, runtime, precision, opts.threads, exact=opts.exact)
             t0 = time.perf_counter()
             try:
                 logits = np.concatenate([sess.run(images[i : i + opts.batch]) for i in range(0, len(images), opts.batch)])

@@ -145,3 +145,11 @@ def test_cli_table_json_and_exit_codes(trained_run, tmp_path) -> None:  # noqa: 
     assert r.exit_code != 0 and "unavailable" in r.output
     r = CliRunner().invoke(app, ["eval", str(run.path / "nope")])
     assert r.exit_code != 0 and "no such run directory" in r.output
+
+
+def test_exact_makes_openvino_compute_f32(trained_run) -> None:  # noqa: F811
+    run, splits = trained_run
+    x, y = load_arrays(splits["test"], run.contract)
+    res = evaluate_arrays(run, x, y, EvalOptions(runtimes=("openvino",), precisions=("fp32",), exact=True, save=False))
+    row = res.rows[0]
+    assert row.provider == "OpenVINO:CPU (f32)" and row.agreement == 1.0 and row.max_abs_diff < 1e-3
