@@ -5,7 +5,8 @@ Keys in ``edgemap.json["artifacts"]``:
 - ``weights_best`` / ``weights_last``: safetensors weights (finetune)
 - ``onnx_fp32``: ``model.onnx``, uint8 NHWC input, dynamic batch (export)
 - ``onnx_int8_qoperator``: ``model.int8.qoperator.onnx``, for ONNX Runtime CPU (export --int8)
-- ``onnx_int8_qdq``: ``model.int8.qdq.onnx``, for OpenVINO and TensorRT (export --int8)
+- ``onnx_int8_qdq``: ``model.int8.qdq.onnx``, U8 activations, for OpenVINO (export --int8)
+- ``onnx_int8_qdq_s8``: ``model.int8.qdq_s8.onnx``, S8 symmetric activations, for TensorRT
 
 int8 entries carry ``{"precision": "int8", "format": ..., "runtimes": [...]}``.
 """
@@ -18,11 +19,12 @@ from edgemap.runtime.sessions import RUNTIMES, parse_runtime
 WEIGHTS_BEST = "weights_best"
 WEIGHTS_LAST = "weights_last"
 ONNX_FP32 = "onnx_fp32"
-INT8_FORMATS = ("qoperator", "qdq")
+INT8_FORMATS = ("qoperator", "qdq", "qdq_s8")
 FILENAMES = {
     ONNX_FP32: "model.onnx",
     "onnx_int8_qoperator": "model.int8.qoperator.onnx",
     "onnx_int8_qdq": "model.int8.qdq.onnx",
+    "onnx_int8_qdq_s8": "model.int8.qdq_s8.onnx",
 }
 
 

@@ -17,6 +17,12 @@ __all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_json", "sha256_fil
 TMP_SUFFIX = ".edgemap-tmp"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def fsync_dir(path: Path) -> None:
     """fsync a directory so a rename inside it survives a power cut (POSIX only)."""
     if os.name != "posix":
@@ -48,6 +54,7 @@ def atomic_path(dest: str | Path) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
         os.replace(tmp, dest)
         fsync_dir(dest.parent)
     except BaseException:

@@ -51,8 +51,8 @@ class ExportOptions:
         calib_size: calibration images (training split, stratified across classes).
         calib_method: minmax | entropy | percentile.
         max_drop: largest allowed int8 top-1 drop, in points, on the validation set.
-        targets: runtimes to write int8 models for; None = every runtime with an int8
-            path (``edgemap.artifacts.int8_targets()``).
+        targets: runtimes to write int8 models for; None = every int8-capable runtime
+            (``edgemap.artifacts.int8_targets()``) that is available on this machine.
         parity_atol, parity_rtol: parity tolerance on max |Δlogit| (atol + rtol·max|logit|).
         parity_batch: the odd batch size of the parity check.
         parity_runtimes: runtimes compared with PyTorch.
@@ -97,8 +97,12 @@ def _int8_plan(targets: tuple[str, ...] | None) -> dict[str, list[str]]:
     from edgemap.runtime.errors import RuntimeUnavailableError
     from edgemap.runtime.sessions import parse_runtime
 
+    from edgemap.runtime.sessions import available
+
     table = int8_targets()
-    names = list(table) if targets is None else list(targets)
+    # Default: every int8-capable runtime that can run here (cpu, openvino on a CPU machine);
+    # name others (e.g. tensorrt for an S8 QDQ artifact) explicitly with --targets.
+    names = [t for t in table if available(t)[0]] if targets is None else list(targets)
     if not names:
         raise QuantizationError("--targets is empty; name runtimes such as cpu,openvino")
     plan: dict[str, list[str]] = {}

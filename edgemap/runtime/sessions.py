@@ -7,7 +7,7 @@ name       engine        provider / device                int8 format it runs fa
 ========== ============= ================================ ================================
 cpu        onnxruntime   CPUExecutionProvider             QOperator (U8 act, S8 weights)
 cuda       onnxruntime   CUDAExecutionProvider            fp32 (no QLinearConv kernel)
-tensorrt   onnxruntime   TensorrtExecutionProvider        QDQ (S8 symmetric activations)
+tensorrt   onnxruntime   TensorrtExecutionProvider        QDQ S8S8 (symmetric activations)
 openvino   openvino      CPU (``openvino:GPU`` etc.)      QDQ
 ========== ============= ================================ ================================
 
@@ -55,7 +55,7 @@ RUNTIMES: dict[str, RuntimeInfo] = {
                     description="ONNX Runtime on CPU"),
         RuntimeInfo("cuda", "onnxruntime", "CUDAExecutionProvider", ("fp32",), None,
                     description="ONNX Runtime CUDA EP (no int8 conv kernels: runs fp32)"),
-        RuntimeInfo("tensorrt", "onnxruntime", "TensorrtExecutionProvider", ("fp32", "int8"), "qdq",
+        RuntimeInfo("tensorrt", "onnxruntime", "TensorrtExecutionProvider", ("fp32", "int8"), "qdq_s8",
                     description="ONNX Runtime TensorRT EP (int8 via QDQ)"),
         RuntimeInfo("openvino", "openvino", "CPU", ("fp32", "int8"), "qdq",
                     description="OpenVINO runtime (CPU by default; openvino:GPU etc.)"),

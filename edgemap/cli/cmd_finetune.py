@@ -1,0 +1,119 @@
+"""`edgemap finetune DATA --out RUN_DIR`: adapt a pretrained backbone to a folder of images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from edgemap.cli.common import DataArg, console, handle_errors, next_step
+
+
+class RichReporter:
+    """Rich progress bars: loss, accuracy and images/s per epoch."""
+
+    def __init__(self) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+        )
+        self.task: Any = None
+
+    def __enter__(self) -> RichReporter:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.stop()
+
+    def phase(self, name: str, total: int) -> None:
+        if self.task is not None:
+            self.progress.remove_task(self.task)
+        self.task = self.progress.add_task(name, total=total, stats="")
+
+    def advance(self, n: int = 1, **f: Any) -> None:
+        stats = f"loss {f['loss']:.3f} acc {f['acc']:.3f} {f['ips']:.0f} img/s" if f else ""
+        self.progress.update(self.task, advance=n, **({"stats": stats} if stats else {}))
+
+    def epoch_done(self, row: dict[str, Any]) -> None:
+        self.progress.console.print(
+            f"epoch {row['epoch']:>3} \\[{row['phase']}] train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} | "
+            f"val loss {row['val_loss']:.4f} [bold]acc {row['val_acc']:.4f}[/] | lr {row['lr']:.2e}"
+        )
+
+    def message(self, text: str) -> None:
+        self.progress.console.print(text)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("finetune")
+    @handle_errors
+    def finetune_cmd(
+        data: DataArg,
+        out: Annotated[Path, typer.Option("--out", "-o", help="Run directory to create (default: models/<data folder name>).")] = None,  # type: ignore[assignment]
+        backbone: Annotated[str | None, typer.Option(help="Backbone (see `edgemap backbones`). [default: efficientnet_lite0]")] = None,
+        epochs: Annotated[int | None, typer.Option(help="Total epochs, head-only ones included. [default: 12]")] = None,
+        img_size: Annotated[int | None, typer.Option(help="Square input size in pixels. [default: the backbone's]")] = None,
+        batch_size: Annotated[int | None, typer.Option(help="Images per step. [default: 32]")] = None,
+        lr: Annotated[float | None, typer.Option(help="Head learning rate; the backbone gets a tenth. [default: 2e-3]")] = None,
+        freeze_epochs: Annotated[int | None, typer.Option(help="Head-only epochs on cached frozen features first. [default: 2]")] = None,
+        seed: Annotated[int | None, typer.Option(help="Random seed (runs are reproducible on CPU). [default: 0]")] = None,
+        device: Annotated[str | None, typer.Option(help="auto | cpu | cuda. [default: auto]")] = None,
+        precision: Annotated[str | None, typer.Option(help="auto | fp32 | bf16 | fp16 (autocast). [default: auto]")] = None,
+        val_split: Annotated[float | None, typer.Option(help="Validation fraction for a single-folder dataset. [default: 0.2]")] = None,
+        patience: Annotated[int | None, typer.Option(help="Early stop after N epochs without a better val accuracy. [default: 4]")] = None,
+        skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip undecodable images (listed in the run) instead of stopping.")] = False,
+        no_flip: Annotated[bool, typer.Option("--no-flip", help="No random horizontal flips (digits, text, asymmetric objects).")] = False,
+        no_augment: Annotated[bool, typer.Option("--no-augment", help="No random resized crops.")] = False,
+        threads: Annotated[int | None, typer.Option(help="CPU threads. [default: physical cores]")] = None,
+        max_pixels: Annotated[int | None, typer.Option(help="Refuse images with more pixels (decompression-bomb guard).")] = None,
+        checkpoint_every: Annotated[int | None, typer.Option(hidden=True)] = None,
+        resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in --out exactly where it stopped.")] = False,
+        nproc: Annotated[int | None, typer.Option(help="Launch N processes with torchrun (DDP, one node).")] = None,
+    ) -> None:
+        """Fine-tune a pretrained backbone on DATA and write the run directory.
+
+        DATA is DATA/train/<class>/... with DATA/val/<class>/... (or validation/), or DATA/<class>/...
+        split by --val-split. A DATA/test/ split is kept aside for `edgemap eval`.
+        """
+        from edgemap.train.finetune import FinetuneOptions, finetune
+
+        if nproc and nproc > 1:
+            from edgemap.train.distributed import launch_torchrun
+
+            raise typer.Exit(launch_torchrun(nproc))
+        given = dict(backbone=backbone, epochs=epochs, img_size=img_size, batch_size=batch_size, lr=lr,
+                     freeze_epochs=freeze_epochs, seed=seed, device=device, precision=precision, val_split=val_split,
+                     patience=patience, threads=threads, max_pixels=max_pixels, checkpoint_every=checkpoint_every)
+        kwargs = {k: v for k, v in given.items() if v is not None}
+        if skip_bad:
+            kwargs["skip_bad"] = True
+        if no_flip:
+            kwargs["flip"] = False
+        if no_augment:
+            kwargs["augment"] = False
+        out = out or Path("models") / Path(data).resolve().name
+        with RichReporter() as rep:
+            if resume:  # the run's own options, plus what was given explicitly (checked for conflicts)
+                res = finetune(data, out, resume=True, overrides=kwargs, reporter=rep)
+            else:
+                res = finetune(data, out, FinetuneOptions(**kwargs), reporter=rep)
+        console.print(
+            f"[green]done[/] in {res.seconds:.0f} s: best val accuracy [bold]{res.best_val_accuracy:.4f}[/] at epoch "
+            f"{res.best_epoch} ({res.epochs_run} epochs{', stopped early' if res.stopped_early else ''}; "
+            f"{res.images_per_second:.0f} img/s, {res.autocast}, channels_last={res.channels_last}, {res.device})"
+        )
+        if res.skipped:
+            console.print(f"[yellow]skipped {len(res.skipped)} unreadable files[/] (listed in {res.run_dir}/edgemap.json)")
+        console.print(f"run directory: {res.run_dir}")
+        next_step(f"edgemap export '{res.run_dir}' --int8")

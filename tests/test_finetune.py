@@ -1,0 +1,227 @@
+"""finetune: run directory contents, exact resume after SIGKILL and SIGINT, typed errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from edgemap.cli import app
+from edgemap.data.digits import write_digits
+from edgemap.errors import DatasetError, ResumeError, TrainingError
+from edgemap.manifest import RunDir
+from edgemap.model import load_classifier
+from edgemap.train import checkpoint as ckpt
+from edgemap.train.finetune import FinetuneOptions, augment, finetune, lr_factor
+
+TINY = dict(backbone="tiny", img_size=32, epochs=3, freeze_epochs=1, flip=False, threads=1, batch_size=64)
+CLI_TINY = ["--backbone", "tiny", "--img-size", "32", "--epochs", "3", "--freeze-epochs", "1", "--no-flip",
+            "--threads", "1", "--batch-size", "64"]
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("digits data é")
+    write_digits(root / "d", val_fraction=0.2, seed=0)
+    return root / "d"
+
+
+@pytest.fixture(scope="module")
+def reference_run(digits: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted run: the baseline resumed runs must reproduce bit for bit."""
+    out = tmp_path_factory.mktemp("ref") / "run 日本"
+    finetune(digits, out, FinetuneOptions(**TINY))
+    return out
+
+
+def _weights(run: Path, which: str = "last") -> dict[str, torch.Tensor]:
+    return load_file(str(run / "weights" / f"{which}.safetensors"))
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    diff = {k: (wa[k].float() - wb[k].float()).abs().max().item() for k in wa}
+    assert max(diff.values()) == 0.0, {k: v for k, v in diff.items() if v}
+
+
+def test_run_directory_contents(reference_run: Path) -> None:
+    run = RunDir.load(reference_run)
+    assert run.backbone == "tiny"
+    assert run.classes == [str(i) for i in range(10)]
+    assert run.contract.height == 32
+    assert run.stage_done("finetune")
+    for key in ("weights_best", "weights_last", "metrics"):
+        run.artifact_path(key)  # exists and sha256 matches
+    rows = [json.loads(x) for x in (reference_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert rows[0]["phase"] == "head" and rows[1]["phase"] == "full"
+    best = run.data["metrics"]["finetune"]["best"]
+    assert best["val_accuracy"] == max(r["val_acc"] for r in rows)
+    assert run.data["dataset"]["fingerprint"]
+    assert run.data["options"]["finetune"]["backbone"] == "tiny"
+    assert not list(reference_run.rglob("*.edgemap-tmp"))
+    # the stored weights rebuild a model that classifies better than chance
+    net = load_classifier(run)
+    assert net(torch.zeros(2, 32, 32, 3, dtype=torch.uint8)).shape == (2, 10)
+
+
+def test_same_seed_same_weights(digits: Path, reference_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "again"
+    finetune(digits, out, FinetuneOptions(**TINY))
+    _assert_same_weights(reference_run, out)
+
+
+def _spawn(digits: Path, out: Path, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "edgemap", "finetune", str(digits), "--out", str(out), *CLI_TINY, *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "COLUMNS": "200"})
+
+
+def _wait_for_state(proc: subprocess.Popen, out: Path, timeout: float = 120) -> None:
+    state = out / ckpt.STATE_FILE
+    t0 = time.monotonic()
+    while not state.exists():
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() - t0 < timeout, "no state file appeared"
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_equals_uninterrupted(digits: Path, reference_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "killed"
+    proc = _spawn(digits, out, "--checkpoint-every", "7")
+    _wait_for_state(proc, out)
+    time.sleep(0.3)
+    proc.kill()
+    proc.wait()
+    assert not RunDir.load(out).stage_done("finetune")
+    tensors, meta = ckpt.read_state(out)  # the state survived the kill
+    progress = meta["info"]["progress"]
+    assert progress["global_step"] > 0
+    r = CliRunner().invoke(app, ["finetune", str(digits), "--out", str(out), "--resume", "--threads", "1"])
+    assert r.exit_code == 0, r.output
+    _assert_same_weights(reference_run, out)
+    assert not list(out.rglob("*.edgemap-tmp"))
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_sigint_saves_state_and_prints_resume_command(digits: Path, reference_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "interrupted"
+    proc = _spawn(digits, out, "--checkpoint-every", "5")
+    _wait_for_state(proc, out)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("run finished before the signal arrived")
+    assert proc.returncode == 130, output
+    assert "--resume" in output and "SIGINT" in output
+    assert RunDir.load(out).data["stages"]["finetune"]["status"] == "interrupted"
+    finetune(digits, out, resume=True, overrides={"threads": 1})
+    _assert_same_weights(reference_run, out)
+
+
+def test_nan_loss_stops_with_clear_error_and_keeps_state(digits: Path, tmp_path: Path) -> None:
+    out = tmp_path / "nan"
+    with pytest.raises(TrainingError, match="loss became"):
+        finetune(digits, out, FinetuneOptions(**{**TINY, "lr": 1e38, "checkpoint_every": 1}))
+    ckpt.read_state(out)  # last good state still loads
+    assert RunDir.load(out).data["stages"]["finetune"]["status"] == "failed"
+
+
+def test_resume_errors(digits: Path, reference_run: Path, tmp_path: Path) -> None:
+    with pytest.raises(ResumeError, match="does not exist"):
+        finetune(digits, tmp_path / "nope", FinetuneOptions(**TINY), resume=True)
+    with pytest.raises(ResumeError, match="already finished"):
+        finetune(digits, reference_run, resume=True)
+    # an interrupted run whose state file is corrupt
+    out = tmp_path / "corrupt"
+    with pytest.raises(TrainingError):
+        finetune(digits, out, FinetuneOptions(**{**TINY, "lr": 1e38, "checkpoint_every": 1}))
+    (out / ckpt.STATE_FILE).write_bytes(b"garbage")
+    with pytest.raises(ResumeError, match="corrupt"):
+        finetune(digits, out, resume=True)
+
+
+def test_resume_refuses_other_backbone_and_other_classes(digits: Path, tmp_path: Path) -> None:
+    out = tmp_path / "partial"
+    with pytest.raises(TrainingError):
+        finetune(digits, out, FinetuneOptions(**{**TINY, "lr": 1e38, "checkpoint_every": 1}))
+    with pytest.raises(ResumeError, match="backbone: the run used 'tiny', given 'efficientnet_lite0'"):
+        finetune(digits, out, resume=True, overrides={"backbone": "efficientnet_lite0"})
+    other = tmp_path / "other data"
+    write_digits(other, seed=0)
+    import shutil
+
+    shutil.rmtree(other / "train" / "9")
+    shutil.rmtree(other / "val" / "9")
+    with pytest.raises(ResumeError, match=r"missing \['9'\]"):
+        finetune(other, out, resume=True)
+    # the same classes but changed files: resuming would not be exact
+    (digits / "train" / "0" / "extra copy.png").write_bytes((next((digits / "train" / "0").glob("*.png"))).read_bytes())
+    try:
+        with pytest.raises(DatasetError, match="changed"):
+            finetune(digits, out, resume=True)
+    finally:
+        (digits / "train" / "0" / "extra copy.png").unlink()
+
+
+def test_existing_run_is_never_overwritten(digits: Path, reference_run: Path) -> None:
+    before = (reference_run / "weights" / "last.safetensors").read_bytes()
+    with pytest.raises(TrainingError, match="already holds a run"):
+        finetune(digits, reference_run, FinetuneOptions(**TINY))
+    assert (reference_run / "weights" / "last.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--img-size", "50", "--backbone", "efficientnet_lite0"], "multiple of 32"),
+        (["--backbone", "nope"], "unknown backbone"),
+        (["--epochs", "0"], "--epochs 0"),
+        (["--freeze-epochs", "5", "--epochs", "2"], "exceeds --epochs"),
+        (["--device", "cuda"], "CUDA unavailable"),
+        (["--precision", "fp16", "--device", "cpu", "--backbone", "tiny", "--img-size", "32"], "fp16 is for CUDA"),
+    ],
+)
+def test_cli_option_errors(digits: Path, tmp_path: Path, args: list[str], message: str) -> None:
+    if "cuda" in args and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    r = CliRunner().invoke(app, ["finetune", str(digits), "--out", str(tmp_path / "x"), *args])
+    assert r.exit_code == 2, r.output
+    assert message in r.output
+    assert "Traceback" not in r.output
+
+
+def test_cli_missing_dataset(tmp_path: Path) -> None:
+    r = CliRunner().invoke(app, ["finetune", str(tmp_path / "missing"), "--out", str(tmp_path / "x"), "--backbone", "tiny"])
+    assert r.exit_code == 2
+    assert "missing" in r.output
+    assert not (tmp_path / "x").exists()
+
+
+def test_lr_schedule_shape() -> None:
+    f = [lr_factor(s, 10, 1, 5, 1.0) for s in range(50)]
+    assert f[0] == pytest.approx(0.1) and f[9] == 1.0  # warm-up in the head phase
+    assert f[10] == pytest.approx(0.1) and f[19] == 1.0  # warm-up again when the backbone thaws
+    assert all(a >= b for a, b in zip(f[19:], f[20:]))  # cosine decay
+    assert f[-1] < 0.01
+
+
+def test_augment_keeps_shape_and_is_seeded() -> None:
+    x = torch.randn(4, 3, 16, 16)
+    a = augment(x, torch.Generator().manual_seed(1), (0.5, 1.0), True)
+    b = augment(x, torch.Generator().manual_seed(1), (0.5, 1.0), True)
+    c = augment(x, torch.Generator().manual_seed(2), (0.5, 1.0), True)
+    assert a.shape == x.shape and torch.equal(a, b) and not torch.equal(a, c)
