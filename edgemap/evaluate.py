@@ -136,11 +136,13 @@ class TorchSession:
 
 
 def open_session(
-    run: RunDir, runtime: str, precision: str, threads: int | None, hint: str = "latency", exact: bool = False
+    run: RunDir, runtime: str, precision: str, threads: int | None, hint: str = "latency", exact: bool = False,
+    batch: int | None = None,
 ) -> Any:
     """A loaded session for ``runtime`` × ``precision`` on the run's matching artifact.
 
-    ``exact`` makes OpenVINO compute in f32 instead of its bf16 default on bf16-capable CPUs.
+    ``exact`` makes OpenVINO compute in f32 instead of its bf16 default on bf16-capable CPUs;
+    ``batch`` fixes the batch size (OpenVINO compiles static shapes).
 
     Raises RuntimeUnavailableError (with the reason) for any combination that cannot run here.
     """
@@ -167,7 +169,7 @@ def open_session(
         flag = " --int8" if precision == "int8" else ""
         raise RuntimeUnavailableError(f"no '{key}' artifact in {run.path}; run `edgemap export {run.path}{flag}` first")
     path = run.artifact_path(key)  # refuses a file whose sha256 changed
-    return load(path, runtime, SessionOptions(threads=threads, hint=hint, exact=exact))
+    return load(path, runtime, SessionOptions(threads=threads, hint=hint, exact=exact, batch=batch))
 
 
 def _row_error(runtime: str, precision: str, e: Exception) -> EvalRow:

@@ -48,8 +48,9 @@ def test_ok_rows_are_consistent_measurements(rows, trained_run) -> None:  # noqa
     assert by[("openvino", "int8", 1)].model_bytes == run.artifact_path("onnx_int8_qdq").stat().st_size
     assert by[("cpu", "int8", 1)].model_bytes < by[("cpu", "fp32", 1)].model_bytes
     assert by[("cpu", "fp32", 1)].provider == "CPUExecutionProvider"
-    assert by[("openvino", "fp32", 1)].provider == "OpenVINO:CPU" and by[("openvino", "fp32", 1)].mode == "sync"
+    assert by[("openvino", "fp32", 1)].provider == "OpenVINO:CPU" and by[("openvino", "fp32", 1)].mode == "sync, static shape"
     assert by[("openvino", "int8", 7)].mode.startswith("async x")  # THROUGHPUT hint above batch 1
+    assert by[("cpu", "int8", 7)].mode == "sync"
     assert by[("openvino", "int8", 1)].inference_precision.split("+")[0] in ("u8", "i8")
     assert by[("torch", "fp32", 1)].provider.startswith("torch ")
 

@@ -135,6 +135,17 @@ def test_openvino_reports_the_precision_it_computes_in(trained_run) -> None:  # 
     assert int8.provider.startswith("OpenVINO:CPU (")
 
 
+def test_openvino_static_batch_runs_that_batch_like_the_dynamic_model(trained_run) -> None:  # noqa: F811
+    run, splits = trained_run
+    x, _ = load_arrays(splits["test"][:3], run.contract)
+    path = run.artifact_path("onnx_fp32")
+    static = S.load(path, "openvino", S.SessionOptions(threads=1, exact=True, batch=3))
+    assert list(static.native.input(0).get_partial_shape().to_shape()) == [3, 32, 32, 3]
+    dynamic = S.load(path, "openvino", S.SessionOptions(threads=1, exact=True))
+    assert dynamic.native.input(0).get_partial_shape().is_dynamic
+    np.testing.assert_allclose(static.run(x), dynamic.run(x), atol=1e-5)
+
+
 def test_physical_cores_is_sane() -> None:
     import os
 

@@ -164,11 +164,15 @@ class SessionOptions:
         hint: "latency" or "throughput" (OpenVINO performance hint; ORT ignores it).
         exact: force fp32 inference on OpenVINO (it runs bf16 by default on bf16-capable
             CPUs); parity checks use it.
+        batch: fix the batch dimension: OpenVINO then compiles static shapes (as
+            ``benchmark_app -shape`` does; ~10 % faster on Lite0 at batch 1) and the session
+            runs only that batch size. None keeps the dynamic batch. ORT ignores it.
     """
 
     threads: int | None = None
     hint: str = "latency"
     exact: bool = False
+    batch: int | None = None
 
 
 @dataclass
@@ -309,6 +313,10 @@ def _load_openvino(path: Path, device: str, threads: int, opts: SessionOptions) 
             config["INFERENCE_PRECISION_HINT"] = "f32"
     try:
         model = core.read_model(str(path))
+        if opts.batch:
+            shape = model.input(0).get_partial_shape()
+            shape[0] = opts.batch
+            model.reshape({model.input(0): shape})
         compiled = core.compile_model(model, device, config)
     except Exception as e:  # OpenVINO raises RuntimeError for everything
         raise RuntimeUnavailableError(f"{path}: OpenVINO could not compile the model for {device}: {e}") from e
