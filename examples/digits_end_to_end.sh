@@ -20,6 +20,10 @@ PYTHON="${PYTHON:-python3}"          # the interpreter of the device-side venv
 DATA="$WORK/data"
 RUN="$WORK/run"
 
+if [ -e "$RUN" ]; then
+    echo "$RUN already exists: remove it (rm -rf \"$WORK\") or pass another WORK_DIR" >&2
+    exit 1
+fi
 mkdir -p "$WORK"
 echo "== 1. dataset: scikit-learn's 1,797 digits as DATA/train|val/<digit>/*.png"
 edgemap datasets digits "$DATA" --force

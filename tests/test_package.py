@@ -392,3 +392,20 @@ def test_installed_refuses_tampered_model_and_bad_images(venv: Path, exported: d
     assert r.returncode == 2 and "sha256" in r.stderr
 
 
+
+
+@pytest.mark.slow
+def test_example_device_script_writes_csv(venv: Path, exported: dict, tmp_path: Path) -> None:
+    import csv
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "device_classify_folder.py"
+    folder = exported["val"][0].parent.parent  # DATA/val
+    out = tmp_path / "out é.csv"
+    r = _run(venv, str(venv), str(script), str(folder), str(out), "--module", "tiny_clf", "--top-k", "2", "--batch", "5")
+    assert r.returncode == 0, r.stderr
+    with open(out, encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["path"] for row in rows] == [str(p) for p in exported["val"]]
+    ref = _eval_probs(exported["run"], exported["val"], "int8")
+    assert [row["label"] for row in rows] == [exported["run"].classes[i] for i in ref.argmax(1)]
+    assert all(row["label_2"] and not row["error"] for row in rows)

@@ -32,7 +32,7 @@ def register(app: typer.Typer) -> None:
         size = f"{r.wheel_bytes / 1024:,.1f} KiB"
         if r.model_bytes is not None:
             console.print(f"  {r.name} {r.version}: {r.precision} model for {r.runtime}, sha256 {r.model_sha256[:16]}…")
-            size += f" (model {r.model_bytes / 1024:,.1f} KiB + {r.overhead_bytes / 1024:,.1f} KiB code and metadata)"
+            size += f" (model {r.model_bytes / 1024:,.1f} KiB; wheel − model = {r.overhead_bytes / 1024:+,.1f} KiB)"
         console.print(f"  wheel {size}; depends on {', '.join(r.requirements)}")
         usage = f"{r.command} MODEL.onnx IMAGE..." if runtime_only else f"{r.command} IMAGE... --top-k 3"
         next_step(f"{r.pip_install} && {usage}")
