@@ -65,7 +65,7 @@ def register(app: typer.Typer) -> None:
         epochs: Annotated[int | None, typer.Option(help="Total epochs, head-only ones included. [default: 12]")] = None,
         img_size: Annotated[int | None, typer.Option(help="Square input size in pixels. [default: the backbone's]")] = None,
         batch_size: Annotated[int | None, typer.Option(help="Images per step. [default: 32]")] = None,
-        lr: Annotated[float | None, typer.Option(help="Head learning rate; the backbone gets a tenth. [default: 2e-3]")] = None,
+        lr: Annotated[float | None, typer.Option(help="Head learning rate; the backbone gets a quarter. [default: 2e-3]")] = None,
         freeze_epochs: Annotated[int | None, typer.Option(help="Head-only epochs on cached frozen features first. [default: 2]")] = None,
         seed: Annotated[int | None, typer.Option(help="Random seed (runs are reproducible on CPU). [default: 0]")] = None,
         device: Annotated[str | None, typer.Option(help="auto | cpu | cuda. [default: auto]")] = None,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -75,9 +76,9 @@ class FinetuneOptions:
     img_size: int | None = None
     batch_size: int = 32
     lr: float = 2e-3
-    backbone_lr_mult: float = 0.1
+    backbone_lr_mult: float = 0.25
     bn_momentum: float = 0.1
-    bn_recalibrate: bool = True
+    bn_recalibrate: bool = False
     weight_decay: float = 0.01
     freeze_epochs: int = 2
     warmup_epochs: float = 1.0
@@ -91,7 +92,7 @@ class FinetuneOptions:
     skip_bad: bool = False
     flip: bool = True
     augment: bool = True
-    crop_scale: tuple[float, float] = (0.5, 1.0)
+    crop_scale: tuple[float, float] = (0.75, 1.0)
     crop_pct: float = 1.0
     patience: int = 4
     pretrained: bool = True
@@ -172,11 +173,6 @@ def load_arrays(paths: list[Path], contract: PreprocessContract, max_pixels: int
 
 def step_seed(seed: int, epoch: int, step: int) -> int:
     return (seed * 1_000_003 + epoch * 10_007 + step) % (2**63 - 1)
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(step_seed(seed, epoch, 999_983))
-    return torch.randperm(n, generator=g)
 
 
 def augment(x: torch.Tensor, gen: torch.Generator, scale: tuple[float, float], flip: bool) -> torch.Tensor:
@@ -265,6 +261,9 @@ def finetune(data: str | Path, out: str | Path, opts: FinetuneOptions | None = N
              overrides: dict[str, Any] | None = None, reporter: _Reporter | None = None) -> FinetuneResult:
     """Fine-tune ``opts.backbone`` on the folder dataset ``data``; write the run directory ``out``.
 
+    Under torchrun (WORLD_SIZE > 1) every rank calls this; they train with DDP on shards of
+    each epoch and only rank 0 writes ``out``.
+
     Args:
         data: ``DATA/train/<class>/`` + ``DATA/val|validation/<class>/`` (+ optional ``DATA/test``), or
             ``DATA/<class>/`` split by ``opts.val_split``.
@@ -281,208 +280,320 @@ def finetune(data: str | Path, out: str | Path, opts: FinetuneOptions | None = N
         >>> finetune("data/digits", "models/digits", FinetuneOptions(img_size=64, flip=False))
     """
     from edgemap.data.scan import ScanOptions, scan_dataset
+    from edgemap.train.distributed import Dist
 
-    rep = reporter or _Reporter()
     out = Path(out)
     t_start = time.perf_counter()
-    state_tensors = state_meta = None
+    state = None
     if resume:
         given = dict(overrides or {})
         if opts is not None:
             given.update(opts.to_dict())
-        run, opts, state_tensors, state_meta = _open_for_resume(out, given)
+        run, opts, state = _open_for_resume(out, given)
     else:
         opts = opts or FinetuneOptions()
         if (out / MANIFEST_NAME).exists():
             raise TrainingError(f"{out} already holds a run; continue it with --resume, or choose another --out")
     opts.validate()
-    torch.set_num_threads(opts.threads or physical_cores())
     device = resolve_device(opts.device)
-    spec = get_spec(opts.backbone)
-    size = opts.img_size or spec.input_size
-    contract = PreprocessContract(size, size, crop_pct=opts.crop_pct, interpolation=spec.interpolation, mean=spec.mean, std=spec.std)
+    dist = Dist.from_env(device.type)
+    if dist.active and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(device)
+    torch.set_num_threads(opts.threads or max(1, physical_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
+    rep = (reporter or _Reporter()) if dist.main else _Reporter()
+    try:
+        spec = get_spec(opts.backbone)
+        size = opts.img_size or spec.input_size
+        contract = PreprocessContract(size, size, crop_pct=opts.crop_pct, interpolation=spec.interpolation,
+                                      mean=spec.mean, std=spec.std)
+        scan = scan_dataset(data, ScanOptions(val_split=opts.val_split, seed=opts.seed, skip_bad=opts.skip_bad,
+                                              max_pixels=opts.max_pixels))
+        rep.message(f"dataset {scan.root}: {len(scan.classes)} classes, {_counts_line(scan)} ({scan.layout})"
+                    + (f"; {dist.world} processes ({dist.backend})" if dist.active else ""))
+        dist.barrier()  # every rank checked `out` before rank 0 creates it
+        if resume:
+            _check_compatible(run, scan, opts)
+        elif dist.main:
+            run = RunDir.create(
+                out,
+                backbone={"name": opts.backbone, "weights": spec.weights if opts.pretrained else "random init"},
+                classes=scan.classes, contract=contract, options={"finetune": opts.to_dict()}, dataset=scan.to_manifest(),
+            )
+        else:
+            run = None
+        trainer = _Trainer(run, scan, opts, contract, device, dist, rep, data)
+        return trainer.fit(state, t_start)
+    finally:
+        dist.close()
 
-    scan = scan_dataset(data, ScanOptions(val_split=opts.val_split, seed=opts.seed, skip_bad=opts.skip_bad, max_pixels=opts.max_pixels))
-    rep.message(f"dataset {scan.root}: {len(scan.classes)} classes, {_counts_line(scan)} ({scan.layout})")
-    if resume:
-        _check_compatible(run, scan, opts)
-    else:
-        run = RunDir.create(
-            out,
-            backbone={"name": opts.backbone, "weights": spec.weights if opts.pretrained else "random init"},
-            classes=scan.classes,
-            contract=contract,
-            options={"finetune": opts.to_dict()},
-            dataset=scan.to_manifest(),
+
+class _TrainView(torch.nn.Module):
+    """What DDP wraps in the full phase: normalised NCHW in, logits out."""
+
+    def __init__(self, net: ClassifierNet):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.forward_normalized(x)
+
+
+class _Trainer:
+    """One fine-tuning job: state, one epoch, validation, checkpoints. Rank 0 writes; all ranks train."""
+
+    def __init__(self, run: RunDir | None, scan: Any, opts: FinetuneOptions, contract: PreprocessContract,
+                 device: torch.device, dist: Any, rep: _Reporter, data: str | Path):
+        self.run, self.scan, self.opts, self.device, self.dist, self.rep, self.data = run, scan, opts, device, dist, rep, data
+        if dist.main:
+            run.set_stage("finetune", "running", world_size=dist.world)
+            remove_stale_temps(run.path / "state")
+            remove_stale_temps(run.path / "weights")
+        rep.phase("decode", len(scan.train) + len(scan.val))
+        self.train_x = torch.from_numpy(load_arrays([s.path for s in scan.train], contract, opts.max_pixels, 4, rep.advance))
+        self.val_x = torch.from_numpy(load_arrays([s.path for s in scan.val], contract, opts.max_pixels, 4, rep.advance))
+        self.train_y = torch.tensor([s.label for s in scan.train], dtype=torch.long)
+        self.val_y = torch.tensor([s.label for s in scan.val], dtype=torch.long)
+
+        net = build_classifier(opts.backbone, len(scan.classes), contract, pretrained=opts.pretrained, seed=opts.seed,
+                               dropout=opts.dropout)
+        # TF-ported BatchNorm keeps momentum 0.01: running statistics would lag the new domain for
+        # hundreds of steps and validation would see stale ones. Fine-tuning uses PyTorch's 0.1.
+        for m in net.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.momentum = opts.bn_momentum
+        self.mem_format = torch.channels_last if opts.channels_last else torch.contiguous_format
+        self.net = net.to(device=device, memory_format=self.mem_format)
+        self.opt = torch.optim.AdamW(
+            [{"params": list(net.backbone.parameters()), "lr": opts.lr * opts.backbone_lr_mult, "name": "backbone"},
+             {"params": list(net.head.parameters()), "lr": opts.lr, "name": "head"}],
+            lr=opts.lr, weight_decay=opts.weight_decay,
         )
-    run.set_stage("finetune", "running")
-    remove_stale_temps(run.path / "state")
-    remove_stale_temps(run.path / "weights")
+        self.base_lrs = [g["lr"] for g in self.opt.param_groups]
+        self.amp = autocast_dtype(device, opts.precision)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and self.amp == torch.float16)
+        self.loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=opts.label_smoothing)
+        self.sampler = torch.utils.data.DistributedSampler(
+            range(len(self.train_y)), num_replicas=dist.world, rank=dist.rank, shuffle=True, seed=opts.seed, drop_last=False)
+        self.steps_per_epoch = math.ceil(self.sampler.num_samples / opts.batch_size)
+        self.info: dict[str, Any] = {
+            "epoch": 0, "step": 0, "global_step": 0, "best_acc": -1.0, "best_loss": float("inf"), "best_epoch": -1,
+            "bad_epochs": 0, "images_seen": 0, "train_seconds": 0.0, "world_size": dist.world,
+        }
+        self.feats: torch.Tensor | None = None
+        self.ddp: torch.nn.Module | None = None
 
-    # ---- decode once ------------------------------------------------------------------
-    rep.phase("decode", len(scan.train) + len(scan.val))
-    train_x = load_arrays([s.path for s in scan.train], contract, opts.max_pixels, 4, rep.advance)
-    val_x = load_arrays([s.path for s in scan.val], contract, opts.max_pixels, 4, rep.advance)
-    train_y = torch.tensor([s.label for s in scan.train], dtype=torch.long)
-    val_y = torch.tensor([s.label for s in scan.val], dtype=torch.long)
-    train_t = torch.from_numpy(train_x)
-    val_t = torch.from_numpy(val_x)
+    # ---- helpers -----------------------------------------------------------------------
+    def autocast(self) -> Any:
+        return torch.autocast(self.device.type, dtype=self.amp) if self.amp is not None else nullcontext()
 
-    # ---- model / optimiser --------------------------------------------------------------
-    net = build_classifier(opts.backbone, len(scan.classes), contract, pretrained=opts.pretrained, seed=opts.seed, dropout=opts.dropout)
-    # TF-ported BatchNorm keeps momentum 0.01: running statistics would lag the new domain for
-    # hundreds of steps and validation would see stale ones. Fine-tuning uses PyTorch's 0.1.
-    for m in net.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.momentum = opts.bn_momentum
-    mem_format = torch.channels_last if opts.channels_last else torch.contiguous_format
-    net = net.to(device=device, memory_format=mem_format)
-    opt = torch.optim.AdamW(
-        [{"params": list(net.backbone.parameters()), "lr": opts.lr * opts.backbone_lr_mult, "name": "backbone"},
-         {"params": list(net.head.parameters()), "lr": opts.lr, "name": "head"}],
-        lr=opts.lr, weight_decay=opts.weight_decay,
-    )
-    base_lrs = [g["lr"] for g in opt.param_groups]
-    amp = autocast_dtype(device, opts.precision)
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and amp == torch.float16)
+    def _prep(self, x_u8: torch.Tensor) -> torch.Tensor:
+        return self.net.normalize(x_u8.to(self.device)).contiguous(memory_format=self.mem_format)
 
-    def autocast() -> Any:
-        return torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()
+    def save_progress(self) -> None:
+        if self.dist.main:
+            ckpt.save_state(self.run.path, self.net, self.opt, {
+                "progress": self.info, "options": self.opts.to_dict(), "classes": self.scan.classes,
+                "backbone": self.opts.backbone, "fingerprint": self.scan.fingerprint,
+            })
 
-    steps_per_epoch = math.ceil(len(scan.train) / opts.batch_size)
-    info: dict[str, Any] = {
-        "epoch": 0, "step": 0, "global_step": 0, "best_acc": -1.0, "best_loss": float("inf"), "best_epoch": -1,
-        "bad_epochs": 0, "images_seen": 0, "train_seconds": 0.0,
-    }
-    if state_tensors is not None:
-        ckpt.apply_state(state_tensors, state_meta, net, opt)
-        info.update(state_meta["info"]["progress"])
-        rep.message(f"resuming at epoch {info['epoch'] + 1}, step {info['step']} of {steps_per_epoch}")
-    _truncate_metrics(run.path, info["epoch"])
+    def _restore(self, state: tuple[Any, Any]) -> None:
+        tensors, meta = state
+        ckpt.apply_state(tensors, meta, self.net, self.opt)
+        saved = meta["info"]["progress"]
+        self.info.update(saved)
+        if saved.get("world_size", 1) != self.dist.world:
+            # Weights/optimizer are world-size independent; the position inside an epoch is not.
+            if saved["step"]:
+                self.rep.message(f"world size changed ({saved.get('world_size', 1)} → {self.dist.world}): "
+                                 f"restarting epoch {saved['epoch'] + 1} from its first step")
+            self.info.update(step=0, world_size=self.dist.world, global_step=saved["epoch"] * self.steps_per_epoch)
+        self.rep.message(f"resuming at epoch {self.info['epoch'] + 1}, step {self.info['step']} of {self.steps_per_epoch}")
 
-    def save_progress() -> None:
-        ckpt.save_state(run.path, net, opt, {
-            "progress": info, "options": opts.to_dict(), "classes": scan.classes, "backbone": opts.backbone,
-            "fingerprint": scan.fingerprint,
-        })
+    # ---- the job -----------------------------------------------------------------------
+    def fit(self, state: tuple[Any, Any] | None, t_start: float) -> FinetuneResult:
+        opts, info = self.opts, self.info
+        if state is not None:
+            self._restore(state)
+        if self.dist.main:
+            _truncate_metrics(self.run.path, info["epoch"])
+        self.last_save = time.monotonic()
+        stopped_early = False
+        with _catch_signals() as self.stop:
+            while info["epoch"] < opts.epochs:
+                head_only = info["epoch"] < opts.freeze_epochs
+                row = self._epoch(head_only)
+                if self._end_epoch(row, head_only):
+                    stopped_early = True
+                    self.rep.message(f"early stop: no better val accuracy for {opts.patience} epochs")
+                    break
+        return self._finish(stopped_early, t_start)
 
-    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=opts.label_smoothing)
-    feats_cache: torch.Tensor | None = None
-    last_save = time.monotonic()
-    stopped_early = False
-    with _catch_signals() as stop:
-        while info["epoch"] < opts.epochs:
-            epoch = info["epoch"]
-            head_only = epoch < opts.freeze_epochs
-            for p in net.backbone.parameters():
-                p.requires_grad_(not head_only)
-            if info["global_step"] == 0 and opts.bn_recalibrate:
-                _recalibrate_bn(net, train_t, opts.batch_size, device, mem_format, autocast, rep)
-            if head_only and feats_cache is None:
-                feats_cache = _frozen_features(net, train_t, opts.batch_size, device, mem_format, autocast, rep)
-            order = epoch_order(len(train_t), opts.seed, epoch)
-            rep.phase(f"epoch {epoch + 1}/{opts.epochs}" + (" (head only)" if head_only else ""), steps_per_epoch)
-            if info["step"]:
-                rep.advance(info["step"])
-            run_loss = run_correct = run_n = 0.0
-            t_epoch = time.perf_counter()
-            net.train()
+    def _epoch(self, head_only: bool) -> dict[str, Any]:
+        opts, info, net = self.opts, self.info, self.net
+        epoch = info["epoch"]
+        for p in net.backbone.parameters():
+            p.requires_grad_(not head_only)
+        if info["global_step"] == 0 and opts.bn_recalibrate:
+            _recalibrate_bn(net, self.train_x, opts.batch_size, self.device, self.mem_format, self.autocast, self.rep)
+        if head_only and self.feats is None:
+            self.feats = self._frozen_features()
+        if not head_only and self.ddp is None:
+            view = _TrainView(net)
+            self.ddp = torch.nn.parallel.DistributedDataParallel(view) if self.dist.active else view
+        self.sampler.set_epoch(epoch)
+        order = torch.tensor(list(self.sampler), dtype=torch.long)
+        self.rep.phase(f"epoch {epoch + 1}/{opts.epochs}" + (" (head only)" if head_only else ""), self.steps_per_epoch)
+        if info["step"]:
+            self.rep.advance(info["step"])
+        sums = [0.0, 0.0, 0.0]  # loss * n, correct, n (all ranks)
+        t_epoch = time.perf_counter()
+        net.train()
+        if head_only:
+            net.backbone.eval()
+        while info["step"] < self.steps_per_epoch:
+            step = info["step"]
+            idx = order[step * opts.batch_size:(step + 1) * opts.batch_size]
+            loss, logits, y = self._forward(idx, epoch, step, head_only)
+            finite = bool(torch.isfinite(loss))
+            red = self.dist.sum([loss.item() * len(idx) if finite else 0.0, float((logits.argmax(1) == y).sum()), float(len(idx)),
+                                 float(self.stop.signum is not None), float(not finite)])
+            if red[3]:
+                self._interrupt()
+            if red[4]:
+                self._nonfinite(loss, epoch, step)
+            self.opt.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self._sync_head_grads(head_only)
+            self.scaler.step(self.opt)
+            self.scaler.update()
+            sums = [a + b for a, b in zip(sums, red[:3])]
+            info["step"] += 1
+            info["global_step"] += 1
+            info["images_seen"] += int(red[2])
+            elapsed = time.perf_counter() - t_epoch
+            self.rep.advance(1, loss=sums[0] / sums[2], acc=sums[1] / sums[2], ips=sums[2] / max(elapsed, 1e-9))
+            due = opts.checkpoint_every and info["global_step"] % opts.checkpoint_every == 0
+            if due or time.monotonic() - self.last_save > opts.checkpoint_seconds:
+                info["train_seconds"] += time.perf_counter() - t_epoch
+                t_epoch = time.perf_counter()
+                self.save_progress()
+                self.last_save = time.monotonic()
+        info["train_seconds"] += time.perf_counter() - t_epoch
+        return {"epoch": epoch + 1, "phase": "head" if head_only else "full",
+                "train_loss": sums[0] / max(sums[2], 1), "train_acc": sums[1] / max(sums[2], 1)}
+
+    def _forward(self, idx: torch.Tensor, epoch: int, step: int, head_only: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        opts = self.opts
+        seed = step_seed(opts.seed, epoch, step) + 7919 * self.dist.rank
+        torch.manual_seed(seed)  # dropout / drop-connect
+        gen = torch.Generator().manual_seed(seed + 1)
+        y = self.train_y[idx].to(self.device)
+        f = lr_factor(self.info["global_step"], self.steps_per_epoch, opts.freeze_epochs, opts.epochs, opts.warmup_epochs)
+        for g, base in zip(self.opt.param_groups, self.base_lrs):
+            g["lr"] = base * f * (0.0 if head_only and g.get("name") == "backbone" else 1.0)
+        with self.autocast():
             if head_only:
-                net.backbone.eval()
-            while info["step"] < steps_per_epoch:
-                step = info["step"]
-                if stop.signum is not None:
-                    save_progress()
-                    run.set_stage("finetune", "interrupted")
-                    raise Interrupted(
-                        f"interrupted by {signal.Signals(stop.signum).name}; state saved. Resume with: "
-                        f"edgemap finetune '{data}' --out '{run.path}' --resume"
-                    )
-                idx = order[step * opts.batch_size:(step + 1) * opts.batch_size]
-                torch.manual_seed(step_seed(opts.seed, epoch, step))  # dropout / drop-connect
-                gen = torch.Generator().manual_seed(step_seed(opts.seed, epoch, step) + 1)
-                y = train_y[idx].to(device)
-                f = lr_factor(info["global_step"], steps_per_epoch, opts.freeze_epochs, opts.epochs, opts.warmup_epochs)
-                for g, base in zip(opt.param_groups, base_lrs):
-                    g["lr"] = base * f * (0.0 if head_only and g.get("name") == "backbone" else 1.0)
-                with autocast():
-                    if head_only:
-                        logits = net.classify(feats_cache[idx].to(device))
-                    else:
-                        x = net.normalize(train_t[idx].to(device)).contiguous(memory_format=mem_format)
-                        if opts.augment:
-                            x = augment(x, gen, opts.crop_scale, opts.flip)
-                        logits = net.forward_normalized(x)
-                    loss = loss_fn(logits.float(), y)
-                if not torch.isfinite(loss):
-                    run.set_stage("finetune", "failed", reason="non-finite loss")
-                    raise TrainingError(
-                        f"loss became {loss.item()} at epoch {epoch + 1} step {step}; the last good state is kept in "
-                        f"{run.path / ckpt.STATE_FILE}. Lower --lr (now {opts.lr}) or use --precision fp32"
-                    )
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-                n = len(idx)
-                run_loss += loss.item() * n
-                run_correct += (logits.argmax(1) == y).sum().item()
-                run_n += n
-                info["step"] += 1
-                info["global_step"] += 1
-                info["images_seen"] += n
-                elapsed = time.perf_counter() - t_epoch
-                rep.advance(1, loss=run_loss / run_n, acc=run_correct / run_n, ips=run_n / max(elapsed, 1e-9))
-                due_steps = opts.checkpoint_every and info["global_step"] % opts.checkpoint_every == 0
-                if due_steps or time.monotonic() - last_save > opts.checkpoint_seconds:
-                    info["train_seconds"] += time.perf_counter() - t_epoch
-                    t_epoch = time.perf_counter()
-                    save_progress()
-                    last_save = time.monotonic()
-            info["train_seconds"] += time.perf_counter() - t_epoch
-            # ---- end of epoch: validate, keep best, early stop ---------------------------
-            # fp32, not autocast: model selection must see the accuracy the exported fp32 model will have
-            val_loss, val_acc = _evaluate(net, val_t, val_y, opts.batch_size, device, mem_format, nullcontext, loss_fn)
-            row = {
-                "epoch": epoch + 1, "phase": "head" if head_only else "full",
-                "train_loss": run_loss / max(run_n, 1), "train_acc": run_correct / max(run_n, 1),
-                "val_loss": val_loss, "val_acc": val_acc,
-                "lr": opt.param_groups[1]["lr"], "backbone_lr": opt.param_groups[0]["lr"],
-                "images_per_s": info["images_seen"] / max(info["train_seconds"], 1e-9),
-            }
-            improved = val_acc > info["best_acc"] or (val_acc == info["best_acc"] and val_loss < info["best_loss"])
-            if improved:
-                info.update(best_acc=val_acc, best_loss=val_loss, best_epoch=epoch + 1, bad_epochs=0)
-                _save_weights(run, net, WEIGHTS_BEST, epoch + 1, val_acc)
-            elif not head_only:
-                info["bad_epochs"] += 1
-            _append_metrics(run.path, row)
-            rep.epoch_done(row)
-            info["epoch"] += 1
-            info["step"] = 0
-            save_progress()
-            last_save = time.monotonic()
-            if not head_only and info["bad_epochs"] >= opts.patience and info["epoch"] < opts.epochs:
-                stopped_early = True
-                rep.message(f"early stop: no better val accuracy for {opts.patience} epochs")
-                break
+                logits = self.net.classify(self.feats[idx].to(self.device))
+            else:
+                x = self._prep(self.train_x[idx])
+                if opts.augment:
+                    x = augment(x, gen, opts.crop_scale, opts.flip)
+                logits = self.ddp(x)
+            loss = self.loss_fn(logits.float(), y)
+        return loss, logits.detach(), y
 
-    _save_weights(run, net, WEIGHTS_LAST, info["epoch"], None)
-    run.add_artifact("metrics", run.path / METRICS_FILE, stage="finetune", save=False)
-    ips = info["images_seen"] / max(info["train_seconds"], 1e-9)
-    best = {"epoch": info["best_epoch"], "val_accuracy": info["best_acc"], "val_loss": info["best_loss"]}
-    run.data["metrics"]["finetune"] = {
-        "best": best, "epochs_run": info["epoch"], "stopped_early": stopped_early,
-        "train_images_per_second": ips, "autocast": str(amp).replace("torch.", "") if amp else "fp32",
-        "channels_last": opts.channels_last, "device": str(device),
-    }
-    run.set_stage("finetune", "done", seconds=round(time.perf_counter() - t_start, 2))
-    return FinetuneResult(
-        run_dir=run.path, best_epoch=info["best_epoch"], best_val_accuracy=info["best_acc"], best_val_loss=info["best_loss"],
-        epochs_run=info["epoch"], stopped_early=stopped_early, seconds=time.perf_counter() - t_start,
-        images_per_second=ips, classes=scan.classes, counts=scan.counts(), skipped=list(scan.skipped),
-        autocast=str(amp).replace("torch.", "") if amp else "fp32", channels_last=opts.channels_last, device=str(device),
-    )
+    def _sync_head_grads(self, head_only: bool) -> None:
+        """Head-only steps average the (tiny) head gradients by hand; the full phase uses DDP."""
+        if not (head_only and self.dist.active):
+            return
+        import torch.distributed as tdist
+
+        grads = [p.grad for p in self.net.head.parameters()]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        tdist.all_reduce(flat)
+        flat /= self.dist.world
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def _interrupt(self) -> None:
+        self.save_progress()
+        if self.dist.main:
+            self.run.set_stage("finetune", "interrupted")
+        name = signal.Signals(self.stop.signum).name if self.stop.signum else "another rank"
+        raise Interrupted(f"interrupted by {name}; state saved. Resume with: "
+                          f"edgemap finetune '{self.data}' --out '{self.run.path if self.run else '?'}' --resume")
+
+    def _nonfinite(self, loss: torch.Tensor, epoch: int, step: int) -> None:
+        path = self.run.path / ckpt.STATE_FILE if self.run else ckpt.STATE_FILE
+        if self.dist.main:
+            self.run.set_stage("finetune", "failed", reason="non-finite loss")
+        raise TrainingError(
+            f"loss became {loss.item()} at epoch {epoch + 1} step {step}; the last good state is kept in {path}. "
+            f"Lower --lr (now {self.opts.lr}) or use --precision fp32"
+        )
+
+    def _frozen_features(self) -> torch.Tensor:
+        """Backbone features of every (un-augmented) training image, computed once, shared by all ranks."""
+        mine = self.train_x[self.dist.rank::self.dist.world]
+        local = _frozen_features(self.net, mine, self.opts.batch_size, self.device, self.mem_format, self.autocast, self.rep)
+        return self.dist.gather_rows(local, len(self.train_x))
+
+    def _validate(self) -> tuple[float, float]:
+        # fp32, not autocast: model selection must see the accuracy the exported fp32 model will have
+        x = self.val_x[self.dist.rank::self.dist.world]
+        y = self.val_y[self.dist.rank::self.dist.world]
+        loss, acc = _evaluate(self.net, x, y, self.opts.batch_size, self.device, self.mem_format, nullcontext, self.loss_fn)
+        tot = self.dist.sum([loss * len(y), acc * len(y), float(len(y))])
+        return tot[0] / max(tot[2], 1), tot[1] / max(tot[2], 1)
+
+    def _end_epoch(self, row: dict[str, Any], head_only: bool) -> bool:
+        """Validate, keep the best weights, log; True when early stopping triggers."""
+        info, opts = self.info, self.opts
+        val_loss, val_acc = self._validate()
+        row.update(val_loss=val_loss, val_acc=val_acc, lr=self.opt.param_groups[1]["lr"],
+                   backbone_lr=self.opt.param_groups[0]["lr"],
+                   images_per_s=info["images_seen"] / max(info["train_seconds"], 1e-9))
+        if val_acc > info["best_acc"] or (val_acc == info["best_acc"] and val_loss < info["best_loss"]):
+            info.update(best_acc=val_acc, best_loss=val_loss, best_epoch=row["epoch"], bad_epochs=0)
+            if self.dist.main:
+                _save_weights(self.run, self.net, WEIGHTS_BEST, row["epoch"], val_acc)
+        elif not head_only:
+            info["bad_epochs"] += 1
+        if self.dist.main:
+            _append_metrics(self.run.path, row)
+        self.rep.epoch_done(row)
+        info["epoch"] += 1
+        info["step"] = 0
+        self.save_progress()
+        self.last_save = time.monotonic()
+        return not head_only and info["bad_epochs"] >= opts.patience and info["epoch"] < opts.epochs
+
+    def _finish(self, stopped_early: bool, t_start: float) -> FinetuneResult:
+        info, opts = self.info, self.opts
+        ips = info["images_seen"] / max(info["train_seconds"], 1e-9)
+        autocast_name = str(self.amp).replace("torch.", "") if self.amp else "fp32"
+        if self.dist.main:
+            run = self.run
+            _save_weights(run, self.net, WEIGHTS_LAST, info["epoch"], None)
+            run.add_artifact("metrics", run.path / METRICS_FILE, stage="finetune", save=False)
+            run.data["metrics"]["finetune"] = {
+                "best": {"epoch": info["best_epoch"], "val_accuracy": info["best_acc"], "val_loss": info["best_loss"]},
+                "epochs_run": info["epoch"], "stopped_early": stopped_early, "train_images_per_second": ips,
+                "autocast": autocast_name, "channels_last": opts.channels_last, "device": str(self.device),
+                "world_size": self.dist.world,
+            }
+            run.set_stage("finetune", "done", seconds=round(time.perf_counter() - t_start, 2), world_size=self.dist.world)
+        self.dist.barrier()
+        return FinetuneResult(
+            run_dir=self.run.path if self.run else Path(), best_epoch=info["best_epoch"], best_val_accuracy=info["best_acc"],
+            best_val_loss=info["best_loss"], epochs_run=info["epoch"], stopped_early=stopped_early,
+            seconds=time.perf_counter() - t_start, images_per_second=ips, classes=self.scan.classes,
+            counts=self.scan.counts(), skipped=list(self.scan.skipped), autocast=autocast_name,
+            channels_last=opts.channels_last, device=str(self.device),
+        )
 
 
 def _recalibrate_bn(net: ClassifierNet, x_u8: torch.Tensor, bs: int, device: torch.device, mem_format: Any,
@@ -567,7 +678,7 @@ def _truncate_metrics(run_path: Path, epochs_done: int) -> None:
         atomic_write_bytes(path, "".join(ln + "\n" for ln in keep).encode())
 
 
-def _open_for_resume(out: Path, given: dict[str, Any]) -> tuple[RunDir, FinetuneOptions, Any, Any]:
+def _open_for_resume(out: Path, given: dict[str, Any]) -> tuple[RunDir, FinetuneOptions, tuple[Any, Any]]:
     from edgemap.errors import ManifestError
 
     if not out.is_dir():
@@ -593,7 +704,7 @@ def _open_for_resume(out: Path, given: dict[str, Any]) -> tuple[RunDir, Finetune
     if conflicts:
         raise ResumeError(f"--resume: options differ from the run in {out}: " + "; ".join(conflicts))
     stored = dataclasses.replace(stored, **{k: v for k, v in given.items() if k in free})
-    return run, stored, tensors, meta
+    return run, stored, (tensors, meta)
 
 
 def _check_compatible(run: RunDir, scan: Any, opts: FinetuneOptions) -> None:

@@ -1,0 +1,138 @@
+"""Distributed fine-tuning on torchrun (DDP): the process group, collectives, the launcher.
+
+edgemap does not launch its own workers: ``torchrun`` (``python -m torch.distributed.run``)
+does, and sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR. ``edgemap finetune --nproc N``
+is only a shortcut that re-executes the same command under torchrun on one node.
+
+Backends: gloo on CPU, nccl on CUDA. Only rank 0 writes the run directory and draws progress
+bars. If one rank dies, torchrun stops the others, and every collective has a timeout, so a
+job never hangs.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from edgemap.errors import TrainingError
+
+#: how long a collective may wait for a rank before the job fails (a dead peer, not a slow one)
+COLLECTIVE_TIMEOUT_S = int(os.environ.get("EDGEMAP_DIST_TIMEOUT", "300"))
+
+
+@dataclass
+class Dist:
+    """This process's place in the job (world 1 when not launched by torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    backend: str = ""
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    @classmethod
+    def from_env(cls, device_type: str) -> Dist:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        import torch.distributed as tdist
+
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        if not tdist.is_initialized():
+            try:
+                tdist.init_process_group(backend, timeout=_dt.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+            except Exception as e:  # rendezvous failures come as RuntimeError/DistNetworkError/...
+                raise TrainingError(f"could not join the torchrun job ({backend}): {e}") from e
+        return cls(rank=tdist.get_rank(), world=tdist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+                   backend=backend)
+
+    # ---- collectives (no-ops in a single process) -------------------------------------
+    def sum(self, values: list[float]) -> list[float]:
+        """All-reduce a few numbers by sum (float64)."""
+        if not self.active:
+            return list(values)
+        import torch.distributed as tdist
+
+        t = torch.tensor(values, dtype=torch.float64)
+        tdist.all_reduce(t)
+        return t.tolist()
+
+    def any(self, flag: bool) -> bool:
+        return self.sum([1.0 if flag else 0.0])[0] > 0 if self.active else flag
+
+    def gather_rows(self, local: torch.Tensor, n_total: int) -> torch.Tensor:
+        """Rows computed for indices ``rank::world`` on each rank → all rows in index order."""
+        if not self.active:
+            return local
+        import torch.distributed as tdist
+
+        per = -(-n_total // self.world)
+        padded = torch.zeros((per, *local.shape[1:]), dtype=local.dtype)
+        padded[: len(local)] = local
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        tdist.all_gather(parts, padded)
+        out = torch.empty((n_total, *local.shape[1:]), dtype=local.dtype)
+        for r, part in enumerate(parts):
+            n_r = len(range(r, n_total, self.world))
+            out[r::self.world] = part[:n_r]
+        return out
+
+    def broadcast_error(self, message: str | None) -> str | None:
+        """Share rank 0's error message (or None) with every rank."""
+        if not self.active:
+            return message
+        import torch.distributed as tdist
+
+        box = [message]
+        tdist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.active:
+            import torch.distributed as tdist
+
+            tdist.barrier()
+
+    def close(self) -> None:
+        if self.active:
+            import torch.distributed as tdist
+
+            if tdist.is_initialized():
+                tdist.destroy_process_group()
+
+
+def launch_torchrun(nproc: int, argv: list[str] | None = None) -> int:
+    """Re-run this ``edgemap finetune`` command under torchrun with ``nproc`` local processes.
+
+    Returns torchrun's exit code (non-zero when any rank failed).
+    """
+    if nproc < 1:
+        raise TrainingError(f"--nproc {nproc}: must be >= 1")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cleaned: list[str] = []
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc":
+            skip = True
+            continue
+        if a.startswith("--nproc="):
+            continue
+        cleaned.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "edgemap", *cleaned]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))}
+    return subprocess.call(cmd, env=env)
