@@ -95,9 +95,7 @@ def _int8_plan(targets: tuple[str, ...] | None) -> dict[str, list[str]]:
     """format → target runtimes, validated against the capability table."""
     from edgemap.artifacts import int8_targets
     from edgemap.runtime.errors import RuntimeUnavailableError
-    from edgemap.runtime.sessions import parse_runtime
-
-    from edgemap.runtime.sessions import available
+    from edgemap.runtime.sessions import available, parse_runtime
 
     table = int8_targets()
     # Default: every int8-capable runtime that can run here (cpu, openvino on a CPU machine);
