@@ -189,8 +189,8 @@ def _bench_one(run: RunDir, runtime: str, precision: str, batch: int, opts: Benc
     if is_ov:
         row.mode += ", static shape"
     ms = lat * 1000.0
-    row.p50_ms, row.p90_ms, row.p99_ms = (round(float(v), 4) for v in np.percentile(ms, [50, 90, 99]))
-    row.mean_ms = round(float(ms.mean()), 4)
+    row.p50_ms, row.p90_ms, row.p99_ms = (round(float(v), 6) for v in np.percentile(ms, [50, 90, 99]))
+    row.mean_ms = round(float(ms.mean()), 6)
     row.throughput = round(batch * done / wall, 2) if wall > 0 else None
     row.load_ms = round(float(sess.load_ms), 2)
     row.mem_mb = round(max(0, peak[0] - base) / 2**20, 2)
