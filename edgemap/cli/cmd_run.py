@@ -1,0 +1,149 @@
+"""`edgemap run DATA --out RUN_DIR` and `edgemap demo`: the whole mapping in one command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from edgemap.cli.common import DataArg, JsonOpt, console, handle_errors, next_step, split_csv, write_json_out
+
+
+def _fmt(v: Any, pct: bool = False, digits: int = 2) -> str:
+    if v is None:
+        return ""
+    return f"{100 * v:.{digits}f}" if pct else f"{v:.{digits}f}"
+
+
+def summary_table(result: Any) -> Table:
+    table = Table(title=f"edgemap run: {result.run_dir}")
+    for col in ("runtime", "precision", "accuracy %", "agree %", "p50 ms", "p99 ms", "img/s", "ran on"):
+        table.add_column(col, justify="left" if col in ("runtime", "precision", "ran on") else "right")
+    for r in result.summary:
+        table.add_row(r["runtime"], r["precision"], _fmt(r.get("accuracy"), True), _fmt(r.get("agreement"), True),
+                      _fmt(r.get("p50_ms")), _fmt(r.get("p99_ms")), _fmt(r.get("throughput"), digits=0), r.get("provider") or "")
+    return table
+
+
+def artifact_table(result: Any) -> Table:
+    table = Table(title="artifacts")
+    table.add_column("artifact")
+    table.add_column("size", justify="right")
+    table.add_column("path", overflow="fold")
+    for a in result.artifacts:
+        size = a.get("bytes")
+        table.add_row(a["key"], f"{size / 1e6:.2f} MB" if size else "", a["path"])
+    if result.wheel:
+        table.add_row("wheel", f"{Path(result.wheel).stat().st_size / 1e6:.2f} MB" if Path(result.wheel).exists() else "", result.wheel)
+    if result.report:
+        table.add_row("report", "", result.report)
+    return table
+
+
+def run_and_show(data: Path, out: Path, opts: Any, json_out: Path | None) -> None:
+    from edgemap.cli.cmd_finetune import RichReporter
+    from edgemap.pipeline import run_pipeline
+
+    quiet = json_out is not None and str(json_out) == "-"
+    with RichReporter() as rep:
+        def on_stage(stage: str) -> None:
+            rep.message(f"[bold cyan]── {stage} ──[/]")
+
+        result = run_pipeline(data, out, opts, on_stage=None if quiet else on_stage, finetune_reporter=rep,
+                              export_progress=lambda msg: rep.message(f"  {msg}"))
+    write_json_out(json_out, result.to_dict())
+    if quiet:
+        return
+    if result.did_nothing:
+        console.print(f"[green]nothing to do[/]: every stage of {out} is already done (artifacts verified by sha256)")
+    for s in result.stages:
+        console.print(f"  {s.stage:9s} {s.status:8s} {s.seconds:6.1f} s  {s.detail}")
+    console.print(summary_table(result))
+    console.print(artifact_table(result))
+    console.print(f"total {result.seconds:.0f} s")
+    if result.wheel:
+        console.print(f"\ninstall on a device: pip install '{result.wheel}'")
+    next_step(f"edgemap report '{out}'  |  edgemap bench '{out}' --batch 1,8  |  edgemap eval '{out}' --runtime cpu,openvino,torch")
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("run")
+    @handle_errors
+    def run_cmd(
+        data: DataArg,
+        out: Annotated[Path, typer.Option("--out", "-o", help="Run directory (re-running continues where it stopped).")] = None,  # type: ignore[assignment]
+        backbone: Annotated[str | None, typer.Option(help="Backbone [default: efficientnet_lite0].")] = None,
+        epochs: Annotated[int | None, typer.Option(help="Fine-tuning epochs [default: 12].")] = None,
+        img_size: Annotated[int | None, typer.Option(help="Input size [default: the backbone's].")] = None,
+        batch_size: Annotated[int | None, typer.Option(help="Training batch size [default: 32].")] = None,
+        lr: Annotated[float | None, typer.Option(help="Head learning rate [default: 2e-3].")] = None,
+        seed: Annotated[int | None, typer.Option(help="Random seed [default: 0].")] = None,
+        device: Annotated[str | None, typer.Option(help="Training device auto|cpu|cuda [default: auto].")] = None,
+        no_flip: Annotated[bool, typer.Option("--no-flip", help="No random horizontal flips.")] = False,
+        skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip unreadable images (listed in the run).")] = False,
+        max_drop: Annotated[float | None, typer.Option(help="Largest int8 top-1 drop allowed, points [default: 1.0].")] = None,
+        calib_size: Annotated[int | None, typer.Option(help="int8 calibration images [default: 300].")] = None,
+        runtime: Annotated[str | None, typer.Option(help="Runtimes for eval/bench [default: torch,cpu,cuda,openvino].")] = None,
+        bench_seconds: Annotated[float | None, typer.Option(help="Seconds per bench measurement [default: 3].")] = None,
+        package_runtime: Annotated[str | None, typer.Option(help="Wheel runtime onnxruntime|openvino [default: onnxruntime].")] = None,
+        name: Annotated[str | None, typer.Option(help="Wheel name [default: <run dir>-classifier].")] = None,
+        no_report: Annotated[bool, typer.Option("--no-report", help="Skip the HTML report.")] = False,
+        json_out: JsonOpt = None,
+    ) -> None:
+        """Run finetune → export --int8 → eval → bench → package → report into one run directory.
+
+        Re-running on the same --out skips finished stages (their artifacts are sha256-checked),
+        resumes an interrupted fine-tuning exactly, and redoes an interrupted later stage.
+        """
+        opts = build_options(backbone=backbone, epochs=epochs, img_size=img_size, batch_size=batch_size, lr=lr, seed=seed,
+                             device=device, flip=False if no_flip else None, skip_bad=True if skip_bad else None,
+                             max_drop=max_drop, calib_size=calib_size, runtime=runtime, bench_seconds=bench_seconds,
+                             package_runtime=package_runtime, name=name, report=not no_report)
+        run_and_show(data, out or Path("models") / Path(data).resolve().name, opts, json_out)
+
+    @app.command("demo")
+    @handle_errors
+    def demo_cmd(
+        out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the demo's data/ and run/.")] = Path("models/demo"),
+        epochs: Annotated[int | None, typer.Option(help="Fine-tuning epochs [default: 12].")] = None,
+        json_out: JsonOpt = None,
+    ) -> None:
+        """The whole mapping on the embedded digits dataset (scikit-learn's 1,797 scans), a few minutes on 2 CPU cores.
+
+        Writes OUT/data (the dataset) and OUT/run (run directory, int8 models, wheel, report).
+        """
+        from edgemap.data.digits import write_digits
+
+        data = out / "data"
+        if not (data / "train").is_dir():
+            write_digits(data)
+        opts = build_options(img_size=64, epochs=epochs or 12, flip=False, runtime="torch,cpu,cuda,openvino",
+                             bench_seconds=2.0)
+        run_and_show(data, out / "run", opts, json_out)
+
+
+def build_options(*, runtime: str | None = None, bench_seconds: float | None = None, package_runtime: str | None = None,
+                  name: str | None = None, max_drop: float | None = None, calib_size: int | None = None,
+                  report: bool = True, **finetune_kw: Any) -> Any:
+    """Stage options from what the user set (unset = None = that stage's own default)."""
+    from edgemap.bench import BenchOptions
+    from edgemap.evaluate import EvalOptions
+    from edgemap.export import ExportOptions
+    from edgemap.package import PackageOptions
+    from edgemap.pipeline import RunOptions
+    from edgemap.train.finetune import FinetuneOptions
+
+    def given(**kw: Any) -> dict[str, Any]:
+        return {k: v for k, v in kw.items() if v is not None}
+
+    runtimes = tuple(split_csv(runtime)) if runtime else None
+    return RunOptions(
+        finetune=FinetuneOptions(**given(**finetune_kw)),
+        export=ExportOptions(int8=True, **given(max_drop=max_drop, calib_size=calib_size)),
+        eval=EvalOptions(**given(runtimes=runtimes)),
+        bench=BenchOptions(batches=(1,), seconds=bench_seconds or 3.0, warmup=5, **given(runtimes=runtimes)),
+        package=PackageOptions(**given(runtime=package_runtime, name=name)),
+        report=report,
+    )

@@ -1,0 +1,107 @@
+"""`edgemap run` / `demo`: every stage chained, nothing redone on a finished run, resume from export."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from edgemap.cli import app
+from edgemap.cli.cmd_run import build_options
+from edgemap.data.digits import write_digits
+from edgemap.manifest import RunDir
+from edgemap.pipeline import run_pipeline
+
+pytestmark = pytest.mark.slow
+
+
+def _opts(report: bool = False):  # noqa: ANN202
+    return build_options(backbone="tiny", img_size=32, epochs=3, flip=False, lr=1e-2, runtime="torch,cpu,openvino",
+                         bench_seconds=0.3, max_drop=100.0, report=report)
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("pipeline data") / "d"
+    write_digits(root, seed=0)
+    return root
+
+
+@pytest.fixture(scope="module")
+def finished(digits: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("pipe") / "run é"
+    res = run_pipeline(digits, out, _opts())
+    assert [s.status for s in res.stages] == ["done"] * 5
+    return out
+
+
+def test_every_stage_runs_and_is_recorded(finished: Path) -> None:
+    run = RunDir.load(finished)
+    for stage in ("finetune", "export", "eval", "bench", "package"):
+        assert run.stage_done(stage), stage
+    wheel = Path(run.data["stages"]["package"]["wheel"])
+    assert wheel.is_file() and wheel.suffix == ".whl"
+    from edgemap.pipeline import summarize
+
+    rows = {(r["runtime"], r["precision"]): r for r in summarize(run)}
+    for key in (("torch", "fp32"), ("cpu", "fp32"), ("cpu", "int8"), ("openvino", "fp32"), ("openvino", "int8")):
+        assert rows[key]["accuracy"] is not None and rows[key]["p50_ms"] > 0, key
+    assert rows[("cpu", "fp32")]["accuracy"] == pytest.approx(rows[("torch", "fp32")]["accuracy"], abs=0.01)
+
+
+def test_rerun_on_finished_run_does_nothing_and_says_so(digits: Path, finished: Path) -> None:
+    before = (finished / "edgemap.json").read_bytes()
+    r = CliRunner().invoke(app, ["run", str(digits), "--out", str(finished), "--backbone", "tiny", "--no-report"],
+                           env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    assert "nothing to do" in r.output
+    assert (finished / "edgemap.json").read_bytes() == before
+    j = CliRunner().invoke(app, ["run", str(digits), "--out", str(finished), "--no-report", "--json", "-"])
+    assert json.loads(j.output)["did_nothing"] is True
+
+
+def test_tampered_artifact_is_refused_not_silently_redone(digits: Path, finished: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(finished, copy)
+    run = RunDir.load(copy)
+    # paths are relative, so the copy is a valid run; flip one byte of its ONNX model
+    onnx = copy / run.artifacts["onnx_fp32"]["path"]
+    data = bytearray(onnx.read_bytes())
+    data[-1] ^= 1
+    onnx.write_bytes(bytes(data))
+    r = CliRunner().invoke(app, ["run", str(digits), "--out", str(copy), "--no-report"])
+    assert r.exit_code == 2
+    assert "sha256" in r.output
+
+
+def test_interrupted_export_continues_from_export(digits: Path, tmp_path: Path) -> None:
+    from edgemap.train.finetune import finetune
+
+    out = tmp_path / "half"
+    opts = _opts()
+    finetune(digits, out, opts.finetune)
+    proc = subprocess.Popen([sys.executable, "-m", "edgemap", "export", str(out), "--int8", "--max-drop", "100"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
+    t0 = time.monotonic()
+    while not (out / "model.onnx").exists() and proc.poll() is None and time.monotonic() - t0 < 60:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)  # fp32 written, int8 under way
+    proc.wait()
+    run = RunDir.load(out)
+    if run.stage_done("export"):  # the tiny export outran the kill: leave the same state by hand
+        del run.data["stages"]["export"]
+        run.save()
+    assert not RunDir.load(out).stage_done("export")
+    res = run_pipeline(digits, out, opts)
+    assert [(s.stage, s.status) for s in res.stages][:2] == [("finetune", "skipped"), ("export", "done")]
+    assert RunDir.load(out).stage_done("package")
+    assert not list(out.rglob("*.edgemap-tmp"))
