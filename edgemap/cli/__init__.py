@@ -35,7 +35,7 @@ def _root(
 
 # One module per command; each defines `register(app)`. Imports stay light (no torch) so
 # `edgemap --help` is instant: the stages import torch/onnx/openvino lazily.
-_COMMANDS = ["backbones", "datasets", "finetune", "export", "eval", "bench", "package", "run"]
+_COMMANDS = ["backbones", "datasets", "finetune", "export", "eval", "bench", "package", "run", "report"]
 for _name in _COMMANDS:
     try:
         _mod = importlib.import_module(f"edgemap.cli.cmd_{_name}")

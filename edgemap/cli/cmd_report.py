@@ -1,0 +1,41 @@
+"""`edgemap report`: one self-contained HTML page (plots embedded) for a run directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from edgemap.cli.common import JsonOpt, RunDirArg, console, handle_errors, next_step, write_json_out
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("report")
+    @handle_errors
+    def report_cmd(
+        run_dir: RunDirArg,
+        out: Annotated[Path | None, typer.Option("--out", help="HTML file to write \\[default: RUN_DIR/report/report.html]; the PNGs stay in RUN_DIR/report/.")] = None,
+        predict: Annotated[bool, typer.Option("--predict/--no-predict", help="Run the exported models on validation images for the misclassified grid.")] = True,
+        max_images: Annotated[int | None, typer.Option("--max-images", help="At most this many validation images are predicted \\[default: 2000].")] = None,
+        grid: Annotated[int | None, typer.Option("--grid", help="At most this many misclassified images shown \\[default: 40].")] = None,
+        json_out: JsonOpt = None,
+    ) -> None:
+        """Training curves, confusion matrices, accuracy vs latency, misclassified images, int8 gate: one HTML file."""
+        from edgemap.report import ReportOptions, report
+
+        given = {"out": out, "max_images": max_images, "grid": grid}
+        opts = ReportOptions(predict=predict, **{k: v for k, v in given.items() if v is not None})
+        r = report(run_dir, opts)
+        write_json_out(json_out, r.to_dict())
+        if json_out is not None and str(json_out) == "-":
+            return
+        console.print(f"[green]wrote[/] {r.html} ({r.bytes / 1024:,.0f} KiB, {len(r.images)} plots embedded, "
+                      f"{r.seconds:.1f} s)", soft_wrap=True)
+        for name, status in r.sections.items():
+            if status != "ok":
+                console.print(f"  [yellow]{name}[/]: {status}", soft_wrap=True)
+        for w in r.warnings:
+            console.print(f"  [yellow]warning:[/] {w}", soft_wrap=True)
+        console.print(f"open it: {r.html.resolve().as_uri()}", soft_wrap=True)
+        next_step(f'edgemap package "{run_dir}"')
