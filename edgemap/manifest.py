@@ -16,17 +16,19 @@ artifact whose bytes changed is refused.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import platform
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from edgemap.errors import ManifestError, ModelIntegrityError
-from edgemap.fsutil import atomic_write_json, sha256_file
+from edgemap.fsutil import atomic_path, atomic_write_json, sha256_file
 from edgemap.runtime.preprocess import PreprocessContract
 
 MANIFEST_NAME = "edgemap.json"
@@ -47,6 +49,7 @@ _TOP_LEVEL: dict[str, tuple[type | tuple[type, ...], bool]] = {
     "metrics": (dict, False),
     "versions": (dict, False),
     "created": (str, False),
+    "pending": (dict, False),  # artifacts being replaced (RunDir.write_artifact's journal)
 }
 
 
@@ -91,7 +94,7 @@ def validate_manifest(data: Any, where: str = MANIFEST_NAME) -> dict[str, Any]:
             PreprocessContract.from_dict(data["preprocess"])
         except Exception as e:  # noqa: BLE001 - reported as a manifest problem below
             problems.append(f"'preprocess' invalid: {e}")
-        for name, art in data["artifacts"].items():
+        for name, art in [*data["artifacts"].items(), *data.get("pending", {}).items()]:
             if not isinstance(art, dict):
                 problems.append(f"artifact '{name}' must be an object")
                 continue
@@ -128,7 +131,7 @@ class RunDir:
         options: dict[str, Any] | None = None,
         dataset: dict[str, Any] | None = None,
     ) -> RunDir:
-        path = Path(path)
+        path = Path(path).absolute()  # artifact paths are recorded relative to it, whatever the CWD
         path.mkdir(parents=True, exist_ok=True)
         data = {
             "schema": SCHEMA_VERSION,
@@ -149,7 +152,7 @@ class RunDir:
 
     @classmethod
     def load(cls, path: str | Path) -> RunDir:
-        path = Path(path)
+        path = Path(path).absolute()
         mf = path / MANIFEST_NAME
         if not path.is_dir():
             raise ManifestError(f"{path}: no such run directory; create one with `edgemap finetune DATA --out {path}`")
@@ -159,7 +162,23 @@ class RunDir:
             data = json.loads(mf.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ManifestError(f"{mf}: not valid JSON ({e})") from e
-        return cls(path, validate_manifest(data, str(mf)))
+        run = cls(path, validate_manifest(data, str(mf)))
+        run._settle_pending()
+        return run
+
+    def _settle_pending(self) -> None:
+        """Finish what a process killed inside :meth:`write_artifact` left journaled.
+
+        A pending entry whose file is in place (the rename happened, the manifest update
+        did not) becomes the artifact; otherwise the old file and entry are still current.
+        """
+        for key, entry in (self.data.pop("pending", None) or {}).items():
+            try:
+                p = self._inside(entry["path"])
+            except ManifestError:
+                continue
+            if p.is_file() and sha256_file(p) == entry["sha256"]:
+                self.artifacts[key] = entry
 
     def save(self) -> None:
         self.data["versions"] = {**self.data.get("versions", {}), **package_versions()}
@@ -212,6 +231,35 @@ class RunDir:
         if save:
             self.save()
         return entry
+
+    @contextlib.contextmanager
+    def write_artifact(self, key: str, path: str | Path, *, stage: str, save: bool = True, **meta: Any) -> Iterator[Path]:
+        """Write an artifact atomically and record it: edgemap.json and the file never disagree.
+
+        Yields a temp path beside ``path`` to write. Once it is complete, its sha256 is
+        journaled in the manifest (``pending``) *before* it replaces the old file, then
+        recorded as the artifact. A kill at any point leaves either the old file with its
+        old entry, or the new file whose pending entry :meth:`load` promotes.
+
+        Example:
+            >>> with run.write_artifact("onnx_fp32", run.path / "model.onnx", stage="export") as tmp:
+            ...     tmp.write_bytes(data)
+        """
+        p = Path(path)
+        rel = str(p.resolve().relative_to(self.path.resolve())) if p.is_absolute() else str(p)
+        self._inside(rel)
+        with atomic_path(self.path / rel) as tmp:
+            yield tmp
+            entry = {"path": rel.replace("\\", "/"), "sha256": sha256_file(tmp), "bytes": tmp.stat().st_size,
+                     "stage": stage, "created": now_iso(), **meta}
+            self.data.setdefault("pending", {})[key] = entry
+            self.save()
+        self.data["pending"].pop(key, None)
+        if not self.data["pending"]:
+            del self.data["pending"]
+        self.artifacts[key] = entry
+        if save:
+            self.save()
 
     def has_artifact(self, key: str) -> bool:
         return key in self.artifacts and self._inside(self.artifacts[key]["path"]).is_file()

@@ -177,6 +177,7 @@ def export(run_dir: Any, opts: ExportOptions | None = None, *, dataset: Any = No
     say = progress or (lambda _msg: None)
     run = run_dir if isinstance(run_dir, RunDir) else RunDir.load(run_dir)
     plan = _check_options(opts)
+    _remove_leftovers(run.path)
     if "weights_best" not in run.artifacts:
         raise ExportError(f"{run.path}: no trained weights ('weights_best') recorded; run `edgemap finetune` to completion first")
     ds = _dataset(run, dataset)
@@ -212,27 +213,34 @@ def export(run_dir: Any, opts: ExportOptions | None = None, *, dataset: Any = No
     return result
 
 
+def _remove_leftovers(run_path: Path) -> None:
+    """Temp files and work folders a killed export left behind (never artifacts: not in the manifest)."""
+    from edgemap.fsutil import remove_stale_temps
+
+    remove_stale_temps(run_path)
+    for work in run_path.glob(".export-work-*"):
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def _export_fp32(run: Any, net: Any, opts: ExportOptions, say: Progress) -> tuple[Path, bool]:
     from edgemap.artifacts import FILENAMES, ONNX_FP32
     from edgemap.export.onnx_export import build_metadata, check_model, finalize_bytes, io_spec, torch_to_onnx_bytes
-    from edgemap.fsutil import atomic_path
 
     c = run.contract
     say(f"exporting ONNX (opset {opts.opset})")
     data = finalize_bytes(torch_to_onnx_bytes(net, c.height, c.width, opts.opset), build_metadata(run, "fp32", "fp32"))
     dest = run.path / FILENAMES[ONNX_FP32]
     rewritten = not (dest.is_file() and dest.read_bytes() == data)
+    inp, out = io_spec(c.height, c.width, len(run.classes))
+    meta = dict(opset=opts.opset, input=inp, output=out, precision="fp32", format="fp32",
+                exporter="torch.onnx.export(dynamo=False)", weights_sha256=run.artifacts["weights_best"]["sha256"])
     if rewritten:
-        with atomic_path(dest) as tmp:
+        with run.write_artifact(ONNX_FP32, dest, stage="export", **meta) as tmp:
             tmp.write_bytes(data)
             check_model(tmp, opts.opset)  # a model that fails here never replaces a good one
     else:
         check_model(dest, opts.opset)
-    inp, out = io_spec(c.height, c.width, len(run.classes))
-    run.add_artifact(
-        ONNX_FP32, dest, stage="export", opset=opts.opset, input=inp, output=out, precision="fp32", format="fp32",
-        exporter="torch.onnx.export(dynamo=False)", weights_sha256=run.artifacts["weights_best"]["sha256"],
-    )
+        run.add_artifact(ONNX_FP32, dest, stage="export", **meta)
     return dest, rewritten
 
 
@@ -327,12 +335,14 @@ def _write_int8(run: Any, src: Path, fmt: str, targets: list[str], chosen: Any, 
     if rejected:
         name = name.replace(".onnx", ".rejected.onnx")
     dest = run.path / name
-    with atomic_path(dest) as tmp:
+    if rejected:
+        with atomic_path(dest) as tmp:
+            onnx.save(model, str(tmp))
+        return dest
+    with run.write_artifact(key, dest, stage="export", save=False, precision="int8", format=fmt, runtimes=targets,
+                            gate={"top1_fp32": chosen.top1_fp32, "top1_int8": chosen.top1_int8,
+                                  "drop_points": chosen.drop_points, "agreement": chosen.agreement,
+                                  "evaluated_on": chosen.runtime},
+                            **quant) as tmp:
         onnx.save(model, str(tmp))
-    if not rejected:
-        run.add_artifact(key, dest, stage="export", save=False, precision="int8", format=fmt, runtimes=targets,
-                         gate={"top1_fp32": chosen.top1_fp32, "top1_int8": chosen.top1_int8,
-                               "drop_points": chosen.drop_points, "agreement": chosen.agreement,
-                               "evaluated_on": chosen.runtime},
-                         **quant)
     return dest

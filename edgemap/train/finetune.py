@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from edgemap.artifacts import WEIGHTS_BEST, WEIGHTS_LAST
 from edgemap.backbones import get_spec
 from edgemap.errors import DatasetError, Interrupted, ResumeError, TrainingError
-from edgemap.fsutil import atomic_path, atomic_write_bytes, remove_stale_temps
+from edgemap.fsutil import atomic_write_bytes, remove_stale_temps
 from edgemap.manifest import MANIFEST_NAME, RunDir
 from edgemap.model import ClassifierNet, build_classifier
 from edgemap.runtime.preprocess import DEFAULT_MAX_PIXELS, PreprocessContract, preprocess
@@ -69,6 +69,7 @@ class FinetuneOptions:
         checkpoint_every: also save it every N steps (0 = off); tests use it.
         bn_momentum: BatchNorm momentum while fine-tuning (the TF weights carry 0.01).
         bn_recalibrate: re-estimate BatchNorm statistics on the training images first (AdaBN).
+        freeze_bn: keep the backbone's BatchNorm statistics frozen (eval mode) while fine-tuning.
     """
 
     backbone: str = "efficientnet_lite0"
@@ -79,6 +80,7 @@ class FinetuneOptions:
     backbone_lr_mult: float = 0.25
     bn_momentum: float = 0.1
     bn_recalibrate: bool = False
+    freeze_bn: bool = False
     weight_decay: float = 0.01
     freeze_epochs: int = 2
     warmup_epochs: float = 1.0
@@ -347,8 +349,8 @@ class _Trainer:
         self.run, self.scan, self.opts, self.device, self.dist, self.rep, self.data = run, scan, opts, device, dist, rep, data
         if dist.main:
             run.set_stage("finetune", "running", world_size=dist.world)
-            remove_stale_temps(run.path / "state")
-            remove_stale_temps(run.path / "weights")
+            for folder in (run.path, run.path / "state", run.path / "weights"):  # left by a kill -9 mid-write
+                remove_stale_temps(folder)
         rep.phase("decode", len(scan.train) + len(scan.val))
         self.train_x = torch.from_numpy(load_arrays([s.path for s in scan.train], contract, opts.max_pixels, 4, rep.advance))
         self.val_x = torch.from_numpy(load_arrays([s.path for s in scan.val], contract, opts.max_pixels, 4, rep.advance))
@@ -451,6 +453,10 @@ class _Trainer:
         net.train()
         if head_only:
             net.backbone.eval()
+        elif opts.freeze_bn:
+            for m in net.backbone.modules():
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         while info["step"] < self.steps_per_epoch:
             step = info["step"]
             idx = order[step * opts.batch_size:(step + 1) * opts.batch_size]
@@ -656,9 +662,8 @@ def _save_weights(run: RunDir, net: ClassifierNet, key: str, epoch: int, val_acc
     dest = run.path / "weights" / f"{key.split('_', 1)[1]}.safetensors"
     state = {k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.detach().cpu().contiguous()
              for k, v in net.state_dict().items()}
-    with atomic_path(dest) as tmp:
+    with run.write_artifact(key, dest, stage="finetune", epoch=epoch, val_accuracy=val_acc) as tmp:
         save_file(state, str(tmp), metadata={"epoch": str(epoch), "backbone": run.backbone})
-    run.add_artifact(key, dest, stage="finetune", epoch=epoch, val_accuracy=val_acc)
 
 
 def _append_metrics(run_path: Path, row: dict[str, Any]) -> None:
@@ -678,7 +683,7 @@ def _truncate_metrics(run_path: Path, epochs_done: int) -> None:
         atomic_write_bytes(path, "".join(ln + "\n" for ln in keep).encode())
 
 
-def _open_for_resume(out: Path, given: dict[str, Any]) -> tuple[RunDir, FinetuneOptions, tuple[Any, Any]]:
+def _open_for_resume(out: Path, given: dict[str, Any]) -> tuple[RunDir, FinetuneOptions, tuple[Any, Any] | None]:
     from edgemap.errors import ManifestError
 
     if not out.is_dir():
@@ -689,9 +694,17 @@ def _open_for_resume(out: Path, given: dict[str, Any]) -> tuple[RunDir, Finetune
         raise ResumeError(f"--resume: {e}") from e
     if run.stage_done("finetune"):
         raise ResumeError(f"--resume: the run in {out} already finished; start a new run with another --out")
-    tensors, meta = ckpt.read_state(out)
-    stored = FinetuneOptions.from_dict(meta["info"]["options"])
-    if meta["info"].get("backbone") != run.backbone:
+    recorded = run.data.get("options", {}).get("finetune")
+    if not (out / ckpt.STATE_FILE).exists() and isinstance(recorded, dict):
+        # Killed before its first checkpoint: nothing was trained yet, so resuming is starting over
+        # with the options the run recorded.
+        state = None
+        stored = FinetuneOptions.from_dict(recorded)
+    else:
+        tensors, meta = ckpt.read_state(out)
+        state = (tensors, meta)
+        stored = FinetuneOptions.from_dict(meta["info"]["options"])
+    if state is not None and meta["info"].get("backbone") != run.backbone:
         raise ResumeError(f"--resume: state file backbone {meta['info'].get('backbone')!r} differs from the manifest's {run.backbone!r}")
     # Options given now must agree with the run's, except those that do not change the result.
     free = {"epochs", "threads", "checkpoint_seconds", "checkpoint_every", "device"}
@@ -704,7 +717,7 @@ def _open_for_resume(out: Path, given: dict[str, Any]) -> tuple[RunDir, Finetune
     if conflicts:
         raise ResumeError(f"--resume: options differ from the run in {out}: " + "; ".join(conflicts))
     stored = dataclasses.replace(stored, **{k: v for k, v in given.items() if k in free})
-    return run, stored, (tensors, meta)
+    return run, stored, state
 
 
 def _check_compatible(run: RunDir, scan: Any, opts: FinetuneOptions) -> None:
