@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from edgemap.errors import ManifestError, PackageError
-from edgemap.fsutil import atomic_path, sha256_file
+from edgemap.fsutil import atomic_path, remove_stale_temps, sha256_file
 from edgemap.manifest import RunDir
 
 #: the runtimes a wheel can target → (session runtime spec, pip requirement)
@@ -519,6 +519,7 @@ def package(run_dir: str | Path | None, opts: PackageOptions | None = None) -> P
         whl = _build_wheel(src, built)
         _check_wheel(whl, module, info["sha256"] if info else None)
         out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(out)  # a wheel copy cut short by a kill -9
         dest = out / whl.name
         if dest.resolve().parent != out.resolve():
             raise PackageError(f"wheel name {whl.name!r} would land outside {out}")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -30,17 +33,40 @@ def handle_errors(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            with _sigterm_as_interrupt():
+                return fn(*args, **kwargs)
         except EdgemapError as e:
             if os.environ.get("EDGEMAP_DEBUG"):
                 raise
             err_console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
             raise typer.Exit(code=e.exit_code) from None
-        except KeyboardInterrupt:
-            err_console.print("[yellow]interrupted[/]")
-            raise typer.Exit(code=130) from None
+        except KeyboardInterrupt as e:
+            name = e.args[0] if e.args else "SIGINT"
+            err_console.print(f"[yellow]interrupted by {name}[/]: files being written were discarded, earlier artifacts "
+                              "are untouched; run the command again")
+            raise typer.Exit(code=143 if name == "SIGTERM" else 130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM unwinds like Ctrl-C (``finally`` blocks remove temp files) instead of killing outright.
+
+    Stages that save a resumable state (finetune) install their own handlers inside this one.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:  # noqa: ARG001
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def next_step(cmd: str) -> None:
