@@ -562,8 +562,8 @@ class _Builder:
         if fp and i8:
             drop = 100 * (_num(fp["accuracy"]) - _num(i8["accuracy"]))  # type: ignore[operator]
             cards.append(("accuracy fp32 → int8", f"{_pct(fp['accuracy'], 1)} → {_pct(i8['accuracy'], 1)}",
-                          f"{drop:+.2f} points drop on {fp.get('n', '?')} images ({_e(i8.get('runtime'))})"
-                          if drop > 0 else f"no drop on {fp.get('n', '?')} images ({_e(i8.get('runtime'))})"))
+                          (f"{drop:.2f} points lower" if drop > 0 else "no drop" if drop == 0 else f"{-drop:.2f} points higher")
+                          + f" on {fp.get('n', '?')} images ({_e(i8.get('runtime'))})"))
         elif fp:
             cards.append(("accuracy fp32", _pct(fp["accuracy"], 1), f"{fp.get('n', '?')} images · no int8 row"))
         elif _num(best.get("val_accuracy")) is not None:
@@ -587,8 +587,8 @@ class _Builder:
                 s = min(small, key=lambda a: a.get("bytes", 1 << 60))
                 ratio = arts["onnx_fp32"].get("bytes", 0) / max(1, s.get("bytes", 1))
                 cards.append(("int8 model size", _size(s.get("bytes")),
-                              f"{ratio:.1f}× smaller than fp32 ({_size(arts['onnx_fp32'].get('bytes'))}) · "
-                              f"<code>{_e(Path(s.get('path', '')).name)}</code>"))
+                              f"{ratio:.1f}× smaller than fp32 ({_size(arts['onnx_fp32'].get('bytes'))}), "
+                              f"{_e(s.get('format', 'int8'))}"))
             else:
                 cards.append(("model size", _size(arts["onnx_fp32"].get("bytes")), "fp32 ONNX · no int8 model yet"))
         if ft:

@@ -1,0 +1,370 @@
+"""``edgemap report`` on a real run: digits → finetune (tiny, 32 px) → export --int8 → eval → bench.
+
+The page is also opened in a real headless browser (Debian's ``chromium``, driven over the
+DevTools protocol on ``--remote-debugging-pipe``: no Python package beyond the standard
+library): it must load without console errors or exceptions, request nothing but itself,
+and every ``<img>`` must decode to the size of the PNG it embeds. Set
+``EDGEMAP_REPORT_SHOTS=DIR`` to keep the screenshots it takes.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import queue
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from edgemap.errors import ManifestError
+from edgemap.manifest import RunDir
+from edgemap.report import ReportOptions, read_metrics, report
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+# ---- a finished run, built once ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> RunDir:
+    from edgemap.bench import BenchOptions, bench
+    from edgemap.data.digits import write_digits
+    from edgemap.evaluate import EvalOptions, evaluate
+    from edgemap.export import ExportOptions, export
+    from edgemap.train.finetune import FinetuneOptions, finetune
+
+    root = tmp_path_factory.mktemp("report") / "my run é 日本"
+    write_digits(root / "digits")
+    finetune(root / "digits", root / "run", FinetuneOptions(backbone="tiny", img_size=32, epochs=2, freeze_epochs=1,
+                                                             flip=False))
+    export(root / "run", ExportOptions(int8=True))
+    evaluate(root / "run", EvalOptions(runtimes=("torch", "cpu", "openvino")))
+    bench(root / "run", BenchOptions(runtimes=("torch", "cpu", "openvino"), batches=(1,), iters=10, warmup=2))
+    return RunDir.load(root / "run")
+
+
+def _copy_run(run: RunDir, dest: Path) -> RunDir:
+    shutil.copytree(run.path, dest)
+    return RunDir.load(dest)
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        return im.size
+
+
+# ---- the report on a finished run --------------------------------------------------------------
+def test_full_run_has_every_section(finished_run: RunDir) -> None:
+    res = report(finished_run)
+    assert res.html == finished_run.path / "report" / "report.html"
+    assert res.sections == dict.fromkeys(res.sections, "ok"), res.sections
+    assert set(res.sections) >= {"training", "confusion", "accuracy_latency", "misclassified", "int8_gate", "eval",
+                                 "bench", "parity", "dataset", "artifacts"}
+    assert set(res.images) == {"training_curves", "confusion_fp32", "confusion_int8", "accuracy_vs_latency",
+                               "misclassified"}
+    assert not res.warnings
+    page = res.html.read_text(encoding="utf-8")
+    for name, path in res.images.items():
+        assert path.parent == finished_run.path / "report"
+        w, h = _png_size(path)
+        assert w > 100 and h > 100, name
+        # the page embeds exactly the bytes written beside it
+        assert base64.b64encode(path.read_bytes()).decode() in page, name
+    # self-contained: no script, no remote or relative resource
+    low = page.lower()
+    assert "<script" not in low and "http://" not in low and "https://" not in low
+    assert low.count("<img ") == len(res.images) and low.count('src="data:image/png;base64,') == len(res.images)
+    # the numbers a user wants first come first, then the plots
+    assert page.index("accuracy fp32 → int8") < page.index('id="accuracy-latency"') < page.index('id="training"')
+    for cls in finished_run.classes:
+        assert f"<td>{cls}</td>" in page
+
+
+def test_misclassified_counts_match_eval(finished_run: RunDir) -> None:
+    """The report predicts the validation split itself: same models, same preprocessing → eval's numbers."""
+    res = report(finished_run)
+    ev = {(r["runtime"], r["precision"]): r for r in finished_run.data["metrics"]["eval"]["rows"]}
+    n = finished_run.data["metrics"]["eval"]["n"]
+    assert res.checked == n == sum(finished_run.data["dataset"]["counts"]["val"].values())
+    for precision in ("fp32", "int8"):
+        row = ev[("cpu", precision)]
+        assert res.misclassified[precision] == n - round(row["accuracy"] * n)
+        assert np.trace(np.asarray(row["confusion"])) == n - res.misclassified[precision]
+    page = res.html.read_text(encoding="utf-8")
+    assert f"got {res.misclassified['fp32']} of {n} wrong" in page
+
+
+def test_max_images_bounds_the_work_across_classes(finished_run: RunDir, tmp_path: Path) -> None:
+    res = report(finished_run, ReportOptions(max_images=25, grid=6, out=tmp_path / "small.html"))
+    assert res.checked == 25
+    assert res.html == tmp_path / "small.html" and res.html.is_file()
+    assert "Showing 6 of" in res.html.read_text(encoding="utf-8") or res.misclassified["fp32"] <= 6
+
+
+def test_options_are_checked(finished_run: RunDir, tmp_path: Path) -> None:
+    with pytest.raises(ManifestError, match="--max-images"):
+        report(finished_run, ReportOptions(max_images=0))
+    with pytest.raises(ManifestError, match="is a folder"):
+        report(finished_run, ReportOptions(out=tmp_path))
+    with pytest.raises(ManifestError, match="not an edgemap run directory"):
+        report(tmp_path)
+
+
+# ---- missing stages, missing data, changed models ------------------------------------------------
+def test_partial_run_names_the_missing_commands(finished_run: RunDir, odd_tmp: Path) -> None:
+    run = _copy_run(finished_run, odd_tmp / "only trained")
+    for key in [k for k in run.artifacts if k.startswith("onnx")]:
+        (run.path / run.artifacts.pop(key)["path"]).unlink()
+    for section in ("eval", "bench", "int8_gate", "parity"):
+        run.data["metrics"].pop(section)
+    run.data["stages"].pop("export")
+    run.save()
+    res = report(run.path)
+    assert res.sections["training"] == "ok" and res.sections["dataset"] == "ok"
+    assert res.sections["eval"] == f"not run yet: edgemap eval {run.path}"
+    assert res.sections["bench"] == f"not run yet: edgemap bench {run.path}"
+    assert res.sections["int8_gate"] == f"not run yet: edgemap export {run.path} --int8"
+    assert res.sections["misclassified"] == f"not run yet: edgemap export {run.path} --int8"
+    assert set(res.images) == {"training_curves"}
+    page = res.html.read_text(encoding="utf-8")
+    assert f"<code>edgemap export {run.path} --int8</code>" in page.replace("&#x27;", "'")
+    assert "export: not run" in page
+
+
+def test_untrained_run_without_metrics(finished_run: RunDir, tmp_path: Path) -> None:
+    run = _copy_run(finished_run, tmp_path / "bare")
+    (run.path / "metrics.jsonl").unlink()
+    run.data["metrics"] = {}
+    run.save()
+    res = report(run, ReportOptions(predict=False))
+    assert res.sections["training"].startswith("no metrics.jsonl")
+    assert res.sections["misclassified"] == "turned off (--no-predict)"
+    assert res.images == {} and res.html.is_file()
+
+
+def test_dataset_gone_still_reports(finished_run: RunDir, tmp_path: Path) -> None:
+    run = _copy_run(finished_run, tmp_path / "moved")
+    run.data["dataset"]["root"] = str(tmp_path / "nowhere")
+    run.save()
+    res = report(run)
+    assert any("dataset this run was trained on is gone" in w for w in res.warnings), res.warnings
+    assert "confusion_int8" in res.images  # from metrics.eval, no images needed
+    assert "misclassified" not in res.images
+    assert "is gone" in res.html.read_text(encoding="utf-8")
+
+
+def test_changed_model_is_refused_not_run(finished_run: RunDir, tmp_path: Path) -> None:
+    run = _copy_run(finished_run, tmp_path / "tampered")
+    with open(run.path / run.artifacts["onnx_int8_qoperator"]["path"], "ab") as f:
+        f.write(b"\0")
+    res = report(run)
+    assert any("sha256 mismatch" in w for w in res.warnings), res.warnings
+    assert "misclassified" not in res.images
+
+
+def test_read_metrics_skips_a_cut_line(tmp_path: Path) -> None:
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 2, "val_acc": 0.5}\n{"epoch": 1, "val_acc": 0.25}\n{"epoch": 3, "va',
+                                            encoding="utf-8")
+    assert [r["epoch"] for r in read_metrics(tmp_path)] == [1, 2]
+    assert read_metrics(tmp_path / "missing") == []
+
+
+# ---- CLI ------------------------------------------------------------------------------------------
+def test_cli_json_and_next_step(finished_run: RunDir, tmp_path: Path) -> None:
+    from edgemap.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "r.html"
+    r = runner.invoke(app, ["report", str(finished_run.path), "--out", str(out), "--json", "-", "--max-images", "40"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert data["html"] == str(out) and out.is_file() and data["checked"] == 40
+    r = runner.invoke(app, ["report", str(finished_run.path), "--no-predict", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert f"wrote {out}" in r.output.replace("\n", "")
+    assert f'next: edgemap package "{finished_run.path}"' in r.output.replace("\n", "")
+    r = runner.invoke(app, ["report", str(tmp_path / "nope")])
+    assert r.exit_code != 0 and "no such run directory" in r.output
+
+
+# ---- a real browser --------------------------------------------------------------------------------
+def _high_fd(fd: int) -> int:
+    import fcntl
+
+    new = fcntl.fcntl(fd, fcntl.F_DUPFD, 10)
+    os.close(fd)
+    return new
+
+
+class _Pipe:
+    """Chrome DevTools protocol over ``--remote-debugging-pipe`` (fd 3 in, fd 4 out, NUL-framed JSON)."""
+
+    def __init__(self, args: list[str]):
+        to_r, self._to_w = os.pipe()
+        self._from_r, from_w = os.pipe()
+        # the browser expects the pipes exactly on fds 3 and 4: move the child's ends above them first
+        to_r, from_w = (_high_fd(fd) for fd in (to_r, from_w))
+        script = f'exec "$0" "$@" 3<&{to_r} 4>&{from_w} {to_r}<&- {from_w}>&-'
+        self.proc = subprocess.Popen(["bash", "-c", script, *args], pass_fds=(to_r, from_w),
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        os.close(to_r)
+        os.close(from_w)
+        self._q: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self._id = 0
+        self.events: list[dict[str, Any]] = []
+
+    def _read(self) -> None:
+        buf = b""
+        while True:
+            chunk = os.read(self._from_r, 1 << 16)
+            if not chunk:
+                self._q.put(None)
+                return
+            buf += chunk
+            while b"\0" in buf:
+                msg, buf = buf.split(b"\0", 1)
+                self._q.put(json.loads(msg))
+
+    def _next(self, deadline: float) -> dict[str, Any]:
+        try:
+            msg = self._q.get(timeout=max(0.01, deadline - time.monotonic()))
+        except queue.Empty:
+            raise TimeoutError("chromium did not answer in time") from None
+        if msg is None:
+            raise RuntimeError("chromium closed the DevTools pipe: " + self.proc.stderr.read().decode(errors="replace")[-2000:])
+        return msg
+
+    def call(self, method: str, params: dict[str, Any] | None = None, session: str | None = None,
+             timeout: float = 30.0) -> dict[str, Any]:
+        self._id += 1
+        msg: dict[str, Any] = {"id": self._id, "method": method, "params": params or {}}
+        if session:
+            msg["sessionId"] = session
+        os.write(self._to_w, json.dumps(msg).encode() + b"\0")
+        deadline = time.monotonic() + timeout
+        while True:
+            m = self._next(deadline)
+            if m.get("id") == self._id:
+                if "error" in m:
+                    raise RuntimeError(f"{method}: {m['error']}")
+                return m.get("result", {})
+            self.events.append(m)
+
+    def wait_event(self, method: str, timeout: float = 30.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        for m in self.events:
+            if m.get("method") == method:
+                return m
+        while True:
+            m = self._next(deadline)
+            self.events.append(m)
+            if m.get("method") == method:
+                return m
+
+    def close(self) -> None:
+        try:
+            self.call("Browser.close", timeout=5)
+        except (RuntimeError, TimeoutError, OSError):
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        os.close(self._to_w)
+
+
+_DECODE_ALL = """Promise.all(Array.from(document.images).map(img => img.decode().then(
+    () => ({alt: img.alt, width: img.naturalWidth, height: img.naturalHeight, error: null}),
+    e => ({alt: img.alt, width: img.naturalWidth, height: img.naturalHeight, error: String(e)}))))"""
+
+
+def open_in_chromium(page: Path, shot: Path, width: int = 1280) -> dict[str, Any]:
+    """Load ``page`` in headless chromium; return console problems, requests, decoded images; save a screenshot."""
+    assert CHROMIUM, "chromium is not installed"
+    profile = tempfile.mkdtemp(prefix="edgemap-chromium-")
+    browser = _Pipe([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                     "--no-first-run", "--no-default-browser-check", "--disable-background-networking",
+                     "--disable-component-update", "--hide-scrollbars", f"--user-data-dir={profile}",
+                     "--remote-debugging-pipe", "about:blank"])
+    try:
+        target = browser.call("Target.createTarget", {"url": "about:blank"})["targetId"]
+        sid = browser.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+        for domain in ("Page", "Runtime", "Log", "Network"):
+            browser.call(f"{domain}.enable", session=sid)
+        browser.call("Emulation.setDeviceMetricsOverride",
+                     {"width": width, "height": 900, "deviceScaleFactor": 1, "mobile": False}, session=sid)
+        url = page.resolve().as_uri()
+        nav = browser.call("Page.navigate", {"url": url}, session=sid)
+        if nav.get("errorText"):
+            raise RuntimeError(f"navigation failed: {nav['errorText']}")
+        browser.wait_event("Page.loadEventFired")
+        images = browser.call("Runtime.evaluate", {"expression": _DECODE_ALL, "awaitPromise": True,
+                                                   "returnByValue": True}, session=sid)["result"]["value"]
+        title = browser.call("Runtime.evaluate", {"expression": "document.title", "returnByValue": True},
+                             session=sid)["result"]["value"]
+        png = browser.call("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True},
+                           session=sid, timeout=60)["data"]
+        shot.write_bytes(base64.b64decode(png))
+        ev = browser.events
+        problems = [e["params"] for e in ev if e.get("method") == "Runtime.exceptionThrown"]
+        problems += [e["params"] for e in ev if e.get("method") == "Runtime.consoleAPICalled"
+                     and e["params"].get("type") in ("error", "assert", "warning")]
+        problems += [e["params"]["entry"] for e in ev if e.get("method") == "Log.entryAdded"
+                     and e["params"]["entry"].get("level") in ("error", "warning")]
+        problems += [e["params"] for e in ev if e.get("method") == "Network.loadingFailed"]
+        requests = [e["params"]["request"]["url"] for e in ev if e.get("method") == "Network.requestWillBeSent"]
+        return {"url": url, "title": title, "images": images, "problems": problems, "requests": requests}
+    finally:
+        browser.close()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed here (`apt-get install -y chromium`; .ci/run installs it)")
+def test_report_renders_in_a_real_browser(finished_run: RunDir, tmp_path: Path) -> None:
+    res = report(finished_run)
+    shot = tmp_path / "report.png"
+    seen = open_in_chromium(res.html, shot)
+    assert seen["problems"] == [], seen["problems"]
+    assert seen["title"] == f"edgemap report · {finished_run.path.name}"
+    # nothing fetched but the page itself (data: URIs are not requests)
+    assert [u for u in seen["requests"] if not u.startswith("data:")] == [seen["url"]], seen["requests"]
+    sizes = {_png_size(p) for p in res.images.values()}
+    assert len(seen["images"]) == len(res.images)
+    for img in seen["images"]:
+        assert img["error"] is None and img["width"] > 0 and img["height"] > 0, img
+        assert (img["width"], img["height"]) in sizes, img
+    w, h = _png_size(shot)
+    assert w == 1280 and h > 2000  # the full page, not just the viewport
+    if os.environ.get("EDGEMAP_REPORT_SHOTS"):
+        dest = Path(os.environ["EDGEMAP_REPORT_SHOTS"])
+        dest.mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, dest / "report_full.png")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed here (`apt-get install -y chromium`; .ci/run installs it)")
+def test_partial_report_renders_in_a_real_browser(finished_run: RunDir, tmp_path: Path) -> None:
+    run = _copy_run(finished_run, tmp_path / "partial")
+    for section in ("eval", "bench"):
+        run.data["metrics"].pop(section)
+    run.save()
+    res = report(run, ReportOptions(predict=False))
+    seen = open_in_chromium(res.html, tmp_path / "partial.png", width=800)
+    assert seen["problems"] == [], seen["problems"]
+    assert len(seen["images"]) == len(res.images) >= 1
+    assert all(i["error"] is None and i["width"] > 0 for i in seen["images"])
+    if os.environ.get("EDGEMAP_REPORT_SHOTS"):
+        shutil.copy(tmp_path / "partial.png", Path(os.environ["EDGEMAP_REPORT_SHOTS"]) / "report_partial.png")
