@@ -45,8 +45,8 @@ class EvalOptions:
         batch: images per inference call.
         threads: intra-op threads (None = physical cores).
         save: store the rows in the run's edgemap.json under ``metrics.eval``.
-        exact: OpenVINO computes in f32 (its default on AMX/AVX512-BF16 CPUs is bf16, which is
-            what a deployed model gets, hence the default False).
+        exact: OpenVINO computes in f32 (default, as the wheel deploys it); False = OpenVINO's
+            own bf16 default on AMX/AVX512-BF16 CPUs (faster, less exact).
     """
 
     data: Path | None = None
@@ -56,7 +56,7 @@ class EvalOptions:
     batch: int = 32
     threads: int | None = None
     save: bool = True
-    exact: bool = False
+    exact: bool = True
 
 
 @dataclass
@@ -136,7 +136,7 @@ class TorchSession:
 
 
 def open_session(
-    run: RunDir, runtime: str, precision: str, threads: int | None, hint: str = "latency", exact: bool = False,
+    run: RunDir, runtime: str, precision: str, threads: int | None, hint: str = "latency", exact: bool = True,
     batch: int | None = None,
 ) -> Any:
     """A loaded session for ``runtime`` × ``precision`` on the run's matching artifact.

@@ -93,7 +93,7 @@ class Classifier:
         expected_sha256: str | None = None,
         *,
         threads: int | None = None,
-        exact: bool = False,
+        exact: bool = True,
         top_k: int = 5,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
     ) -> Classifier:
@@ -105,7 +105,8 @@ class Classifier:
             expected_sha256: when known (the wheel's model.json, the run's edgemap.json), the
                 file must hash to it or loading is refused with ModelIntegrityError.
             threads: intra-op threads (default: physical cores).
-            exact: OpenVINO only: run fp32 instead of its default bf16 on bf16-capable CPUs.
+            exact: OpenVINO only: compute in f32 (default); False = its bf16 default on
+                bf16-capable CPUs (faster, less exact).
             top_k: default number of classes in each Prediction's ``topk``.
             max_pixels: decompression-bomb guard for decoded images (None: Pillow's own limit).
 
