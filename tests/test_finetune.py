@@ -225,3 +225,13 @@ def test_augment_keeps_shape_and_is_seeded() -> None:
     b = augment(x, torch.Generator().manual_seed(1), (0.5, 1.0), True)
     c = augment(x, torch.Generator().manual_seed(2), (0.5, 1.0), True)
     assert a.shape == x.shape and torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_relative_out_directory(digits: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(app, ["finetune", str(digits), "--out", "rel/run", *CLI_TINY[:-4], "--epochs", "1", "--freeze-epochs", "0"])
+    assert r.exit_code == 0, r.output
+    monkeypatch.chdir("/")
+    run = RunDir.load(tmp_path / "rel" / "run")
+    run.artifact_path("weights_best")
+    assert not Path(run.artifacts["weights_best"]["path"]).is_absolute()
