@@ -10,6 +10,7 @@ and every ``<img>`` must decode to the size of the PNG it embeds. Set
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import queue
@@ -368,3 +369,26 @@ def test_partial_report_renders_in_a_real_browser(finished_run: RunDir, tmp_path
     assert all(i["error"] is None and i["width"] > 0 for i in seen["images"])
     if os.environ.get("EDGEMAP_REPORT_SHOTS"):
         shutil.copy(tmp_path / "partial.png", Path(os.environ["EDGEMAP_REPORT_SHOTS"]) / "report_partial.png")
+
+
+def test_confusion_without_eval_comes_from_own_predictions(finished_run: RunDir, tmp_path: Path) -> None:
+    run = _copy_run(finished_run, tmp_path / "no eval")
+    eval_rows = run.data["metrics"].pop("eval")["rows"]
+    run.save()
+    res = report(run)
+    assert {"confusion_fp32", "confusion_int8", "misclassified"} <= set(res.images)
+    assert res.sections["confusion"] == "ok" and res.sections["eval"].startswith("not run yet")
+    cpu = {r["precision"]: r for r in eval_rows if r["runtime"] == "cpu"}
+    n = res.checked
+    for precision in ("fp32", "int8"):  # the same matrices eval stored, recomputed from the report's predictions
+        assert n - res.misclassified[precision] == np.trace(np.asarray(cpu[precision]["confusion"]))
+
+
+def test_plots_scale_to_many_long_class_names() -> None:
+    from edgemap.report import plot_confusion
+
+    classes = [f"a rather long class name {i:02d}" for i in range(60)]
+    cm = np.random.default_rng(0).integers(0, 5, (60, 60))
+    png = plot_confusion(cm, classes, "fp32", dpi=40)
+    with Image.open(io.BytesIO(png)) as im:
+        assert im.format == "PNG" and im.size[0] > 100
