@@ -68,7 +68,12 @@ def load_classifier(run_dir, which: str = "weights_best") -> ClassifierNet:  # n
     path = run_dir.artifact_path(which)
     net = build_classifier(run_dir.backbone, len(run_dir.classes), run_dir.contract, pretrained=False,
                            dropout=float(run_dir.data.get("options", {}).get("finetune", {}).get("dropout", 0.2)))
-    state = load_file(str(path))
+    from edgemap.errors import ModelIntegrityError
+
+    try:
+        state = load_file(str(path))  # safetensors: never unpickles
+    except Exception as e:  # SafetensorError, OSError: a corrupt file or a pickle renamed .safetensors
+        raise ModelIntegrityError(f"{path}: not a valid safetensors weights file ({e}); re-run `edgemap finetune`") from e
     missing, unexpected = net.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ExportError(f"{path}: weights do not fit backbone {run_dir.backbone} (missing {missing[:3]}, unexpected {unexpected[:3]})")

@@ -255,14 +255,20 @@ def _json(props: dict[str, str], key: str, name: str) -> Any:
         raise ModelFormatError(f"{name}: metadata '{key}' is not valid JSON ({e})") from e
 
 
-def model_meta(info: OnnxInfo, name: str) -> ModelMeta:
-    """Validate the edgemap keys of ``info.metadata`` and refuse external data."""
+def refuse_external_data(info: OnnxInfo, name: str) -> OnnxInfo:
+    """Raise ModelFormatError when any tensor of the model lives in an external file."""
     if info.external_tensors:
         shown = ", ".join(info.external_tensors[:3])
         raise ModelFormatError(
             f"{name}: refusing a model with external data ({len(info.external_tensors)} tensors, e.g. {shown}); "
             "edgemap models are single files: re-export with `edgemap export`"
         )
+    return info
+
+
+def model_meta(info: OnnxInfo, name: str) -> ModelMeta:
+    """Validate the edgemap keys of ``info.metadata`` and refuse external data."""
+    refuse_external_data(info, name)
     props = info.metadata
     missing = [k for k in (K.CLASSES, K.PREPROCESS) if k not in props]
     if missing:
