@@ -1,8 +1,8 @@
 """DDP on torchrun with gloo: a real 2-process job, equivalence with one process, failure handling.
 
 Tolerance (documented in the README): a head-only step on 2 ranks with per-rank batch B equals one
-process with batch 2B to float rounding (1e-6). A full step differs more because BatchNorm uses
-per-rank batch statistics under DDP (SyncBatchNorm needs CUDA); see test_full_step_close.
+process with batch 2B to float rounding (1e-6); a full step to 1e-5, because BatchNorm statistics
+stay frozen while fine-tuning (with `freeze_bn=False` they would be per-rank batch statistics).
 """
 
 from __future__ import annotations
@@ -115,10 +115,10 @@ def _fresh_head() -> torch.Tensor:
 def test_full_step_close(sixteen: Path, tmp_path: Path) -> None:
     one = _one_step(sixteen, tmp_path / "one", 1, 16, freeze=0)
     two = _one_step(sixteen, tmp_path / "two", 2, 8, freeze=0)
-    worst = max((one[k].float() - two[k].float()).abs().max().item() for k in one if "running" not in k and "num_batches" not in k)
-    # After one AdamW step each weight moves by ~lr (2e-3 head, 5e-4 backbone); per-rank BatchNorm
-    # statistics change gradient magnitudes, not signs, so parameters stay within one lr.
-    assert worst < 2.5e-3, worst
+    worst = max((one[k].float() - two[k].float()).abs().max().item() for k in one)
+    # BatchNorm statistics are frozen while fine-tuning (FinetuneOptions.freeze_bn), so each
+    # sample's forward is independent of its batch: only float summation order differs.
+    assert worst < 1e-5, worst
 
 
 def test_killed_rank_fails_the_whole_job(digits: Path, tmp_path: Path) -> None:
