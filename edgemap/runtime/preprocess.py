@@ -202,7 +202,11 @@ def preprocess(
             return np.ascontiguousarray(arr)
         im = Image.fromarray(np.ascontiguousarray(arr), mode="RGB")
     elif isinstance(image, Image.Image):
-        im = to_rgb(ImageOps.exif_transpose(image))
+        try:  # a lazily opened image decodes here: truncated/corrupt data surfaces now
+            im = to_rgb(ImageOps.exif_transpose(image))
+        except (OSError, ValueError, SyntaxError, EOFError) as e:
+            name = getattr(image, "filename", "") or "<PIL image>"
+            raise ImageError(f"{name}: not a readable image ({type(e).__name__}: {e})") from e
     else:
         im = open_image(image, max_pixels=max_pixels)
     return resize_crop(im, contract)
