@@ -36,11 +36,11 @@ def digits(
 @handle_errors
 def scan(
     data: DataArg,
-    val_split: Annotated[float | None, typer.Option("--val-split", help="Share held out for validation (single-folder layout only). [default: 0.2]")] = None,
-    seed: Annotated[int | None, typer.Option("--seed", help="Seed of that split. [default: 0]")] = None,
+    val_split: Annotated[float | None, typer.Option("--val-split", help="Share held out for validation (single-folder layout only). \\[default: 0.2]")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed of that split. \\[default: 0]")] = None,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip (and list) unreadable images instead of failing.")] = False,
-    max_pixels: Annotated[int | None, typer.Option("--max-pixels", help="Decompression-bomb limit per image, in pixels. [default: Pillow's, ~89 M]")] = None,
-    min_val_per_class: Annotated[int | None, typer.Option("--min-val-per-class", help="Validation images needed per class. [default: 1]")] = None,
+    max_pixels: Annotated[int | None, typer.Option("--max-pixels", help="Decompression-bomb limit per image, in pixels. \\[default: Pillow's, ~89 M]")] = None,
+    min_val_per_class: Annotated[int | None, typer.Option("--min-val-per-class", help="Validation images needed per class. \\[default: 1]")] = None,
     json_out: JsonOpt = None,
 ) -> None:
     """Check a dataset folder the way `edgemap finetune` will: layout, classes, every image decoded."""

@@ -47,11 +47,11 @@ def register(app: typer.Typer) -> None:
     def export_(
         run_dir: RunDirArg,
         int8: Annotated[bool, typer.Option("--int8", help="Also write int8 models (static PTQ) behind the accuracy gate.")] = False,
-        opset: Annotated[int | None, typer.Option("--opset", help="ONNX opset [default: 17; int8 needs ≥ 13].")] = None,
-        calib_size: Annotated[int | None, typer.Option("--calib-size", help="Calibration images from the training split, stratified [default: 300].")] = None,
-        calib_method: Annotated[str | None, typer.Option("--calib-method", help="minmax | entropy | percentile [default: minmax].")] = None,
-        max_drop: Annotated[float | None, typer.Option("--max-drop", help="Largest int8 top-1 drop allowed, in points [default: 1.0].")] = None,
-        targets: Annotated[str | None, typer.Option("--targets", help="Runtimes to write int8 models for, e.g. cpu,openvino [default: all with an int8 path].")] = None,
+        opset: Annotated[int | None, typer.Option("--opset", help="ONNX opset \\[default: 17; int8 needs ≥ 13].")] = None,
+        calib_size: Annotated[int | None, typer.Option("--calib-size", help="Calibration images from the training split, stratified \\[default: 300].")] = None,
+        calib_method: Annotated[str | None, typer.Option("--calib-method", help="minmax | entropy | percentile \\[default: minmax].")] = None,
+        max_drop: Annotated[float | None, typer.Option("--max-drop", help="Largest int8 top-1 drop allowed, in points \\[default: 1.0].")] = None,
+        targets: Annotated[str | None, typer.Option("--targets", help="Runtimes to write int8 models for, e.g. cpu,openvino \\[default: all with an int8 path].")] = None,
         json_out: JsonOpt = None,
     ) -> None:
         """Export RUN_DIR to model.onnx (uint8 NHWC in, logits out), check parity; --int8 adds int8 models."""

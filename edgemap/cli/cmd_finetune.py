@@ -7,13 +7,13 @@ from typing import Annotated, Any
 
 import typer
 
-from edgemap.cli.common import DataArg, console, handle_errors, next_step
+from edgemap.cli.common import DataArg, JsonOpt, console, err_console, handle_errors, next_step, write_json_out
 
 
 class RichReporter:
     """Rich progress bars: loss, accuracy and images/s per epoch."""
 
-    def __init__(self) -> None:
+    def __init__(self, to_stderr: bool = False) -> None:
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -25,7 +25,8 @@ class RichReporter:
 
         self.progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+            TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+            console=err_console if to_stderr else console,
         )
         self.task: Any = None
 
@@ -61,25 +62,26 @@ def register(app: typer.Typer) -> None:
     def finetune_cmd(
         data: DataArg,
         out: Annotated[Path, typer.Option("--out", "-o", help="Run directory to create (default: models/<data folder name>).")] = None,  # type: ignore[assignment]
-        backbone: Annotated[str | None, typer.Option(help="Backbone (see `edgemap backbones`). [default: efficientnet_lite0]")] = None,
-        epochs: Annotated[int | None, typer.Option(help="Total epochs, head-only ones included. [default: 12]")] = None,
-        img_size: Annotated[int | None, typer.Option(help="Square input size in pixels. [default: the backbone's]")] = None,
-        batch_size: Annotated[int | None, typer.Option(help="Images per step. [default: 32]")] = None,
-        lr: Annotated[float | None, typer.Option(help="Head learning rate; the backbone gets a quarter. [default: 2e-3]")] = None,
-        freeze_epochs: Annotated[int | None, typer.Option(help="Head-only epochs on cached frozen features first. [default: 2]")] = None,
-        seed: Annotated[int | None, typer.Option(help="Random seed (runs are reproducible on CPU). [default: 0]")] = None,
-        device: Annotated[str | None, typer.Option(help="auto | cpu | cuda. [default: auto]")] = None,
-        precision: Annotated[str | None, typer.Option(help="auto | fp32 | bf16 | fp16 (autocast). [default: auto]")] = None,
-        val_split: Annotated[float | None, typer.Option(help="Validation fraction for a single-folder dataset. [default: 0.2]")] = None,
-        patience: Annotated[int | None, typer.Option(help="Early stop after N epochs without a better val accuracy. [default: 4]")] = None,
+        backbone: Annotated[str | None, typer.Option(help="Backbone (see `edgemap backbones`). \\[default: efficientnet_lite0]")] = None,
+        epochs: Annotated[int | None, typer.Option(help="Total epochs, head-only ones included. \\[default: 12]")] = None,
+        img_size: Annotated[int | None, typer.Option(help="Square input size in pixels. \\[default: the backbone's]")] = None,
+        batch_size: Annotated[int | None, typer.Option(help="Images per step. \\[default: 32]")] = None,
+        lr: Annotated[float | None, typer.Option(help="Head learning rate; the backbone gets a quarter. \\[default: 2e-3]")] = None,
+        freeze_epochs: Annotated[int | None, typer.Option(help="Head-only epochs on cached frozen features first. \\[default: 2]")] = None,
+        seed: Annotated[int | None, typer.Option(help="Random seed (runs are reproducible on CPU). \\[default: 0]")] = None,
+        device: Annotated[str | None, typer.Option(help="auto | cpu | cuda. \\[default: auto]")] = None,
+        precision: Annotated[str | None, typer.Option(help="auto | fp32 | bf16 | fp16 (autocast). \\[default: auto]")] = None,
+        val_split: Annotated[float | None, typer.Option(help="Validation fraction for a single-folder dataset. \\[default: 0.2]")] = None,
+        patience: Annotated[int | None, typer.Option(help="Early stop after N epochs without a better val accuracy. \\[default: 4]")] = None,
         skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip undecodable images (listed in the run) instead of stopping.")] = False,
         no_flip: Annotated[bool, typer.Option("--no-flip", help="No random horizontal flips (digits, text, asymmetric objects).")] = False,
         no_augment: Annotated[bool, typer.Option("--no-augment", help="No random resized crops.")] = False,
-        threads: Annotated[int | None, typer.Option(help="CPU threads. [default: physical cores]")] = None,
+        threads: Annotated[int | None, typer.Option(help="CPU threads. \\[default: physical cores]")] = None,
         max_pixels: Annotated[int | None, typer.Option(help="Refuse images with more pixels (decompression-bomb guard).")] = None,
         checkpoint_every: Annotated[int | None, typer.Option(hidden=True)] = None,
         resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in --out exactly where it stopped.")] = False,
         nproc: Annotated[int | None, typer.Option(help="Launch N processes with torchrun (DDP, one node).")] = None,
+        json_out: JsonOpt = None,
     ) -> None:
         """Fine-tune a pretrained backbone on DATA and write the run directory.
 
@@ -103,11 +105,17 @@ def register(app: typer.Typer) -> None:
         if no_augment:
             kwargs["augment"] = False
         out = out or Path("models") / Path(data).resolve().name
-        with RichReporter() as rep:
+        quiet = json_out is not None and str(json_out) == "-"  # stdout carries the JSON
+        with RichReporter(to_stderr=quiet) as rep:
             if resume:  # the run's own options, plus what was given explicitly (checked for conflicts)
                 res = finetune(data, out, resume=True, overrides=kwargs, reporter=rep)
             else:
                 res = finetune(data, out, FinetuneOptions(**kwargs), reporter=rep)
+        if res.run_dir == Path():  # a non-zero rank under torchrun: rank 0 reports
+            return
+        write_json_out(json_out, res.to_dict())
+        if quiet:
+            return
         console.print(
             f"[green]done[/] in {res.seconds:.0f} s: best val accuracy [bold]{res.best_val_accuracy:.4f}[/] at epoch "
             f"{res.best_epoch} ({res.epochs_run} epochs{', stopped early' if res.stopped_early else ''}; "

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from edgemap.cli.common import console, handle_errors, next_step
+from edgemap.cli.common import JsonOpt, console, handle_errors, next_step, write_json_out
 
 
 def register(app: typer.Typer) -> None:
@@ -16,11 +16,12 @@ def register(app: typer.Typer) -> None:
     def package_cmd(
         run_dir: Annotated[Path | None, typer.Argument(help="Run directory with an exported model (not needed with --runtime-only).", show_default=False)] = None,
         runtime: Annotated[str | None, typer.Option("--runtime", help="onnxruntime (CPU, QOperator int8) or openvino (QDQ int8).")] = None,
-        precision: Annotated[str | None, typer.Option("--precision", help="int8 or fp32 [default: int8 when exported, else fp32]")] = None,
-        name: Annotated[str | None, typer.Option("--name", help="Package name = console command [default: <run dir>-classifier].")] = None,
-        version: Annotated[str | None, typer.Option("--version", help="PEP 440 version [default: 0.1.0].")] = None,
-        out: Annotated[Path | None, typer.Option("--out", help="Folder for the wheel [default: RUN_DIR/dist].")] = None,
+        precision: Annotated[str | None, typer.Option("--precision", help="int8 or fp32 \\[default: int8 when exported, else fp32]")] = None,
+        name: Annotated[str | None, typer.Option("--name", help="Package name = console command \\[default: <run dir>-classifier].")] = None,
+        version: Annotated[str | None, typer.Option("--version", help="PEP 440 version \\[default: 0.1.0].")] = None,
+        out: Annotated[Path | None, typer.Option("--out", help="Folder for the wheel \\[default: RUN_DIR/dist].")] = None,
         runtime_only: Annotated[bool, typer.Option("--runtime-only", help="Build edgemap-runtime: the same module without a model.")] = False,
+        json_out: JsonOpt = None,
     ) -> None:
         """Build a torch-free wheel: model + classes + preprocessing, depending on numpy, Pillow and one runtime."""
         from edgemap.package import PackageOptions, package
@@ -28,6 +29,9 @@ def register(app: typer.Typer) -> None:
         given = {"runtime": runtime, "precision": precision, "name": name, "version": version, "out": out}
         opts = PackageOptions(runtime_only=runtime_only, **{k: v for k, v in given.items() if v is not None})
         r = package(run_dir, opts)
+        write_json_out(json_out, r.to_dict())
+        if json_out is not None and str(json_out) == "-":
+            return
         console.print(f"[green]built[/] {r.wheel}")
         size = f"{r.wheel_bytes / 1024:,.1f} KiB"
         if r.model_bytes is not None:

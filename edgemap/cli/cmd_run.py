@@ -47,7 +47,7 @@ def run_and_show(data: Path, out: Path, opts: Any, json_out: Path | None) -> Non
     from edgemap.pipeline import run_pipeline
 
     quiet = json_out is not None and str(json_out) == "-"
-    with RichReporter() as rep:
+    with RichReporter(to_stderr=quiet) as rep:
         def on_stage(stage: str) -> None:
             rep.message(f"[bold cyan]── {stage} ──[/]")
 
@@ -74,21 +74,21 @@ def register(app: typer.Typer) -> None:
     def run_cmd(
         data: DataArg,
         out: Annotated[Path, typer.Option("--out", "-o", help="Run directory (re-running continues where it stopped).")] = None,  # type: ignore[assignment]
-        backbone: Annotated[str | None, typer.Option(help="Backbone [default: efficientnet_lite0].")] = None,
-        epochs: Annotated[int | None, typer.Option(help="Fine-tuning epochs [default: 12].")] = None,
-        img_size: Annotated[int | None, typer.Option(help="Input size [default: the backbone's].")] = None,
-        batch_size: Annotated[int | None, typer.Option(help="Training batch size [default: 32].")] = None,
-        lr: Annotated[float | None, typer.Option(help="Head learning rate [default: 2e-3].")] = None,
-        seed: Annotated[int | None, typer.Option(help="Random seed [default: 0].")] = None,
-        device: Annotated[str | None, typer.Option(help="Training device auto|cpu|cuda [default: auto].")] = None,
+        backbone: Annotated[str | None, typer.Option(help="Backbone \\[default: efficientnet_lite0].")] = None,
+        epochs: Annotated[int | None, typer.Option(help="Fine-tuning epochs \\[default: 12].")] = None,
+        img_size: Annotated[int | None, typer.Option(help="Input size \\[default: the backbone's].")] = None,
+        batch_size: Annotated[int | None, typer.Option(help="Training batch size \\[default: 32].")] = None,
+        lr: Annotated[float | None, typer.Option(help="Head learning rate \\[default: 2e-3].")] = None,
+        seed: Annotated[int | None, typer.Option(help="Random seed \\[default: 0].")] = None,
+        device: Annotated[str | None, typer.Option(help="Training device auto|cpu|cuda \\[default: auto].")] = None,
         no_flip: Annotated[bool, typer.Option("--no-flip", help="No random horizontal flips.")] = False,
         skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip unreadable images (listed in the run).")] = False,
-        max_drop: Annotated[float | None, typer.Option(help="Largest int8 top-1 drop allowed, points [default: 1.0].")] = None,
-        calib_size: Annotated[int | None, typer.Option(help="int8 calibration images [default: 300].")] = None,
-        runtime: Annotated[str | None, typer.Option(help="Runtimes for eval/bench [default: torch,cpu,cuda,openvino].")] = None,
-        bench_seconds: Annotated[float | None, typer.Option(help="Seconds per bench measurement [default: 3].")] = None,
-        package_runtime: Annotated[str | None, typer.Option(help="Wheel runtime onnxruntime|openvino [default: onnxruntime].")] = None,
-        name: Annotated[str | None, typer.Option(help="Wheel name [default: <run dir>-classifier].")] = None,
+        max_drop: Annotated[float | None, typer.Option(help="Largest int8 top-1 drop allowed, points \\[default: 1.0].")] = None,
+        calib_size: Annotated[int | None, typer.Option(help="int8 calibration images \\[default: 300].")] = None,
+        runtime: Annotated[str | None, typer.Option(help="Runtimes for eval/bench \\[default: torch,cpu,cuda,openvino].")] = None,
+        bench_seconds: Annotated[float | None, typer.Option(help="Seconds per bench measurement \\[default: 3].")] = None,
+        package_runtime: Annotated[str | None, typer.Option(help="Wheel runtime onnxruntime|openvino \\[default: onnxruntime].")] = None,
+        name: Annotated[str | None, typer.Option(help="Wheel name \\[default: <run dir>-classifier].")] = None,
         no_report: Annotated[bool, typer.Option("--no-report", help="Skip the HTML report.")] = False,
         json_out: JsonOpt = None,
     ) -> None:
@@ -107,7 +107,7 @@ def register(app: typer.Typer) -> None:
     @handle_errors
     def demo_cmd(
         out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the demo's data/ and run/.")] = Path("models/demo"),
-        epochs: Annotated[int | None, typer.Option(help="Fine-tuning epochs [default: 12].")] = None,
+        epochs: Annotated[int | None, typer.Option(help="Fine-tuning epochs \\[default: 8].")] = None,
         json_out: JsonOpt = None,
     ) -> None:
         """The whole mapping on the embedded digits dataset (scikit-learn's 1,797 scans), a few minutes on 2 CPU cores.
@@ -119,7 +119,7 @@ def register(app: typer.Typer) -> None:
         data = out / "data"
         if not (data / "train").is_dir():
             write_digits(data)
-        opts = build_options(img_size=64, epochs=epochs or 12, flip=False, runtime="torch,cpu,cuda,openvino",
+        opts = build_options(img_size=64, epochs=epochs or 8, flip=False, runtime="torch,cpu,cuda,openvino",
                              bench_seconds=2.0)
         run_and_show(data, out / "run", opts, json_out)
 

@@ -155,6 +155,12 @@ class FinetuneResult:
     channels_last: bool
     device: str
 
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["run_dir"] = str(self.run_dir)
+        d["skipped"] = [list(x) for x in self.skipped]
+        return d
+
 
 # --------------------------------------------------------------------------------------
 # data: decode once at the contract size, then augment batches on tensors
