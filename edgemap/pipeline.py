@@ -54,6 +54,7 @@ class RunResult:
     wheel: str | None
     report: str | None
     seconds: float
+    unavailable: list[tuple[str, str]] = field(default_factory=list)  # runtimes eval could not run, and why
 
     @property
     def did_nothing(self) -> bool:
@@ -63,7 +64,7 @@ class RunResult:
         return {
             "run_dir": str(self.run_dir), "seconds": round(self.seconds, 2), "did_nothing": self.did_nothing,
             "stages": [vars(s) for s in self.stages], "summary": self.summary, "artifacts": self.artifacts,
-            "wheel": self.wheel, "report": self.report,
+            "wheel": self.wheel, "report": self.report, "unavailable": [list(u) for u in self.unavailable],
         }
 
 
@@ -149,8 +150,18 @@ def run_pipeline(data: str | Path, out: str | Path, opts: RunOptions = RunOption
     run = RunDir.load(out)
     return RunResult(
         run_dir=out, stages=outcomes, summary=summarize(run), artifacts=_artifact_rows(run), wheel=wheel,
-        report=report_path, seconds=time.perf_counter() - t0,
+        report=report_path, seconds=time.perf_counter() - t0, unavailable=_unavailable(run),
     )
+
+
+def _unavailable(run: RunDir) -> list[tuple[str, str]]:
+    evals = run.data.get("metrics", {}).get("eval", {})
+    rows = evals.get("rows", evals) if isinstance(evals, dict) else evals
+    seen: dict[str, str] = {}
+    for r in rows or []:
+        if isinstance(r, dict) and r.get("status") not in (None, "ok"):
+            seen.setdefault(r["runtime"], f"{r['status']}: {r.get('reason', '')}")
+    return list(seen.items())
 
 
 def summarize(run: RunDir) -> list[dict[str, Any]]:

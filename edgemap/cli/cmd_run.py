@@ -61,6 +61,8 @@ def run_and_show(data: Path, out: Path, opts: Any, json_out: Path | None) -> Non
     for s in result.stages:
         console.print(f"  {s.stage:9s} {s.status:8s} {s.seconds:6.1f} s  {s.detail}")
     console.print(summary_table(result))
+    for runtime, reason in result.unavailable:
+        console.print(f"[yellow]{runtime}[/]: {reason}", soft_wrap=True)
     console.print(artifact_table(result))
     console.print(f"total {result.seconds:.0f} s")
     if result.wheel:
@@ -120,7 +122,7 @@ def register(app: typer.Typer) -> None:
         if not (data / "train").is_dir():
             write_digits(data)
         opts = build_options(img_size=64, epochs=epochs or 8, flip=False, runtime="torch,cpu,cuda,openvino",
-                             bench_seconds=2.0)
+                             bench_seconds=2.0, name="digits-classifier")
         run_and_show(data, out / "run", opts, json_out)
 
 
