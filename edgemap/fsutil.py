@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -47,9 +47,21 @@ def atomic_path(dest: str | Path) -> Iterator[Path]:
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=TMP_SUFFIX, dir=dest.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    for _ in range(100):
+        # The name is chosen before the file exists, so a Ctrl-C/SIGTERM landing right after
+        # the file is created still finds it in the cleanup below (mkstemp leaves that gap).
+        tmp = dest.parent / f".{dest.name}.{secrets.token_hex(6)}{TMP_SUFFIX}"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            continue
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            raise
+        break
+    else:  # pragma: no cover - 100 collisions of 48 random bits
+        raise FileExistsError(f"cannot create a temp file beside {dest}")
     try:
         yield tmp
         with open(tmp, "rb+") as f:
