@@ -50,6 +50,22 @@ def write_dataset(root: Path, n_train: int = 40, n_val: int = 12, seed: int = 0,
     return root
 
 
+def sgd_train(net, x, y, steps: int, seed: int) -> None:  # noqa: ANN001 - torch objects
+    """A few hundred plain SGD steps on uint8 NHWC tensors: a non-random model in seconds."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    net.train()
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (32,), generator=gen)
+        loss = torch.nn.functional.cross_entropy(net(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.eval()
+
+
 def make_run(run_path: Path, data_root: Path, backbone: str = "tiny", size: int = 32, steps: int = 300,
              state: dict | None = None, seed: int = 0) -> tuple[RunDir, dict]:
     """Scan ``data_root``, create a run dir, train (or reuse ``state``) and record ``weights_best``."""
@@ -70,16 +86,7 @@ def make_run(run_path: Path, data_root: Path, backbone: str = "tiny", size: int 
     if state is None:
         x = torch.from_numpy(load_images(scan.train, contract))
         y = torch.tensor([s.label for s in scan.train])
-        gen = torch.Generator().manual_seed(seed)
-        opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
-        net.train()
-        for _ in range(steps):
-            idx = torch.randint(0, len(x), (32,), generator=gen)
-            loss = torch.nn.functional.cross_entropy(net(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        net.eval()
+        sgd_train(net, x, y, steps, seed)
         state = {k: v.detach().clone().contiguous() for k, v in net.state_dict().items()}
     weights = run.path / "weights" / "best.safetensors"
     weights.parent.mkdir(parents=True, exist_ok=True)

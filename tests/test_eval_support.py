@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _export_fixtures import sgd_train
 from PIL import Image
 
 from edgemap.manifest import RunDir
@@ -67,17 +68,7 @@ def build_trained_run(base: Path, steps: int = 150, seed: int = 0) -> tuple[RunD
     torch.manual_seed(seed)
     net = build_classifier("tiny", len(CLASSES), contract, pretrained=False, seed=seed)
     x, y = load_arrays(splits["train"], contract)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
-    net.train()
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        idx = torch.randint(0, len(xt), (32,), generator=g)
-        loss = torch.nn.functional.cross_entropy(net(xt[idx]), yt[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    net.eval()
+    sgd_train(net, torch.from_numpy(x), torch.from_numpy(y), steps, seed)
     (run.path / "weights").mkdir(exist_ok=True)
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(run.path / "weights" / "best.safetensors"))
     run.add_artifact("weights_best", run.path / "weights" / "best.safetensors", stage="finetune")

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from edgemap.runtime.errors import EdgemapError, ImageError, ModelFormatError, ModelIntegrityError
-from edgemap.runtime.onnx_meta import ModelMeta, model_meta, parse_model_bytes
+from edgemap.runtime.onnx_meta import ModelMeta, model_meta, parse_model_bytes, read_model_bytes
 from edgemap.runtime.preprocess import DEFAULT_MAX_PIXELS, ImageInput, PreprocessContract, preprocess
 from edgemap.runtime.sessions import Session, SessionOptions, check_precision, load, parse_runtime
 
@@ -118,12 +118,7 @@ class Classifier:
             >>> clf = Classifier.from_path("model.onnx", runtime="openvino")
         """
         path = Path(model_file)
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError as e:
-            raise ModelFormatError(f"{path}: model file not found") from e
-        except OSError as e:
-            raise ModelFormatError(f"{path}: cannot read the model ({e})") from e
+        data = read_model_bytes(path)
         import hashlib
 
         actual = hashlib.sha256(data).hexdigest()

@@ -212,16 +212,20 @@ def parse_model_bytes(data: bytes | memoryview, name: str = "<bytes>") -> OnnxIn
     return info
 
 
-def read_onnx_info(path: str | Path) -> OnnxInfo:
-    """:func:`parse_model_bytes` on a file; refuses files that cannot be read."""
+def read_model_bytes(path: str | Path) -> bytes:
+    """The bytes of a model file; ModelFormatError when it cannot be read."""
     path = Path(path)
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except FileNotFoundError as e:
         raise ModelFormatError(f"{path}: model file not found") from e
     except OSError as e:
         raise ModelFormatError(f"{path}: cannot read the model ({e})") from e
-    return parse_model_bytes(data, str(path))
+
+
+def read_onnx_info(path: str | Path) -> OnnxInfo:
+    """:func:`parse_model_bytes` on a file; refuses files that cannot be read."""
+    return parse_model_bytes(read_model_bytes(path), str(path))
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
