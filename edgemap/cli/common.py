@@ -22,8 +22,8 @@ err_console = Console(stderr=True, highlight=False)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-RunDirArg = Annotated[Path, typer.Argument(help="Run directory (made by `edgemap finetune --out`).", show_default=False)]
-DataArg = Annotated[Path, typer.Argument(help="Dataset folder: DATA/train/<class>/... + DATA/val/<class>/..., or DATA/<class>/...", show_default=False)]
+RunDirArg = Annotated[Path, typer.Argument(help="Run directory (made by `edgemap finetune --out`).", show_default=False, metavar="RUN_DIR")]
+DataArg = Annotated[Path, typer.Argument(help="Dataset folder: DATA/train/<class>/... + DATA/val/<class>/..., or DATA/<class>/...", show_default=False, metavar="DATA")]
 JsonOpt = Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON to this file ('-' for stdout).")]
 
 
