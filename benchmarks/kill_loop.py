@@ -21,7 +21,11 @@ Usage::
     python benchmarks/kill_loop.py --kills 8 --json out.json
 
 Prints the kills per stage and the number of lost/corrupt artifacts (must be 0); exits 1
-when any check failed.
+when any check failed. Columns: mid-write / after-replace = kills at those points (the rest
+after a random delay); completed = runs that finished before their kill or as the final
+re-run; temps left = temp files present right after a kill (one that survives several
+kills, because the next run was killed before its cleanup, counts each time); removed next
+= of those, gone after the next run.
 """
 
 from __future__ import annotations
