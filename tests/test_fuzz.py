@@ -29,6 +29,9 @@ from edgemap.manifest import MANIFEST_NAME, RunDir, validate_manifest
 from edgemap.runtime.onnx_meta import model_meta, parse_model_bytes
 from edgemap.runtime.preprocess import PreprocessContract, preprocess
 
+# Pillow warns about the corrupt EXIF/TIFF tags fuzzing makes; the property is about errors, not warnings.
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                          HealthCheck.too_slow])
 
