@@ -92,7 +92,11 @@ def benchmark_app(model: Path, size: int, seconds: int) -> dict[str, float]:
         raise SystemExit(f"benchmark_app failed ({out.returncode}):\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
     text = out.stdout + out.stderr
     lat = text[text.find("Latency:"):]
-    vals = {k.lower(): float(v) for k, v in re.findall(r"(Median|Average|Min|Max):\s+([\d.]+) ms", lat)}
+    # benchmark_app prints "ms", or "us" once latencies drop under a millisecond
+    vals = {k.lower(): float(v) / (1000.0 if unit == "us" else 1.0)
+            for k, v, unit in re.findall(r"(Median|Average|Min|Max):\s+([\d.]+) (ms|us)", lat)}
+    if "median" not in vals:
+        raise SystemExit(f"benchmark_app printed no median latency:\n{text[-3000:]}")
     tput = re.search(r"Throughput:\s+([\d.]+) FPS", text)
     threads = re.search(r"INFERENCE_NUM_THREADS:\s+(\d+)", text)
     prec = re.search(r"INFERENCE_PRECISION_HINT:\s+(?:<Type: ')?(\w+)", text)

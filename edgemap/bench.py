@@ -46,8 +46,8 @@ class BenchOptions:
         strict: raise when a combination is unavailable or fails instead of listing it.
         save: store the rows in edgemap.json under ``metrics.bench``.
         seed: seed of the random input batch.
-        exact: OpenVINO computes in f32 (default, as eval and the wheel do); False = its bf16
-            CPU default (faster on bf16-capable CPUs, less exact).
+        exact: OpenVINO precision (see SessionOptions.exact): None = as eval and the wheel run
+            it; False = its bf16 CPU default everywhere (faster on bf16-capable CPUs, less exact).
     """
 
     runtimes: tuple[str, ...] = ("torch", "cpu", "cuda", "openvino")
@@ -60,7 +60,7 @@ class BenchOptions:
     strict: bool = False
     save: bool = True
     seed: int = 0
-    exact: bool = True
+    exact: bool | None = None
 
 
 @dataclass

@@ -45,8 +45,8 @@ class EvalOptions:
         batch: images per inference call.
         threads: intra-op threads (None = physical cores).
         save: store the rows in the run's edgemap.json under ``metrics.eval``.
-        exact: OpenVINO computes in f32 (default, as the wheel deploys it); False = OpenVINO's
-            own bf16 default on AMX/AVX512-BF16 CPUs (faster, less exact).
+        exact: OpenVINO precision (see SessionOptions.exact): None = f32 for fp32 models and
+            OpenVINO's default for int8 ones, as the wheel deploys them; False = its bf16 default.
     """
 
     data: Path | None = None
@@ -56,7 +56,7 @@ class EvalOptions:
     batch: int = 32
     threads: int | None = None
     save: bool = True
-    exact: bool = True
+    exact: bool | None = None
 
 
 @dataclass
@@ -136,7 +136,7 @@ class TorchSession:
 
 
 def open_session(
-    run: RunDir, runtime: str, precision: str, threads: int | None, hint: str = "latency", exact: bool = True,
+    run: RunDir, runtime: str, precision: str, threads: int | None, hint: str = "latency", exact: bool | None = None,
     batch: int | None = None,
 ) -> Any:
     """A loaded session for ``runtime`` × ``precision`` on the run's matching artifact.

@@ -52,7 +52,7 @@ def register(app: typer.Typer) -> None:
         iters: Annotated[int | None, typer.Option("--iters", help="Timed calls (default 100).")] = None,
         seconds: Annotated[float | None, typer.Option("--seconds", help="Measure for S seconds instead of --iters.")] = None,
         strict: Annotated[bool, typer.Option("--strict", help="Fail when a runtime is unavailable instead of listing it.")] = False,
-        bf16: Annotated[bool, typer.Option("--bf16", help="Let OpenVINO compute in bf16 (its own CPU default where the CPU has it; faster, less exact). Default: f32.")] = False,
+        bf16: Annotated[bool, typer.Option("--bf16", help="Let OpenVINO compute fp32 models in bf16 too (its CPU default where the CPU has it; faster, less exact). Default: f32 for fp32 models.")] = False,
         json_out: JsonOpt = None,
     ) -> None:
         """p50/p90/p99 latency, throughput, load time, memory and the provider that really ran."""
@@ -61,7 +61,7 @@ def register(app: typer.Typer) -> None:
         given = {"threads": threads, "warmup": warmup, "iters": iters, "seconds": seconds}
         opts = BenchOptions(
             runtimes=tuple(split_csv(runtime)), precisions=tuple(split_csv(precision)),
-            batches=_ints(batch, "--batch"), strict=strict, exact=not bf16, **{k: v for k, v in given.items() if v is not None},
+            batches=_ints(batch, "--batch"), strict=strict, exact=False if bf16 else None, **{k: v for k, v in given.items() if v is not None},
         )
         rows = bench(run_dir, opts)
         write_json_out(json_out, [r.to_dict() for r in rows])

@@ -65,7 +65,7 @@ def register(app: typer.Typer) -> None:
         runtime: Annotated[str, typer.Option("--runtime", help=RUNTIME_HELP)] = "torch,cpu,cuda,openvino",
         precision: Annotated[str, typer.Option("--precision", help="fp32, int8 or both.")] = "fp32,int8",
         strict: Annotated[bool, typer.Option("--strict", help="Fail when a runtime is unavailable instead of listing it.")] = False,
-        bf16: Annotated[bool, typer.Option("--bf16", help="Let OpenVINO compute in bf16 (its own CPU default where the CPU has it; faster, less exact). Default: f32.")] = False,
+        bf16: Annotated[bool, typer.Option("--bf16", help="Let OpenVINO compute fp32 models in bf16 too (its CPU default where the CPU has it; faster, less exact). Default: f32 for fp32 models.")] = False,
         details: Annotated[bool, typer.Option("--details", help="Also print per-class tables and confusion matrices.")] = False,
         json_out: JsonOpt = None,
     ) -> None:
@@ -73,7 +73,7 @@ def register(app: typer.Typer) -> None:
         from edgemap.evaluate import EvalOptions, evaluate
 
         opts = EvalOptions(data=data, runtimes=tuple(split_csv(runtime)), precisions=tuple(split_csv(precision)),
-                           strict=strict, exact=not bf16)
+                           strict=strict, exact=False if bf16 else None)
         result = evaluate(run_dir, opts)
         write_json_out(json_out, [r.to_dict() for r in result.rows])
         if json_out is not None and str(json_out) == "-":

@@ -93,7 +93,7 @@ class Classifier:
         expected_sha256: str | None = None,
         *,
         threads: int | None = None,
-        exact: bool = True,
+        exact: bool | None = None,
         top_k: int = 5,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
     ) -> Classifier:
@@ -105,8 +105,8 @@ class Classifier:
             expected_sha256: when known (the wheel's model.json, the run's edgemap.json), the
                 file must hash to it or loading is refused with ModelIntegrityError.
             threads: intra-op threads (default: physical cores).
-            exact: OpenVINO only: compute in f32 (default); False = its bf16 default on
-                bf16-capable CPUs (faster, less exact).
+            exact: OpenVINO only (see SessionOptions.exact): None = f32 for fp32 models, its
+                default for int8 models; False = its bf16 default (faster, less exact).
             top_k: default number of classes in each Prediction's ``topk``.
             max_pixels: decompression-bomb guard for decoded images (None: Pillow's own limit).
 

@@ -19,6 +19,7 @@ No torch import here: this module is vendored into the device wheel.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -162,9 +163,11 @@ class SessionOptions:
     Attributes:
         threads: intra-op threads (None = physical cores).
         hint: "latency" or "throughput" (OpenVINO performance hint; ORT ignores it).
-        exact: OpenVINO computes fp32 models in f32 (default). Its own CPU default is bf16 on
-            bf16-capable CPUs, which cost 3 points of accuracy on a Lite0 digits model here;
-            False opts into it (faster, less exact).
+        exact: True: OpenVINO computes in f32. False: its own CPU default (bf16 on
+            bf16-capable CPUs; faster, less exact: it cost 3 points of accuracy on an fp32 Lite0
+            digits model here). None (default): f32 for fp32 models, OpenVINO's default for int8
+            models (only their few float layers are affected; the int8 gate measured them so, and
+            benchmark_app runs them so).
         batch: fix the batch dimension: OpenVINO then compiles static shapes (as
             ``benchmark_app -shape`` does; ~10 % faster on Lite0 at batch 1) and the session
             runs only that batch size. None keeps the dynamic batch. ORT ignores it.
@@ -172,7 +175,7 @@ class SessionOptions:
 
     threads: int | None = None
     hint: str = "latency"
-    exact: bool = True
+    exact: bool | None = None
     batch: int | None = None
 
 
@@ -221,7 +224,9 @@ def load(path: str | Path, runtime: str = "cpu", opts: SessionOptions | None = N
 
     # Before any runtime opens it: a runtime following external_data.location could read any
     # file on the device (older onnxruntime releases, which the wheel still allows, did).
-    refuse_external_data(read_onnx_info(path), str(path))
+    model_info = refuse_external_data(read_onnx_info(path), str(path))
+    if opts.exact is None:
+        opts = dataclasses.replace(opts, exact=model_info.metadata.get("edgemap.precision") != "int8")
     threads = opts.threads or physical_cores()
     t0 = time.perf_counter()
     if info.engine == "onnxruntime":
