@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from edgemap.cli.common import DataArg, JsonOpt, console, handle_errors, next_step, split_csv, write_json_out
@@ -19,11 +20,13 @@ def _fmt(v: Any, pct: bool = False, digits: int = 2) -> str:
 
 def summary_table(result: Any) -> Table:
     table = Table(title=f"edgemap run: {result.run_dir}")
-    for col in ("runtime", "precision", "accuracy %", "agree %", "p50 ms", "p99 ms", "img/s", "ran on"):
-        table.add_column(col, justify="left" if col in ("runtime", "precision", "ran on") else "right")
+    for col in ("runtime", "prec", "acc %", "agree %", "p50 ms", "p99 ms", "img/s", "ran on"):
+        table.add_column(col, justify="left" if col in ("runtime", "prec", "ran on") else "right",
+                         no_wrap=col != "ran on", min_width=18 if col == "ran on" else None)
     for r in result.summary:
         table.add_row(r["runtime"], r["precision"], _fmt(r.get("accuracy"), True), _fmt(r.get("agreement"), True),
-                      _fmt(r.get("p50_ms")), _fmt(r.get("p99_ms")), _fmt(r.get("throughput"), digits=0), r.get("provider") or "")
+                      _fmt(r.get("p50_ms")), _fmt(r.get("p99_ms")), _fmt(r.get("throughput"), digits=0),
+                      escape((r.get("provider") or "").replace("ExecutionProvider", " EP")))
     return table
 
 
@@ -62,7 +65,7 @@ def run_and_show(data: Path, out: Path, opts: Any, json_out: Path | None) -> Non
         console.print(f"  {s.stage:9s} {s.status:8s} {s.seconds:6.1f} s  {s.detail}")
     console.print(summary_table(result))
     for runtime, reason in result.unavailable:
-        console.print(f"[yellow]{runtime}[/]: {reason}", soft_wrap=True)
+        console.print(f"[yellow]{runtime}[/]: {escape(reason)}", soft_wrap=True)
     console.print(artifact_table(result))
     console.print(f"total {result.seconds:.0f} s")
     if result.wheel:
