@@ -67,8 +67,7 @@ class FinetuneOptions:
         patience: early stopping after this many epochs without a better val accuracy.
         checkpoint_seconds: also save the resumable state mid-epoch this often.
         checkpoint_every: also save it every N steps (0 = off); tests use it.
-        bn_momentum: BatchNorm momentum while fine-tuning (the TF weights carry 0.01).
-        bn_recalibrate: re-estimate BatchNorm statistics on the training images first (AdaBN).
+        bn_momentum: BatchNorm momentum when ``freeze_bn`` is off (the TF weights carry 0.01).
         freeze_bn: keep the backbone's BatchNorm statistics frozen (eval mode) while fine-tuning.
             Measured on digits (Lite0, 64 px): with live statistics the features the head was
             trained on change at once when the backbone thaws (val accuracy 92% → 77%) and the
@@ -83,7 +82,6 @@ class FinetuneOptions:
     lr: float = 2e-3
     backbone_lr_mult: float = 0.25
     bn_momentum: float = 0.1
-    bn_recalibrate: bool = False
     freeze_bn: bool = True
     weight_decay: float = 0.01
     freeze_epochs: int = 2
@@ -446,8 +444,6 @@ class _Trainer:
         epoch = info["epoch"]
         for p in net.backbone.parameters():
             p.requires_grad_(not head_only)
-        if info["global_step"] == 0 and opts.bn_recalibrate:
-            _recalibrate_bn(net, self.train_x, opts.batch_size, self.device, self.mem_format, self.autocast, self.rep)
         if head_only and self.feats is None:
             self.feats = self._frozen_features()
         if not head_only and self.ddp is None:
@@ -610,31 +606,6 @@ class _Trainer:
             counts=self.scan.counts(), skipped=list(self.scan.skipped), autocast=autocast_name,
             channels_last=opts.channels_last, device=str(self.device),
         )
-
-
-def _recalibrate_bn(net: ClassifierNet, x_u8: torch.Tensor, bs: int, device: torch.device, mem_format: Any,
-                    autocast: Callable[[], Any], rep: _Reporter) -> None:
-    """Re-estimate BatchNorm statistics on the training images (AdaBN) before the head phase.
-
-    ImageNet statistics mis-normalise a new domain. Without this, the head learns on
-    features normalised one way and, once the backbone thaws and BN switches to batch
-    statistics, suddenly sees another: accuracy collapses for an epoch or two.
-    """
-    bns = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    if not bns:
-        return
-    saved = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over the whole pass
-    net.train()
-    rep.phase("re-estimating BatchNorm statistics", math.ceil(len(x_u8) / bs))
-    with torch.no_grad(), autocast():
-        for i in range(0, len(x_u8), bs):
-            net.features(net.normalize(x_u8[i:i + bs].to(device)).contiguous(memory_format=mem_format))
-            rep.advance(1)
-    for m, mom in zip(bns, saved):
-        m.momentum = mom
 
 
 def _frozen_features(net: ClassifierNet, x_u8: torch.Tensor, bs: int, device: torch.device, mem_format: Any,
