@@ -17,3 +17,6 @@ if __name__ == "__main__":
     if "crop_scale" in opts:
         opts["crop_scale"] = tuple(opts["crop_scale"])
     finetune(data, out, FinetuneOptions(**opts))
+    from edgemap.train.distributed import exit_worker
+
+    exit_worker(0)

@@ -47,4 +47,23 @@ for _name in _COMMANDS:
 
 
 def main() -> None:
-    app()
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        app()
+        return
+    # A torchrun worker: leave through os._exit once the command is done (see
+    # edgemap.train.distributed.exit_worker: gloo workers could abort in interpreter finalization).
+    import traceback
+
+    from edgemap.train.distributed import exit_worker
+
+    code = 0
+    try:
+        app()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:  # noqa: BLE001 - printed, then the worker exits non-zero like Python would
+        traceback.print_exc()
+        code = 1
+    exit_worker(code)
