@@ -15,7 +15,9 @@ Recipe (measured on this project's machines, see PERFORMANCE.md and the export r
   quantization is pinned to ``scale = 1/std, zero_point = mean``: quantizing the normalised
   image then returns the uint8 pixels exactly, so edgemap removes Cast/Sub/Mul/QuantizeLinear
   and feeds the uint8 image straight into the first int8 conv (lossless, and it removed
-  ~0.4 ms of 1.5 ms at 224 px on ORT CPU).
+  ~0.4 ms of 1.5 ms at 224 px on ORT CPU). In the QOperator artifact the RGB stem conv then
+  reads the image as groups of 4 pixels × 3 channels (``edgemap.export.stem_pack``, also
+  lossless): ONNX Runtime's fast int8 conv needs a multiple of 4 input channels.
 
 Accuracy gate: each int8 artifact is evaluated against the fp32 model on the validation set
 (top-1 with the dataset labels, and agreement with the fp32 predictions), on the runtime it
@@ -47,6 +49,7 @@ import numpy as np
 
 from edgemap.errors import QuantizationError
 from edgemap.export.calibration import METHODS, ImageReader, calibrate, quiet
+from edgemap.export.stem_pack import pack_stem_pixels
 from edgemap.runtime.preprocess import PreprocessContract
 
 FALLBACK_METHODS = ("percentile", "minmax", "entropy")
@@ -200,8 +203,8 @@ def quantize_once(
             )
     except Exception as e:  # onnxruntime.quantization raises plain exceptions
         raise QuantizationError(f"{pre_path}: quantize_static ({spec.name}, {method}) failed: {e}") from e
-    if fold:
-        fold_input_quantization(out_path, info, contract)
+    if fold and fold_input_quantization(out_path, info, contract) and not spec.qdq:
+        pack_stem_pixels(out_path)
     return out_path
 
 
