@@ -9,9 +9,8 @@ in rounds so drift from other load hits every variant alike:
 - OpenVINO CPU: fp32 (default precision hint, i.e. bf16 where the CPU has it, and exact
   f32), int8 QDQ (default hint and f32 hint)
 
-Each runtime's variants are timed in a child process of their own (OpenVINO's TBB workers and
-ORT's spinning pool threads would otherwise compete for the cores while the other runtime is
-timed). Median and p90 over ``--runs`` timed runs per variant after ``--warmup``, and the
+Each variant is timed in a child process of its own, all loaded before the first round
+(sessions sharing one process disturbed each other: see ``bench``). Median and p90 over ``--runs`` timed runs per variant after ``--warmup``, and the
 fp32/int8 ratio of every round. Targets checked:
 ORT int8 ≥ 2.5× faster than ORT fp32; OpenVINO int8 at least as fast as OpenVINO fp32.
 
@@ -110,55 +109,71 @@ def make_run(tmp: Path, calib_size: int) -> Path:
     return run.path
 
 
-def bench(variants: dict[str, object], x: np.ndarray, runs: int, warmup: int, rounds: int) -> dict[str, list[float]]:
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    for s in variants.values():
-        for _ in range(warmup):
-            s.run(x)
-    per = max(1, runs // rounds)
-    names = list(variants)
-    for r in range(rounds):
-        order = names if r % 2 == 0 else names[::-1]
-        for k in order:
-            s = variants[k]
-            for _ in range(per):
-                t0 = time.perf_counter()
-                s.run(x)
-                times[k].append((time.perf_counter() - t0) * 1000)
-    return times
-
-
-GROUPS = {
-    # Each runtime is timed in its own process: OpenVINO's TBB workers and ORT's spinning pool
-    # threads otherwise compete for the 2 cores while the other runtime is being timed.
-    "ort": {
-        "ort fp32": ("model.onnx", "cpu", None),
-        "ort int8 qoperator": ("model.int8.qoperator.onnx", "cpu", None),
-        "ort int8 qdq": ("model.int8.qdq.onnx", "cpu", None),
-    },
-    "openvino": {
-        "ov fp32 (default hint)": ("model.onnx", "openvino", False),
-        "ov fp32 (f32 hint)": ("model.onnx", "openvino", True),
-        "ov int8 qdq (default hint)": ("model.int8.qdq.onnx", "openvino", False),
-        "ov int8 qdq (f32 hint)": ("model.int8.qdq.onnx", "openvino", True),
-    },
+VARIANTS = {  # name: (file in the run directory, runtime, OpenVINO exact-f32 hint)
+    "ort fp32": ("model.onnx", "cpu", None),
+    "ort int8 qoperator": ("model.int8.qoperator.onnx", "cpu", None),
+    "ort int8 qdq": ("model.int8.qdq.onnx", "cpu", None),
+    "ov fp32 (default hint)": ("model.onnx", "openvino", False),
+    "ov fp32 (f32 hint)": ("model.onnx", "openvino", True),
+    "ov int8 qdq (default hint)": ("model.int8.qdq.onnx", "openvino", False),
+    "ov int8 qdq (f32 hint)": ("model.int8.qdq.onnx", "openvino", True),
 }
 
 
-def measure(group: str, run: Path, args: argparse.Namespace) -> dict:
-    """Time one runtime's variants in this process (interleaved rounds); returns times and providers."""
+def serve(name: str, run: Path, threads: int, warmup: int) -> None:
+    """Child process: load one variant, then time ``N`` runs (after 3 untimed) for every ``N`` read from stdin."""
     from edgemap.manifest import RunDir
     from edgemap.runtime.preprocess import preprocess
     from edgemap.runtime.sessions import SessionOptions, load
 
-    variants = {
-        name: load(run / f, runtime, SessionOptions(threads=args.threads, hint="latency", exact=exact))
-        for name, (f, runtime, exact) in GROUPS[group].items()
-    }
+    f, runtime, exact = VARIANTS[name]
+    sess = load(run / f, runtime, SessionOptions(threads=threads, hint="latency", exact=exact))
     img = next((run.parent / "data" / "val").rglob("*.png"))
     x = preprocess(img, RunDir.load(run).contract)[None]
-    times = bench(variants, x, args.runs, args.warmup, args.rounds)
-    return {"times": times, "providers": {k: s.provider for k, s in variants.items()}}
+    for _ in range(warmup):
+        sess.run(x)
+    print(json.dumps({"provider": sess.provider}), flush=True)
+    for line in sys.stdin:
+        for _ in range(3):  # wake the pool threads up after the idle gap; not timed
+            sess.run(x)
+        times = []
+        for _ in range(int(line)):
+            t0 = time.perf_counter()
+            sess.run(x)
+            times.append((time.perf_counter() - t0) * 1000)
+        print(json.dumps(times), flush=True)
+
+
+def bench(run: Path, args: argparse.Namespace) -> tuple[dict[str, list[float]], dict[str, str]]:
+    """One process per variant, all loaded up front; rounds interleave them (order reversed every other round).
+
+    Separate processes, and ``--gap`` seconds of idle time before each block, because an ORT
+    session's pool threads keep spinning for a while after its last run: on 2 cores the variant
+    timed next lost every third or fourth run to them (~5 ms instead of 1-2 ms, p90 5 ms, both
+    with all sessions in one process and with one process per variant and no gap). Alone, or
+    after the gap, p90 is within ~10% of the median.
+    """
+    procs = {
+        name: subprocess.Popen([sys.executable, __file__, "--serve", name, "--run", str(run), "--threads", str(args.threads),
+                                "--warmup", str(args.warmup)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        for name in VARIANTS
+    }
+    try:
+        providers = {name: json.loads(p.stdout.readline())["provider"] for name, p in procs.items()}
+        times: dict[str, list[float]] = {k: [] for k in procs}
+        per = max(1, args.runs // args.rounds)
+        names = list(procs)
+        for r in range(args.rounds):
+            for name in names if r % 2 == 0 else names[::-1]:
+                time.sleep(args.gap)  # let the previous variant's spinning pool threads go to sleep
+                procs[name].stdin.write(f"{per}\n")
+                procs[name].stdin.flush()
+                times[name].extend(json.loads(procs[name].stdout.readline()))
+    finally:
+        for p in procs.values():
+            p.stdin.close()
+            p.wait(timeout=60)
+    return times, providers
 
 
 def round_ratios(num: list[float], den: list[float], rounds: int) -> list[float]:
@@ -175,28 +190,22 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--calib-size", type=int, default=50)
     ap.add_argument("--json", type=Path, default=None)
-    ap.add_argument("--measure", choices=sorted(GROUPS), help=argparse.SUPPRESS)  # child process: one runtime
+    ap.add_argument("--gap", type=float, default=0.5, help="seconds of idle time before each variant's block")
+    ap.add_argument("--serve", choices=sorted(VARIANTS), help=argparse.SUPPRESS)  # child process: one variant
     ap.add_argument("--run", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
-    if args.measure:
-        print(json.dumps(measure(args.measure, args.run, args)))
+    if args.serve:
+        serve(args.serve, args.run, args.threads, args.warmup)
         return
 
     with tempfile.TemporaryDirectory(prefix="edgemap-int8-bench-") as tmp:
         run = make_run(Path(tmp), args.calib_size)
-        times: dict[str, list[float]] = {}
-        providers: dict[str, str] = {}
-        for group in GROUPS:
-            cmd = [sys.executable, __file__, "--measure", group, "--run", str(run), "--runs", str(args.runs),
-                   "--warmup", str(args.warmup), "--rounds", str(args.rounds), "--threads", str(args.threads)]
-            out = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
-            times.update(out["times"])
-            providers.update(out["providers"])
+        times, providers = bench(run, args)
 
     med = {k: float(np.median(v)) for k, v in times.items()}
     print(f"\nEfficientNet-Lite0 224 px, batch 1, {args.threads} threads, {len(next(iter(times.values())))} runs each "
-          f"(interleaved in {args.rounds} rounds, one process per runtime) — {platform.processor() or platform.machine()}")
+          f"(interleaved in {args.rounds} rounds, one process per variant) — {platform.processor() or platform.machine()}")
     print(f"{'variant':30s} {'ran on':34s} {'median ms':>10s} {'p90 ms':>8s}")
     for k, v in times.items():
         print(f"{k:30s} {providers[k]:34s} {med[k]:10.3f} {np.percentile(v, 90):8.3f}")
