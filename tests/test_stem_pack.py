@@ -41,6 +41,7 @@ def stem_model(path: Path, h: int, w: int, kernel: int, stride: int, pads: list[
     ]
     graph = helper.make_graph(nodes, "stem", [helper.make_tensor_value_info("images", TensorProto.UINT8, ["N", h, w, 3])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", cout, None, None])], inits)
+    graph = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])).graph
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model)
@@ -66,7 +67,11 @@ def test_packed_stem_is_bit_identical(tmp_path, h, w, kernel, stride, pads) -> N
     dst = tmp_path / "b.onnx"
     dst.write_bytes(src.read_bytes())
     assert pack_stem_pixels(dst) is True
-    g = onnx.load(str(dst)).graph
+    model = onnx.load(str(dst))
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)  # shapes still add up
+    out_shape = [d.dim_value for d in inferred.graph.output[0].type.tensor_type.shape.dim][1:]
+    assert out_shape == [8, (h + pads[0] + pads[2] - kernel) // stride + 1, (w + pads[1] + pads[3] - kernel) // stride + 1]
+    g = model.graph
     conv = next(n for n in g.node if n.op_type == "QLinearConv")
     assert numpy_helper.to_array(next(i for i in g.initializer if i.name == conv.input[3])).shape[1] == 12
     x = np.random.default_rng(1).integers(0, 256, (3, h, w, 3), dtype=np.uint8)

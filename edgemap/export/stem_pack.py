@@ -141,6 +141,10 @@ def pack_stem_pixels(path: Path) -> bool:
         helper.make_node("Reshape", [f"{prefix}/conv_nhwc", f"{prefix}/pixels_shape"], [f"{prefix}/pixels_nhwc"], name=f"{prefix}/Reshape_out"),
         helper.make_node("Transpose", [f"{prefix}/pixels_nhwc"], [out], perm=[0, 3, 1, 2], name=f"{prefix}/Transpose_nchw"),
     ]
+    # The transposed image is now (N, 12, H, W/4): drop its stale shape annotation.
+    stale = [v for v in g.value_info if v.name == transpose.output[0]]
+    for v in stale:
+        g.value_info.remove(v)
     nodes = list(g.node)
     at = nodes.index(conv)
     nodes = nodes[: nodes.index(transpose)] + [grouped] + nodes[nodes.index(transpose) : at + 1] + tail + nodes[at + 1 :]
