@@ -14,10 +14,10 @@ from edgemap.runtime.sessions import load
 
 
 def stem_model(path: Path, h: int, w: int, kernel: int, stride: int, pads: list[int], cout: int = 8,
-               seed: int = 0, per_channel: bool = True, bias: bool = True) -> Path:
+               seed: int = 0, per_channel: bool = True, bias: bool = True, channels: int = 3) -> Path:
     """uint8 NHWC image → Transpose → QLinearConv (RGB stem) → DequantizeLinear, as edgemap's fold leaves it."""
     rng = np.random.default_rng(seed)
-    wq = rng.integers(-127, 128, (cout, 3, kernel, kernel), dtype=np.int8)
+    wq = rng.integers(-127, 128, (cout, channels, kernel, kernel), dtype=np.int8)
     w_scale = (rng.uniform(0.002, 0.02, cout) if per_channel else np.array(0.01)).astype(np.float32)
     w_zp = np.zeros(cout if per_channel else (), np.int8)
     inits = [
@@ -39,7 +39,7 @@ def stem_model(path: Path, h: int, w: int, kernel: int, stride: int, pads: list[
                          pads=pads, dilations=[1, 1], group=1),
         helper.make_node("DequantizeLinear", ["yq", "y_scale", "y_zp"], ["y"]),
     ]
-    graph = helper.make_graph(nodes, "stem", [helper.make_tensor_value_info("images", TensorProto.UINT8, ["N", h, w, 3])],
+    graph = helper.make_graph(nodes, "stem", [helper.make_tensor_value_info("images", TensorProto.UINT8, ["N", h, w, channels])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", cout, None, None])], inits)
     graph = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])).graph
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -100,6 +100,25 @@ def test_left_alone_when_it_does_not_fit(tmp_path, h, w, kernel, stride, pads, w
     before = src.read_bytes()
     assert pack_stem_pixels(src) is False, why
     assert src.read_bytes() == before
+
+
+def test_grayscale_is_packed_and_four_channels_left_alone(tmp_path) -> None:  # noqa: ANN001
+    src = stem_model(tmp_path / "g.onnx", 32, 32, 3, 2, [0, 0, 1, 1], channels=1)
+    dst = tmp_path / "g4.onnx"
+    dst.write_bytes(src.read_bytes())
+    assert pack_stem_pixels(dst) is True  # 4 pixels x 1 channel
+    x = np.random.default_rng(3).integers(0, 256, (2, 32, 32, 1), dtype=np.uint8)
+    assert np.array_equal(_run(src, x), _run(dst, x))  # edgemap's Session wants RGB; raw ORT here
+    four = stem_model(tmp_path / "f.onnx", 32, 32, 3, 2, [0, 0, 1, 1], channels=4)
+    before = four.read_bytes()
+    assert pack_stem_pixels(four) is False and four.read_bytes() == before  # already aligned
+
+
+def _run(path: Path, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return s.run(None, {"images": x})[0]
 
 
 def test_dynamic_spatial_input_is_left_alone(tmp_path) -> None:  # noqa: ANN001
