@@ -151,7 +151,7 @@ def bench(run: Path, args: argparse.Namespace) -> tuple[dict[str, list[float]], 
     session's pool threads keep spinning for a while after its last run: on 2 cores the variant
     timed next lost every third or fourth run to them (~5 ms instead of 1-2 ms, p90 5 ms, both
     with all sessions in one process and with one process per variant and no gap). Alone, or
-    after the gap, p90 is within ~10% of the median.
+    after the gap, p90 is within ~10-30% of the median.
     """
     procs = {
         name: subprocess.Popen([sys.executable, __file__, "--serve", name, "--run", str(run), "--threads", str(args.threads),
@@ -159,7 +159,12 @@ def bench(run: Path, args: argparse.Namespace) -> tuple[dict[str, list[float]], 
         for name in VARIANTS
     }
     try:
-        providers = {name: json.loads(p.stdout.readline())["provider"] for name, p in procs.items()}
+        providers = {}
+        for name, p in procs.items():
+            line = p.stdout.readline()
+            if not line:  # the child printed its error on our stderr
+                raise SystemExit(f"variant {name!r} could not be loaded (exit code {p.wait()}); see the error above")
+            providers[name] = json.loads(line)["provider"]
         times: dict[str, list[float]] = {k: [] for k in procs}
         per = max(1, args.runs // args.rounds)
         names = list(procs)
@@ -171,7 +176,8 @@ def bench(run: Path, args: argparse.Namespace) -> tuple[dict[str, list[float]], 
                 times[name].extend(json.loads(procs[name].stdout.readline()))
     finally:
         for p in procs.values():
-            p.stdin.close()
+            if p.stdin and not p.stdin.closed:
+                p.stdin.close()
             p.wait(timeout=60)
     return times, providers
 
