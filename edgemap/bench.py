@@ -18,6 +18,7 @@ from __future__ import annotations
 import gc
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ import numpy as np
 
 from edgemap.errors import EdgemapError, RuntimeUnavailableError
 from edgemap.evaluate import _combos, open_session
-from edgemap.manifest import RunDir, now_iso
+from edgemap.manifest import RunDir, now_iso, run_lock
 
 DEFAULT_ITERS = 100
 
@@ -217,7 +218,6 @@ def bench(run_dir: str | Path | RunDir, opts: BenchOptions = BenchOptions()) -> 
         >>> rows = bench("models/digits", BenchOptions(runtimes=("cpu", "openvino"), batches=(1,)))
         >>> [(r.runtime, r.precision, r.p50_ms, r.provider) for r in rows]
     """
-    from edgemap.runtime.sessions import physical_cores
 
     if opts.iters is not None and opts.seconds is not None:
         raise RuntimeUnavailableError("give either --iters or --seconds, not both")
@@ -229,7 +229,15 @@ def bench(run_dir: str | Path | RunDir, opts: BenchOptions = BenchOptions()) -> 
         raise RuntimeUnavailableError(f"--batch needs positive sizes, got {list(opts.batches)}")
     if opts.threads is not None and opts.threads < 1:
         raise RuntimeUnavailableError("--threads must be >= 1")
-    run = run_dir if isinstance(run_dir, RunDir) else RunDir.load(run_dir)
+    guard = run_lock(run_dir.path if isinstance(run_dir, RunDir) else Path(run_dir), "bench") if opts.save else nullcontext()
+    with guard:
+        run = run_dir if isinstance(run_dir, RunDir) else RunDir.load(run_dir)
+        return _bench_all(run, opts)
+
+
+def _bench_all(run: RunDir, opts: BenchOptions) -> list[BenchRow]:
+    from edgemap.runtime.sessions import physical_cores
+
     threads = opts.threads or physical_cores()
     rows: list[BenchRow] = []
     for runtime, precision in _combos(opts.runtimes, opts.precisions):

@@ -20,6 +20,7 @@ __all__ = [
     "RuntimeUnavailableError",
     "DatasetError",
     "ManifestError",
+    "RunBusyError",
     "BackboneError",
     "TrainingError",
     "ResumeError",
@@ -38,6 +39,12 @@ class DatasetError(EdgemapError):
 
 class ManifestError(EdgemapError):
     """edgemap.json is missing, unreadable, or has wrong types / missing keys."""
+
+
+class RunBusyError(EdgemapError):
+    """Another edgemap process is writing to the same run directory."""
+
+    exit_code = 75  # EX_TEMPFAIL: try again when the other command has finished
 
 
 class BackboneError(EdgemapError):

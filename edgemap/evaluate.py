@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from edgemap.errors import DatasetError, EdgemapError, ManifestError, RuntimeUnavailableError
-from edgemap.manifest import RunDir, now_iso
+from edgemap.manifest import RunDir, now_iso, run_lock
 
 REFERENCE = "torch"
 ALL_RUNTIMES = ("torch", "cpu", "cuda", "tensorrt", "openvino")
@@ -330,7 +331,10 @@ def evaluate(run_dir: str | Path | RunDir, opts: EvalOptions = EvalOptions()) ->
     """
     from edgemap.runtime.preprocess import preprocess_batch
 
-    run = run_dir if isinstance(run_dir, RunDir) else RunDir.load(run_dir)
-    paths, labels, where = load_samples(run, opts.data)
-    images = preprocess_batch(paths, run.contract)  # once, reused by every runtime
-    return evaluate_arrays(run, images, labels, opts, data=where)
+    # saving results into edgemap.json: hold the run directory (see manifest.run_lock)
+    guard = run_lock(run_dir.path if isinstance(run_dir, RunDir) else Path(run_dir), "eval") if opts.save else nullcontext()
+    with guard:
+        run = run_dir if isinstance(run_dir, RunDir) else RunDir.load(run_dir)
+        paths, labels, where = load_samples(run, opts.data)
+        images = preprocess_batch(paths, run.contract)  # once, reused by every runtime
+        return evaluate_arrays(run, images, labels, opts, data=where)

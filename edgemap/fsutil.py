@@ -6,15 +6,18 @@ import contextlib
 import json
 import os
 import secrets
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from edgemap.runtime.integrity import sha256_file
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_json", "sha256_file", "fsync_dir"]
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_json", "sha256_file", "fsync_dir", "folder_lock",
+           "FolderBusy"]
 
 TMP_SUFFIX = ".edgemap-tmp"
+LOCK_NAME = ".edgemap.lock"
 
 
 def _umask() -> int:
@@ -97,3 +100,61 @@ def remove_stale_temps(folder: str | Path) -> list[Path]:
                 p.unlink()
                 removed.append(p)
     return removed
+
+
+class FolderBusy(Exception):
+    """Another process holds the folder's lock; ``holder`` is what it wrote there (pid, command, since)."""
+
+    def __init__(self, folder: Path, holder: str):
+        super().__init__(f"{folder} is in use by {holder or 'another process'}")
+        self.folder, self.holder = folder, holder
+
+
+_held: dict[Path, list[Any]] = {}  # folder -> [open lock file, depth]: re-entrant within a process
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | Path, what: str) -> Iterator[None]:
+    """Hold an exclusive advisory lock on the existing ``folder`` (its ``.edgemap.lock``) or raise FolderBusy.
+
+    Never waits: a second writer gets FolderBusy at once, naming the holder. Nested use in
+    one process is allowed. The OS drops the lock when the holder dies, even on kill -9,
+    so a stale lock file is harmless. Without ``fcntl`` (Windows) it does not lock.
+
+    Example:
+        >>> with folder_lock("models/digits", "edgemap export"):
+        ...     ...
+    """
+    folder = Path(folder).absolute()
+    if folder in _held:
+        _held[folder][1] += 1
+        try:
+            yield
+        finally:
+            _held[folder][1] -= 1
+        return
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no advisory locks here
+        yield
+        return
+    f = open(folder / LOCK_NAME, "a+", encoding="utf-8")  # noqa: SIM115 - kept open while held
+    try:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise FolderBusy(folder, f.read().strip()) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} ({what}) since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+        _held[folder] = [f, 1]
+        try:
+            yield
+        finally:
+            del _held[folder]
+            f.truncate(0)
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    finally:
+        f.close()

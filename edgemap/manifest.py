@@ -27,8 +27,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from edgemap.errors import ManifestError, ModelIntegrityError
-from edgemap.fsutil import atomic_path, atomic_write_json, sha256_file
+from edgemap.errors import ManifestError, ModelIntegrityError, RunBusyError
+from edgemap.fsutil import FolderBusy, atomic_path, atomic_write_json, folder_lock, sha256_file
 from edgemap.runtime.preprocess import PreprocessContract
 
 MANIFEST_NAME = "edgemap.json"
@@ -66,6 +66,29 @@ def package_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return out
+
+
+@contextlib.contextmanager
+def run_lock(path: str | Path, command: str) -> Iterator[None]:
+    """Hold the run directory for one writing command (finetune, export, eval, bench, run).
+
+    Two commands writing one run directory would delete each other's temp files and
+    overwrite each other's ``edgemap.json`` updates; the second one is refused at once.
+
+    Raises:
+        RunBusyError: another process holds the run directory (its pid and command are named).
+    """
+    if not Path(path).is_dir():  # nothing to guard yet; loading it reports the missing folder
+        yield
+        return
+    try:
+        with folder_lock(path, f"edgemap {command}"):
+            yield
+    except FolderBusy as e:
+        raise RunBusyError(
+            f"{e.folder} is in use by {e.holder or 'another edgemap process'}; wait until it finishes, then run "
+            f"`edgemap {command}` again (two commands writing one run directory would lose each other's results)"
+        ) from None
 
 
 def validate_manifest(data: Any, where: str = MANIFEST_NAME) -> dict[str, Any]:

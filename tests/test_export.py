@@ -124,15 +124,17 @@ def test_run_without_weights_is_refused(trained, tmp_path) -> None:  # noqa: ANN
     assert not (bare.path / "model.onnx").exists()
 
 
-def test_op_unsupported_at_opset_is_a_clear_error_and_writes_nothing(trained, tmp_path) -> None:  # noqa: ANN001
+def test_op_unsupported_at_opset_is_a_clear_error_and_writes_nothing(trained, tmp_path, capfd) -> None:  # noqa: ANN001
     run, state, root = trained
     other, _ = make_run(tmp_path / "run6", root / "data", state=state)
-    with pytest.raises(ExportError, match=r"op Sub at opset 6 is not supported by onnxruntime.*--opset"):
+    with pytest.raises(ExportError, match=r"^model.onnx: op Sub at opset 6 is not supported by onnxruntime.*--opset"):
         export(other.path, ExportOptions(opset=6))
     assert not (other.path / "model.onnx").exists() and "onnx_fp32" not in RunDir.load(other.path).artifacts
     assert not list(other.path.glob(".*edgemap-tmp"))
-    with pytest.raises(ExportError, match="could not export.*--opset 99.*nsupported"):
+    capfd.readouterr()
+    with pytest.raises(ExportError, match=r"--opset 99 is newer than torch .* exports \(at most \d+\)"):
         export(other.path, ExportOptions(opset=99))
+    assert capfd.readouterr().out == ""  # torch would print its whole graph to stdout here
 
 
 def test_ir_version_newer_than_installed_is_a_clear_error(exported, tmp_path) -> None:  # noqa: ANN001
@@ -214,3 +216,99 @@ def test_options_are_validated_before_any_work(trained) -> None:  # noqa: ANN001
     with pytest.raises(ExportError, match="parity_batch"):
         export(run.path, ExportOptions(parity_batch=8))
     assert np.isfinite(ExportOptions().max_drop)
+
+
+def test_new_model_failing_parity_never_replaces_the_recorded_one(trained, tmp_path) -> None:  # noqa: ANN001
+    """A re-export at another opset that fails parity (tolerance 0) keeps model.onnx; package then refuses nothing good."""
+    run, state, root = trained
+    r, _ = make_run(tmp_path / "par", root / "data", state=state)
+    export(r.path, ExportOptions())
+    good = (r.path / "model.onnx").read_bytes()
+    with pytest.raises(ParityError, match=r"^model.onnx: outputs differ.*the previous model.onnx is kept.*model.rejected.onnx"):
+        export(r.path, ExportOptions(opset=13, parity_atol=0.0, parity_rtol=0.0))
+    after = RunDir.load(r.path)
+    assert (r.path / "model.onnx").read_bytes() == good and after.artifact_path("onnx_fp32")
+    assert (r.path / "model.rejected.onnx").is_file() and not list(r.path.glob(".*edgemap-tmp"))
+    assert after.data["metrics"]["parity"]["passed"] is True  # describes the recorded model
+    assert after.data["metrics"]["parity_rejected"]["passed"] is False
+    assert after.data["stages"]["export"]["status"] == "failed"
+    # the same bytes failing parity now (tolerance 0): recorded as failed, and package refuses to ship it
+    with pytest.raises(ParityError):
+        export(r.path, ExportOptions(parity_atol=0.0, parity_rtol=0.0))
+    from edgemap.errors import PackageError
+    from edgemap.package import PackageOptions, package
+
+    with pytest.raises(PackageError, match="failed the parity check"):
+        package(r.path, PackageOptions(out=tmp_path / "dist"))
+    export(r.path, ExportOptions())  # passes again: recorded, parity_rejected cleared only by a new model
+    assert RunDir.load(r.path).data["metrics"]["parity"]["passed"] is True
+
+
+def test_reexport_retires_int8_models_of_the_old_fp32(trained, tmp_path) -> None:  # noqa: ANN001
+    run, state, root = trained
+    r, _ = make_run(tmp_path / "stale", root / "data", state=state)
+    export(r.path, ExportOptions(int8=True, calib_size=16, targets=("cpu",)))
+    assert "onnx_int8_qoperator" in RunDir.load(r.path).artifacts
+    res = export(r.path, ExportOptions(opset=13))  # new fp32 bytes
+    assert res.rewritten and any("quantized from an earlier model.onnx" in w for w in res.warnings)
+    after = RunDir.load(r.path)
+    assert "onnx_int8_qoperator" not in after.artifacts and "int8_gate" not in after.data["metrics"]
+    assert (r.path / "model.int8.qoperator.stale.onnx").is_file() and not (r.path / "model.int8.qoperator.onnx").exists()
+    # a manifest from before this check (stale int8 still recorded) is refused by package
+    export(r.path, ExportOptions(opset=13, int8=True, calib_size=16, targets=("cpu",)))
+    after = RunDir.load(r.path)
+    after.artifacts["onnx_int8_qoperator"]["source_sha256"] = "0" * 64
+    after.save()
+    from edgemap.errors import PackageError
+    from edgemap.package import PackageOptions, package
+
+    with pytest.raises(PackageError, match="quantized from an earlier model.onnx.*--precision fp32"):
+        package(r.path, PackageOptions(out=tmp_path / "dist"))
+
+
+def test_unfinished_finetune_is_exported_with_a_warning(trained, tmp_path) -> None:  # noqa: ANN001
+    run, state, root = trained
+    r, _ = make_run(tmp_path / "cut", root / "data", state=state)
+    r.set_stage("finetune", "interrupted")
+    res = export(r.path, ExportOptions())
+    assert any("fine-tuning did not finish" in w and "--resume" in w for w in res.warnings)
+
+
+def test_a_second_writer_on_the_run_directory_is_refused(exported, trained) -> None:  # noqa: ANN001
+    """Another process holding the run (e.g. an export) → RunBusyError naming it; nothing of its work is touched."""
+    import subprocess
+    import sys
+
+    from edgemap.errors import RunBusyError
+
+    run, _, _ = trained
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom edgemap.manifest import run_lock\n"
+         "with run_lock(sys.argv[1], 'export'):\n    print('held', flush=True); time.sleep(60)", str(run.path)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        marker = run.path / ".export-work-other"  # the holder's work folder: must survive
+        marker.mkdir()
+        with pytest.raises(RunBusyError, match=rf"in use by pid {holder.pid} \(edgemap export\)"):
+            export(run.path, ExportOptions())
+        assert marker.is_dir()
+        from edgemap.evaluate import EvalOptions, evaluate
+
+        with pytest.raises(RunBusyError):
+            evaluate(run.path, EvalOptions(runtimes=("cpu",)))
+        evaluate(run.path, EvalOptions(runtimes=("cpu",), save=False))  # reading is fine
+    finally:
+        holder.kill()
+        holder.wait()
+        shutil.rmtree(run.path / ".export-work-other", ignore_errors=True)
+    export(run.path, ExportOptions())  # the OS released the lock with the process
+
+
+def test_cli_refuses_int8_options_without_int8(trained) -> None:  # noqa: ANN001
+    from edgemap.cli import app
+
+    run, _, _ = trained
+    res = CliRunner().invoke(app, ["export", str(run.path), "--calib-size", "5", "--targets", "foo"])
+    assert res.exit_code == 2
+    assert "--calib-size, --targets only apply with --int8" in " ".join(res.output.split())

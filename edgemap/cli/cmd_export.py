@@ -10,7 +10,16 @@ from rich import box
 from rich.markup import escape
 from rich.table import Table
 
-from edgemap.cli.common import JsonOpt, RunDirArg, console, handle_errors, next_step, split_csv, write_json_out
+from edgemap.cli.common import (
+    JsonOpt,
+    RunDirArg,
+    console,
+    err_console,
+    handle_errors,
+    next_step,
+    split_csv,
+    write_json_out,
+)
 
 
 def parity_table(rows: list[Any]) -> Table:
@@ -55,9 +64,14 @@ def register(app: typer.Typer) -> None:
         json_out: JsonOpt = None,
     ) -> None:
         """Export RUN_DIR to model.onnx (uint8 NHWC in, logits out), check parity; --int8 adds int8 models."""
-        from edgemap.errors import AccuracyGateError, ParityError
+        from edgemap.errors import AccuracyGateError, ExportError, ParityError
         from edgemap.export import ExportOptions, export
 
+        int8_only = {"--calib-size": calib_size, "--calib-method": calib_method, "--max-drop": max_drop, "--targets": targets}
+        stray = [flag for flag, v in int8_only.items() if v is not None]
+        if stray and not int8:
+            raise ExportError(f"{', '.join(stray)} only {'apply' if len(stray) > 1 else 'applies'} with --int8; "
+                              "add --int8 or leave them out")
         given = {"opset": opset, "calib_size": calib_size, "calib_method": calib_method, "max_drop": max_drop,
                  "targets": tuple(split_csv(targets)) if targets is not None else None}
         opts = ExportOptions(int8=int8, **{k: v for k, v in given.items() if v is not None})
@@ -77,8 +91,10 @@ def register(app: typer.Typer) -> None:
             "onnx": str(result.onnx_path), "rewritten": result.rewritten,
             "parity": [r.to_dict() for r in result.parity],
             "int8": {k: str(v) for k, v in result.int8.items()},
-            "gate": [dataclasses.asdict(a) for a in result.gate],
+            "gate": [dataclasses.asdict(a) for a in result.gate], "warnings": result.warnings,
         })
+        for note in result.warnings:
+            err_console.print(f"[yellow]warning:[/] {escape(note)}")
         if json_out is not None and str(json_out) == "-":
             return
         console.print(parity_table(result.parity))

@@ -89,6 +89,7 @@ class ExportResult:
     int8: dict[str, Path] = field(default_factory=dict)  # format -> written path
     gate: list[Any] = field(default_factory=list)  # GateAttempt, every format
     seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)  # things the user should know (the CLI prints them)
 
 
 def _int8_plan(targets: tuple[str, ...] | None) -> dict[str, list[str]]:
@@ -170,16 +171,31 @@ def export(run_dir: Any, opts: ExportOptions | None = None, *, dataset: Any = No
     Example:
         >>> res = export("models/digits", ExportOptions(int8=True, targets=("cpu",)))
     """
-    from edgemap.manifest import RunDir
+    from edgemap.manifest import RunDir, run_lock
 
     t_start = time.perf_counter()
     opts = opts or ExportOptions()
-    say = progress or (lambda _msg: None)
-    run = run_dir if isinstance(run_dir, RunDir) else RunDir.load(run_dir)
     plan = _check_options(opts)
+    with run_lock(run_dir.path if isinstance(run_dir, RunDir) else Path(run_dir), "export"):
+        run = run_dir if isinstance(run_dir, RunDir) else RunDir.load(run_dir)
+        result = _export_locked(run, opts, plan, dataset, progress or (lambda _msg: None))
+    result.seconds = time.perf_counter() - t_start
+    return result
+
+
+def _export_locked(run: Any, opts: ExportOptions, plan: dict[str, list[str]], dataset: Any, say: Progress) -> ExportResult:
     _remove_leftovers(run.path)
     if "weights_best" not in run.artifacts:
-        raise ExportError(f"{run.path}: no trained weights ('weights_best') recorded; run `edgemap finetune` to completion first")
+        raise ExportError(f"{run.path}: no trained weights ('weights_best') recorded; run `edgemap finetune` first")
+    warnings: list[str] = []
+    ft = run.data["stages"].get("finetune", {})
+    if ft.get("status") != "done":
+        best = run.artifacts["weights_best"]
+        warnings.append(
+            f"fine-tuning did not finish (status {ft.get('status', 'unknown')!r}); exporting the best weights so far "
+            f"(epoch {best.get('epoch', '?')}, val accuracy {best.get('val_accuracy', '?')}). "
+            f"Finish it with `edgemap finetune DATA --out {run.path} --resume`, then export again"
+        )
     ds = _dataset(run, dataset)
     from edgemap.export.calibration import load_images, select_calibration, stratified
 
@@ -192,24 +208,14 @@ def export(run_dir: Any, opts: ExportOptions | None = None, *, dataset: Any = No
     from edgemap.model import load_classifier
 
     net = load_classifier(run)
-    onnx_path, rewritten = _export_fp32(run, net, opts, say)
-
-    say(f"parity check (PyTorch vs {', '.join(opts.parity_runtimes)}; batch 1 and {opts.parity_batch})")
-    from edgemap.export.parity import check_parity
-
     images = load_images(parity_samples, run.contract)
-    try:
-        rows = check_parity(net, onnx_path, images, opts.parity_runtimes, opts.parity_batch,
-                            opts.parity_atol, opts.parity_rtol, opts.threads)
-    except ParityError as e:
-        _record_parity(run, getattr(e, "rows", []), opts, failed=True)
-        raise
-    _record_parity(run, rows, opts, failed=False)
-    result = ExportResult(run.path, onnx_path, rewritten, parity=rows)
+    onnx_path, rewritten, rows = _export_fp32(run, net, images, opts, say)
+    result = ExportResult(run.path, onnx_path, rewritten, parity=rows, warnings=warnings)
+    if rewritten:
+        warnings.extend(_retire_stale_int8(run, onnx_path))
     if opts.int8:
         _int8(run, onnx_path, calib, list(ds.val), plan, opts, result, say)
     run.set_stage("export", "done", int8=opts.int8)
-    result.seconds = time.perf_counter() - t_start
     return result
 
 
@@ -222,9 +228,16 @@ def _remove_leftovers(run_path: Path) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _export_fp32(run: Any, net: Any, opts: ExportOptions, say: Progress) -> tuple[Path, bool]:
+def _export_fp32(run: Any, net: Any, images: Any, opts: ExportOptions, say: Progress) -> tuple[Path, bool, list[Any]]:
+    """Write model.onnx if its bytes change, after it passed the checker and the parity check.
+
+    A new model that fails parity never replaces the recorded one: it is kept as
+    ``model.rejected.onnx`` (not recorded) and ``metrics.parity_rejected`` holds its table;
+    ``metrics.parity`` always describes the recorded ``model.onnx``.
+    """
     from edgemap.artifacts import FILENAMES, ONNX_FP32
     from edgemap.export.onnx_export import build_metadata, check_model, finalize_bytes, io_spec, torch_to_onnx_bytes
+    from edgemap.fsutil import atomic_write_bytes
 
     c = run.contract
     say(f"exporting ONNX (opset {opts.opset})")
@@ -234,25 +247,76 @@ def _export_fp32(run: Any, net: Any, opts: ExportOptions, say: Progress) -> tupl
     inp, out = io_spec(c.height, c.width, len(run.classes))
     meta = dict(opset=opts.opset, input=inp, output=out, precision="fp32", format="fp32",
                 exporter="torch.onnx.export(dynamo=False)", weights_sha256=run.artifacts["weights_best"]["sha256"])
-    if rewritten:
+    if not rewritten:
+        check_model(dest, opts.opset)
+        rows = _parity(run, net, dest, images, opts, say, rejected=False)
+        run.add_artifact(ONNX_FP32, dest, stage="export", **meta)
+        return dest, False, rows
+    try:
         with run.write_artifact(ONNX_FP32, dest, stage="export", **meta) as tmp:
             tmp.write_bytes(data)
-            check_model(tmp, opts.opset)  # a model that fails here never replaces a good one
-    else:
-        check_model(dest, opts.opset)
-        run.add_artifact(ONNX_FP32, dest, stage="export", **meta)
-    return dest, rewritten
+            check_model(tmp, opts.opset, name=dest.name)  # a model that fails here never replaces a good one
+            rows = _parity(run, net, tmp, images, opts, say, rejected=True)
+    except ParityError as e:
+        kept = run.path / "model.rejected.onnx"
+        atomic_write_bytes(kept, data)
+        had = "the previous model.onnx is kept" if run.has_artifact(ONNX_FP32) else "no model.onnx was recorded"
+        err = ParityError(f"{e}; {had}, the failing model is {kept.name} (not recorded) for inspection")
+        err.rows = getattr(e, "rows", [])  # type: ignore[attr-defined]
+        raise err from None
+    run.data.get("metrics", {}).pop("parity_rejected", None)
+    _record_parity(run, rows, opts, failed=False)
+    return dest, True, rows
 
 
-def _record_parity(run: Any, rows: list[Any], opts: ExportOptions, failed: bool) -> None:
+def _parity(run: Any, net: Any, path: Path, images: Any, opts: ExportOptions, say: Progress, rejected: bool) -> list[Any]:
+    """Run the parity check on ``path``; on failure record it and re-raise (``rejected``: a new, unrecorded model)."""
+    from edgemap.export.parity import check_parity
+
+    say(f"parity check (PyTorch vs {', '.join(opts.parity_runtimes)}; batch 1 and {opts.parity_batch})")
+    try:
+        rows = check_parity(net, path, images, opts.parity_runtimes, opts.parity_batch,
+                            opts.parity_atol, opts.parity_rtol, opts.threads, name="model.onnx")
+    except ParityError as e:
+        _record_parity(run, getattr(e, "rows", []), opts, failed=True, key="parity_rejected" if rejected else "parity")
+        run.set_stage("export", "failed", reason="parity")
+        raise
+    if not rejected:
+        _record_parity(run, rows, opts, failed=False)
+    return rows
+
+
+def _record_parity(run: Any, rows: list[Any], opts: ExportOptions, failed: bool, key: str = "parity") -> None:
     metrics = run.data.setdefault("metrics", {})
-    metrics["parity"] = {
+    metrics[key] = {
         "passed": not failed,
         "atol": opts.parity_atol,
         "rtol": opts.parity_rtol,
         "rows": [r.to_dict() for r in rows],
     }
     run.save()
+
+
+def _retire_stale_int8(run: Any, onnx_path: Path) -> list[str]:
+    """int8 models quantized from an earlier model.onnx: unrecord them and rename them ``*.stale.onnx``."""
+    from edgemap.fsutil import sha256_file
+
+    sha = sha256_file(onnx_path)
+    notes = []
+    for key in [k for k in run.artifacts if k.startswith("onnx_int8_")]:
+        entry = run.artifacts[key]
+        if entry.get("source_sha256") == sha:
+            continue
+        del run.artifacts[key]
+        old = run.path / entry["path"]
+        if old.is_file():
+            old.replace(old.with_name(old.name.removesuffix(".onnx") + ".stale.onnx"))
+        notes.append(f"{entry['path']} was quantized from an earlier model.onnx: no longer recorded (renamed "
+                     f"*.stale.onnx); run `edgemap export {run.path} --int8` for int8 models of this one")
+    if notes:
+        run.data.get("metrics", {}).pop("int8_gate", None)
+        run.save()
+    return notes
 
 
 def _int8(run: Any, onnx_path: Path, calib: list[Any], val: list[Any], plan: dict[str, list[str]],
@@ -297,16 +361,19 @@ def _int8(run: Any, onnx_path: Path, calib: list[Any], val: list[Any], plan: dic
             table[fmt] = entry
     finally:
         shutil.rmtree(work, ignore_errors=True)
-        if table:
-            run.data.setdefault("metrics", {})["int8_gate"] = table
+        if table:  # formats not attempted this time keep their earlier entry (their artifacts are still recorded)
+            metrics = run.data.setdefault("metrics", {})
+            metrics["int8_gate"] = {**metrics.get("int8_gate", {}), **table}
             run.save()
     if failed:
         attempts = [a for a in result.gate if a.format in failed]
         best = {f: max(table[f]["attempts"], key=lambda a: a["top1_int8"]) for f in failed}
         summary = "; ".join(f"{f}: best drop {b['drop_points']:.2f} points (attempt {b['attempt']})" for f, b in best.items())
+        written = f"; {', '.join(result.int8)} passed and {'were' if len(result.int8) > 1 else 'was'} written" if result.int8 else ""
+        fp32 = "model.onnx was re-exported (it passed parity)" if result.rewritten else "fp32 model.onnx is unchanged"
         raise AccuracyGateError(
-            f"int8 accuracy gate failed ({summary}) > --max-drop {opts.max_drop}; no int8 artifact was replaced, "
-            f"fp32 model.onnx is untouched; the best attempt is kept as "
+            f"int8 accuracy gate failed ({summary}) > --max-drop {opts.max_drop}; no {'/'.join(failed)} artifact was "
+            f"replaced{written}; {fp32}; the best attempt is kept as "
             f"{', '.join(table[f]['rejected'] for f in failed)} for inspection. Try more/more varied calibration "
             "images (--calib-size), another --calib-method, or deploy fp32",
             attempts=attempts,

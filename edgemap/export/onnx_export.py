@@ -85,7 +85,11 @@ def torch_to_onnx_bytes(net: Any, height: int, width: int, opset: int) -> bytes:
             equivalent at ``opset``.
     """
     import torch
+    from torch.onnx import _constants
 
+    hi = getattr(_constants, "ONNX_MAX_OPSET", 20)
+    if opset > hi:  # checked first: torch prints its whole graph to stdout on this failure
+        raise ExportError(f"--opset {opset} is newer than torch {torch.__version__} exports (at most {hi}); try --opset 17")
     # Batch 2 while tracing, so nothing gets specialised to a batch of one.
     example = torch.zeros((2, height, width, 3), dtype=torch.uint8)
     buf = io.BytesIO()
@@ -108,8 +112,10 @@ _NOT_IMPL = re.compile(r"Could not find an implementation for (\w+)\((\d+)\)")
 _IR_TOO_NEW = re.compile(r"Unsupported model IR version: (\d+), max supported IR version: (\d+)")
 
 
-def check_model(path: str | Path, opset: int | None = None) -> None:
+def check_model(path: str | Path, opset: int | None = None, name: str | None = None) -> None:
     """``onnx.checker`` plus a real ONNX Runtime load; typed errors naming version and op.
+
+    ``name`` is what errors call the file (e.g. ``model.onnx`` while a temp file is checked).
 
     Raises:
         ExportError: IR version newer than the installed onnx/onnxruntime support, an op
@@ -119,17 +125,18 @@ def check_model(path: str | Path, opset: int | None = None) -> None:
     import onnxruntime as ort
 
     path = Path(path)
+    shown = name or str(path)
     model = onnx.load(str(path), load_external_data=False)
     opset = opset or next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     if model.ir_version > onnx.IR_VERSION:
         raise ExportError(
-            f"{path}: ONNX IR version {model.ir_version} is newer than the installed onnx supports "
+            f"{shown}: ONNX IR version {model.ir_version} is newer than the installed onnx supports "
             f"(IR {onnx.IR_VERSION}); upgrade onnx/onnxruntime or export with an older --opset"
         )
     try:
         onnx.checker.check_model(model, full_check=True)
     except onnx.checker.ValidationError as e:
-        raise ExportError(f"{path}: onnx.checker rejected the exported graph at opset {opset}: {str(e).splitlines()[0]}") from e
+        raise ExportError(f"{shown}: onnx.checker rejected the exported graph at opset {opset}: {str(e).splitlines()[0]}") from e
     so = ort.SessionOptions()
     so.log_severity_level = 3
     try:
@@ -139,16 +146,16 @@ def check_model(path: str | Path, opset: int | None = None) -> None:
         m = _IR_TOO_NEW.search(text)
         if m:
             raise ExportError(
-                f"{path}: ONNX IR version {m.group(1)} is newer than the installed onnxruntime "
+                f"{shown}: ONNX IR version {m.group(1)} is newer than the installed onnxruntime "
                 f"{ort.__version__} supports (max IR {m.group(2)}); upgrade onnxruntime or use an older --opset"
             ) from e
         m = _NOT_IMPL.search(text)
         if m:
             raise ExportError(
-                f"{path}: op {m.group(1)} at opset {m.group(2)} is not supported by onnxruntime "
+                f"{shown}: op {m.group(1)} at opset {m.group(2)} is not supported by onnxruntime "
                 f"{ort.__version__}; choose another --opset (17 is the default)"
             ) from e
-        raise ExportError(f"{path}: onnxruntime cannot load the exported model (opset {opset}): {text.splitlines()[0]}") from e
+        raise ExportError(f"{shown}: onnxruntime cannot load the exported model (opset {opset}): {text.splitlines()[0]}") from e
 
 
 def finalize_bytes(data: bytes, meta: dict[str, str]) -> bytes:

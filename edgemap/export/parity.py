@@ -96,6 +96,7 @@ def check_parity(
     atol: float = 1e-3,
     rtol: float = 1e-3,
     threads: int | None = None,
+    name: str | None = None,
 ) -> list[ParityRow]:
     """Compare PyTorch with each runtime at batch 1 and ``batch``; raise one error listing every failure.
 
@@ -107,6 +108,7 @@ def check_parity(
         batch: the odd batch size.
         atol, rtol: tolerance on max |Δlogit| (see the module docstring).
         threads: intra-op threads per session.
+        name: what the error calls the model (default: ``onnx_path``).
 
     Returns:
         The parity table (also returned inside the raised ParityError's message).
@@ -140,8 +142,8 @@ def check_parity(
     failures = [r for r in rows if r.status == "FAIL"]
     if failures:
         parts = [f"{r.runtime} batch {r.batch}: {_why(r)}" for r in failures]
-        err = ParityError(f"{onnx_path}: outputs differ from PyTorch: " + "; ".join(parts)
-                          + ". The model was exported but must not be deployed; report this with EDGEMAP_DEBUG=1.")
+        err = ParityError(f"{name or onnx_path}: outputs differ from PyTorch: " + "; ".join(parts)
+                          + "; it must not be deployed (report this with EDGEMAP_DEBUG=1)")
         err.rows = rows  # type: ignore[attr-defined]
         raise err
     return rows
