@@ -86,8 +86,17 @@ def atomic_write_bytes(dest: str | Path, data: bytes) -> None:
 
 def atomic_write_json(dest: str | Path, obj: Any) -> None:
     """Write ``obj`` as indented UTF-8 JSON to ``dest`` atomically."""
+    atomic_write_bytes(dest, json_text(obj).encode("utf-8"))
+
+
+def json_text(obj: Any) -> str:
+    """Indented JSON; \\u escapes only where a string cannot be UTF-8 (a file name that is not)."""
     text = json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n"
-    atomic_write_bytes(dest, text.encode("utf-8"))
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates from undecodable file names
+        text = json.dumps(obj, indent=2, ensure_ascii=True, sort_keys=False) + "\n"
+    return text
 
 
 def remove_stale_temps(folder: str | Path) -> list[Path]:

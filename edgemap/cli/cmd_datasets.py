@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
-from edgemap.cli.common import DataArg, JsonOpt, console, handle_errors, next_step, write_json_out
+from edgemap.cli.common import DataArg, JsonOpt, console, err_console, handle_errors, next_step, write_json_out
 
 datasets_app = typer.Typer(help="Demo datasets and dataset checks.", no_args_is_help=True)
 
@@ -28,7 +29,7 @@ def digits(
     t0 = time.perf_counter()
     counts = write_digits(out, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, force=force)
     totals = ", ".join(f"{split} {sum(c.values())}" for split, c in counts.items())
-    console.print(f"wrote digits to {out} ({totals}; 10 classes) in {time.perf_counter() - t0:.2f}s")
+    console.print(f"wrote digits to {out} ({totals}; 10 classes) in {time.perf_counter() - t0:.2f}s", markup=False)
     next_step(f'edgemap finetune "{out}" --backbone efficientnet_lite0 --out models/digits')
 
 
@@ -55,20 +56,22 @@ def scan(
     seconds = time.perf_counter() - t0
     counts = result.counts()
     splits = [s for s in ("train", "val", "test") if counts[s]]
-    table = Table(title=f"{result.root} ({result.layout})")
+    out = err_console if json_out is not None and str(json_out) == "-" else console  # stdout is the JSON then
+    table = Table(title=f"{escape(str(result.root))} ({result.layout})")
     table.add_column("class")
     for s in splits:
         table.add_column(s, justify="right")
     table.add_column("ignored", justify="right")
     for c in result.classes:
-        table.add_row(c, *(str(counts[s].get(c, 0)) for s in splits), str(result.ignored.get(c, 0) or ""))
-    console.print(table)
+        table.add_row(escape(c), *(str(counts[s].get(c, 0)) for s in splits), str(result.ignored.get(c, 0) or ""))
+    out.print(table)
     for path, why in result.skipped:
-        console.print(f"[yellow]skipped[/] {path}: {why}", soft_wrap=True)
+        out.print(f"[yellow]skipped[/] {escape(str(path))}: {escape(str(why))}", soft_wrap=True)
     total = sum(len(x) for x in (result.train, result.val, result.test))
-    console.print(f"{len(result.classes)} classes, {total} images checked in {seconds:.2f}s; fingerprint {result.fingerprint[:16]}")
+    out.print(f"{len(result.classes)} classes, {total} images checked in {seconds:.2f}s; fingerprint {result.fingerprint[:16]}")
     write_json_out(json_out, result.to_manifest())
-    next_step(f'edgemap finetune "{data}" --out models/{result.root.name or "run"}')
+    if out is console:
+        next_step(f'edgemap finetune "{data}" --out "models/{result.root.name or "run"}"')
 
 
 def register(app: typer.Typer) -> None:

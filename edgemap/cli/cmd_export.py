@@ -100,9 +100,9 @@ def register(app: typer.Typer) -> None:
         console.print(parity_table(result.parity))
         if result.gate:
             console.print(gate_table(result.gate, opts.max_drop))
-        console.print(f"wrote {result.onnx_path}" + ("" if result.rewritten else " (unchanged)"))
+        console.print(f"wrote {result.onnx_path}" + ("" if result.rewritten else " (unchanged)"), markup=False)
         for fmt, path in result.int8.items():
-            console.print(f"wrote {path} ({fmt})")
+            console.print(f"wrote {path} ({fmt})", markup=False)
         console.print(f"{result.seconds:.1f} s; recorded in edgemap.json (artifacts, metrics.parity"
                       + (", metrics.int8_gate)" if result.gate else ")"))
         next_step(f'edgemap eval "{run_dir}"')

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from edgemap.cli.common import DataArg, JsonOpt, console, err_console, handle_errors, next_step, write_json_out
 
@@ -52,8 +53,9 @@ class RichReporter:
             f"val loss {row['val_loss']:.4f} [bold]acc {row['val_acc']:.4f}[/] | lr {row['lr']:.2e}"
         )
 
-    def message(self, text: str) -> None:
-        self.progress.console.print(text)
+    def message(self, text: str, *, markup: bool = False) -> None:
+        """Print a line above the bar; paths and class names are shown as they are (no rich markup)."""
+        self.progress.console.print(text, markup=markup, highlight=False)
 
 
 def register(app: typer.Typer) -> None:
@@ -122,6 +124,6 @@ def register(app: typer.Typer) -> None:
             f"{res.images_per_second:.0f} img/s, {res.autocast}, channels_last={res.channels_last}, {res.device})"
         )
         if res.skipped:
-            console.print(f"[yellow]skipped {len(res.skipped)} unreadable files[/] (listed in {res.run_dir}/edgemap.json)")
-        console.print(f"run directory: {res.run_dir}")
+            console.print(f"[yellow]skipped {len(res.skipped)} unreadable files[/] (listed in {escape(str(res.run_dir))}/edgemap.json)")
+        console.print(f"run directory: {res.run_dir}", markup=False)
         next_step(f"edgemap export '{res.run_dir}' --int8")

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from edgemap.cli.common import JsonOpt, console, handle_errors, next_step, write_json_out
 
@@ -32,10 +33,10 @@ def register(app: typer.Typer) -> None:
         write_json_out(json_out, r.to_dict())
         if json_out is not None and str(json_out) == "-":
             return
-        console.print(f"[green]built[/] {r.wheel}")
+        console.print(f"[green]built[/] {escape(str(r.wheel))}")
         size = f"{r.wheel_bytes / 1024:,.1f} KiB"
         if r.model_bytes is not None:
-            console.print(f"  {r.name} {r.version}: {r.precision} model for {r.runtime}, sha256 {r.model_sha256[:16]}…")
+            console.print(f"  {r.name} {r.version}: {r.precision} model for {r.runtime}, sha256 {r.model_sha256[:16]}…", markup=False)
             size += f" (model {r.model_bytes / 1024:,.1f} KiB; wheel − model = {r.overhead_bytes / 1024:+,.1f} KiB)"
         console.print(f"  wheel {size}; depends on {', '.join(r.requirements)}")
         usage = f"{r.command} MODEL.onnx IMAGE..." if runtime_only else f"{r.command} IMAGE... --top-k 3"

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from edgemap.cli.common import JsonOpt, RunDirArg, console, handle_errors, next_step, write_json_out
 
@@ -30,12 +31,12 @@ def register(app: typer.Typer) -> None:
         write_json_out(json_out, r.to_dict())
         if json_out is not None and str(json_out) == "-":
             return
-        console.print(f"[green]wrote[/] {r.html} ({r.bytes / 1024:,.0f} KiB, {len(r.images)} plots embedded, "
+        console.print(f"[green]wrote[/] {escape(str(r.html))} ({r.bytes / 1024:,.0f} KiB, {len(r.images)} plots embedded, "
                       f"{r.seconds:.1f} s)", soft_wrap=True)
         for name, status in r.sections.items():
             if status != "ok":
-                console.print(f"  [yellow]{name}[/]: {status}", soft_wrap=True)
+                console.print(f"  [yellow]{name}[/]: {escape(str(status))}", soft_wrap=True)
         for w in r.warnings:
-            console.print(f"  [yellow]warning:[/] {w}", soft_wrap=True)
-        console.print(f"open it: {r.html.resolve().as_uri()}", soft_wrap=True)
+            console.print(f"  [yellow]warning:[/] {escape(str(w))}", soft_wrap=True)
+        console.print(f"open it: {r.html.resolve().as_uri()}", soft_wrap=True, markup=False)
         next_step(f'edgemap package "{run_dir}"')

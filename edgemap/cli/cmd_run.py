@@ -52,7 +52,7 @@ def run_and_show(data: Path, out: Path, opts: Any, json_out: Path | None) -> Non
     quiet = json_out is not None and str(json_out) == "-"
     with RichReporter(to_stderr=quiet) as rep:
         def on_stage(stage: str) -> None:
-            rep.message(f"[bold cyan]── {stage} ──[/]")
+            rep.message(f"[bold cyan]── {stage} ──[/]", markup=True)
 
         result = run_pipeline(data, out, opts, on_stage=None if quiet else on_stage, finetune_reporter=rep,
                               export_progress=lambda msg: rep.message(f"  {msg}"))
@@ -60,16 +60,16 @@ def run_and_show(data: Path, out: Path, opts: Any, json_out: Path | None) -> Non
     if quiet:
         return
     if result.did_nothing:
-        console.print(f"[green]nothing to do[/]: every stage of {out} is already done (artifacts verified by sha256)")
+        console.print(f"[green]nothing to do[/]: every stage of {escape(str(out))} is already done (artifacts verified by sha256)")
     for s in result.stages:
-        console.print(f"  {s.stage:9s} {s.status:8s} {s.seconds:6.1f} s  {s.detail}")
+        console.print(f"  {s.stage:9s} {s.status:8s} {s.seconds:6.1f} s  {s.detail}", markup=False)
     console.print(summary_table(result))
     for runtime, reason in result.unavailable:
         console.print(f"[yellow]{runtime}[/]: {escape(reason)}", soft_wrap=True)
     console.print(artifact_table(result))
     console.print(f"total {result.seconds:.0f} s")
     if result.wheel:
-        console.print(f"\ninstall on a device: pip install '{result.wheel}'")
+        console.print(f"\ninstall on a device: pip install '{result.wheel}'", markup=False)
     next_step(f"edgemap report '{out}'  |  edgemap bench '{out}' --batch 1,8  |  edgemap eval '{out}' --runtime cpu,openvino,torch")
 
 

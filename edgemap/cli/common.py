@@ -14,6 +14,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from edgemap.errors import EdgemapError
 
@@ -38,15 +39,37 @@ def handle_errors(fn: F) -> F:
         except EdgemapError as e:
             if os.environ.get("EDGEMAP_DEBUG"):
                 raise
-            err_console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
             raise typer.Exit(code=e.exit_code) from None
         except KeyboardInterrupt as e:
-            name = e.args[0] if e.args else "SIGINT"
-            err_console.print(f"[yellow]interrupted by {name}[/]: files being written were discarded, earlier artifacts "
-                              "are untouched; run the command again")
-            raise typer.Exit(code=143 if name == "SIGTERM" else 130) from None
+            _interrupted(e)
+        except Exception as e:
+            # A signal inside a C extension's import (onnxruntime turns it into "ImportError:
+            # initialization failed") is still an interrupt, not a crash.
+            ki = _interrupt_in_chain(e)
+            if ki is None:
+                raise
+            _interrupted(ki)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _interrupted(e: KeyboardInterrupt) -> None:
+    name = e.args[0] if e.args else "SIGINT"
+    err_console.print(f"[yellow]interrupted by {name}[/]: files being written were discarded, earlier artifacts "
+                      "are untouched; run the command again")
+    raise typer.Exit(code=143 if name == "SIGTERM" else 130) from None
+
+
+def _interrupt_in_chain(e: BaseException) -> KeyboardInterrupt | None:
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, KeyboardInterrupt):
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return None
 
 
 @contextlib.contextmanager
@@ -71,7 +94,7 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 def next_step(cmd: str) -> None:
     """Print the exact next command to run."""
-    console.print(f"\n[bold]next:[/] {cmd}", soft_wrap=True)  # one line: copy-pasteable
+    console.print(f"\n[bold]next:[/] {escape(cmd)}", soft_wrap=True)  # one line: copy-pasteable
 
 
 def split_csv(value: str | None) -> list[str]:
@@ -82,11 +105,15 @@ def write_json_out(target: Path | None, obj: Any) -> None:
     """Write JSON results for scripts: to a file (atomically) or stdout ('-')."""
     if target is None:
         return
-    import json
+
+    from edgemap.fsutil import atomic_write_json, json_text
 
     if str(target) == "-":
-        sys.stdout.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+        sys.stdout.write(json_text(obj))
         return
-    from edgemap.fsutil import atomic_write_json
-
-    atomic_write_json(target, obj)
+    if target.is_dir():
+        raise EdgemapError(f"--json {target} is a folder; give a file name (or '-' for stdout)")
+    try:
+        atomic_write_json(target, obj)
+    except OSError as e:
+        raise EdgemapError(f"--json {target}: cannot write it ({e.strerror or e})") from e

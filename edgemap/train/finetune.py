@@ -34,9 +34,9 @@ import torch.nn.functional as F
 
 from edgemap.artifacts import WEIGHTS_BEST, WEIGHTS_LAST
 from edgemap.backbones import get_spec
-from edgemap.errors import DatasetError, Interrupted, ResumeError, TrainingError
+from edgemap.errors import DatasetError, EdgemapError, Interrupted, ResumeError, TrainingError
 from edgemap.fsutil import atomic_write_bytes, remove_stale_temps
-from edgemap.manifest import MANIFEST_NAME, RunDir
+from edgemap.manifest import MANIFEST_NAME, RunDir, run_lock
 from edgemap.model import ClassifierNet, build_classifier
 from edgemap.runtime.preprocess import DEFAULT_MAX_PIXELS, PreprocessContract, preprocess
 from edgemap.runtime.sessions import physical_cores
@@ -110,9 +110,12 @@ class FinetuneOptions:
         size = self.img_size or spec.input_size
         if size < 16 or size % spec.size_multiple:
             raise TrainingError(f"--img-size {size}: {self.backbone} needs a multiple of {spec.size_multiple} and >= 16")
-        for name, val, lo in (("epochs", self.epochs, 1), ("batch-size", self.batch_size, 1), ("freeze-epochs", self.freeze_epochs, 0)):
+        for name, val, lo in (("epochs", self.epochs, 1), ("batch-size", self.batch_size, 1), ("freeze-epochs", self.freeze_epochs, 0),
+                              ("patience", self.patience, 1), ("threads", self.threads or 0, 0), ("seed", self.seed, 0)):
             if val < lo:
                 raise TrainingError(f"--{name} {val}: must be >= {lo}")
+        if self.seed >= 2**63:
+            raise TrainingError(f"--seed {self.seed}: must be < 2**63")
         if self.freeze_epochs > self.epochs:
             raise TrainingError(f"--freeze-epochs {self.freeze_epochs} exceeds --epochs {self.epochs}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -164,20 +167,28 @@ class FinetuneResult:
 # data: decode once at the contract size, then augment batches on tensors
 # --------------------------------------------------------------------------------------
 def load_arrays(paths: list[Path], contract: PreprocessContract, max_pixels: int | None, workers: int,
-                progress: Callable[[int], None] | None = None) -> np.ndarray:
-    """Decode + resize every image once with the runtime's preprocessing → (N, H, W, 3) uint8."""
+                progress: Callable[[int], None] | None = None, stop: Callable[[], bool] | None = None) -> np.ndarray:
+    """Decode + resize every image once with the runtime's preprocessing → (N, H, W, 3) uint8.
+
+    ``stop()`` true ends the decode early (queued images are cancelled; the rest stay zero).
+    """
     from concurrent.futures import ThreadPoolExecutor
 
-    out = np.empty((len(paths), contract.height, contract.width, 3), dtype=np.uint8)
+    out = np.zeros((len(paths), contract.height, contract.width, 3), dtype=np.uint8)
 
     def work(i: int) -> int:
         out[i] = preprocess(paths[i], contract, max_pixels=max_pixels)
         return i
 
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+    pool = ThreadPoolExecutor(max_workers=max(1, workers))
+    try:
         for _ in pool.map(work, range(len(paths))):
             if progress:
                 progress(1)
+            if stop is not None and stop():
+                break
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
     return out
 
 
@@ -294,6 +305,7 @@ def finetune(data: str | Path, out: str | Path, opts: FinetuneOptions | None = N
 
     out = Path(out)
     t_start = time.perf_counter()
+    _check_out(out, Path(data))
     state = None
     if resume:
         given = dict(overrides or {})
@@ -302,40 +314,85 @@ def finetune(data: str | Path, out: str | Path, opts: FinetuneOptions | None = N
         run, opts, state = _open_for_resume(out, given)
     else:
         opts = opts or FinetuneOptions()
-        if (out / MANIFEST_NAME).exists():
+        if (out / MANIFEST_NAME).exists() and not _failed_start(out):
             raise TrainingError(f"{out} already holds a run; continue it with --resume, or choose another --out")
     opts.validate()
     device = resolve_device(opts.device)
+    autocast_dtype(device, opts.precision)  # refuses e.g. fp16 on CPU before anything is written
     dist = Dist.from_env(device.type)
     if dist.active and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)
     torch.set_num_threads(opts.threads or max(1, physical_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
     rep = (reporter or _Reporter()) if dist.main else _Reporter()
+    created = dist.main and not resume and not out.exists()
+    if dist.main and not resume:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise TrainingError(f"--out {out}: cannot create the run directory ({e.strerror or e})") from e
     try:
-        spec = get_spec(opts.backbone)
-        size = opts.img_size or spec.input_size
-        contract = PreprocessContract(size, size, crop_pct=opts.crop_pct, interpolation=spec.interpolation,
-                                      mean=spec.mean, std=spec.std)
-        scan = scan_dataset(data, ScanOptions(val_split=opts.val_split, seed=opts.seed, skip_bad=opts.skip_bad,
-                                              max_pixels=opts.max_pixels))
-        rep.message(f"dataset {scan.root}: {len(scan.classes)} classes, {_counts_line(scan)} ({scan.layout})"
-                    + (f"; {dist.world} processes ({dist.backend})" if dist.active else ""))
-        dist.barrier()  # every rank checked `out` before rank 0 creates it
-        if resume:
-            _check_compatible(run, scan, opts)
-        elif dist.main:
-            run = RunDir.create(
-                out,
-                backbone={"name": opts.backbone, "weights": spec.weights if opts.pretrained else "random init"},
-                classes=scan.classes, contract=contract, options={"finetune": opts.to_dict()}, dataset=scan.to_manifest(),
-            )
-        else:
-            run = None
-        trainer = _Trainer(run, scan, opts, contract, device, dist, rep, data)
-        return trainer.fit(state, t_start)
+        # rank 0 holds the run directory: a second command writing it is refused (manifest.run_lock)
+        with run_lock(out, "finetune") if dist.main else nullcontext(), _catch_signals() as stop:
+            spec = get_spec(opts.backbone)
+            size = opts.img_size or spec.input_size
+            contract = PreprocessContract(size, size, crop_pct=opts.crop_pct, interpolation=spec.interpolation,
+                                          mean=spec.mean, std=spec.std)
+            scan = scan_dataset(data, ScanOptions(val_split=opts.val_split, seed=opts.seed, skip_bad=opts.skip_bad,
+                                                  max_pixels=opts.max_pixels))
+            rep.message(f"dataset {scan.root}: {len(scan.classes)} classes, {_counts_line(scan)} ({scan.layout})"
+                        + (f"; {dist.world} processes ({dist.backend})" if dist.active else ""))
+            if dist.any(stop.signum is not None):
+                raise Interrupted(f"interrupted by {signal.Signals(stop.signum).name if stop.signum else 'another rank'} "
+                                  f"while scanning the dataset; nothing was written to {out}")
+            dist.barrier()  # every rank checked `out` before rank 0 creates it
+            if resume:
+                _check_compatible(run, scan, opts)
+            elif dist.main:
+                run = RunDir.create(
+                    out,
+                    backbone={"name": opts.backbone, "weights": spec.weights if opts.pretrained else "random init"},
+                    classes=scan.classes, contract=contract, options={"finetune": opts.to_dict()}, dataset=scan.to_manifest(),
+                )
+            else:
+                run = None
+            trainer = _Trainer(run, scan, opts, contract, device, dist, rep, data, stop)
+            return trainer.fit(state, t_start)
+    except BaseException:
+        if created and not (out / MANIFEST_NAME).exists():  # failed before the run existed: leave no trace
+            _remove_empty_run_dir(out)
+        raise
     finally:
         dist.close()
+
+
+def _remove_empty_run_dir(out: Path) -> None:
+    from edgemap.fsutil import LOCK_NAME
+
+    (out / LOCK_NAME).unlink(missing_ok=True)
+    try:
+        out.rmdir()
+    except OSError:  # something else is in it now: keep it
+        pass
+
+
+def _check_out(out: Path, data: Path) -> None:
+    """Refuse an --out that would write into the dataset, or that is a file."""
+    o, d = out.resolve(), data.resolve()
+    if o == d or d in o.parents:
+        raise TrainingError(f"--out {out} is inside the dataset {data}: the run's files would become part of the data "
+                            "(and the dataset must never be modified); choose a folder outside it")
+    if out.exists() and not out.is_dir():
+        raise TrainingError(f"--out {out} is a file, not a folder; choose another --out")
+
+
+def _failed_start(out: Path) -> bool:
+    """The run in ``out`` stopped before training anything (an option or dataset error): safe to start over."""
+    try:
+        run = RunDir.load(out)
+    except EdgemapError:
+        return False
+    return not run.artifacts and not run.stage_done("finetune") and not (out / ckpt.STATE_FILE).exists()
 
 
 class _TrainView(torch.nn.Module):
@@ -353,15 +410,23 @@ class _Trainer:
     """One fine-tuning job: state, one epoch, validation, checkpoints. Rank 0 writes; all ranks train."""
 
     def __init__(self, run: RunDir | None, scan: Any, opts: FinetuneOptions, contract: PreprocessContract,
-                 device: torch.device, dist: Any, rep: _Reporter, data: str | Path):
+                 device: torch.device, dist: Any, rep: _Reporter, data: str | Path, stop: _StopFlag):
         self.run, self.scan, self.opts, self.device, self.dist, self.rep, self.data = run, scan, opts, device, dist, rep, data
+        self.stop = stop
         if dist.main:
             run.set_stage("finetune", "running", world_size=dist.world)
             for folder in (run.path, run.path / "state", run.path / "weights"):  # left by a kill -9 mid-write
                 remove_stale_temps(folder)
         rep.phase("decode", len(scan.train) + len(scan.val))
-        self.train_x = torch.from_numpy(load_arrays([s.path for s in scan.train], contract, opts.max_pixels, 4, rep.advance))
-        self.val_x = torch.from_numpy(load_arrays([s.path for s in scan.val], contract, opts.max_pixels, 4, rep.advance))
+        stopped = lambda: stop.signum is not None  # noqa: E731 - Ctrl-C/SIGTERM while decoding
+        self.train_x = torch.from_numpy(load_arrays([s.path for s in scan.train], contract, opts.max_pixels, 4, rep.advance, stopped))
+        self.val_x = torch.from_numpy(load_arrays([s.path for s in scan.val], contract, opts.max_pixels, 4, rep.advance, stopped))
+        if stopped() and dist.main:
+            run.set_stage("finetune", "interrupted")
+        if self.dist.any(stopped()):
+            raise Interrupted(f"interrupted by {signal.Signals(stop.signum).name if stop.signum else 'another rank'} "
+                              f"while decoding images (nothing trained yet). Resume with: "
+                              f"edgemap finetune '{data}' --out '{run.path if run else '?'}' --resume")
         self.train_y = torch.tensor([s.label for s in scan.train], dtype=torch.long)
         self.val_y = torch.tensor([s.label for s in scan.val], dtype=torch.long)
 
@@ -429,14 +494,13 @@ class _Trainer:
             _truncate_metrics(self.run.path, info["epoch"])
         self.last_save = time.monotonic()
         stopped_early = False
-        with _catch_signals() as self.stop:
-            while info["epoch"] < opts.epochs:
-                head_only = info["epoch"] < opts.freeze_epochs
-                row = self._epoch(head_only)
-                if self._end_epoch(row, head_only):
-                    stopped_early = True
-                    self.rep.message(f"early stop: no better val accuracy for {opts.patience} epochs")
-                    break
+        while info["epoch"] < opts.epochs:
+            head_only = info["epoch"] < opts.freeze_epochs
+            row = self._epoch(head_only)
+            if self._end_epoch(row, head_only):
+                stopped_early = True
+                self.rep.message(f"early stop: no better val accuracy for {opts.patience} epochs")
+                break
         return self._finish(stopped_early, t_start)
 
     def _epoch(self, head_only: bool) -> dict[str, Any]:
@@ -454,7 +518,9 @@ class _Trainer:
         self.rep.phase(f"epoch {epoch + 1}/{opts.epochs}" + (" (head only)" if head_only else ""), self.steps_per_epoch)
         if info["step"]:
             self.rep.advance(info["step"])
-        sums = [0.0, 0.0, 0.0]  # loss * n, correct, n (all ranks)
+        # loss * n, correct, n (all ranks) of the steps so far: saved with the state, so a resumed
+        # epoch's metrics.jsonl line counts the steps before the interruption too
+        sums = list(info.get("epoch_sums") or [0.0, 0.0, 0.0]) if info["step"] else [0.0, 0.0, 0.0]
         t_epoch = time.perf_counter()
         net.train()
         if head_only:
@@ -480,6 +546,7 @@ class _Trainer:
             self.scaler.step(self.opt)
             self.scaler.update()
             sums = [a + b for a, b in zip(sums, red[:3])]
+            info["epoch_sums"] = sums
             info["step"] += 1
             info["global_step"] += 1
             info["images_seen"] += int(red[2])
@@ -542,8 +609,9 @@ class _Trainer:
         path = self.run.path / ckpt.STATE_FILE if self.run else ckpt.STATE_FILE
         if self.dist.main:
             self.run.set_stage("finetune", "failed", reason="non-finite loss")
+        kept = f"the last good state is kept in {path}" if Path(path).is_file() else "no state was saved yet"
         raise TrainingError(
-            f"loss became {loss.item()} at epoch {epoch + 1} step {step}; the last good state is kept in {path}. "
+            f"loss became {loss.item()} at epoch {epoch + 1} step {step}; {kept}. "
             f"Lower --lr (now {self.opts.lr}) or use --precision fp32"
         )
 

@@ -1,0 +1,83 @@
+"""The CLI's shared edges: user text printed as it is, --json targets, interrupts inside imports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from edgemap.cli import app
+from edgemap.cli.common import handle_errors, write_json_out
+from edgemap.data.digits import write_digits
+from edgemap.errors import EdgemapError
+
+
+@pytest.fixture(scope="module")
+def bracket_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A dataset whose folder and class names look like rich markup."""
+    root = tmp_path_factory.mktemp("cli") / "data [bold]x[/]"
+    write_digits(root, val_fraction=0.2, seed=0)
+    (root / "train" / "0").rename(root / "train" / "[cat]")
+    (root / "val" / "0").rename(root / "val" / "[cat]")
+    return root
+
+
+def test_markup_like_names_are_printed_as_they_are(bracket_data: Path) -> None:
+    r = CliRunner().invoke(app, ["datasets", "scan", str(bracket_data)])
+    assert r.exit_code == 0, r.output
+    assert "[cat]" in r.output and "data [bold]x[/]" in " ".join(r.output.split())
+    (bracket_data / "train" / "[cat]" / "broken.png").write_bytes(b"not a png")
+    try:
+        r = CliRunner().invoke(app, ["datasets", "scan", str(bracket_data)])
+        assert r.exit_code == 2 and "[cat]/broken.png" in " ".join(r.output.split()), r.output
+        assert "Traceback" not in r.output
+    finally:
+        (bracket_data / "train" / "[cat]" / "broken.png").unlink()
+
+
+def test_scan_json_to_stdout_is_only_json(bracket_data: Path) -> None:
+    r = CliRunner().invoke(app, ["datasets", "scan", str(bracket_data), "--json", "-"])
+    assert r.exit_code == 0
+    data = json.loads(r.stdout)  # the table and the next step went to stderr
+    assert "[cat]" in data["classes"]
+
+
+def test_json_target_that_is_a_folder_or_unwritable_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(EdgemapError, match="is a folder"):
+        write_json_out(tmp_path, {"a": 1})
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(EdgemapError, match="cannot write it"):
+        write_json_out(tmp_path / "afile" / "out.json", {"a": 1})
+
+
+def test_undecodable_file_names_still_give_valid_json(tmp_path: Path) -> None:
+    name = b"\xfe bad.jpg".decode("utf-8", "surrogateescape")  # how Python sees a non-UTF-8 name
+    write_json_out(tmp_path / "o.json", {"skipped": [[name, "cannot decode"]]})
+    assert json.loads((tmp_path / "o.json").read_text(encoding="utf-8"))["skipped"][0][0] == name
+
+
+@pytest.mark.parametrize(("signame", "code"), [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_during_a_c_extension_import_is_an_interrupt_not_a_crash(signame: str, code: int, capsys) -> None:  # noqa: ANN001
+    @handle_errors
+    def cmd() -> None:
+        try:
+            raise KeyboardInterrupt(signame)
+        except KeyboardInterrupt as e:  # what onnxruntime's module init does with it
+            raise ImportError("initialization failed") from e
+
+    with pytest.raises(typer.Exit) as e:
+        cmd()
+    assert e.value.exit_code == code
+    assert f"interrupted by {signame}" in capsys.readouterr().err
+
+
+def test_other_exceptions_still_propagate() -> None:
+    @handle_errors
+    def cmd() -> None:
+        raise ImportError("a real missing module")
+
+    with pytest.raises(ImportError, match="a real missing module"):
+        cmd()
