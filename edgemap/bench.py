@@ -142,29 +142,53 @@ def measure_sync(run: Any, x: np.ndarray, opts: BenchOptions, peak: list[int]) -
 
 
 def measure_ov_async(compiled: Any, x: np.ndarray, opts: BenchOptions, peak: list[int]) -> tuple[np.ndarray, float, int]:
-    """benchmark_app's throughput loop: keep the plugin's optimal number of requests busy."""
-    import openvino as ov
+    """benchmark_app's throughput loop: keep the plugin's optimal number of requests busy.
 
+    Requests are reused round-robin and each one's latency is read from OpenVINO after
+    ``wait()``. No Python completion callback: an OpenVINO thread that needs the GIL to run
+    one could deadlock against the main thread tearing the compiled model down (seen as
+    a bench that hung until SIGKILL).
+    """
     try:
         nreq = max(1, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
     except Exception:  # noqa: BLE001 - plugin without the property
         nreq = 1
-    queue = ov.AsyncInferQueue(compiled, nreq)
+    reqs = [compiled.create_infer_request() for _ in range(nreq)]
+    busy = [False] * nreq
     lat: list[float] = []
-    queue.set_callback(lambda _req, t0: lat.append(time.perf_counter() - t0))
-    for _ in range(max(opts.warmup, nreq)):
-        queue.start_async({0: x}, time.perf_counter())
-    queue.wait_all()
-    lat.clear()
-    peak[0] = max(peak[0], rss_bytes())
-    n = 0
-    started = time.perf_counter()
-    while not _stop(n, started, opts.iters, opts.seconds):
-        queue.start_async({0: x}, time.perf_counter())  # blocks while every request is busy
-        n += 1
+
+    def submit(k: int) -> None:
+        i = k % nreq
+        if busy[i]:
+            reqs[i].wait()  # releases the GIL
+            lat.append(reqs[i].latency / 1000.0)  # ms → s, measured by OpenVINO
+        reqs[i].start_async({0: x})
+        busy[i] = True
+
+    def drain() -> None:
+        for i, r in enumerate(reqs):
+            if busy[i]:
+                r.wait()
+                lat.append(r.latency / 1000.0)
+                busy[i] = False
+
+    try:
+        for k in range(max(opts.warmup, nreq)):
+            submit(k)
+        drain()
+        lat.clear()
         peak[0] = max(peak[0], rss_bytes())
-    queue.wait_all()
-    wall = time.perf_counter() - started
+        n = 0
+        started = time.perf_counter()
+        while not _stop(n, started, opts.iters, opts.seconds):
+            submit(n)
+            n += 1
+            peak[0] = max(peak[0], rss_bytes())
+        drain()
+        wall = time.perf_counter() - started
+    finally:
+        drain()
+        del reqs[:]  # before the compiled model goes
     return np.asarray(lat), wall, nreq
 
 
