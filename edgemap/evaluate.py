@@ -48,6 +48,9 @@ class EvalOptions:
         save: store the rows in the run's edgemap.json under ``metrics.eval``.
         exact: OpenVINO precision (see SessionOptions.exact): None = f32 for fp32 models and
             OpenVINO's default for int8 ones, as the wheel deploys them; False = its bf16 default.
+        max_pixels: decompression-bomb limit per image; None = the limit the run was trained
+            with (its recorded scan options), so images training accepted are accepted here.
+        skip_bad: with ``data``: skip (and count) undecodable images instead of failing.
     """
 
     data: Path | None = None
@@ -58,6 +61,8 @@ class EvalOptions:
     threads: int | None = None
     save: bool = True
     exact: bool | None = None
+    max_pixels: int | None = None
+    skip_bad: bool = False
 
 
 @dataclass
@@ -286,13 +291,23 @@ def _split_samples(scan: Any, whole: bool) -> tuple[list[Any], str]:
     raise DatasetError(f"{scan.root}: neither a test nor a validation split to evaluate on; pass --data DIR")
 
 
-def load_samples(run: RunDir, data: Path | None) -> tuple[list[Path], np.ndarray, str]:
+def run_max_pixels(run: RunDir) -> int | None:
+    """The decompression-bomb limit the run's dataset was scanned with (edgemap's default if none recorded)."""
+    from edgemap.runtime.preprocess import DEFAULT_MAX_PIXELS
+
+    recorded = (run.data.get("dataset") or {}).get("options") or {}
+    return recorded.get("max_pixels", DEFAULT_MAX_PIXELS) if isinstance(recorded, dict) else DEFAULT_MAX_PIXELS
+
+
+def load_samples(run: RunDir, data: Path | None, max_pixels: int | None = None,
+                 skip_bad: bool = False) -> tuple[list[Path], np.ndarray, str]:
     """Image paths and labels (in the run's class order) for ``evaluate``, plus a description."""
     from edgemap.data import scan as scan_mod
 
     if data is not None:
-        scan = scan_mod.scan_dataset(Path(data))
-        where = str(data)
+        limit = max_pixels if max_pixels is not None else run_max_pixels(run)
+        scan = scan_mod.scan_dataset(Path(data), scan_mod.ScanOptions(max_pixels=limit, skip_bad=skip_bad))
+        where = str(data) + (f", {len(scan.skipped)} unreadable skipped" if scan.skipped else "")
     else:
         if not run.data.get("dataset"):
             raise ManifestError(f"{run.manifest_path}: no dataset recorded; pass --data DIR")
@@ -335,6 +350,7 @@ def evaluate(run_dir: str | Path | RunDir, opts: EvalOptions = EvalOptions()) ->
     guard = run_lock(run_dir.path if isinstance(run_dir, RunDir) else Path(run_dir), "eval") if opts.save else nullcontext()
     with guard:
         run = run_dir if isinstance(run_dir, RunDir) else RunDir.load(run_dir)
-        paths, labels, where = load_samples(run, opts.data)
-        images = preprocess_batch(paths, run.contract)  # once, reused by every runtime
+        paths, labels, where = load_samples(run, opts.data, opts.max_pixels, opts.skip_bad)
+        limit = opts.max_pixels if opts.max_pixels is not None else run_max_pixels(run)
+        images = preprocess_batch(paths, run.contract, limit)  # once, reused by every runtime
         return evaluate_arrays(run, images, labels, opts, data=where)

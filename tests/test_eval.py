@@ -153,3 +153,31 @@ def test_exact_makes_openvino_compute_f32(trained_run) -> None:  # noqa: F811
     res = evaluate_arrays(run, x, y, EvalOptions(runtimes=("openvino",), precisions=("fp32",), exact=True, save=False))
     row = res.rows[0]
     assert row.provider == "OpenVINO:CPU (f32)" and row.agreement == 1.0 and row.max_abs_diff < 1e-3
+
+
+def test_image_size_limit_is_the_runs_unless_given(trained_run, tmp_path) -> None:  # noqa: ANN001, F811
+    """eval decodes with the decompression-bomb limit the run was trained with; --max-pixels overrides it."""
+    from PIL import Image
+
+    run, _ = trained_run
+    data = tmp_path / "big"
+    make_images(data, 2, seed=3)
+    Image.new("RGB", (300, 200), (200, 10, 10)).save(data / "red" / "large.png")  # 60,000 pixels
+    from edgemap.cli import app
+
+    opts = dict(data=data, runtimes=("cpu",), precisions=("fp32",), save=False)
+    original = run.manifest_path.read_text()
+    manifest = json.loads(original)
+    manifest["dataset"]["options"]["max_pixels"] = 50_000  # as if trained with --max-pixels 50000
+    run.manifest_path.write_text(json.dumps(manifest))
+    try:
+        with pytest.raises(DatasetError, match=r"large.png \(300x200 = 60,000 pixels exceeds the limit of 50,000.*--skip-bad"):
+            evaluate(run.path, EvalOptions(**opts))
+        assert evaluate(run.path, EvalOptions(**opts, max_pixels=100_000)).n == 1 + 2 * len(CLASSES)
+        res = evaluate(run.path, EvalOptions(**opts, skip_bad=True))  # with --data the file can be skipped
+        assert res.n == 2 * len(CLASSES) and "1 unreadable skipped" in res.data
+        r = CliRunner().invoke(app, ["eval", str(run.path), "--data", str(data), "--runtime", "cpu", "--precision", "fp32",
+                                     "--max-pixels", "100000"])
+        assert r.exit_code == 0, r.output
+    finally:
+        run.manifest_path.write_text(original)

@@ -67,13 +67,15 @@ def register(app: typer.Typer) -> None:
         strict: Annotated[bool, typer.Option("--strict", help="Fail when a runtime is unavailable instead of listing it.")] = False,
         bf16: Annotated[bool, typer.Option("--bf16", help="Let OpenVINO compute fp32 models in bf16 too (its CPU default where the CPU has it; faster, less exact). Default: f32 for fp32 models.")] = False,
         details: Annotated[bool, typer.Option("--details", help="Also print per-class tables and confusion matrices.")] = False,
+        max_pixels: Annotated[int | None, typer.Option("--max-pixels", help="Decompression-bomb limit per image, in pixels \\[default: the one the run was trained with].")] = None,
+        skip_bad: Annotated[bool, typer.Option("--skip-bad", help="With --data: skip (and count) unreadable images instead of failing.")] = False,
         json_out: JsonOpt = None,
     ) -> None:
         """Accuracy, top-5, macro P/R/F1 and agreement with PyTorch for each runtime × precision."""
         from edgemap.evaluate import EvalOptions, evaluate
 
         opts = EvalOptions(data=data, runtimes=tuple(split_csv(runtime)), precisions=tuple(split_csv(precision)),
-                           strict=strict, exact=False if bf16 else None)
+                           strict=strict, exact=False if bf16 else None, max_pixels=max_pixels, skip_bad=skip_bad)
         result = evaluate(run_dir, opts)
         write_json_out(json_out, [r.to_dict() for r in result.rows])
         if json_out is not None and str(json_out) == "-":
