@@ -8,6 +8,7 @@ interrupted later stage from its start.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from typing import Any
 from edgemap.bench import BenchOptions
 from edgemap.evaluate import EvalOptions
 from edgemap.export import ExportOptions
-from edgemap.manifest import MANIFEST_NAME, RunDir
+from edgemap.manifest import MANIFEST_NAME, RunDir, run_lock
 from edgemap.package import PackageOptions
 from edgemap.train.finetune import FinetuneOptions
 
@@ -100,58 +101,66 @@ def run_pipeline(data: str | Path, out: str | Path, opts: RunOptions = RunOption
     t0 = time.perf_counter()
     outcomes: list[StageOutcome] = []
     wheel = report_path = None
-    for stage in STAGES:
-        if stage == "report" and not opts.report:
-            continue
-        if _finished(out, stage):
-            outcomes.append(StageOutcome(stage, "skipped", 0.0, "already done"))
-            if stage == "package":
-                wheel = RunDir.load(out).data["stages"]["package"].get("wheel")
-            if stage == "report":
-                report_path = RunDir.load(out).data["stages"]["report"].get("html")
-            continue
-        if on_stage:
-            on_stage(stage)
-        ts = time.perf_counter()
-        status, detail = "done", ""
-        if stage == "finetune":
-            resume = (out / ckpt.STATE_FILE).exists() and (out / MANIFEST_NAME).exists()
-            res = finetune(data, out, None if resume else opts.finetune, resume=resume, reporter=finetune_reporter)
-            status = "resumed" if resume else "done"
-            detail = f"best val accuracy {res.best_val_accuracy:.4f} (epoch {res.best_epoch})"
-        elif stage == "export":
-            res = export(out, opts.export, progress=export_progress)
-            detail = f"{res.onnx_path.name}" + (f" + int8 {', '.join(res.int8)}" if res.int8 else "")
-        elif stage == "eval":
-            res = evaluate(out, opts.eval)
-            detail = f"{sum(r.status == 'ok' for r in res.rows)} runtime × precision rows"
-        elif stage == "bench":
-            rows = bench(out, opts.bench)
-            detail = f"{sum(r.status == 'ok' for r in rows)} rows"
-        elif stage == "package":
-            res = package(out, opts.package)
-            wheel = str(res.wheel)
-            detail = f"{res.wheel.name} ({res.wheel_bytes / 1e6:.2f} MB, {res.precision})"
-        elif stage == "report":
-            from edgemap.report import ReportOptions, report
+    with contextlib.ExitStack() as held:
+        # one writer per run directory (manifest.run_lock); the stages' own locks nest inside this one
+        held_lock = out.is_dir()
+        if held_lock:
+            held.enter_context(run_lock(out, "run"))
+        for stage in STAGES:
+            if stage == "report" and not opts.report:
+                continue
+            if _finished(out, stage):
+                outcomes.append(StageOutcome(stage, "skipped", 0.0, "already done"))
+                if stage == "package":
+                    wheel = RunDir.load(out).data["stages"]["package"].get("wheel")
+                if stage == "report":
+                    report_path = RunDir.load(out).data["stages"]["report"].get("html")
+                continue
+            if on_stage:
+                on_stage(stage)
+            ts = time.perf_counter()
+            status, detail = "done", ""
+            if stage == "finetune":
+                resume = (out / ckpt.STATE_FILE).exists() and (out / MANIFEST_NAME).exists()
+                res = finetune(data, out, None if resume else opts.finetune, resume=resume, reporter=finetune_reporter)
+                status = "resumed" if resume else "done"
+                detail = f"best val accuracy {res.best_val_accuracy:.4f} (epoch {res.best_epoch})"
+            elif stage == "export":
+                res = export(out, opts.export, progress=export_progress)
+                detail = f"{res.onnx_path.name}" + (f" + int8 {', '.join(res.int8)}" if res.int8 else "")
+            elif stage == "eval":
+                res = evaluate(out, opts.eval)
+                detail = f"{sum(r.status == 'ok' for r in res.rows)} runtime × precision rows"
+            elif stage == "bench":
+                rows = bench(out, opts.bench)
+                detail = f"{sum(r.status == 'ok' for r in rows)} rows"
+            elif stage == "package":
+                res = package(out, opts.package)
+                wheel = str(res.wheel)
+                detail = f"{res.wheel.name} ({res.wheel_bytes / 1e6:.2f} MB, {res.precision})"
+            elif stage == "report":
+                from edgemap.report import ReportOptions, report
 
-            res = report(out, ReportOptions())
-            report_path = str(res.html)
-            detail = report_path
-        run = RunDir.load(out)  # stages save the manifest themselves: reload, never overwrite theirs
-        extra: dict[str, Any] = {}
-        if stage == "package":
-            extra["wheel"] = wheel
-        if stage == "report":
-            extra["html"] = report_path
-        if stage not in ("finetune", "export"):  # those two record their own completion
-            run.set_stage(stage, "done", seconds=round(time.perf_counter() - ts, 2), **extra)
-        outcomes.append(StageOutcome(stage, status, time.perf_counter() - ts, detail))
-    run = RunDir.load(out)
-    return RunResult(
-        run_dir=out, stages=outcomes, summary=summarize(run), artifacts=_artifact_rows(run), wheel=wheel,
-        report=report_path, seconds=time.perf_counter() - t0, unavailable=_unavailable(run),
-    )
+                res = report(out, ReportOptions())
+                report_path = str(res.html)
+                detail = report_path
+            run = RunDir.load(out)  # stages save the manifest themselves: reload, never overwrite theirs
+            extra: dict[str, Any] = {}
+            if stage == "package":
+                extra["wheel"] = wheel
+            if stage == "report":
+                extra["html"] = report_path
+            if stage not in ("finetune", "export"):  # those two record their own completion
+                run.set_stage(stage, "done", seconds=round(time.perf_counter() - ts, 2), **extra)
+            outcomes.append(StageOutcome(stage, status, time.perf_counter() - ts, detail))
+            if not held_lock and out.is_dir():  # finetune just made it: hold it for the stages after
+                held.enter_context(run_lock(out, "run"))
+                held_lock = True
+        run = RunDir.load(out)
+        return RunResult(
+            run_dir=out, stages=outcomes, summary=summarize(run), artifacts=_artifact_rows(run), wheel=wheel,
+            report=report_path, seconds=time.perf_counter() - t0, unavailable=_unavailable(run),
+        )
 
 
 def _unavailable(run: RunDir) -> list[tuple[str, str]]:

@@ -177,5 +177,5 @@ def test_reliability_md_covers_every_case_with_existing_tests() -> None:
     rows = re.findall(r"^\|\s*(\d+)\s*\|", text, re.M)
     assert set(range(1, 30)) <= {int(r) for r in rows}, "every case 1-29 of the shared RELIABILITY.md has a row"
     for line in text.splitlines():
-        if re.match(r"^\|\s*(\d+|I8\.\d+)\s*\|", line):
+        if re.match(r"^\|\s*(\d+|I8\.\d+|R\d+)\s*\|", line):
             assert "::" in line, f"a case without a named test: {line}"
