@@ -291,21 +291,13 @@ def _split_samples(scan: Any, whole: bool) -> tuple[list[Any], str]:
     raise DatasetError(f"{scan.root}: neither a test nor a validation split to evaluate on; pass --data DIR")
 
 
-def run_max_pixels(run: RunDir) -> int | None:
-    """The decompression-bomb limit the run's dataset was scanned with (edgemap's default if none recorded)."""
-    from edgemap.runtime.preprocess import DEFAULT_MAX_PIXELS
-
-    recorded = (run.data.get("dataset") or {}).get("options") or {}
-    return recorded.get("max_pixels", DEFAULT_MAX_PIXELS) if isinstance(recorded, dict) else DEFAULT_MAX_PIXELS
-
-
 def load_samples(run: RunDir, data: Path | None, max_pixels: int | None = None,
                  skip_bad: bool = False) -> tuple[list[Path], np.ndarray, str]:
     """Image paths and labels (in the run's class order) for ``evaluate``, plus a description."""
     from edgemap.data import scan as scan_mod
 
     if data is not None:
-        limit = max_pixels if max_pixels is not None else run_max_pixels(run)
+        limit = max_pixels if max_pixels is not None else run.max_pixels
         scan = scan_mod.scan_dataset(Path(data), scan_mod.ScanOptions(max_pixels=limit, skip_bad=skip_bad))
         where = str(data) + (f", {len(scan.skipped)} unreadable skipped" if scan.skipped else "")
     else:
@@ -351,6 +343,6 @@ def evaluate(run_dir: str | Path | RunDir, opts: EvalOptions = EvalOptions()) ->
     with guard:
         run = run_dir if isinstance(run_dir, RunDir) else RunDir.load(run_dir)
         paths, labels, where = load_samples(run, opts.data, opts.max_pixels, opts.skip_bad)
-        limit = opts.max_pixels if opts.max_pixels is not None else run_max_pixels(run)
+        limit = opts.max_pixels if opts.max_pixels is not None else run.max_pixels
         images = preprocess_batch(paths, run.contract, limit)  # once, reused by every runtime
         return evaluate_arrays(run, images, labels, opts, data=where)

@@ -29,7 +29,7 @@ from typing import Any
 
 from edgemap.errors import ManifestError, ModelIntegrityError, RunBusyError
 from edgemap.fsutil import FolderBusy, atomic_path, atomic_write_json, folder_lock, sha256_file
-from edgemap.runtime.preprocess import PreprocessContract
+from edgemap.runtime.preprocess import DEFAULT_MAX_PIXELS, PreprocessContract
 
 MANIFEST_NAME = "edgemap.json"
 SCHEMA_VERSION = 1
@@ -69,17 +69,20 @@ def package_versions() -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def run_lock(path: str | Path, command: str) -> Iterator[None]:
+def run_lock(path: str | Path, command: str, create: bool = False) -> Iterator[None]:
     """Hold the run directory for one writing command (finetune, export, eval, bench, run).
 
     Two commands writing one run directory would delete each other's temp files and
     overwrite each other's ``edgemap.json`` updates; the second one is refused at once.
+    Only a run directory (one with ``edgemap.json``) is locked, or, with ``create``, the
+    folder finetune is about to make one in: no lock file lands in any other folder.
 
     Raises:
         RunBusyError: another process holds the run directory (its pid and command are named).
     """
-    if not Path(path).is_dir():  # nothing to guard yet; loading it reports the missing folder
-        yield
+    p = Path(path)
+    if not (p / MANIFEST_NAME).is_file() and not (create and p.is_dir()):
+        yield  # not a run directory: loading it reports that
         return
     try:
         with folder_lock(path, f"edgemap {command}"):
@@ -220,6 +223,12 @@ class RunDir:
     @property
     def contract(self) -> PreprocessContract:
         return PreprocessContract.from_dict(self.data["preprocess"])
+
+    @property
+    def max_pixels(self) -> int | None:
+        """The decompression-bomb limit the run's dataset was scanned with: later stages decode with it too."""
+        recorded = (self.data.get("dataset") or {}).get("options") or {}
+        return recorded.get("max_pixels", DEFAULT_MAX_PIXELS) if isinstance(recorded, dict) else DEFAULT_MAX_PIXELS
 
     @property
     def backbone(self) -> str:

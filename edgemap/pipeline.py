@@ -103,7 +103,7 @@ def run_pipeline(data: str | Path, out: str | Path, opts: RunOptions = RunOption
     wheel = report_path = None
     with contextlib.ExitStack() as held:
         # one writer per run directory (manifest.run_lock); the stages' own locks nest inside this one
-        held_lock = out.is_dir()
+        held_lock = (out / MANIFEST_NAME).is_file()
         if held_lock:
             held.enter_context(run_lock(out, "run"))
         for stage in STAGES:
@@ -153,7 +153,7 @@ def run_pipeline(data: str | Path, out: str | Path, opts: RunOptions = RunOption
             if stage not in ("finetune", "export"):  # those two record their own completion
                 run.set_stage(stage, "done", seconds=round(time.perf_counter() - ts, 2), **extra)
             outcomes.append(StageOutcome(stage, status, time.perf_counter() - ts, detail))
-            if not held_lock and out.is_dir():  # finetune just made it: hold it for the stages after
+            if not held_lock and (out / MANIFEST_NAME).is_file():  # finetune just made it: hold it for the rest
                 held.enter_context(run_lock(out, "run"))
                 held_lock = True
         run = RunDir.load(out)

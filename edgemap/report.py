@@ -187,9 +187,7 @@ def _predict(run: RunDir, opts: ReportOptions) -> _Predictions:
     index = {c: i for i, c in enumerate(run.classes)}
     labels = np.asarray([index[scan.classes[int(s.label)]] for s in samples], dtype=np.int64)
     paths = [Path(s.path) for s in samples]
-    from edgemap.evaluate import run_max_pixels
-
-    images = preprocess_batch(paths, run.contract, run_max_pixels(run))
+    images = preprocess_batch(paths, run.contract, run.max_pixels)
     out = _Predictions(images=images, labels=labels, paths=paths)
     keys = [("fp32", "onnx_fp32")] + [("int8", k) for k in _INT8_KEYS if k in run.artifacts][:1]
     for precision, key in keys:

@@ -250,12 +250,15 @@ def test_reexport_retires_int8_models_of_the_old_fp32(trained, tmp_path) -> None
     export(r.path, ExportOptions(int8=True, calib_size=16, targets=("cpu",)))
     assert "onnx_int8_qoperator" in RunDir.load(r.path).artifacts
     res = export(r.path, ExportOptions(opset=13))  # new fp32 bytes
-    assert res.rewritten and any("quantized from an earlier model.onnx" in w for w in res.warnings)
+    assert res.rewritten and any("quantized from the previous model.onnx" in w and "--int8" in w for w in res.warnings)
     after = RunDir.load(r.path)
-    assert "onnx_int8_qoperator" not in after.artifacts and "int8_gate" not in after.data["metrics"]
+    assert "onnx_int8_qoperator" not in after.artifacts and not after.data["metrics"].get("int8_gate")
     assert (r.path / "model.int8.qoperator.stale.onnx").is_file() and not (r.path / "model.int8.qoperator.onnx").exists()
-    # a manifest from before this check (stale int8 still recorded) is refused by package
+    # a new model and new int8 models in one call: nothing to warn about
     export(r.path, ExportOptions(opset=13, int8=True, calib_size=16, targets=("cpu",)))
+    res = export(r.path, ExportOptions(opset=14, int8=True, calib_size=16, targets=("cpu",)))
+    assert res.rewritten and res.retired == {"qoperator": "model.int8.qoperator.onnx"} and not res.warnings
+    # a manifest from before this check (stale int8 still recorded) is refused by package
     after = RunDir.load(r.path)
     after.artifacts["onnx_int8_qoperator"]["source_sha256"] = "0" * 64
     after.save()
@@ -312,3 +315,26 @@ def test_cli_refuses_int8_options_without_int8(trained) -> None:  # noqa: ANN001
     res = CliRunner().invoke(app, ["export", str(run.path), "--calib-size", "5", "--targets", "foo"])
     assert res.exit_code == 2
     assert "--calib-size, --targets only apply with --int8" in " ".join(res.output.split())
+
+
+def test_export_decodes_with_the_runs_image_size_limit(trained, tmp_path) -> None:  # noqa: ANN001
+    """Images are decoded with the --max-pixels the run was trained with (here lowered below 32x32)."""
+    from edgemap.errors import ImageError
+
+    run, state, root = trained
+    r, _ = make_run(tmp_path / "limit", root / "data", state=state)
+    r.data["dataset"]["options"]["max_pixels"] = 500
+    r.save()
+    with pytest.raises(ImageError, match="32x32 = 1,024 pixels exceeds the limit of 500"):
+        export(r.path, ExportOptions())
+
+
+def test_no_lock_file_outside_a_run_directory(trained, tmp_path) -> None:  # noqa: ANN001
+    from edgemap.errors import ManifestError
+
+    run, _, root = trained
+    data = root / "data"
+    before = sorted(p.name for p in data.rglob("*"))
+    with pytest.raises(ManifestError):
+        export(data, ExportOptions())
+    assert sorted(p.name for p in data.rglob("*")) == before

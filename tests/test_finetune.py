@@ -280,7 +280,7 @@ def test_a_second_finetune_on_a_busy_run_directory_is_refused(digits: Path, tmp_
     out = tmp_path / "busy"
     out.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom edgemap.manifest import run_lock\n"
-                               "with run_lock(sys.argv[1], 'finetune'):\n    print('held', flush=True); time.sleep(60)",
+                               "with run_lock(sys.argv[1], 'finetune', create=True):\n    print('held', flush=True); time.sleep(60)",
                                str(out)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"

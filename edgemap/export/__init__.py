@@ -90,6 +90,7 @@ class ExportResult:
     gate: list[Any] = field(default_factory=list)  # GateAttempt, every format
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)  # things the user should know (the CLI prints them)
+    retired: dict[str, str] = field(default_factory=dict)  # format -> int8 file of the previous model.onnx, now *.stale.onnx
 
 
 def _int8_plan(targets: tuple[str, ...] | None) -> dict[str, list[str]]:
@@ -208,13 +209,16 @@ def _export_locked(run: Any, opts: ExportOptions, plan: dict[str, list[str]], da
     from edgemap.model import load_classifier
 
     net = load_classifier(run)
-    images = load_images(parity_samples, run.contract)
+    images = load_images(parity_samples, run.contract, run.max_pixels)
     onnx_path, rewritten, rows = _export_fp32(run, net, images, opts, say)
     result = ExportResult(run.path, onnx_path, rewritten, parity=rows, warnings=warnings)
     if rewritten:
-        warnings.extend(_retire_stale_int8(run, onnx_path))
-    if opts.int8:
-        _int8(run, onnx_path, calib, list(ds.val), plan, opts, result, say)
+        result.retired = _retire_stale_int8(run, onnx_path)
+    try:
+        if opts.int8:
+            _int8(run, onnx_path, calib, list(ds.val), plan, opts, result, say)
+    finally:
+        warnings.extend(_retired_notes(run, result, opts))
     run.set_stage("export", "done", int8=opts.int8)
     return result
 
@@ -297,12 +301,15 @@ def _record_parity(run: Any, rows: list[Any], opts: ExportOptions, failed: bool,
     run.save()
 
 
-def _retire_stale_int8(run: Any, onnx_path: Path) -> list[str]:
-    """int8 models quantized from an earlier model.onnx: unrecord them and rename them ``*.stale.onnx``."""
+def _retire_stale_int8(run: Any, onnx_path: Path) -> dict[str, str]:
+    """int8 models quantized from an earlier model.onnx: unrecord them, rename them ``*.stale.onnx``.
+
+    Returns format -> the file name they had.
+    """
     from edgemap.fsutil import sha256_file
 
     sha = sha256_file(onnx_path)
-    notes = []
+    retired = {}
     for key in [k for k in run.artifacts if k.startswith("onnx_int8_")]:
         entry = run.artifacts[key]
         if entry.get("source_sha256") == sha:
@@ -311,12 +318,23 @@ def _retire_stale_int8(run: Any, onnx_path: Path) -> list[str]:
         old = run.path / entry["path"]
         if old.is_file():
             old.replace(old.with_name(old.name.removesuffix(".onnx") + ".stale.onnx"))
-        notes.append(f"{entry['path']} was quantized from an earlier model.onnx: no longer recorded (renamed "
-                     f"*.stale.onnx); run `edgemap export {run.path} --int8` for int8 models of this one")
-    if notes:
-        run.data.get("metrics", {}).pop("int8_gate", None)
+        retired[entry.get("format", key.removeprefix("onnx_int8_"))] = entry["path"]
+    if retired:
+        gate = run.data.get("metrics", {}).get("int8_gate", {})
+        for fmt in retired:
+            gate.pop(fmt, None)
         run.save()
-    return notes
+    return retired
+
+
+def _retired_notes(run: Any, result: ExportResult, opts: ExportOptions) -> list[str]:
+    """What to tell about retired int8 models: nothing for a format this export wrote anew."""
+    left = [name for fmt, name in result.retired.items() if fmt not in result.int8]
+    if not left:
+        return []
+    again = "" if opts.int8 else f"; run `edgemap export {run.path} --int8` for int8 models of the new one"
+    return [f"{', '.join(left)} {'were' if len(left) > 1 else 'was'} quantized from the previous model.onnx: no longer "
+            f"recorded (renamed *.stale.onnx){again}"]
 
 
 def _int8(run: Any, onnx_path: Path, calib: list[Any], val: list[Any], plan: dict[str, list[str]],
@@ -337,7 +355,7 @@ def _int8(run: Any, onnx_path: Path, calib: list[Any], val: list[Any], plan: dic
         say("preparing the graph for quantization (quant_pre_process)")
         pre = prepare(onnx_path, work / "pre.onnx")
         say(f"fp32 reference predictions on {len(gate_samples)} validation images")
-        images = load_images(gate_samples, run.contract)
+        images = load_images(gate_samples, run.contract, run.max_pixels)
         labels = np.array([int(s.label) for s in gate_samples])
         fp32_preds = predict(onnx_path, "cpu", images, opts.threads)
         caches: dict[tuple[str, bool], Path] = {}
@@ -345,7 +363,7 @@ def _int8(run: Any, onnx_path: Path, calib: list[Any], val: list[Any], plan: dic
         source_sha = sha256_file(onnx_path)
         for fmt, targets in plan.items():
             gate = run_gate(fmt, targets, pre, work, calib_paths, run.contract, opts.calib_method, images, labels,
-                            fp32_preds, opts.max_drop, caches, opts.calib_chunk, opts.threads, say)
+                            fp32_preds, opts.max_drop, caches, opts.calib_chunk, opts.threads, say, run.max_pixels)
             result.gate.extend(gate.attempts)
             chosen = gate.attempts[gate.chosen] if gate.chosen is not None else None
             entry: dict[str, Any] = {"passed": gate.passed, "max_drop": opts.max_drop, "targets": targets,
@@ -371,6 +389,9 @@ def _int8(run: Any, onnx_path: Path, calib: list[Any], val: list[Any], plan: dic
         summary = "; ".join(f"{f}: best drop {b['drop_points']:.2f} points (attempt {b['attempt']})" for f, b in best.items())
         written = f"; {', '.join(result.int8)} passed and {'were' if len(result.int8) > 1 else 'was'} written" if result.int8 else ""
         fp32 = "model.onnx was re-exported (it passed parity)" if result.rewritten else "fp32 model.onnx is unchanged"
+        if result.retired:
+            fp32 += (f"; the int8 models of the previous model.onnx ({', '.join(result.retired.values())}) are no "
+                     "longer recorded (renamed *.stale.onnx)")
         raise AccuracyGateError(
             f"int8 accuracy gate failed ({summary}) > --max-drop {opts.max_drop}; no {'/'.join(failed)} artifact was "
             f"replaced{written}; {fp32}; the best attempt is kept as "

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from edgemap.errors import QuantizationError
-from edgemap.runtime.preprocess import PreprocessContract, preprocess
+from edgemap.runtime.preprocess import DEFAULT_MAX_PIXELS, PreprocessContract, preprocess
 
 #: Fewer images than this cannot give stable activation ranges.
 MIN_CALIB_IMAGES = 16
@@ -68,19 +68,22 @@ def stratified(samples: Sequence[Any], size: int, seed: int = 0) -> list[Any]:
     return out
 
 
-def load_images(samples: Sequence[Any], contract: PreprocessContract) -> np.ndarray:
-    """Preprocess samples (``.path``) into one uint8 (N, H, W, 3) array."""
+def load_images(samples: Sequence[Any], contract: PreprocessContract,
+                max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Preprocess samples (``.path``) into one uint8 (N, H, W, 3) array (``max_pixels``: the run's limit)."""
     if not samples:
         return np.zeros((0, contract.height, contract.width, 3), np.uint8)
-    return np.stack([preprocess(s.path, contract) for s in samples])
+    return np.stack([preprocess(s.path, contract, max_pixels) for s in samples])
 
 
 class ImageReader:
     """A CalibrationDataReader over image files: one preprocessed image per call."""
 
-    def __init__(self, paths: Sequence[Path], contract: PreprocessContract, input_name: str = "images"):
+    def __init__(self, paths: Sequence[Path], contract: PreprocessContract, input_name: str = "images",
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS):
         self.paths = list(paths)
         self.contract = contract
+        self.max_pixels = max_pixels
         self.input_name = input_name
         self._it: Iterator[Path] = iter(self.paths)
 
@@ -88,14 +91,14 @@ class ImageReader:
         p = next(self._it, None)
         if p is None:
             return None
-        return {self.input_name: preprocess(p, self.contract)[None]}
+        return {self.input_name: preprocess(p, self.contract, self.max_pixels)[None]}
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:  # qdq_loss_debug iterates readers
         for p in self.paths:
-            yield {self.input_name: preprocess(p, self.contract)[None]}
+            yield {self.input_name: preprocess(p, self.contract, self.max_pixels)[None]}
 
     def rewind(self) -> None:
         self._it = iter(self.paths)
@@ -122,6 +125,7 @@ def calibrate(
     symmetric: bool,
     cache_path: Path,
     chunk: int = 16,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> Path:
     """Collect activation ranges of ``model_path`` on ``paths``; save ORT's JSON range cache.
 
@@ -145,7 +149,7 @@ def calibrate(
             calibrate_method=ort_method, providers=["CPUExecutionProvider"], extra_options=extra,
         )
         for start in range(0, len(paths), max(1, chunk)):
-            calibrator.collect_data(ImageReader(paths[start : start + chunk], contract))
+            calibrator.collect_data(ImageReader(paths[start : start + chunk], contract, max_pixels=max_pixels))
         ranges = calibrator.compute_data()
         del calibrator
     save_tensors_data(ranges, cache_path)

@@ -50,7 +50,7 @@ import numpy as np
 from edgemap.errors import QuantizationError
 from edgemap.export.calibration import METHODS, ImageReader, calibrate, quiet
 from edgemap.export.stem_pack import pack_stem_pixels
-from edgemap.runtime.preprocess import PreprocessContract
+from edgemap.runtime.preprocess import DEFAULT_MAX_PIXELS, PreprocessContract
 
 FALLBACK_METHODS = ("percentile", "minmax", "entropy")
 
@@ -255,7 +255,8 @@ def fold_input_quantization(path: Path, info: GraphInfo, contract: PreprocessCon
 
 
 def worst_nodes(
-    pre_path: Path, qdq_path: Path, paths: Sequence[Path], contract: PreprocessContract, k: int
+    pre_path: Path, qdq_path: Path, paths: Sequence[Path], contract: PreprocessContract, k: int,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> list[str]:
     """Names of the ``k`` fp32-graph nodes whose outputs lose most to quantization (lowest SQNR)."""
     import onnx
@@ -269,7 +270,7 @@ def worst_nodes(
     aug = qdq_path.with_name(qdq_path.stem + ".debug.onnx")
     with quiet():
         modify_model_output_intermediate_tensors(str(qdq_path), str(aug))
-        acts = collect_activations(str(aug), ImageReader(paths, contract))
+        acts = collect_activations(str(aug), ImageReader(paths, contract, max_pixels=max_pixels))
     aug.unlink(missing_ok=True)
     # compute_activation_error() needs float activations too (KeyError 'float' without): score pre vs post QDQ here.
     errors = {
@@ -335,6 +336,7 @@ def run_gate(
     chunk: int = 16,
     threads: int | None = None,
     progress: Any = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> GateResult:
     """Quantize to ``fmt`` and try the documented fallbacks until one passes the gate."""
     if method not in METHODS:
@@ -352,7 +354,8 @@ def run_gate(
             if progress:
                 progress(f"calibrating ({m}, {len(calib_paths)} images)")
             caches[key] = calibrate(pre_path, calib_paths, contract, m, spec.symmetric_activations,
-                                    work / f"ranges.{m}.{'sym' if spec.symmetric_activations else 'asym'}.json", chunk)
+                                    work / f"ranges.{m}.{'sym' if spec.symmetric_activations else 'asym'}.json", chunk,
+                                    max_pixels)
         return caches[key]
 
     def attempt(m: str, exclude: list[str], note: str) -> GateAttempt:
@@ -390,7 +393,8 @@ def run_gate(
         probe = work / f"{fmt}.probe.onnx"
         probe_spec = FORMATS["qdq_s8"] if spec.symmetric_activations else FORMATS["qdq"]
         quantize_once(pre_path, probe, probe_spec, m, cache_for(m), info, contract, edge)
-        ranked = [n for n in worst_nodes(pre_path, probe, list(calib_paths)[:16], contract, len(info.quantizable)) if n not in edge]
+        ranked = [n for n in worst_nodes(pre_path, probe, list(calib_paths)[:16], contract, len(info.quantizable),
+                                       max_pixels) if n not in edge]
         # Keep at least half of the conv/linear layers int8: past that the "int8" model is mostly float.
         room = len(info.weighted) // 2 - sum(1 for n in edge if n in info.weighted)
         worst = []

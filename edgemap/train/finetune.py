@@ -325,26 +325,25 @@ def finetune(data: str | Path, out: str | Path, opts: FinetuneOptions | None = N
         torch.cuda.set_device(device)
     torch.set_num_threads(opts.threads or max(1, physical_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
     rep = (reporter or _Reporter()) if dist.main else _Reporter()
-    created = dist.main and not resume and not out.exists()
-    if dist.main and not resume:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise TrainingError(f"--out {out}: cannot create the run directory ({e.strerror or e})") from e
     try:
+        spec = get_spec(opts.backbone)
+        size = opts.img_size or spec.input_size
+        contract = PreprocessContract(size, size, crop_pct=opts.crop_pct, interpolation=spec.interpolation,
+                                      mean=spec.mean, std=spec.std)
+        # the scan writes nothing: a bad dataset or a Ctrl-C here leaves no run directory behind
+        scan = scan_dataset(data, ScanOptions(val_split=opts.val_split, seed=opts.seed, skip_bad=opts.skip_bad,
+                                              max_pixels=opts.max_pixels))
+        rep.message(f"dataset {scan.root}: {len(scan.classes)} classes, {_counts_line(scan)} ({scan.layout})"
+                    + (f"; {dist.world} processes ({dist.backend})" if dist.active else ""))
+        if dist.main and not resume:
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise TrainingError(f"--out {out}: cannot create the run directory ({e.strerror or e})") from e
         # rank 0 holds the run directory: a second command writing it is refused (manifest.run_lock)
-        with run_lock(out, "finetune") if dist.main else nullcontext(), _catch_signals() as stop:
-            spec = get_spec(opts.backbone)
-            size = opts.img_size or spec.input_size
-            contract = PreprocessContract(size, size, crop_pct=opts.crop_pct, interpolation=spec.interpolation,
-                                          mean=spec.mean, std=spec.std)
-            scan = scan_dataset(data, ScanOptions(val_split=opts.val_split, seed=opts.seed, skip_bad=opts.skip_bad,
-                                                  max_pixels=opts.max_pixels))
-            rep.message(f"dataset {scan.root}: {len(scan.classes)} classes, {_counts_line(scan)} ({scan.layout})"
-                        + (f"; {dist.world} processes ({dist.backend})" if dist.active else ""))
-            if dist.any(stop.signum is not None):
-                raise Interrupted(f"interrupted by {signal.Signals(stop.signum).name if stop.signum else 'another rank'} "
-                                  f"while scanning the dataset; nothing was written to {out}")
+        with run_lock(out, "finetune", create=True) if dist.main else nullcontext(), _catch_signals() as stop:
+            if dist.main and not resume and (out / MANIFEST_NAME).exists() and not _failed_start(out):
+                raise TrainingError(f"{out} already holds a run; continue it with --resume, or choose another --out")
             dist.barrier()  # every rank checked `out` before rank 0 creates it
             if resume:
                 _check_compatible(run, scan, opts)
@@ -358,22 +357,8 @@ def finetune(data: str | Path, out: str | Path, opts: FinetuneOptions | None = N
                 run = None
             trainer = _Trainer(run, scan, opts, contract, device, dist, rep, data, stop)
             return trainer.fit(state, t_start)
-    except BaseException:
-        if created and not (out / MANIFEST_NAME).exists():  # failed before the run existed: leave no trace
-            _remove_empty_run_dir(out)
-        raise
     finally:
         dist.close()
-
-
-def _remove_empty_run_dir(out: Path) -> None:
-    from edgemap.fsutil import LOCK_NAME
-
-    (out / LOCK_NAME).unlink(missing_ok=True)
-    try:
-        out.rmdir()
-    except OSError:  # something else is in it now: keep it
-        pass
 
 
 def _check_out(out: Path, data: Path) -> None:
