@@ -150,3 +150,26 @@ def test_physical_cores_is_sane() -> None:
     import os
 
     assert 1 <= S.physical_cores() <= (os.cpu_count() or 1)
+
+
+def test_ctrl_c_after_openvino_sessions_are_freed_is_not_a_segfault(trained_run) -> None:  # noqa: F811
+    """OpenVINO gives the main thread an alternate signal stack per Core and restores a stale one on
+    teardown; with a Core per session, a SIGINT after two sessions were freed killed the process
+    with SIGSEGV (exit 139, seen when `edgemap run` was interrupted in its bench stage)."""
+    import subprocess
+
+    run, _ = trained_run
+    script = (
+        "import gc, os, signal, sys\n"
+        "from edgemap.runtime.sessions import SessionOptions, load\n"
+        "a = load(sys.argv[1], 'openvino', SessionOptions(threads=1))\n"
+        "b = load(sys.argv[2], 'openvino', SessionOptions(threads=1))\n"
+        "del a; gc.collect(); del b; gc.collect()\n"
+        "got = []\n"
+        "signal.signal(signal.SIGINT, lambda *_: got.append(1))\n"
+        "os.kill(os.getpid(), signal.SIGINT)\n"
+        "print('handled', len(got))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", script, str(run.artifact_path("onnx_fp32")),
+                        str(run.artifact_path("onnx_int8_qdq"))], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "handled 1" in r.stdout, (r.returncode, r.stderr[-2000:])

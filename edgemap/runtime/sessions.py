@@ -146,10 +146,10 @@ def available(spec: str) -> tuple[bool, str]:
                     return False, f"TensorRT libraries missing: libnvinfer could not be loaded ({err})"
         return True, ""
     try:
-        import openvino as ov
+        import openvino  # noqa: F401 - installed?
     except ImportError:
         return False, "package openvino is not installed (pip install openvino)"
-    devices = ov.Core().available_devices
+    devices = _ov_core().available_devices
     base = device.split(".")[0]
     if base not in ("AUTO", "HETERO", "MULTI") and not any(d == device or d.startswith(base) for d in devices):
         return False, f"OpenVINO device {device} not found (available: {', '.join(devices) or 'none'})"
@@ -313,10 +313,28 @@ def _load_ort(path: Path, info: RuntimeInfo, threads: int) -> Session:
     )
 
 
-def _load_openvino(path: Path, device: str, threads: int, opts: SessionOptions) -> Session:
-    import openvino as ov
+def _ov_core() -> Any:
+    """The process's one OpenVINO Core, kept until exit.
 
-    core = ov.Core()
+    OpenVINO's CPU plugin gives the main thread an alternate signal stack per Core and, when
+    a Core is destroyed, restores the one it found, which may belong to a Core already
+    destroyed (unmapped). A Ctrl-C after that kills the process with SIGSEGV (seen: exit 139
+    when `edgemap run` was interrupted in its bench stage). One Core for the process avoids
+    the out-of-order teardown; OpenVINO recommends one Core per process anyway.
+    """
+    global _CORE
+    if _CORE is None:
+        import openvino as ov
+
+        _CORE = ov.Core()
+    return _CORE
+
+
+_CORE: Any = None
+
+
+def _load_openvino(path: Path, device: str, threads: int, opts: SessionOptions) -> Session:
+    core = _ov_core()
     config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY" if opts.hint == "latency" else "THROUGHPUT"}
     if device.startswith("CPU"):
         config["INFERENCE_NUM_THREADS"] = threads
