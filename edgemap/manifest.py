@@ -32,6 +32,7 @@ from edgemap.fsutil import FolderBusy, atomic_path, atomic_write_json, folder_lo
 from edgemap.runtime.preprocess import DEFAULT_MAX_PIXELS, PreprocessContract
 
 MANIFEST_NAME = "edgemap.json"
+STAGE_ORDER = ("finetune", "export", "eval", "bench", "package", "report")  # each stage reads what the ones before made
 SCHEMA_VERSION = 1
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 _VERSION_PACKAGES = ("edgemap", "torch", "numpy", "pillow", "onnx", "onnxruntime", "onnxruntime-gpu", "openvino")
@@ -318,6 +319,16 @@ class RunDir:
         self.data["stages"][stage] = {"status": status, "updated": now_iso(), **info}
         if save:
             self.save()
+
+    def outdate_after(self, stage: str, reason: str, save: bool = True) -> list[str]:
+        """Mark the recorded stages after ``stage`` "outdated": what they made came from older inputs."""
+        later = STAGE_ORDER[STAGE_ORDER.index(stage) + 1:]
+        hit = [s for s in later if self.data["stages"].get(s, {}).get("status") == "done"]
+        for s in hit:
+            self.data["stages"][s] = {"status": "outdated", "updated": now_iso(), "reason": reason}
+        if hit and save:
+            self.save()
+        return hit
 
     def stage_done(self, stage: str) -> bool:
         return self.data["stages"].get(stage, {}).get("status") == "done"

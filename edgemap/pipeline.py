@@ -2,13 +2,20 @@
 
 Each stage is the same function the single commands call. The run directory's
 ``stages`` record says which finished; re-running skips finished stages (after checking
-their artifacts' sha256), resumes an interrupted fine-tuning exactly, and redoes an
-interrupted later stage from its start.
+their artifacts' sha256 and that the wheel and report are still there), resumes an
+interrupted fine-tuning exactly, and redoes an interrupted later stage from its start.
+
+Re-running checks the run against what is asked now: another dataset, a changed dataset or
+other fine-tuning options are refused (a run directory holds one model); changed options of
+a later stage (say ``--package-runtime``) redo that stage and every one after it; a stage
+whose inputs changed since (``edgemap export`` run by hand) is redone with those after it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from edgemap.bench import BenchOptions
+from edgemap.errors import DatasetError, TrainingError
 from edgemap.evaluate import EvalOptions
 from edgemap.export import ExportOptions
 from edgemap.manifest import MANIFEST_NAME, RunDir, run_lock
@@ -36,6 +44,14 @@ class RunOptions:
     bench: BenchOptions = field(default_factory=lambda: BenchOptions(batches=(1,), seconds=3.0))
     package: PackageOptions = field(default_factory=PackageOptions)
     report: bool = True
+    # "stage.option" names the user set (the CLI fills it); on a re-run only these are compared
+    # with the run's. None: every option counts (an API caller passing complete options).
+    explicit: tuple[str, ...] | None = None
+
+    def given(self, stage: str, names: Any) -> set[str]:
+        if self.explicit is None:
+            return set(names)
+        return {e.split(".", 1)[1] for e in self.explicit if e.startswith(stage + ".")} & set(names)
 
 
 @dataclass
@@ -69,8 +85,8 @@ class RunResult:
         }
 
 
-def _finished(run_path: Path, stage: str) -> bool:
-    """The stage is recorded done and its artifacts are intact (sha256 checked)."""
+def _finished(run_path: Path, stage: str, opts: RunOptions) -> bool:
+    """The stage is recorded done and what it made is intact (artifacts sha256-checked, wheel/report present)."""
     if not (run_path / MANIFEST_NAME).exists():
         return False
     run = RunDir.load(run_path)
@@ -78,7 +94,77 @@ def _finished(run_path: Path, stage: str) -> bool:
         return False
     for key in _STAGE_ARTIFACTS.get(stage, ()):
         run.artifact_path(key)  # raises on a missing or changed file: never silently redo over it
+    info = run.data["stages"][stage]
+    if stage == "export" and opts.export.int8:
+        int8 = [k for k in run.artifacts if k.startswith("onnx_int8_")]
+        if not int8:
+            return False  # exported by hand without --int8 (or its int8 models were retired)
+        for key in int8:
+            run.artifact_path(key)
+    if stage in ("package", "report"):
+        made = info.get("wheel" if stage == "package" else "html")
+        if not made or not _resolve(run_path, made).is_file():
+            return False  # deleted since: make it again
     return True
+
+
+def _resolve(run_path: Path, recorded: str) -> Path:
+    """A recorded wheel/report path: relative to the run directory when it is inside it."""
+    p = Path(recorded)
+    return p if p.is_absolute() else run_path / p
+
+
+def _relative(run_path: Path, made: str | Path) -> str:
+    p = Path(made).absolute()
+    try:
+        return str(p.relative_to(run_path.absolute()))
+    except ValueError:
+        return str(p)
+
+
+def _stage_options(opts: RunOptions) -> dict[str, Any]:
+    """Each later stage's options as JSON (recorded in the run, compared on the next run)."""
+    parts = {"export": opts.export, "eval": opts.eval, "bench": opts.bench, "package": opts.package}
+    out: dict[str, Any] = {k: json.loads(json.dumps(dataclasses.asdict(v), default=str)) for k, v in parts.items()}
+    out["report"] = opts.report
+    return out
+
+
+# Fine-tuning options that do not change the model (the same "free" set as finetune --resume).
+_FREE_FINETUNE = {"threads", "checkpoint_seconds", "checkpoint_every", "device"}
+
+
+def _check_existing(run: RunDir, data: Path, opts: RunOptions) -> list[str]:
+    """Refuse a run made from another dataset or with other fine-tuning options; return the stages to redo."""
+    from edgemap.data.scan import rescan_for_run
+
+    recorded_root = Path(str(run.data.get("dataset", {}).get("root", "")))
+    if recorded_root and recorded_root.resolve() != data.resolve():
+        raise DatasetError(f"{run.path} was made from the dataset {recorded_root}, not {data}; "
+                           "a run directory holds one model: choose another --out")
+    rescan_for_run(run.data["dataset"])  # DatasetError if its files changed since training
+    given = opts.finetune.to_dict()
+    stored = run.data.get("options", {}).get("finetune") or {}
+    free = _FREE_FINETUNE | (set() if run.stage_done("finetune") else {"epochs"})  # an unfinished run may get more
+    asked = opts.given("finetune", given)
+    diff = [f"{k}: {stored[k]!r} → {v!r}" for k, v in given.items()
+            if k in asked and k in stored and k not in free and (list(v) if isinstance(v, tuple) else v) != stored[k]]
+    if diff:
+        raise TrainingError(f"{run.path} was fine-tuned with other options ({'; '.join(diff)}); a run directory holds "
+                            "one model: choose another --out, or run again with the options it was made with")
+    recorded = run.data.get("options", {}).get("run") or {}
+    now = _stage_options(opts)
+    changed = []
+    for s in STAGES[1:]:
+        if s not in recorded:
+            continue
+        if s == "report":
+            differs = "report" in opts.given("report", ["report"]) and recorded[s] != now[s]
+        else:
+            differs = any(recorded[s].get(k) != now[s][k] for k in opts.given(s, now[s]))
+        if differs:
+            changed.append(s)
+    return changed
 
 
 def run_pipeline(data: str | Path, out: str | Path, opts: RunOptions = RunOptions(), *,  # noqa: B008 - frozen
@@ -97,7 +183,7 @@ def run_pipeline(data: str | Path, out: str | Path, opts: RunOptions = RunOption
     from edgemap.train import checkpoint as ckpt
     from edgemap.train.finetune import finetune
 
-    out = Path(out)
+    out, data = Path(out), Path(data)
     t0 = time.perf_counter()
     outcomes: list[StageOutcome] = []
     wheel = report_path = None
@@ -106,15 +192,23 @@ def run_pipeline(data: str | Path, out: str | Path, opts: RunOptions = RunOption
         held_lock = (out / MANIFEST_NAME).is_file()
         if held_lock:
             held.enter_context(run_lock(out, "run"))
+            existing = RunDir.load(out)
+            changed = _check_existing(existing, data, opts)
+            if changed:  # options of a later stage changed: redo it and everything after it
+                first = STAGES.index(changed[0])
+                if existing.stage_done(STAGES[first]):
+                    existing.set_stage(STAGES[first], "outdated", save=False, reason=f"options of {changed[0]} changed")
+                existing.outdate_after(STAGES[first], f"options of {changed[0]} changed", save=False)
+                existing.save()
         for stage in STAGES:
             if stage == "report" and not opts.report:
                 continue
-            if _finished(out, stage):
+            if _finished(out, stage, opts):
                 outcomes.append(StageOutcome(stage, "skipped", 0.0, "already done"))
                 if stage == "package":
-                    wheel = RunDir.load(out).data["stages"]["package"].get("wheel")
+                    wheel = str(_resolve(out, RunDir.load(out).data["stages"]["package"]["wheel"]))
                 if stage == "report":
-                    report_path = RunDir.load(out).data["stages"]["report"].get("html")
+                    report_path = str(_resolve(out, RunDir.load(out).data["stages"]["report"]["html"]))
                 continue
             if on_stage:
                 on_stage(stage)
@@ -122,7 +216,12 @@ def run_pipeline(data: str | Path, out: str | Path, opts: RunOptions = RunOption
             status, detail = "done", ""
             if stage == "finetune":
                 resume = (out / ckpt.STATE_FILE).exists() and (out / MANIFEST_NAME).exists()
-                res = finetune(data, out, None if resume else opts.finetune, resume=resume, reporter=finetune_reporter)
+                again = f"run the same `edgemap run` command again (--out '{out}'); it continues exactly where it stopped"
+                if resume:  # fine-tuning options were checked against the run's above; more --epochs is allowed
+                    res = finetune(data, out, None, resume=True, overrides=opts.finetune.to_dict(),
+                                   reporter=finetune_reporter, resume_hint=again)
+                else:
+                    res = finetune(data, out, opts.finetune, reporter=finetune_reporter, resume_hint=again)
                 status = "resumed" if resume else "done"
                 detail = f"best val accuracy {res.best_val_accuracy:.4f} (epoch {res.best_epoch})"
             elif stage == "export":
@@ -147,11 +246,15 @@ def run_pipeline(data: str | Path, out: str | Path, opts: RunOptions = RunOption
             run = RunDir.load(out)  # stages save the manifest themselves: reload, never overwrite theirs
             extra: dict[str, Any] = {}
             if stage == "package":
-                extra["wheel"] = wheel
+                extra["wheel"] = _relative(out, wheel)
             if stage == "report":
-                extra["html"] = report_path
+                extra["html"] = _relative(out, report_path)
             if stage not in ("finetune", "export"):  # those two record their own completion
-                run.set_stage(stage, "done", seconds=round(time.perf_counter() - ts, 2), **extra)
+                run.set_stage(stage, "done", save=False, seconds=round(time.perf_counter() - ts, 2), **extra)
+            recorded = run.data["options"].setdefault("run", {})
+            if stage != "finetune":
+                recorded[stage] = _stage_options(opts)[stage]
+            run.save()
             outcomes.append(StageOutcome(stage, status, time.perf_counter() - ts, detail))
             if not held_lock and (out / MANIFEST_NAME).is_file():  # finetune just made it: hold it for the rest
                 held.enter_context(run_lock(out, "run"))

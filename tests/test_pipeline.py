@@ -46,7 +46,7 @@ def test_every_stage_runs_and_is_recorded(finished: Path) -> None:
     run = RunDir.load(finished)
     for stage in ("finetune", "export", "eval", "bench", "package"):
         assert run.stage_done(stage), stage
-    wheel = Path(run.data["stages"]["package"]["wheel"])
+    wheel = finished / run.data["stages"]["package"]["wheel"]  # relative: a moved run directory still finds it
     assert wheel.is_file() and wheel.suffix == ".whl"
     from edgemap.pipeline import summarize
 
@@ -105,3 +105,58 @@ def test_interrupted_export_continues_from_export(digits: Path, tmp_path: Path) 
     assert [(s.stage, s.status) for s in res.stages][:2] == [("finetune", "skipped"), ("export", "done")]
     assert RunDir.load(out).stage_done("package")
     assert not list(out.rglob("*.edgemap-tmp"))
+
+
+def _copy(finished: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(finished, copy)
+    return copy
+
+
+def _statuses(res) -> list[tuple[str, str]]:  # noqa: ANN001
+    return [(s.stage, s.status) for s in res.stages]
+
+
+def test_rerun_refuses_another_dataset_or_other_finetune_options(digits: Path, finished: Path, tmp_path: Path) -> None:
+    from edgemap.errors import DatasetError
+
+    other = tmp_path / "other"
+    write_digits(other, seed=1)
+    with pytest.raises(DatasetError, match="was made from the dataset"):
+        run_pipeline(other, finished, _opts())
+    r = CliRunner().invoke(app, ["run", str(digits), "--out", str(finished), "--epochs", "5", "--no-report"])
+    assert r.exit_code == 2 and "fine-tuned with other options (epochs: 3 → 5)" in " ".join(r.output.split()), r.output
+
+
+def test_changed_package_options_redo_package_only(digits: Path, finished: Path, tmp_path: Path) -> None:
+    copy = _copy(finished, tmp_path)
+    opts = build_options(backbone="tiny", img_size=32, epochs=3, flip=False, lr=1e-2, runtime="torch,cpu,openvino",
+                         bench_seconds=0.3, max_drop=100.0, report=False, package_runtime="openvino")
+    res = run_pipeline(digits, copy, opts)
+    assert _statuses(res) == [("finetune", "skipped"), ("export", "skipped"), ("eval", "skipped"),
+                              ("bench", "skipped"), ("package", "done")]
+    assert "openvino" in RunDir.load(copy).data["options"]["run"]["package"]["runtime"]
+
+
+def test_deleted_wheel_is_made_again(digits: Path, finished: Path, tmp_path: Path) -> None:
+    copy = _copy(finished, tmp_path)
+    wheel = copy / RunDir.load(copy).data["stages"]["package"]["wheel"]
+    wheel.unlink()
+    res = run_pipeline(digits, copy, _opts())
+    new = Path(res.wheel)
+    assert _statuses(res)[-1] == ("package", "done") and new.is_file()
+    assert copy in new.parents  # the copy's own wheel, not the original run's
+
+
+def test_export_by_hand_outdates_the_later_stages(digits: Path, finished: Path, tmp_path: Path) -> None:
+    from edgemap.export import ExportOptions, export
+
+    copy = _copy(finished, tmp_path)
+    export(copy, ExportOptions(opset=13))  # new model.onnx; its int8 models are retired
+    stages = RunDir.load(copy).data["stages"]
+    assert {s: stages[s]["status"] for s in ("eval", "bench", "package")} == dict.fromkeys(("eval", "bench", "package"), "outdated")
+    res = run_pipeline(digits, copy, _opts())
+    assert _statuses(res) == [("finetune", "skipped")] + [(s, "done") for s in ("export", "eval", "bench", "package")]
+    assert any(k.startswith("onnx_int8_") for k in RunDir.load(copy).artifacts)

@@ -39,4 +39,7 @@ def register(app: typer.Typer) -> None:
         for w in r.warnings:
             console.print(f"  [yellow]warning:[/] {escape(str(w))}", soft_wrap=True)
         console.print(f"open it: {r.html.resolve().as_uri()}", soft_wrap=True, markup=False)
-        next_step(f'edgemap package "{run_dir}"')
+        from edgemap.manifest import RunDir
+
+        exported = "onnx_fp32" in RunDir.load(run_dir).artifacts
+        next_step(f'edgemap package "{run_dir}"' if exported else f'edgemap export "{run_dir}" --int8')

@@ -81,6 +81,7 @@ def register(app: typer.Typer) -> None:
         out: Annotated[Path, typer.Option("--out", "-o", help="Run directory (re-running continues where it stopped).")] = None,  # type: ignore[assignment]
         backbone: Annotated[str | None, typer.Option(help="Backbone \\[default: efficientnet_lite0].")] = None,
         epochs: Annotated[int | None, typer.Option(help="Fine-tuning epochs \\[default: 12].")] = None,
+        freeze_epochs: Annotated[int | None, typer.Option(help="Head-only epochs first, part of --epochs \\[default: 2].")] = None,
         img_size: Annotated[int | None, typer.Option(help="Input size \\[default: the backbone's].")] = None,
         batch_size: Annotated[int | None, typer.Option(help="Training batch size \\[default: 32].")] = None,
         lr: Annotated[float | None, typer.Option(help="Head learning rate \\[default: 2e-3].")] = None,
@@ -102,7 +103,7 @@ def register(app: typer.Typer) -> None:
         Re-running on the same --out skips finished stages (their artifacts are sha256-checked),
         resumes an interrupted fine-tuning exactly, and redoes an interrupted later stage.
         """
-        opts = build_options(backbone=backbone, epochs=epochs, img_size=img_size, batch_size=batch_size, lr=lr, seed=seed,
+        opts = build_options(backbone=backbone, epochs=epochs, freeze_epochs=freeze_epochs, img_size=img_size, batch_size=batch_size, lr=lr, seed=seed,
                              device=device, flip=False if no_flip else None, skip_bad=True if skip_bad else None,
                              max_drop=max_drop, calib_size=calib_size, runtime=runtime, bench_seconds=bench_seconds,
                              package_runtime=package_runtime, name=name, report=not no_report)
@@ -144,6 +145,12 @@ def build_options(*, runtime: str | None = None, bench_seconds: float | None = N
         return {k: v for k, v in kw.items() if v is not None}
 
     runtimes = tuple(split_csv(runtime)) if runtime else None
+    explicit = [f"finetune.{k}" for k in given(**finetune_kw)]
+    explicit += [f"export.{k}" for k in given(max_drop=max_drop, calib_size=calib_size)]
+    explicit += [f"{s}.runtimes" for s in ("eval", "bench") if runtimes]
+    explicit += ["bench.seconds"] if bench_seconds is not None else []
+    explicit += [f"package.{k}" for k in given(runtime=package_runtime, name=name)]
+    explicit += [] if report else ["report.report"]
     return RunOptions(
         finetune=FinetuneOptions(**given(**finetune_kw)),
         export=ExportOptions(int8=True, **given(max_drop=max_drop, calib_size=calib_size)),
@@ -151,4 +158,5 @@ def build_options(*, runtime: str | None = None, bench_seconds: float | None = N
         bench=BenchOptions(batches=(1,), seconds=bench_seconds or 3.0, warmup=5, **given(runtimes=runtimes)),
         package=PackageOptions(**given(runtime=package_runtime, name=name)),
         report=report,
+        explicit=tuple(explicit),
     )

@@ -219,8 +219,15 @@ def _export_locked(run: Any, opts: ExportOptions, plan: dict[str, list[str]], da
             _int8(run, onnx_path, calib, list(ds.val), plan, opts, result, say)
     finally:
         warnings.extend(_retired_notes(run, result, opts))
-    run.set_stage("export", "done", int8=opts.int8)
+    run.set_stage("export", "done", save=False, int8=opts.int8 or _has_int8(run))
+    if result.rewritten or result.int8:
+        run.outdate_after("export", "export wrote new models", save=False)
+    run.save()
     return result
+
+
+def _has_int8(run: Any) -> bool:
+    return any(k.startswith("onnx_int8_") for k in run.artifacts)
 
 
 def _remove_leftovers(run_path: Path) -> None:

@@ -279,7 +279,8 @@ def _counts_line(scan: Any) -> str:
 
 
 def finetune(data: str | Path, out: str | Path, opts: FinetuneOptions | None = None, *, resume: bool = False,
-             overrides: dict[str, Any] | None = None, reporter: _Reporter | None = None) -> FinetuneResult:
+             overrides: dict[str, Any] | None = None, reporter: _Reporter | None = None,
+             resume_hint: str | None = None) -> FinetuneResult:
     """Fine-tune ``opts.backbone`` on the folder dataset ``data``; write the run directory ``out``.
 
     Under torchrun (WORLD_SIZE > 1) every rank calls this; they train with DDP on shards of
@@ -355,7 +356,8 @@ def finetune(data: str | Path, out: str | Path, opts: FinetuneOptions | None = N
                 )
             else:
                 run = None
-            trainer = _Trainer(run, scan, opts, contract, device, dist, rep, data, stop)
+            hint = resume_hint or f"edgemap finetune '{data}' --out '{out}' --resume"
+            trainer = _Trainer(run, scan, opts, contract, device, dist, rep, hint, stop)
             return trainer.fit(state, t_start)
     finally:
         dist.close()
@@ -395,8 +397,9 @@ class _Trainer:
     """One fine-tuning job: state, one epoch, validation, checkpoints. Rank 0 writes; all ranks train."""
 
     def __init__(self, run: RunDir | None, scan: Any, opts: FinetuneOptions, contract: PreprocessContract,
-                 device: torch.device, dist: Any, rep: _Reporter, data: str | Path, stop: _StopFlag):
-        self.run, self.scan, self.opts, self.device, self.dist, self.rep, self.data = run, scan, opts, device, dist, rep, data
+                 device: torch.device, dist: Any, rep: _Reporter, resume_hint: str, stop: _StopFlag):
+        self.run, self.scan, self.opts, self.device, self.dist, self.rep = run, scan, opts, device, dist, rep
+        self.resume_hint = resume_hint
         self.stop = stop
         if dist.main:
             run.set_stage("finetune", "running", world_size=dist.world)
@@ -410,8 +413,7 @@ class _Trainer:
             run.set_stage("finetune", "interrupted")
         if self.dist.any(stopped()):
             raise Interrupted(f"interrupted by {signal.Signals(stop.signum).name if stop.signum else 'another rank'} "
-                              f"while decoding images (nothing trained yet). Resume with: "
-                              f"edgemap finetune '{data}' --out '{run.path if run else '?'}' --resume")
+                              f"while decoding images (nothing trained yet). Resume with: {resume_hint}")
         self.train_y = torch.tensor([s.label for s in scan.train], dtype=torch.long)
         self.val_y = torch.tensor([s.label for s in scan.val], dtype=torch.long)
 
@@ -587,8 +589,7 @@ class _Trainer:
         if self.dist.main:
             self.run.set_stage("finetune", "interrupted")
         name = signal.Signals(self.stop.signum).name if self.stop.signum else "another rank"
-        raise Interrupted(f"interrupted by {name}; state saved. Resume with: "
-                          f"edgemap finetune '{self.data}' --out '{self.run.path if self.run else '?'}' --resume")
+        raise Interrupted(f"interrupted by {name}; state saved. Resume with: {self.resume_hint}")
 
     def _nonfinite(self, loss: torch.Tensor, epoch: int, step: int) -> None:
         path = self.run.path / ckpt.STATE_FILE if self.run else ckpt.STATE_FILE
@@ -650,7 +651,10 @@ class _Trainer:
                 "autocast": autocast_name, "channels_last": opts.channels_last, "device": str(self.device),
                 "world_size": self.dist.world,
             }
-            run.set_stage("finetune", "done", seconds=round(time.perf_counter() - t_start, 2), world_size=self.dist.world)
+            run.set_stage("finetune", "done", save=False, seconds=round(time.perf_counter() - t_start, 2),
+                          world_size=self.dist.world)
+            run.outdate_after("finetune", "fine-tuning made new weights", save=False)  # e.g. an export of unfinished weights
+            run.save()
         self.dist.barrier()
         return FinetuneResult(
             run_dir=self.run.path if self.run else Path(), best_epoch=info["best_epoch"], best_val_accuracy=info["best_acc"],
