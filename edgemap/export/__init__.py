@@ -217,12 +217,15 @@ def _export_locked(run: Any, opts: ExportOptions, plan: dict[str, list[str]], da
     try:
         if opts.int8:
             _int8(run, onnx_path, calib, list(ds.val), plan, opts, result, say)
+    except AccuracyGateError:
+        run.set_stage("export", "failed", save=False, reason="int8 accuracy gate")
+        raise
     finally:
         warnings.extend(_retired_notes(run, result, opts))
-    run.set_stage("export", "done", save=False, int8=opts.int8 or _has_int8(run))
-    if result.rewritten or result.int8:
-        run.outdate_after("export", "export wrote new models", save=False)
-    run.save()
+        if result.rewritten or result.int8:  # eval, bench, package, report saw the old models
+            run.outdate_after("export", "export wrote new models", save=False)
+        run.save()
+    run.set_stage("export", "done", int8=opts.int8 or _has_int8(run))
     return result
 
 
