@@ -26,11 +26,11 @@ from edgemap.bench import BenchOptions
 from edgemap.errors import DatasetError, TrainingError
 from edgemap.evaluate import EvalOptions
 from edgemap.export import ExportOptions
-from edgemap.manifest import MANIFEST_NAME, RunDir, run_lock
+from edgemap.manifest import MANIFEST_NAME, STAGE_ORDER, RunDir, run_lock
 from edgemap.package import PackageOptions
 from edgemap.train.finetune import FinetuneOptions
 
-STAGES = ("finetune", "export", "eval", "bench", "package", "report")
+STAGES = STAGE_ORDER
 _STAGE_ARTIFACTS = {"finetune": ("weights_best",), "export": ("onnx_fp32",)}
 
 
