@@ -156,7 +156,9 @@ def _check_existing(run: RunDir, data: Path, opts: RunOptions) -> list[str]:
     now = _stage_options(opts)
     changed = []
     for s in STAGES[1:]:
-        if s not in recorded:
+        if s not in recorded:  # made by hand or by an older edgemap: an option given now cannot be checked, so redo
+            if opts.explicit is not None and opts.given(s, now[s] if s != "report" else ["report"]):
+                changed.append(s)
             continue
         if s == "report":
             differs = "report" in opts.given("report", ["report"]) and recorded[s] != now[s]
@@ -165,6 +167,31 @@ def _check_existing(run: RunDir, data: Path, opts: RunOptions) -> list[str]:
         if differs:
             changed.append(s)
     return changed
+
+
+def _with_recorded(opts: RunOptions, recorded: dict[str, Any]) -> RunOptions:
+    """The options a re-run uses: what the user set now, else what the run recorded, else the defaults."""
+    if opts.explicit is None:
+        return opts
+    parts = {}
+    for stage in ("export", "eval", "bench", "package"):
+        current, old = getattr(opts, stage), recorded.get(stage)
+        if not isinstance(old, dict):
+            continue
+        asked = opts.given(stage, old)
+        kept = {}
+        for f in dataclasses.fields(current):
+            if f.name in old and f.name not in asked:
+                v = old[f.name]
+                if isinstance(v, list):
+                    v = tuple(v)
+                elif isinstance(v, str) and "Path" in str(f.type):
+                    v = Path(v)
+                kept[f.name] = v
+        parts[stage] = dataclasses.replace(current, **kept)
+    if "report" in recorded and not opts.given("report", ["report"]):
+        parts["report"] = bool(recorded["report"])
+    return dataclasses.replace(opts, **parts)
 
 
 def run_pipeline(data: str | Path, out: str | Path, opts: RunOptions = RunOptions(), *,  # noqa: B008 - frozen
@@ -194,6 +221,7 @@ def run_pipeline(data: str | Path, out: str | Path, opts: RunOptions = RunOption
             held.enter_context(run_lock(out, "run"))
             existing = RunDir.load(out)
             changed = _check_existing(existing, data, opts)
+            opts = _with_recorded(opts, existing.data.get("options", {}).get("run") or {})
             if changed:  # options of a later stage changed: redo it and everything after it
                 first = STAGES.index(changed[0])
                 if existing.stage_done(STAGES[first]):
@@ -206,9 +234,9 @@ def run_pipeline(data: str | Path, out: str | Path, opts: RunOptions = RunOption
             if _finished(out, stage, opts):
                 outcomes.append(StageOutcome(stage, "skipped", 0.0, "already done"))
                 if stage == "package":
-                    wheel = str(_resolve(out, RunDir.load(out).data["stages"]["package"]["wheel"]))
+                    wheel = str(_resolve(out, RunDir.load(out).data["stages"]["package"]["wheel"]).absolute())
                 if stage == "report":
-                    report_path = str(_resolve(out, RunDir.load(out).data["stages"]["report"]["html"]))
+                    report_path = str(_resolve(out, RunDir.load(out).data["stages"]["report"]["html"]).absolute())
                 continue
             if on_stage:
                 on_stage(stage)
@@ -217,9 +245,11 @@ def run_pipeline(data: str | Path, out: str | Path, opts: RunOptions = RunOption
             if stage == "finetune":
                 resume = (out / ckpt.STATE_FILE).exists() and (out / MANIFEST_NAME).exists()
                 again = f"run the same `edgemap run` command again (--out '{out}'); it continues exactly where it stopped"
-                if resume:  # fine-tuning options were checked against the run's above; more --epochs is allowed
-                    res = finetune(data, out, None, resume=True, overrides=opts.finetune.to_dict(),
-                                   reporter=finetune_reporter, resume_hint=again)
+                if resume:  # the run's own options, but for what the user set now (checked above; --epochs may grow)
+                    given = opts.finetune.to_dict()
+                    asked = {k: v for k, v in given.items() if k in opts.given("finetune", given)}
+                    res = finetune(data, out, None, resume=True, overrides=asked, reporter=finetune_reporter,
+                                   resume_hint=again)
                 else:
                     res = finetune(data, out, opts.finetune, reporter=finetune_reporter, resume_hint=again)
                 status = "resumed" if resume else "done"

@@ -160,3 +160,36 @@ def test_export_by_hand_outdates_the_later_stages(digits: Path, finished: Path, 
     res = run_pipeline(digits, copy, _opts())
     assert _statuses(res) == [("finetune", "skipped")] + [(s, "done") for s in ("export", "eval", "bench", "package")]
     assert any(k.startswith("onnx_int8_") for k in RunDir.load(copy).artifacts)
+
+
+def test_redone_stages_keep_the_runs_options_unless_given(digits: Path, finished: Path, tmp_path: Path) -> None:
+    copy = _copy(finished, tmp_path)
+    opts = build_options(backbone="tiny", img_size=32, epochs=3, flip=False, lr=1e-2, max_drop=2.0, report=False)
+    res = run_pipeline(digits, copy, opts)  # --max-drop changed: export and all after it are redone...
+    assert _statuses(res) == [("finetune", "skipped")] + [(s, "done") for s in ("export", "eval", "bench", "package")]
+    run = RunDir.load(copy)
+    recorded = run.data["options"]["run"]
+    assert recorded["export"]["max_drop"] == 2.0
+    assert recorded["eval"]["runtimes"] == ["torch", "cpu", "openvino"] and recorded["bench"]["seconds"] == 0.3  # ...as made
+    assert {r["runtime"] for r in run.data["metrics"]["eval"]["rows"]} == {"torch", "cpu", "openvino"}
+
+
+def test_a_rerun_after_ctrl_c_resumes_with_the_runs_own_options(digits: Path, tmp_path: Path) -> None:
+    """Interrupted after epoch 1 of 4; `edgemap run` again without --epochs trains to 4, not to the default."""
+    from edgemap.errors import Interrupted
+    from edgemap.train.finetune import _Reporter
+
+    class CtrlCAfterFirstEpoch(_Reporter):
+        def epoch_done(self, row: dict) -> None:
+            os.kill(os.getpid(), signal.SIGINT)  # the trainer's handler sets its stop flag
+
+    out = tmp_path / "cut"
+    first = build_options(backbone="tiny", img_size=32, epochs=4, freeze_epochs=1, flip=False, lr=1e-2,
+                          runtime="cpu", bench_seconds=0.3, max_drop=100.0, report=False)
+    with pytest.raises(Interrupted, match="run the same `edgemap run` command again"):
+        run_pipeline(digits, out, first, finetune_reporter=CtrlCAfterFirstEpoch())
+    again = build_options(backbone="tiny", img_size=32, runtime="cpu", bench_seconds=0.3, max_drop=100.0, report=False)
+    res = run_pipeline(digits, out, again)
+    assert _statuses(res)[0] == ("finetune", "resumed")
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4] and RunDir.load(out).data["options"]["finetune"]["epochs"] == 4

@@ -313,6 +313,7 @@ def finetune(data: str | Path, out: str | Path, opts: FinetuneOptions | None = N
         if opts is not None:
             given.update(opts.to_dict())
         run, opts, state = _open_for_resume(out, given)
+        run.data["options"]["finetune"] = opts.to_dict()  # e.g. a larger --epochs: what the run is now made with
     else:
         opts = opts or FinetuneOptions()
         if (out / MANIFEST_NAME).exists() and not _failed_start(out):
