@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     """The console command ``{command}``."""
     from {module}.device_cli import main as _main
 
-    return _main(argv, package_dir=PACKAGE_DIR if EMBEDDED else None, prog={command!r})
+    return _main(argv, package_dir=PACKAGE_DIR if EMBEDDED else None, prog={command!r}, default_runtime={runtime!r})
 '''
 
 _LOAD_EMBEDDED = '''
@@ -361,6 +361,9 @@ def model_card(run: RunDir | None, info: dict[str, Any], name: str, version: str
     ev = _rows(metrics.get("eval"))
     bench = _rows(metrics.get("bench"))
     lines += ["", "## Accuracy (`edgemap eval`)", ""]
+    where = (metrics.get("eval") or {}).get("data") if isinstance(metrics.get("eval"), dict) else None
+    if ev and where:
+        lines += [f"Measured on {_fmt(str(where))}.", ""]
     lines += [_table(ev, ("runtime", "precision", "n", "accuracy", "top5", "macro_f1", "agreement", "provider", "status")) if ev
               else "not measured (run `edgemap eval RUN_DIR` before packaging)"]
     lines += ["", "## Latency (`edgemap bench`)", ""]
@@ -396,7 +399,7 @@ def _write_tree(src: Path, *, name: str, module: str, version: str, requirements
              else "``Classifier.from_path(model_file)`` loads a model from its own metadata.")
     (pkg / "__init__.py").write_text(_INIT_TEMPLATE.format(
         title=title, edgemap_version=f"edgemap {edgemap_version}", usage=usage, module=module, version=version,
-        name=name, embedded=embedded, extra=extra, command=name), encoding="utf-8")
+        name=name, embedded=embedded, extra=extra, command=name, runtime=runtime), encoding="utf-8")
     data = [MODEL_CARD]
     if embedded:
         shutil.copyfile(model, pkg / MODEL_FILE)

@@ -27,7 +27,7 @@ def load_classifier(module: str | None, model: Path | None, runtime: str | None)
     """The embedded model of wheel ``module``, or ``model`` through the edgemap-runtime wheel."""
     if model is not None:
         rt = importlib.import_module("edgemap_runtime")
-        return rt.Classifier.from_path(model, runtime=runtime or "onnxruntime")
+        return rt.load(model, runtime=runtime) if runtime else rt.load(model)  # load() defaults to the wheel's runtime
     pkg = importlib.import_module(module)
     return pkg.load(runtime=runtime)
 

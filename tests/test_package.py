@@ -310,6 +310,7 @@ def test_wheel_contents_size_and_card(exported: dict) -> None:
     lat = card.split("## Latency")[1].split("## Input contract")[0]
     assert "| torch | fp32 |" in acc and "| cpu | int8 |" in acc and "| cpu | fp32 |" in acc
     assert "| cpu | int8 | 1 |" in lat and "not measured" not in card
+    assert "Measured on " in acc and ("(test, " in acc or "(val, " in acc)  # which images the accuracy is of
     assert f"(N, {run.contract.height}, {run.contract.width}, 3)" in card
     assert exported["runtime"].name == "edgemap-runtime" and exported["runtime"].model_bytes is None
 
@@ -409,3 +410,32 @@ def test_example_device_script_writes_csv(venv: Path, exported: dict, tmp_path: 
     ref = _eval_probs(exported["run"], exported["val"], "int8")
     assert [row["label"] for row in rows] == [exported["run"].classes[i] for i in ref.argmax(1)]
     assert all(row["label_2"] and not row["error"] for row in rows)
+
+
+def test_metadata_that_does_not_match_the_graph_is_one_clear_error(tiny: dict, tmp_path: Path) -> None:
+    import onnx
+
+    from edgemap.export.onnx_export import set_metadata
+    from edgemap.runtime import metadata as K
+
+    m = onnx.load(str(tiny["model"]))
+    pre = json.loads({p.key: p.value for p in m.metadata_props}[K.PREPROCESS])
+    pre["height"] = pre["width"] = 96  # says 96 px; the graph takes 32
+    set_metadata(m, {K.PREPROCESS: json.dumps(pre)})
+    onnx.save(m, str(tmp_path / "lying.onnx"))
+    for runtime in ("onnxruntime", "openvino"):
+        with pytest.raises(ModelFormatError, match=r"graph takes input .*32, 32, 3.*\(N, 96, 96, 3\)"):
+            Classifier.from_path(tmp_path / "lying.onnx", runtime=runtime)
+
+
+def test_qoperator_model_on_openvino_is_refused_with_the_fix(exported: dict, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    from edgemap.runtime.device_cli import main
+
+    qop = exported["run"].artifact_path("onnx_int8_qoperator")
+    with pytest.raises(ModelFormatError, match="QOperator.*model.int8.qdq.onnx"):
+        Classifier.from_path(qop, runtime="openvino")
+    # the generic edgemap-runtime CLI of the OpenVINO wheel defaults to openvino (it has no onnxruntime)
+    img = exported["val"][0]
+    assert main([str(qop), str(img)], default_runtime="openvino") == 2
+    assert "QOperator" in capsys.readouterr().err
+    assert main([str(exported["run"].artifact_path("onnx_int8_qdq")), str(img), "--json"], default_runtime="openvino") == 0

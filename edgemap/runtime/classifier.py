@@ -140,7 +140,11 @@ class Classifier:
             ok, why = check_precision(info, meta.precision)
             if not ok:
                 raise ModelFormatError(f"{path}: a {meta.precision} model cannot run on {spec}: {why}")
+        if meta.format == "qoperator" and info.engine == "openvino":
+            raise ModelFormatError(f"{path}: this is the ONNX Runtime int8 model (QOperator: QLinearConv), which OpenVINO "
+                                   "cannot read; on OpenVINO use the QDQ one (model.int8.qdq.onnx) or --runtime onnxruntime")
         session = load(path, spec, SessionOptions(threads=threads, exact=exact))
+        _check_input(session, meta, path)
         return cls(session, meta, actual, top_k=top_k, max_pixels=max_pixels)
 
     @classmethod
@@ -259,3 +263,26 @@ def read_model_json(folder: str | Path) -> dict[str, Any]:
 
 
 __all__ = ["Classifier", "Prediction", "EdgemapError", "read_model_json", "runtime_spec", "softmax"]
+
+
+def _input_dims(session: Any) -> list[Any]:
+    """The model input's (N, H, W, C) as the runtime sees it: ints, or None/str where dynamic."""
+    native = session.native
+    if hasattr(native, "get_inputs"):  # onnxruntime
+        return list(native.get_inputs()[0].shape)
+    shape = native.input(0).get_partial_shape()  # openvino
+    return [d.get_length() if d.is_static else None for d in shape]
+
+
+def _check_input(session: Any, meta: ModelMeta, path: Path) -> None:
+    """Refuse a model whose graph does not take the image its metadata describes (one clear line, not a crash)."""
+    try:
+        dims = _input_dims(session)
+    except Exception:  # noqa: BLE001 - a runtime without shape introspection: the first prediction will tell
+        return
+    c = meta.contract
+    want = [None, c.height, c.width, 3]
+    bad = len(dims) != 4 or any(isinstance(d, int) and w is not None and d != w for d, w in zip(dims, want))
+    if bad:
+        raise ModelFormatError(f"{path}: the graph takes input {dims}, but its metadata describes (N, {c.height}, "
+                               f"{c.width}, 3) uint8 images; the file was not written by `edgemap export` as it is")

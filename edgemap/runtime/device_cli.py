@@ -115,7 +115,8 @@ def _render(results: list[tuple[Path, Prediction | str]], as_json: bool) -> None
     sys.stdout.flush()
 
 
-def main(argv: list[str] | None = None, *, package_dir: str | Path | None = None, prog: str | None = None) -> int:
+def main(argv: list[str] | None = None, *, package_dir: str | Path | None = None, prog: str | None = None,
+         default_runtime: str = "onnxruntime") -> int:
     """Entry point of both forms; returns the exit code (0 ok, 1 some images failed, 2 error).
 
     Args:
@@ -123,12 +124,13 @@ def main(argv: list[str] | None = None, *, package_dir: str | Path | None = None
         package_dir: folder with model.json and the model, for a model wheel; None for
             the generic form that takes MODEL as its first argument.
         prog: the command name shown in help and errors.
+        default_runtime: the generic form's --runtime default (the runtime its wheel installs).
     """
     embedded = package_dir is not None
     prog = prog or ("edgemap-runtime" if not embedded else Path(sys.argv[0]).name)
     try:
         info = read_model_json(package_dir) if embedded else {}
-        args = build_parser(prog, embedded, info.get("runtime", "onnxruntime")).parse_args(argv)
+        args = build_parser(prog, embedded, info.get("runtime", default_runtime)).parse_args(argv)
         if embedded:
             clf = Classifier.from_package_dir(package_dir, runtime=args.runtime, threads=args.threads)
         else:
