@@ -142,3 +142,31 @@ def test_killed_rank_fails_the_whole_job(digits: Path, tmp_path: Path) -> None:
         pytest.fail("the job hung after a rank was killed")
     assert proc.returncode != 0
     assert time.monotonic() - t_kill < 120
+
+
+def test_sigterm_to_the_nproc_launcher_stops_the_workers_cleanly(digits: Path, tmp_path: Path) -> None:
+    """`kill PID` / `docker stop` reach `edgemap finetune --nproc 2` only: the workers must save their state
+    and stop (exit 130, one error line, no torchrun traceback, nothing left running), and --resume works."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "edgemap", "finetune", str(digits), "--out", str(out), "--backbone", "tiny",
+           "--img-size", "32", "--epochs", "200", "--freeze-epochs", "0", "--batch-size", "8", "--threads", "1",
+           "--nproc", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+    t0 = time.monotonic()
+    while not (out / "metrics.jsonl").exists():
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() - t0 < 180
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 130, output
+    assert output.count("interrupted by SIGTERM; state saved") == 1 and "--nproc 2" in output, output
+    assert "Traceback" not in output and "ChildFailedError" not in output, output
+    time.sleep(0.5)
+    left = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
+    assert not left, f"processes still running: {left}"
+    assert RunDir.load(out).data["stages"]["finetune"]["status"] == "interrupted"
+    r = subprocess.run([sys.executable, "-m", "edgemap", "finetune", str(digits), "--out", str(out), "--resume",
+                        "--epochs", "2", "--nproc", "2"], capture_output=True, text=True, env=ENV, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert RunDir.load(out).stage_done("finetune")

@@ -39,7 +39,8 @@ def handle_errors(fn: F) -> F:
         except EdgemapError as e:
             if os.environ.get("EDGEMAP_DEBUG"):
                 raise
-            err_console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
+            if not _quiet_rank():
+                err_console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
             raise typer.Exit(code=e.exit_code) from None
         except KeyboardInterrupt as e:
             _interrupted(e)
@@ -54,10 +55,16 @@ def handle_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _quiet_rank() -> bool:
+    """Under `edgemap finetune --nproc N`, ranks other than 0 leave the one error line to rank 0."""
+    return bool(os.environ.get("EDGEMAP_QUIET_RANKS")) and os.environ.get("RANK", "0") != "0"
+
+
 def _interrupted(e: KeyboardInterrupt) -> None:
     name = e.args[0] if e.args else "SIGINT"
-    err_console.print(f"[yellow]interrupted by {name}[/]: files being written were discarded, earlier artifacts "
-                      "are untouched; run the command again")
+    if not _quiet_rank():
+        err_console.print(f"[yellow]interrupted by {name}[/]: files being written were discarded, earlier artifacts "
+                          "are untouched; run the command again")
     raise typer.Exit(code=143 if name == "SIGTERM" else 130) from None
 
 

@@ -11,11 +11,15 @@ job never hangs.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -130,7 +134,13 @@ def exit_worker(code: int) -> None:
 def launch_torchrun(nproc: int, argv: list[str] | None = None) -> int:
     """Re-run this ``edgemap finetune`` command under torchrun with ``nproc`` local processes.
 
-    Returns torchrun's exit code (non-zero when any rank failed).
+    Ctrl-C / SIGTERM sent to this process (a terminal, ``kill``, ``docker stop``) go to the
+    training processes only, once: each saves its state at the next step and exits 130,
+    as a single-process run does. torchrun runs in its own session so a terminal's Ctrl-C
+    does not also hit it (its agent would turn the signal into a traceback and a second
+    signal for the workers). Nothing is left running when this returns.
+
+    Returns 130 after such an interrupt, else torchrun's exit code (non-zero when any rank failed).
     """
     if nproc < 1:
         raise TrainingError(f"--nproc {nproc}: must be >= 1")
@@ -148,5 +158,55 @@ def launch_torchrun(nproc: int, argv: list[str] | None = None) -> int:
             continue
         cleaned.append(a)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "edgemap", *cleaned]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))}
-    return subprocess.call(cmd, env=env)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc))),
+           "EDGEMAP_QUIET_RANKS": "1"}  # only rank 0 prints an error line (edgemap.cli.common)
+    import signal
+    import threading
+
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    workers: list[int] = []
+
+    def forward(signum: int, frame: Any) -> None:  # noqa: ARG001
+        if workers:
+            return  # once: a second signal would make the workers stop without saving
+        workers.extend(_children(proc.pid))
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+        # torchrun's agent would report the workers' exit 130 as a failure with a long traceback;
+        # the workers do not need it any more (their process group is already set up)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGKILL)
+
+    main = threading.current_thread() is threading.main_thread()
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    try:
+        rc = proc.wait()
+        deadline = time.monotonic() + 300
+        while workers and any(_alive(p) for p in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)  # saving their state
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        leftover = [p for p in workers if _alive(p)]
+        if proc.poll() is None or leftover:  # unwinding for another reason, or stuck: leave nothing running
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return 130 if workers else rc
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _children(pid: int) -> list[int]:
+    """Direct child processes of ``pid`` (Linux /proc); empty where that is not available."""
+    out: list[int] = []
+    for f in Path(f"/proc/{pid}/task").glob("*/children"):
+        with contextlib.suppress(OSError):
+            out += [int(x) for x in f.read_text().split()]
+    return out

@@ -357,7 +357,8 @@ def finetune(data: str | Path, out: str | Path, opts: FinetuneOptions | None = N
                 )
             else:
                 run = None
-            hint = resume_hint or f"edgemap finetune '{data}' --out '{out}' --resume"
+            hint = resume_hint or (f"edgemap finetune '{data}' --out '{out}' --resume"
+                                   + (f" --nproc {dist.world}" if dist.active else ""))
             trainer = _Trainer(run, scan, opts, contract, device, dist, rep, hint, stop)
             return trainer.fit(state, t_start)
     finally:
