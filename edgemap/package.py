@@ -307,6 +307,13 @@ def _rows(section: Any) -> list[dict[str, Any]]:
     return []
 
 
+def _data_name(where: str) -> str:
+    """eval's "/abs/path/DATA (val, 359 images)" → "DATA (val, 359 images)": no local path in a published wheel."""
+    m = re.match(r"^(.*?)((?:, \d+ unreadable skipped)? \([^()]*\))$", where)
+    path, rest = (m.group(1), m.group(2)) if m else (where, "")
+    return (Path(path).name or path) + rest
+
+
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
@@ -363,7 +370,7 @@ def model_card(run: RunDir | None, info: dict[str, Any], name: str, version: str
     lines += ["", "## Accuracy (`edgemap eval`)", ""]
     where = (metrics.get("eval") or {}).get("data") if isinstance(metrics.get("eval"), dict) else None
     if ev and where:
-        lines += [f"Measured on {_fmt(str(where))}.", ""]
+        lines += [f"Measured on {_fmt(_data_name(str(where)))}.", ""]
     lines += [_table(ev, ("runtime", "precision", "n", "accuracy", "top5", "macro_f1", "agreement", "provider", "status")) if ev
               else "not measured (run `edgemap eval RUN_DIR` before packaging)"]
     lines += ["", "## Latency (`edgemap bench`)", ""]

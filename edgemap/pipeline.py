@@ -230,6 +230,10 @@ def run_pipeline(data: str | Path, out: str | Path, opts: RunOptions = RunOption
                 existing.save()
         for stage in STAGES:
             if stage == "report" and not opts.report:
+                if (out / MANIFEST_NAME).is_file():  # remembered: a later bare re-run does not add a report
+                    run = RunDir.load(out)
+                    run.data["options"].setdefault("run", {})["report"] = False
+                    run.save()
                 continue
             if _finished(out, stage, opts):
                 outcomes.append(StageOutcome(stage, "skipped", 0.0, "already done"))
@@ -243,7 +247,9 @@ def run_pipeline(data: str | Path, out: str | Path, opts: RunOptions = RunOption
             ts = time.perf_counter()
             status, detail = "done", ""
             if stage == "finetune":
-                resume = (out / ckpt.STATE_FILE).exists() and (out / MANIFEST_NAME).exists()
+                # a run that started (even one stopped before its first checkpoint) continues with its own options
+                resume = (out / MANIFEST_NAME).exists() and (
+                    (out / ckpt.STATE_FILE).exists() or bool(RunDir.load(out).data.get("options", {}).get("finetune")))
                 again = f"run the same `edgemap run` command again (--out '{out}'); it continues exactly where it stopped"
                 if resume:  # the run's own options, but for what the user set now (checked above; --epochs may grow)
                     given = opts.finetune.to_dict()

@@ -165,21 +165,24 @@ def launch_torchrun(nproc: int, argv: list[str] | None = None) -> int:
 
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     workers: list[int] = []
+    got: list[int] = []
 
     def forward(signum: int, frame: Any) -> None:  # noqa: ARG001
-        if workers:
+        if got:
             return  # once: a second signal would make the workers stop without saving
+        got.append(signum)
         workers.extend(_children(proc.pid))
-        for pid in workers:
+        for pid in workers:  # a hang-up or Ctrl-\ stops them like a SIGTERM: state saved
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signum)
+                os.kill(pid, signum if signum in (signal.SIGINT, signal.SIGTERM) else signal.SIGTERM)
         # torchrun's agent would report the workers' exit 130 as a failure with a long traceback;
         # the workers do not need it any more (their process group is already set up)
         with contextlib.suppress(ProcessLookupError):
             os.kill(proc.pid, signal.SIGKILL)
 
     main = threading.current_thread() is threading.main_thread()
-    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    caught = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+    old = {s: signal.signal(s, forward) for s in caught} if main else {}
     try:
         rc = proc.wait()
         deadline = time.monotonic() + 300
@@ -188,12 +191,14 @@ def launch_torchrun(nproc: int, argv: list[str] | None = None) -> int:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-        leftover = [p for p in workers if _alive(p)]
-        if proc.poll() is None or leftover:  # unwinding for another reason, or stuck: leave nothing running
+        if got or proc.poll() is None:  # interrupted, or unwinding for another reason: leave nothing running
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
+                os.killpg(proc.pid, signal.SIGKILL)  # also a worker forked after the signal
             proc.wait()
-    return 130 if workers else rc
+    if got and not workers:
+        name = signal.Signals(got[0]).name
+        sys.stderr.write(f"interrupted by {name} before training started; nothing was trained: run the command again\n")
+    return 130 if got else rc
 
 
 def _alive(pid: int) -> bool:

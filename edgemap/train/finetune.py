@@ -357,12 +357,20 @@ def finetune(data: str | Path, out: str | Path, opts: FinetuneOptions | None = N
                 )
             else:
                 run = None
-            hint = resume_hint or (f"edgemap finetune '{data}' --out '{out}' --resume"
-                                   + (f" --nproc {dist.world}" if dist.active else ""))
+            hint = resume_hint or _resume_hint(data, out, dist)
             trainer = _Trainer(run, scan, opts, contract, device, dist, rep, hint, stop)
             return trainer.fit(state, t_start)
     finally:
         dist.close()
+
+
+def _resume_hint(data: str | Path, out: Path, dist: Any) -> str:
+    cmd = f"edgemap finetune '{data}' --out '{out}' --resume"
+    if not dist.active:
+        return cmd
+    if os.environ.get("EDGEMAP_QUIET_RANKS"):  # started by `edgemap finetune --nproc N` (one node)
+        return f"{cmd} --nproc {os.environ.get('LOCAL_WORLD_SIZE', dist.world)}"
+    return f"the same torchrun command, with --resume added to its `edgemap finetune ... --out '{out}'` arguments"
 
 
 def _check_out(out: Path, data: Path) -> None:
