@@ -228,7 +228,8 @@ def _bench_one(run: RunDir, runtime: str, precision: str, batch: int, opts: Benc
     return row
 
 
-def bench(run_dir: str | Path | RunDir, opts: BenchOptions = BenchOptions()) -> list[BenchRow]:
+def bench(run_dir: str | Path | RunDir, opts: BenchOptions = BenchOptions(), *,  # noqa: B008 - frozen
+          progress: Any = None) -> list[BenchRow]:
     """Measure every runtime × precision × batch on the run's exported models.
 
     Args:
@@ -256,21 +257,22 @@ def bench(run_dir: str | Path | RunDir, opts: BenchOptions = BenchOptions()) -> 
     guard = run_lock(run_dir.path if isinstance(run_dir, RunDir) else Path(run_dir), "bench") if opts.save else nullcontext()
     with guard:
         run = run_dir if isinstance(run_dir, RunDir) else RunDir.load(run_dir)
-        return _bench_all(run, opts)
+        return _bench_all(run, opts, progress or (lambda _msg: None))
 
 
-def _bench_all(run: RunDir, opts: BenchOptions) -> list[BenchRow]:
+def _bench_all(run: RunDir, opts: BenchOptions, say: Any) -> list[BenchRow]:
     from edgemap.runtime.sessions import physical_cores
 
     threads = opts.threads or physical_cores()
     rows: list[BenchRow] = []
-    for runtime, precision in _combos(opts.runtimes, opts.precisions):
-        for batch in dict.fromkeys(opts.batches):
-            try:
-                rows.append(_bench_one(run, runtime, precision, batch, opts, threads))
-            except (EdgemapError, OSError) as e:
-                status = "unavailable" if isinstance(e, RuntimeUnavailableError) else "error"
-                rows.append(BenchRow(runtime, precision, batch, status=status, reason=str(e), threads=threads))
+    combos = [(rt, p, b) for rt, p in _combos(opts.runtimes, opts.precisions) for b in dict.fromkeys(opts.batches)]
+    for i, (runtime, precision, batch) in enumerate(combos, 1):
+        say(f"[{i}/{len(combos)}] {runtime} {precision} batch {batch}")
+        try:
+            rows.append(_bench_one(run, runtime, precision, batch, opts, threads))
+        except (EdgemapError, OSError) as e:
+            status = "unavailable" if isinstance(e, RuntimeUnavailableError) else "error"
+            rows.append(BenchRow(runtime, precision, batch, status=status, reason=str(e), threads=threads))
     if opts.strict:
         bad = [r for r in rows if r.status != "ok"]
         if bad:

@@ -300,6 +300,9 @@ def load_samples(run: RunDir, data: Path | None, max_pixels: int | None = None,
         limit = max_pixels if max_pixels is not None else run.max_pixels
         scan = scan_mod.scan_dataset(Path(data), scan_mod.ScanOptions(max_pixels=limit, skip_bad=skip_bad))
         where = str(data) + (f", {len(scan.skipped)} unreadable skipped" if scan.skipped else "")
+        recorded = Path(str((run.data.get("dataset") or {}).get("root", "")))
+        if recorded.parts and recorded.resolve() == Path(data).resolve():
+            where += ", the run's own dataset: training images included"  # shown in the table and the model card
     else:
         if not run.data.get("dataset"):
             raise ManifestError(f"{run.manifest_path}: no dataset recorded; pass --data DIR")

@@ -521,6 +521,7 @@ def package(run_dir: str | Path | None, opts: PackageOptions | None = None) -> P
             "artifact": key,
             "classes": run.classes,
             "contract": run.contract.to_dict(),
+            "max_pixels": run.max_pixels,  # the decompression-bomb limit the model was trained with
             "backbone": run.backbone,
             "source_run": run.path.resolve().name,
             "versions": {k: v for k, v in run.data.get("versions", {}).items() if isinstance(v, str)},

@@ -19,8 +19,11 @@ BENCH_KEYS = {"runtime", "precision", "batch", "p50_ms", "p90_ms", "p99_ms", "th
 @pytest.fixture(scope="module")
 def rows(trained_run):  # noqa: ANN001, F811
     run, _ = trained_run
-    return bench(run.path, BenchOptions(runtimes=("torch", "cpu", "cuda", "openvino"), batches=(1, 7),
-                                        warmup=2, iters=15, threads=1))
+    said: list[str] = []
+    out = bench(run.path, BenchOptions(runtimes=("torch", "cpu", "cuda", "openvino"), batches=(1, 7),
+                                       warmup=2, iters=15, threads=1), progress=said.append)
+    assert said[0] == "[1/14] torch fp32 batch 1" and said[-1].startswith("[14/14] ")  # the CLI's status line
+    return out
 
 
 def test_every_combination_is_a_row(rows) -> None:  # noqa: ANN001

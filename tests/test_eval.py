@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -181,3 +182,10 @@ def test_image_size_limit_is_the_runs_unless_given(trained_run, tmp_path) -> Non
         assert r.exit_code == 0, r.output
     finally:
         run.manifest_path.write_text(original)
+
+
+def test_eval_on_the_runs_own_dataset_says_so(trained_run) -> None:  # noqa: F811
+    run, _ = trained_run
+    res = evaluate(run, EvalOptions(data=Path(run.data["dataset"]["root"]), runtimes=("cpu",), precisions=("fp32",),
+                                    save=False))
+    assert "the run's own dataset: training images included" in res.data

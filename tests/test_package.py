@@ -305,6 +305,7 @@ def test_wheel_contents_size_and_card(exported: dict) -> None:
     run = exported["run"]
     assert info["sha256"] == w.model_sha256 == run.artifacts["onnx_int8_qoperator"]["sha256"]
     assert info["classes"] == run.classes and info["format"] == "qoperator"
+    assert info["max_pixels"] == run.max_pixels  # the device decodes with the limit the model was trained with
     assert card in meta  # the model card is also the wheel's long description
     acc = card.split("## Accuracy")[1].split("## Latency")[0]
     lat = card.split("## Latency")[1].split("## Input contract")[0]
@@ -438,4 +439,8 @@ def test_qoperator_model_on_openvino_is_refused_with_the_fix(exported: dict, tmp
     img = exported["val"][0]
     assert main([str(qop), str(img)], default_runtime="openvino") == 2
     assert "QOperator" in capsys.readouterr().err
-    assert main([str(exported["run"].artifact_path("onnx_int8_qdq")), str(img), "--json"], default_runtime="openvino") == 0
+    qdq = str(exported["run"].artifact_path("onnx_int8_qdq"))
+    assert main([qdq, str(img), "--json"], default_runtime="openvino") == 0
+    capsys.readouterr()
+    assert main([qdq, str(img), "--max-pixels", "100"], default_runtime="openvino") == 1  # the image is refused...
+    assert "exceeds the limit of 100" in capsys.readouterr().err  # ...by the limit asked for

@@ -63,7 +63,8 @@ def register(app: typer.Typer) -> None:
             runtimes=tuple(split_csv(runtime)), precisions=tuple(split_csv(precision)),
             batches=_ints(batch, "--batch"), strict=strict, exact=False if bf16 else None, **{k: v for k, v in given.items() if v is not None},
         )
-        rows = bench(run_dir, opts)
+        with console.status("benchmarking…") as status:
+            rows = bench(run_dir, opts, progress=lambda msg: status.update(escape(msg) + "…"))
         write_json_out(json_out, [r.to_dict() for r in rows])
         if json_out is not None and str(json_out) == "-":
             return

@@ -70,8 +70,11 @@ def scan(
     total = sum(len(x) for x in (result.train, result.val, result.test))
     out.print(f"{len(result.classes)} classes, {total} images checked in {seconds:.2f}s; fingerprint {result.fingerprint[:16]}")
     write_json_out(json_out, result.to_manifest())
-    if out is console:
-        next_step(f'edgemap finetune "{data}" --out "models/{result.root.name or "run"}"')
+    if out is console:  # the same scan options, so finetune sees the dataset as this scan did
+        extra = "".join(f" --{k.replace('_', '-')} {v}" for k, v in given.items()
+                        if v is not None and k != "min_val_per_class")  # finetune has no such option
+        next_step(f'edgemap finetune "{data}" --out "models/{result.root.name or "run"}"'
+                  + (" --skip-bad" if skip_bad else "") + extra)
 
 
 def register(app: typer.Typer) -> None:

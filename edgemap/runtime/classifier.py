@@ -129,8 +129,8 @@ class Classifier:
             if actual != expected:
                 raise ModelIntegrityError(
                     f"{path}: sha256 {actual[:16]}… does not match the recorded {expected[:16]}…; "
-                    "the model was changed or corrupted after packaging. Reinstall the package "
-                    "(or re-run `edgemap package`) instead of editing the model by hand."
+                    "the model was changed or corrupted since that sha256 was recorded. Use the original file "
+                    "(reinstall the package, or re-run `edgemap package`) instead of editing the model by hand."
                 )
         meta = model_meta(parse_model_bytes(data, str(path)), str(path))
         del data
@@ -142,7 +142,8 @@ class Classifier:
                 raise ModelFormatError(f"{path}: a {meta.precision} model cannot run on {spec}: {why}")
         if meta.format == "qoperator" and info.engine == "openvino":
             raise ModelFormatError(f"{path}: this is the ONNX Runtime int8 model (QOperator: QLinearConv), which OpenVINO "
-                                   "cannot read; on OpenVINO use the QDQ one (model.int8.qdq.onnx) or --runtime onnxruntime")
+                                   "cannot read; run it with --runtime onnxruntime, or use the QDQ int8 model on OpenVINO "
+                                   "(`edgemap export` writes model.int8.qdq.onnx; `edgemap package --runtime openvino` ships it)")
         session = load(path, spec, SessionOptions(threads=threads, exact=exact))
         _check_input(session, meta, path)
         return cls(session, meta, actual, top_k=top_k, max_pixels=max_pixels)
@@ -152,6 +153,8 @@ class Classifier:
         """Load the model a device wheel embeds, checked against the sha256 in its model.json."""
         folder = Path(folder)
         info = read_model_json(folder)
+        if "max_pixels" in info and kwargs.get("max_pixels", DEFAULT_MAX_PIXELS) == DEFAULT_MAX_PIXELS:
+            kwargs["max_pixels"] = info["max_pixels"]  # the limit the model was trained with, unless asked otherwise
         return cls.from_path(folder / info["file"], runtime or info.get("runtime", "onnxruntime"),
                              expected_sha256=info["sha256"], **kwargs)
 

@@ -57,6 +57,8 @@ def build_parser(prog: str, embedded: bool, default_runtime: str = "onnxruntime"
                    help=f"onnxruntime, openvino[:DEVICE], cuda or tensorrt (default {default_runtime})")
     p.add_argument("--threads", type=_positive, default=None, help="intra-op threads (default: physical cores)")
     p.add_argument("--batch-size", type=_positive, default=16, help="images per inference call (default 16)")
+    p.add_argument("--max-pixels", type=_positive, default=None, metavar="N",
+                   help="decompression-bomb limit per image, in pixels (default: the model's, else ~89 M)")
     if not embedded:
         p.add_argument("--sha256", default=None, help="refuse the model unless it has this sha256")
     return p
@@ -131,10 +133,12 @@ def main(argv: list[str] | None = None, *, package_dir: str | Path | None = None
     try:
         info = read_model_json(package_dir) if embedded else {}
         args = build_parser(prog, embedded, info.get("runtime", default_runtime)).parse_args(argv)
+        limit = {"max_pixels": args.max_pixels} if args.max_pixels else {}
         if embedded:
-            clf = Classifier.from_package_dir(package_dir, runtime=args.runtime, threads=args.threads)
+            clf = Classifier.from_package_dir(package_dir, runtime=args.runtime, threads=args.threads, **limit)
         else:
-            clf = Classifier.from_path(args.model, runtime=args.runtime, expected_sha256=args.sha256, threads=args.threads)
+            clf = Classifier.from_path(args.model, runtime=args.runtime, expected_sha256=args.sha256, threads=args.threads,
+                                       **limit)
         results = classify_paths(clf, expand_images(args.images), args.top_k, args.batch_size)
     except EdgemapError as e:
         if os.environ.get("EDGEMAP_DEBUG"):
