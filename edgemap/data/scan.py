@@ -117,7 +117,9 @@ class DatasetScan:
         train, val, test: samples per split (``test`` from ``DATA/test/`` when present).
         skipped: ``(path, reason)`` of undecodable files skipped with ``skip_bad``.
         ignored: class -> number of non-image files ignored (``"."``: files outside any class).
-        fingerprint: sha256 over (split, relative path, size, mtime_ns) of every sample.
+        fingerprint: sha256 over (split, relative path, size, mtime_ns) of every sample: a cheap check.
+            ``edgemap.json`` also records :meth:`content_fingerprint` (the files' bytes), so files
+            that were only touched or copied back (new mtimes, same content) are still the same data.
         options: the options the scan used.
     """
 
@@ -142,6 +144,30 @@ class DatasetScan:
             out[split] = per
         return out
 
+    def content_fingerprint(self) -> str:
+        """sha256 over (split, relative path, sha256 of the bytes) of every sample (reads every file)."""
+        h = hashlib.sha256()
+        for split, samples in (("train", self.train), ("val", self.val), ("test", self.test)):
+            for s in samples:
+                rel = os.fsencode(os.path.relpath(s.path, self.root)).replace(b"\\", b"/")
+                try:
+                    fh = hashlib.sha256()
+                    with open(s.path, "rb") as f:
+                        while chunk := f.read(1 << 20):
+                            fh.update(chunk)
+                    digest = fh.hexdigest()
+                except OSError as e:
+                    raise DatasetError(f"{s.path}: cannot read file ({e.strerror or e})") from e
+                h.update(split.encode() + b"\0" + rel + b"\0" + digest.encode() + b"\n")
+        return h.hexdigest()
+
+    def matches(self, manifest_dataset: dict[str, Any]) -> bool:
+        """The same files as recorded: same sizes and mtimes, or else (touched, copied back) the same bytes."""
+        if self.fingerprint == manifest_dataset.get("fingerprint"):
+            return True
+        recorded = manifest_dataset.get("content_fingerprint")
+        return bool(recorded) and self.content_fingerprint() == recorded
+
     def to_manifest(self) -> dict[str, Any]:
         """JSON-able summary stored as ``edgemap.json["dataset"]`` (read back by :func:`rescan_for_run`)."""
         return {
@@ -151,6 +177,7 @@ class DatasetScan:
             "options": asdict(self.options),
             "counts": self.counts(),
             "fingerprint": self.fingerprint,
+            "content_fingerprint": self.content_fingerprint(),
             "skipped": [[_json_safe(p), _json_safe(r)] for p, r in self.skipped],
             "ignored": dict(self.ignored),
         }
@@ -211,12 +238,12 @@ def rescan_for_run(manifest_dataset: dict[str, Any]) -> DatasetScan:
     except DatasetError as e:
         raise DatasetError(f"dataset changed since training: {e}") from e
     recorded = manifest_dataset["fingerprint"]
-    if scan.fingerprint != recorded:
+    if not scan.matches(manifest_dataset):
         was = manifest_dataset.get("counts") or {}
         diff = _count_diff(was, scan.counts())
         raise DatasetError(
             f"dataset changed since training: {root} fingerprint {scan.fingerprint[:12]} != recorded {str(recorded)[:12]}"
-            f" ({diff or 'same counts: files were modified, renamed or touched'}); "
+            f" ({diff or 'same counts: files were renamed or their content changed'}); "
             "restore the original files or train a new run on the changed dataset"
         )
     classes = manifest_dataset.get("classes")

@@ -774,7 +774,7 @@ def _check_compatible(run: RunDir, scan: Any, opts: FinetuneOptions) -> None:
         extra = sorted(set(scan.classes) - set(run.classes))
         raise ResumeError(f"--resume: the dataset's classes differ from the run's (missing {missing}, extra {extra})")
     recorded = run.data.get("dataset", {}).get("fingerprint")
-    if recorded and recorded != scan.fingerprint:
+    if recorded and not scan.matches(run.data.get("dataset", {})):
         raise DatasetError(
             f"--resume: dataset {scan.root} changed since the run started (fingerprint differs); resuming would not be exact. "
             "Start a new run with another --out"
