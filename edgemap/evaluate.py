@@ -276,53 +276,63 @@ def evaluate_arrays(
     return result
 
 
-def _split_samples(scan: Any, whole: bool) -> tuple[list[Any], str]:
-    """The samples eval uses from a scan: its test split, else its validation split.
-
-    With ``whole`` (a folder given by ``--data``) a single-folder dataset (layout ``split``,
-    no ``test/``) is evaluated entirely: its train/val division only matters for training.
-    """
+def _split_samples(scan: Any) -> tuple[list[Any], str]:
+    """The samples eval uses from the run's own dataset: its test split, else its validation split."""
     if scan.test:
         return list(scan.test), "test"
-    if whole and scan.layout == "split":
-        return [*scan.train, *scan.val], "all"
     if scan.val:
         return list(scan.val), "val"
     raise DatasetError(f"{scan.root}: neither a test nor a validation split to evaluate on; pass --data DIR")
 
 
+def _has_training_images(run: RunDir, folder: Path) -> bool:
+    """Whether ``folder`` (what ``--data`` listed) holds images of the run's training split."""
+    recorded = str((run.data.get("dataset") or {}).get("root", ""))
+    if not recorded:
+        return False
+    try:
+        rel = folder.resolve().relative_to(Path(recorded).resolve())
+    except ValueError:
+        return False
+    from edgemap.data.scan import _TEST_NAMES, _VAL_NAMES
+
+    return not rel.parts or rel.parts[0].lower() not in (*_VAL_NAMES, *_TEST_NAMES)
+
+
 def load_samples(run: RunDir, data: Path | None, max_pixels: int | None = None,
                  skip_bad: bool = False) -> tuple[list[Path], np.ndarray, str]:
-    """Image paths and labels (in the run's class order) for ``evaluate``, plus a description."""
+    """Image paths and labels (in the run's class order) for ``evaluate``, plus a description.
+
+    ``data`` is any folder of labelled images (:func:`edgemap.data.scan.scan_labelled`: its
+    ``test/``, else ``val/``, else its class folders, one class is enough); without it the
+    run's own dataset is re-checked and its test (else validation) split is used.
+    """
     from edgemap.data import scan as scan_mod
 
     if data is not None:
         limit = max_pixels if max_pixels is not None else run.max_pixels
-        scan = scan_mod.scan_dataset(Path(data), scan_mod.ScanOptions(max_pixels=limit, skip_bad=skip_bad))
-        where = str(data) + (f", {len(scan.skipped)} unreadable skipped" if scan.skipped else "")
-        recorded = Path(str((run.data.get("dataset") or {}).get("root", "")))
-        if recorded.parts and recorded.resolve() == Path(data).resolve():
+        found = scan_mod.scan_labelled(Path(data), scan_mod.ScanOptions(max_pixels=limit, skip_bad=skip_bad))
+        where = str(data) + (f", {len(found.skipped)} unreadable skipped" if found.skipped else "")
+        if _has_training_images(run, found.folder):
             where += ", the run's own dataset: training images included"  # shown in the table and the model card
+        named, split = found.samples, found.part
     else:
         if not run.data.get("dataset"):
             raise ManifestError(f"{run.manifest_path}: no dataset recorded; pass --data DIR")
         scan = scan_mod.rescan_for_run(run.data["dataset"])
         where = str(scan.root)
-    samples, split = _split_samples(scan, whole=data is not None)
+        samples, split = _split_samples(scan)
+        named = [(Path(s.path), scan.classes[int(s.label)]) for s in samples]
     index = {c: i for i, c in enumerate(run.classes)}
-    scan_classes = list(scan.classes)
-    unknown = sorted(set(scan_classes) - set(index))
+    unknown = sorted({name for _, name in named} - set(index))
     if unknown:
         raise DatasetError(
             f"{where}: classes not known to the run {run.path} ({', '.join(unknown)}); "
             f"the run knows: {', '.join(run.classes)}. Remove those folders or evaluate another dataset."
         )
-    paths, labels = [], []
-    for s in samples:
-        name = s.label if isinstance(s.label, str) else scan_classes[int(s.label)]
-        paths.append(Path(s.path))
-        labels.append(index[name])
-    return paths, np.asarray(labels, dtype=np.int64), f"{where} ({split}, {len(paths)} images)"
+    paths = [p for p, _ in named]
+    labels = np.asarray([index[name] for _, name in named], dtype=np.int64)
+    return paths, labels, f"{where} ({split}, {len(paths)} images)"
 
 
 def evaluate(run_dir: str | Path | RunDir, opts: EvalOptions = EvalOptions()) -> EvalResult:

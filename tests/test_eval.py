@@ -184,8 +184,39 @@ def test_image_size_limit_is_the_runs_unless_given(trained_run, tmp_path) -> Non
         run.manifest_path.write_text(original)
 
 
-def test_eval_on_the_runs_own_dataset_says_so(trained_run) -> None:  # noqa: F811
+def test_eval_on_the_runs_own_dataset_says_when_training_images_are_included(trained_run) -> None:  # noqa: F811
+    run, splits = trained_run
+    root = Path(run.data["dataset"]["root"])
+    note = "the run's own dataset: training images included"
+    opts = {"runtimes": ("cpu",), "precisions": ("fp32",), "save": False}
+    res = evaluate(run, EvalOptions(data=root, **opts))  # its test/ split: never trained on
+    assert note not in res.data and f"(test, {len(splits['test'])} images)" in res.data
+    res = evaluate(run, EvalOptions(data=root / "train", **opts))
+    assert note in res.data and f"(all, {len(splits['train'])} images)" in res.data
+
+
+def test_eval_data_is_any_labelled_folder_not_a_training_layout(trained_run, tmp_path) -> None:  # noqa: ANN001, F811
+    """A held-out folder needs no second class, no validation share, no full class set."""
     run, _ = trained_run
-    res = evaluate(run, EvalOptions(data=Path(run.data["dataset"]["root"]), runtimes=("cpu",), precisions=("fp32",),
-                                    save=False))
-    assert "the run's own dataset: training images included" in res.data
+    opts = {"runtimes": ("torch", "cpu"), "precisions": ("fp32",), "save": False}
+    one = tmp_path / "one class"
+    make_images(one, 2, seed=3)
+    for c in CLASSES[1:]:
+        shutil.rmtree(one / c)
+    (one / "empty").mkdir()  # an empty class folder is skipped (with a warning), even if the run lacks the class
+    res = evaluate(run, EvalOptions(data=one, **opts))
+    assert res.n == 2 and "(all, 2 images)" in res.data
+    assert res.rows[0].status == "ok" and res.rows[1].agreement == 1.0
+    only_train = tmp_path / "only train"
+    make_images(only_train / "train", 1, seed=4)
+    with pytest.raises(DatasetError, match="only train/.*trained the model"):
+        evaluate(run, EvalOptions(data=only_train, **opts))
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    shutil.copy(next((one / CLASSES[0]).iterdir()), loose / "a.png")
+    with pytest.raises(DatasetError, match="no class folders found.*each image has a label"):
+        evaluate(run, EvalOptions(data=loose, **opts))
+    empties = tmp_path / "empties"
+    (empties / "red").mkdir(parents=True)
+    with pytest.raises(DatasetError, match="no images"):
+        evaluate(run, EvalOptions(data=empties, **opts))

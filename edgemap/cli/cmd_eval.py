@@ -61,7 +61,7 @@ def register(app: typer.Typer) -> None:
     @handle_errors
     def eval_(
         run_dir: RunDirArg,
-        data: Annotated[Path | None, typer.Option("--data", help="Dataset folder to evaluate on (default: the run's test split, else its validation split).")] = None,
+        data: Annotated[Path | None, typer.Option("--data", help="Folder of labelled images to evaluate on: its test/, else val/, else its <class>/ folders (one class is enough; class names as in the run). Default: the run's test split, else its validation split.")] = None,
         runtime: Annotated[str, typer.Option("--runtime", help=RUNTIME_HELP)] = "torch,cpu,cuda,openvino",
         precision: Annotated[str, typer.Option("--precision", help="fp32, int8 or both.")] = "fp32,int8",
         strict: Annotated[bool, typer.Option("--strict", help="Fail when a runtime is unavailable instead of listing it.")] = False,

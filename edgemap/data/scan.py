@@ -35,11 +35,13 @@ from edgemap.runtime.preprocess import DEFAULT_MAX_PIXELS, open_image
 __all__ = [
     "IMAGE_EXTENSIONS",
     "DatasetScan",
+    "LabelledImages",
     "Sample",
     "ScanOptions",
     "is_hidden",
     "rescan_for_run",
     "scan_dataset",
+    "scan_labelled",
 ]
 
 log = logging.getLogger("edgemap.data")
@@ -202,6 +204,78 @@ def scan_dataset(root: str | Path, opts: ScanOptions = ScanOptions()) -> Dataset
     return _scan(root, opts, decode_check=True, known_bad=None)
 
 
+@dataclass
+class LabelledImages:
+    """Images with class names from a folder given to ``edgemap eval --data`` (see :func:`scan_labelled`).
+
+    Attributes:
+        root: absolute folder given.
+        folder: the folder actually listed (``root``, or its ``test/`` or ``val/``).
+        part: ``"test"``, ``"val"`` or ``"all"`` (class folders directly in ``root``).
+        samples: ``(path, class name)`` in class-name then path order.
+        skipped: ``(path, reason)`` of unreadable files skipped with ``skip_bad``.
+    """
+
+    root: Path
+    folder: Path
+    part: str
+    samples: list[tuple[Path, str]]
+    skipped: list[tuple[str, str]]
+
+    @property
+    def classes(self) -> list[str]:
+        return sorted({c for _, c in self.samples})
+
+
+def scan_labelled(root: str | Path, opts: ScanOptions = ScanOptions()) -> LabelledImages:
+    """List and decode-check a folder of labelled images to evaluate on, without training's rules.
+
+    ``DATA/test/<class>/...`` is taken when present, else ``DATA/val/<class>/...`` (or
+    ``validation``/``valid``), else the class folders directly in ``DATA``. Unlike
+    :func:`scan_dataset` one class is enough, class folders may be empty (skipped with a
+    warning) and no validation share is held out: every image listed is evaluated.
+
+    Raises DatasetError for: a missing root, a folder with only ``train/``, no class folders,
+    no images at all, and (unless ``skip_bad``) unreadable images.
+
+    Example:
+        >>> imgs = scan_labelled("held_out")        # held_out/cat/*.jpg, held_out/dog/*.jpg
+        >>> imgs.part, imgs.classes, len(imgs.samples)
+        ('all', ['cat', 'dog'], 120)
+    """
+    root, _, (train_name, val_name, test_name) = _split_folders(root)
+    if test_name or val_name:
+        part = "test" if test_name else "val"
+        lst = _list_split(root / str(test_name or val_name), root)
+    elif train_name:
+        raise DatasetError(
+            f"{root}: holds only {train_name}/, whose images trained the model; pass a folder of class folders "
+            "that were not trained on (or one with val/ or test/ inside)"
+        )
+    else:
+        part = "all"
+        lst = _list_split(root, root)
+    if not lst.images:
+        raise DatasetError(
+            f"{lst.folder}: no class folders found; expected {lst.folder}/<class>/<image>.jpg (one sub-folder per "
+            "class, named like the run's classes, so each image has a label)"
+        )
+    empty = sorted(name for name, paths in lst.images.items() if not paths)
+    if empty:
+        log.warning("%s: class folder(s) without images skipped: %s", lst.folder, ", ".join(empty))
+    files = [p for paths in lst.images.values() for p in paths]
+    if not files and not lst.broken:
+        raise DatasetError(f"{lst.folder}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in its class folders")
+    bad: dict[str, str] = {str(p): why for p, why in lst.broken}
+    bad.update(_decode_check(files, opts))
+    if bad and not opts.skip_bad:
+        raise _unreadable(lst.folder, bad)
+    samples = [(p, name) for name in sorted(lst.images) for p in lst.images[name] if str(p) not in bad]
+    if not samples:
+        raise DatasetError(f"{lst.folder}: no readable images left after skipping {len(bad)} unreadable file(s)")
+    return LabelledImages(root=root, folder=lst.folder, part=part, samples=samples, skipped=sorted(bad.items()))
+
+
 def rescan_for_run(manifest_dataset: dict[str, Any]) -> DatasetScan:
     """Re-scan the dataset a run was trained on and refuse it if it changed.
 
@@ -272,19 +346,7 @@ class _Listing:
 
 
 def _scan(root: str | Path, opts: ScanOptions, *, decode_check: bool, known_bad: dict[str, str] | None) -> DatasetScan:
-    root = Path(os.path.abspath(os.fspath(root)))
-    if not root.exists():
-        raise DatasetError(f"{root}: dataset folder not found; pass the folder holding train/ and val/ (or one folder per class)")
-    if not root.is_dir():
-        raise DatasetError(f"{root}: is a file, not a dataset folder; pass the folder holding train/ and val/ (or one folder per class)")
-
-    top = _subdirs(root)
-    by_lower: dict[str, list[str]] = {}
-    for name in top:
-        by_lower.setdefault(name.lower(), []).append(name)
-    train_name = _pick(root, by_lower, _TRAIN_NAMES)
-    val_name = _pick(root, by_lower, _VAL_NAMES)
-    test_name = _pick(root, by_lower, _TEST_NAMES)
+    root, top, (train_name, val_name, test_name) = _split_folders(root)
 
     if train_name or val_name:
         if not train_name:
@@ -353,12 +415,7 @@ def _scan(root: str | Path, opts: ScanOptions, *, decode_check: bool, known_bad:
             if why is not None:
                 bad[str(p)] = why
     if bad and not opts.skip_bad and decode_check:
-        listed = "; ".join(f"{p} ({why})" for p, why in sorted(bad.items())[:_MAX_LISTED])
-        more = f" and {len(bad) - _MAX_LISTED} more" if len(bad) > _MAX_LISTED else ""
-        raise DatasetError(
-            f"{len(bad)} unreadable image file(s) in {root}: {listed}{more}. "
-            "Fix or remove them (edgemap never changes your dataset), or pass --skip-bad to skip them"
-        )
+        raise _unreadable(root, bad)
     skipped = sorted(bad.items())
 
     index = {c: i for i, c in enumerate(classes)}
@@ -401,6 +458,30 @@ def _scan(root: str | Path, opts: ScanOptions, *, decode_check: bool, known_bad:
         ignored=ignored,
         fingerprint=_fingerprint(root, (("train", train), ("val", val), ("test", test))),
         options=opts,
+    )
+
+
+def _split_folders(root: str | Path) -> tuple[Path, list[str], tuple[str | None, str | None, str | None]]:
+    """The absolute root, its visible sub-folders and its (train, val, test) folder names (None: absent)."""
+    root = Path(os.path.abspath(os.fspath(root)))
+    if not root.exists():
+        raise DatasetError(f"{root}: dataset folder not found; pass the folder holding train/ and val/ (or one folder per class)")
+    if not root.is_dir():
+        raise DatasetError(f"{root}: is a file, not a dataset folder; pass the folder holding train/ and val/ (or one folder per class)")
+    top = _subdirs(root)
+    by_lower: dict[str, list[str]] = {}
+    for name in top:
+        by_lower.setdefault(name.lower(), []).append(name)
+    names = tuple(_pick(root, by_lower, n) for n in (_TRAIN_NAMES, _VAL_NAMES, _TEST_NAMES))
+    return root, top, names  # type: ignore[return-value]
+
+
+def _unreadable(root: Path, bad: dict[str, str]) -> DatasetError:
+    listed = "; ".join(f"{p} ({why})" for p, why in sorted(bad.items())[:_MAX_LISTED])
+    more = f" and {len(bad) - _MAX_LISTED} more" if len(bad) > _MAX_LISTED else ""
+    return DatasetError(
+        f"{len(bad)} unreadable image file(s) in {root}: {listed}{more}. "
+        "Fix or remove them (edgemap never changes your dataset), or pass --skip-bad to skip them"
     )
 
 
