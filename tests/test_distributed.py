@@ -170,3 +170,31 @@ def test_sigterm_to_the_nproc_launcher_stops_the_workers_cleanly(digits: Path, t
                         "--epochs", "2", "--nproc", "2"], capture_output=True, text=True, env=ENV, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert RunDir.load(out).stage_done("finetune")
+
+
+def test_a_worker_error_under_nproc_is_one_line_with_its_exit_code(sixteen: Path, tmp_path: Path) -> None:
+    """Each rank hits the same dataset error; the user sees it once, not torchrun's ChildFailedError report."""
+    one = tmp_path / "one"
+    (one / "only").mkdir(parents=True)
+    for f in sorted((sixteen / "train" / "dark").iterdir())[:3]:
+        (one / "only" / f.name).write_bytes(f.read_bytes())
+    r = subprocess.run([sys.executable, "-m", "edgemap", "finetune", str(one), "--out", str(tmp_path / "run"),
+                        "--backbone", "tiny", "--epochs", "1", "--freeze-epochs", "0", "--nproc", "2"],
+                       capture_output=True, text=True, env=ENV, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert r.stdout == "" and r.stderr.count("error:") == 1 and "only one class found" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and "ChildFailedError" not in r.stderr and "exitcode" not in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, "-m", "edgemap", "finetune", str(one), "--out", str(tmp_path / "run"),
+                        "--epochs", "1", "--freeze-epochs", "3", "--nproc", "2"], capture_output=True, text=True,
+                       env=ENV, timeout=60)  # an option error is found before any process starts
+    assert r.returncode == 2 and "--freeze-epochs 3 exceeds --epochs 1" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_worker_killed_by_a_signal_is_named_in_one_line(tmp_path: Path) -> None:
+    script = tmp_path / "die.py"
+    script.write_text("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n")
+    r = subprocess.run([sys.executable, "-m", "edgemap.train._torchrun", "--standalone", "--nproc-per-node=1", str(script)],
+                       capture_output=True, text=True, env=ENV, timeout=120)
+    assert r.returncode == 128 + signal.SIGKILL, r.stderr
+    assert "training process rank 0" in r.stderr and "killed by SIGKILL (out of memory?" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and "ChildFailedError" not in r.stderr, r.stderr

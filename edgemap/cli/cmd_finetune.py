@@ -32,14 +32,16 @@ class RichReporter:
         self.task: Any = None
 
     def __enter__(self) -> RichReporter:
-        self.progress.start()
-        return self
+        return self  # the bars start with the first phase: an early error leaves no empty line behind
 
     def __exit__(self, *exc: Any) -> None:
-        self.progress.stop()
+        if self.task is not None:
+            self.progress.stop()
 
     def phase(self, name: str, total: int) -> None:
-        if self.task is not None:
+        if self.task is None:
+            self.progress.start()
+        else:
             self.progress.remove_task(self.task)
         self.task = self.progress.add_task(name, total=total, stats="")
 
@@ -92,10 +94,6 @@ def register(app: typer.Typer) -> None:
         """
         from edgemap.train.finetune import FinetuneOptions, finetune
 
-        if nproc and nproc > 1:
-            from edgemap.train.distributed import launch_torchrun
-
-            raise typer.Exit(launch_torchrun(nproc))
         given = dict(backbone=backbone, epochs=epochs, img_size=img_size, batch_size=batch_size, lr=lr,
                      freeze_epochs=freeze_epochs, seed=seed, device=device, precision=precision, val_split=val_split,
                      patience=patience, threads=threads, max_pixels=max_pixels, checkpoint_every=checkpoint_every)
@@ -106,6 +104,12 @@ def register(app: typer.Typer) -> None:
             kwargs["flip"] = False
         if no_augment:
             kwargs["augment"] = False
+        if nproc and nproc > 1:
+            from edgemap.train.distributed import launch_torchrun
+
+            if not resume:
+                FinetuneOptions(**kwargs).validate()  # a typo fails here, before N processes import torch
+            raise typer.Exit(launch_torchrun(nproc))
         out = out or Path("models") / Path(data).resolve().name
         quiet = json_out is not None and str(json_out) == "-"  # stdout carries the JSON
         with RichReporter(to_stderr=quiet) as rep:

@@ -39,8 +39,7 @@ def handle_errors(fn: F) -> F:
         except EdgemapError as e:
             if os.environ.get("EDGEMAP_DEBUG"):
                 raise
-            if not _quiet_rank():
-                err_console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
+            _say("error", str(e))
             raise typer.Exit(code=e.exit_code) from None
         except KeyboardInterrupt as e:
             _interrupted(e)
@@ -55,16 +54,34 @@ def handle_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _quiet_rank() -> bool:
-    """Under `edgemap finetune --nproc N`, ranks other than 0 leave the one error line to rank 0."""
-    return bool(os.environ.get("EDGEMAP_QUIET_RANKS")) and os.environ.get("RANK", "0") != "0"
+#: Set by `edgemap finetune --nproc N` for its training processes: a folder where each rank leaves
+#: its error line instead of printing it, so that the launcher prints the one that matters, once.
+WORKER_MESSAGES_ENV = "EDGEMAP_WORKER_MESSAGES"
+
+
+def _say(kind: str, text: str) -> None:
+    folder = os.environ.get(WORKER_MESSAGES_ENV)
+    if folder:
+        from edgemap.fsutil import atomic_write_json
+
+        with contextlib.suppress(OSError):  # the launcher then reports the exit code instead
+            atomic_write_json(Path(folder) / f"rank{os.environ.get('RANK', '0')}.json", {"kind": kind, "text": text})
+            return
+    show_message(kind, text)
+
+
+def show_message(kind: str, text: str) -> None:
+    """Print an error line (``kind`` "error") or an interruption line (``text``: the signal's name)."""
+    if kind == "interrupted":
+        err_console.print(f"[yellow]interrupted by {escape(text)}[/]: files being written were discarded, earlier "
+                          "artifacts are untouched; run the command again", soft_wrap=True)
+    else:
+        err_console.print(f"[bold red]error:[/] {escape(text)}", soft_wrap=True)
 
 
 def _interrupted(e: KeyboardInterrupt) -> None:
     name = e.args[0] if e.args else "SIGINT"
-    if not _quiet_rank():
-        err_console.print(f"[yellow]interrupted by {name}[/]: files being written were discarded, earlier artifacts "
-                          "are untouched; run the command again")
+    _say("interrupted", str(name))
     raise typer.Exit(code=143 if name == "SIGTERM" else 130) from None
 
 

@@ -14,8 +14,12 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,7 +144,8 @@ def launch_torchrun(nproc: int, argv: list[str] | None = None) -> int:
     does not also hit it (its agent would turn the signal into a traceback and a second
     signal for the workers). Nothing is left running when this returns.
 
-    Returns 130 after such an interrupt, else torchrun's exit code (non-zero when any rank failed).
+    Returns 130 after such an interrupt, else the first failed rank's exit code (0 when all
+    succeeded); a failure the worker reported is not reported again (``edgemap.train._torchrun``).
     """
     if nproc < 1:
         raise TrainingError(f"--nproc {nproc}: must be >= 1")
@@ -157,12 +162,20 @@ def launch_torchrun(nproc: int, argv: list[str] | None = None) -> int:
         if a.startswith("--nproc="):
             continue
         cleaned.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "edgemap", *cleaned]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc))),
-           "EDGEMAP_QUIET_RANKS": "1"}  # only rank 0 prints an error line (edgemap.cli.common)
-    import signal
-    import threading
+    cmd = [sys.executable, "-m", "edgemap.train._torchrun", "--standalone", f"--nproc-per-node={nproc}", "-m", "edgemap", *cleaned]
+    messages = tempfile.mkdtemp(prefix="edgemap-nproc-")
+    try:
+        return _launch(cmd, nproc, messages)
+    finally:
+        shutil.rmtree(messages, ignore_errors=True)
 
+
+def _launch(cmd: list[str], nproc: int, messages: str) -> int:
+    from edgemap.cli.common import WORKER_MESSAGES_ENV
+
+    # the ranks leave their error line in `messages`; one is printed (report_worker_messages)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc))),
+           WORKER_MESSAGES_ENV: messages}
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     workers: list[int] = []
     got: list[int] = []
@@ -195,10 +208,31 @@ def launch_torchrun(nproc: int, argv: list[str] | None = None) -> int:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)  # also a worker forked after the signal
             proc.wait()
-    if got and not workers:
+    if got and not report_worker_messages(messages):
         name = signal.Signals(got[0]).name
         sys.stderr.write(f"interrupted by {name} before training started; nothing was trained: run the command again\n")
     return 130 if got else rc
+
+
+def report_worker_messages(folder: str | Path, first: int | None = None) -> bool:
+    """Print the error line the training processes left in ``folder``: rank ``first``'s, else the lowest rank's.
+
+    Every rank that fails leaves one (``edgemap.cli.common``); they are usually the same error
+    (each rank checks the same data), so one is printed. Returns whether there was one.
+    """
+    import json
+
+    from edgemap.cli.common import show_message
+
+    found: dict[int, dict[str, str]] = {}
+    for f in Path(folder).glob("rank*.json"):
+        with contextlib.suppress(OSError, ValueError):
+            found[int(f.stem[4:])] = json.loads(f.read_text(encoding="utf-8"))
+    if not found:
+        return False
+    msg = found.get(first) if first is not None and first in found else found[min(found)]
+    show_message(str(msg.get("kind", "error")), str(msg.get("text", "")))
+    return True
 
 
 def _alive(pid: int) -> bool:

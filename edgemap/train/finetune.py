@@ -368,7 +368,7 @@ def _resume_hint(data: str | Path, out: Path, dist: Any) -> str:
     cmd = f"edgemap finetune '{data}' --out '{out}' --resume"
     if not dist.active:
         return cmd
-    if os.environ.get("EDGEMAP_QUIET_RANKS"):  # started by `edgemap finetune --nproc N` (one node)
+    if os.environ.get("EDGEMAP_WORKER_MESSAGES"):  # started by `edgemap finetune --nproc N` (one node)
         return f"{cmd} --nproc {os.environ.get('LOCAL_WORLD_SIZE', dist.world)}"
     return f"the same torchrun command, with --resume added to its `edgemap finetune ... --out '{out}'` arguments"
 

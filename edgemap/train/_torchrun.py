@@ -1,0 +1,56 @@
+"""torchrun for ``edgemap finetune --nproc``: the same launcher, with a one-line failure report.
+
+When a training process fails, torchrun's own ``main`` logs each failed rank and raises
+``ChildFailedError``, whose traceback and box of ranks follow the worker's own error line
+and bury it. Here the launch is the same (``torch.distributed.run``'s argument parser and ``run``),
+but on a failure the error line the failed rank left (``edgemap.cli.common``) is printed once,
+and the job exits with that rank's code; a crash with no line (a signal) gets one line of its own.
+
+    python -m edgemap.train._torchrun --standalone --nproc-per-node=2 -m edgemap finetune ...
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+
+from edgemap.cli.common import WORKER_MESSAGES_ENV
+from edgemap.train.distributed import report_worker_messages
+
+#: Exit codes after which a worker printed its own message: 1 an uncaught exception (its
+#: traceback), 2 a usage error (typer's box).
+REPORTED = frozenset({1, 2})
+
+
+def main(argv: list[str]) -> int:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    # "failed (exitcode: 2) local_rank: 0 ..." and "Sending process ... closing signal": said below, once
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
+    try:
+        run(parse_args(argv))
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        code = int(failure.exitcode)
+        folder = os.environ.get(WORKER_MESSAGES_ENV)
+        if folder and report_worker_messages(folder, first=rank):
+            return code if code > 0 else 1
+        if code < 0:
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = f"signal {-code}"
+            hint = " (out of memory? lower --batch-size or --nproc)" if name == "SIGKILL" else ""
+            sys.stderr.write(f"error: training process rank {rank} (pid {failure.pid}) was killed by {name}{hint}\n")
+            return 128 - code
+        if code not in REPORTED:
+            sys.stderr.write(f"error: training process rank {rank} (pid {failure.pid}) failed with exit code {code}\n")
+        return code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
