@@ -87,6 +87,22 @@ def test_la_composited_on_white(tmp_path: Path) -> None:
     assert out[0, 2, 0] == out[0, 2, 1] == out[0, 2, 2]
 
 
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_png_colour_key_transparency_is_composited_like_alpha(tmp_path: Path, mode: str) -> None:
+    """optipng/oxipng store on/off alpha as a tRNS colour key in RGB or L PNGs: it must read as the RGBA original."""
+    px = np.array([[0, 200, 0, 90]], dtype=np.uint8)
+    a = np.where(px == 0, 0, 255).astype(np.uint8)
+    keyed = Image.fromarray(px if mode == "L" else np.repeat(px[..., None], 3, axis=2), mode=mode)
+    keyed.save(tmp_path / "keyed.png", transparency=0 if mode == "L" else (0, 0, 0))
+    Image.fromarray(np.dstack([np.repeat(px[..., None], 3, axis=2), a]), mode="RGBA").save(tmp_path / "rgba.png")
+    with Image.open(tmp_path / "keyed.png") as check:
+        assert check.mode == mode and "transparency" in check.info
+    out = decode_twice(tmp_path / "keyed.png")
+    np.testing.assert_array_equal(out, decode_twice(tmp_path / "rgba.png"))
+    np.testing.assert_array_equal(out[0, 0], [255, 255, 255])
+    np.testing.assert_array_equal(out[0, 1], [200, 200, 200])
+
+
 def test_16bit_png_keeps_the_top_8_bits(tmp_path: Path) -> None:
     v = np.array([[0x0000, 0x00FF, 0x0100, 0xABCD], [0x7FFF, 0x8000, 0xFF00, 0xFFFF]], dtype=np.uint16)
     Image.fromarray(v).save(tmp_path / "i16.png")
@@ -336,6 +352,36 @@ def test_shorter_side_then_centre_crop_by_hand() -> None:
     out = preprocess(_ramp(40, 20), PreprocessContract(10, 10, interpolation="nearest"))
     np.testing.assert_array_equal(out[0, :, 0], [2 * x + 1 for x in range(5, 15)])
     np.testing.assert_array_equal(out[:, 0, 1], [2 * y + 1 for y in range(10)])
+
+
+@pytest.mark.parametrize("shape", [(1, 200_000), (200_000, 1), (3, 50_000)])
+def test_a_strip_image_is_preprocessed_in_bounded_memory(tmp_path: Path, shape: tuple[int, int]) -> None:
+    """A few hundred bytes of PNG, 200000x1: resizing it whole to 224 high would take ~30 GB."""
+    import subprocess
+    import sys
+
+    Image.fromarray(np.full((*shape, 3), 128, np.uint8)).save(tmp_path / "strip.png")
+    code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30)); "
+            "from edgemap.runtime.preprocess import preprocess, PreprocessContract; "
+            "x = preprocess(sys.argv[1], PreprocessContract(224, 224)); print(x.shape, int(x.min()), int(x.max()))")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "strip.png")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["(224,", "224,", "3)", "128", "128"]
+
+
+def test_ordinary_images_are_resized_whole_then_cropped() -> None:
+    """The window-only resize of strips must not change any ordinary image (trained runs keep their inputs)."""
+    rng = np.random.default_rng(0)
+    for h, w in ((37, 300), (500, 61), (224, 224), (20, 9)):
+        src = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        for interp in ("nearest", "bilinear", "bicubic", "lanczos"):
+            c = PreprocessContract(32, 32, crop_pct=0.875, interpolation=interp)
+            scale = max(32 / h, 32 / w) / 0.875
+            nw, nh = max(32, round(w * scale)), max(32, round(h * scale))
+            whole = np.asarray(Image.fromarray(src).resize((nw, nh), resample=getattr(Image.Resampling, interp.upper()),
+                                                           reducing_gap=None))
+            left, top = (nw - 32) // 2, (nh - 32) // 2
+            np.testing.assert_array_equal(preprocess(src, c), whole[top:top + 32, left:left + 32])
 
 
 def test_stretch_by_hand() -> None:

@@ -136,13 +136,14 @@ def open_image(source: str | Path | bytes, max_pixels: int | None = DEFAULT_MAX_
 def to_rgb(im: Image.Image, name: str = "<image>") -> Image.Image:
     """Deterministic conversion of any Pillow mode to 8-bit RGB.
 
-    Alpha is composited over white; 16/32-bit integer images keep their top 8 bits
+    Alpha (and a PNG's transparent colour key, in any mode) is composited over white; 16/32-bit integer images keep their top 8 bits
     (``v >> 8``); float images are clipped to 0–255; CMYK/YCbCr/LAB use Pillow's converters.
     """
     mode = im.mode
-    if mode == "RGB":
+    keyed = mode in ("P", "RGB", "L") and "transparency" in im.info  # a PNG tRNS colour key (optipng makes these)
+    if mode == "RGB" and not keyed:
         return im.copy() if im.readonly else im
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in im.info):
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or keyed:
         rgba = im.convert("RGBA")
         bg = Image.new("RGBA", rgba.size, _WHITE + (255,))
         return Image.alpha_composite(bg, rgba).convert("RGB")
@@ -158,6 +159,10 @@ def to_rgb(im: Image.Image, name: str = "<image>") -> Image.Image:
     raise ImageError(f"{name}: unsupported image mode {mode!r}")
 
 
+#: Above this many times the output's pixels, resize_crop resizes only the kept window (memory bound).
+_WHOLE_RESIZE_FACTOR = 16
+
+
 def resize_crop(im: Image.Image, contract: PreprocessContract) -> np.ndarray:
     """Resize/crop an RGB image by the contract's rule; returns uint8 (H, W, 3)."""
     resample = _RESAMPLE[contract.interpolation]
@@ -168,9 +173,16 @@ def resize_crop(im: Image.Image, contract: PreprocessContract) -> np.ndarray:
         w, h = im.size
         scale = max(H / h, W / w) / contract.crop_pct
         nw, nh = max(W, round(w * scale)), max(H, round(h * scale))
-        out = im.resize((nw, nh), resample=resample, reducing_gap=None) if (nw, nh) != (w, h) else im
         left, top = (nw - W) // 2, (nh - H) // 2
-        out = out.crop((left, top, left + W, top + H))
+        if nw * nh > _WHOLE_RESIZE_FACTOR * W * H:
+            # a strip (e.g. 20000x1): resizing it whole would take gigabytes; resize only the window that
+            # is kept (the same rule; values may differ from a whole resize by rounding, on every path alike)
+            sx, sy = w / nw, h / nh
+            box = (left * sx, top * sy, (left + W) * sx, (top + H) * sy)
+            out = im.resize((W, H), resample=resample, box=box, reducing_gap=None)
+        else:
+            out = im.resize((nw, nh), resample=resample, reducing_gap=None) if (nw, nh) != (w, h) else im
+            out = out.crop((left, top, left + W, top + H))
     arr = np.asarray(out, dtype=np.uint8)
     return np.ascontiguousarray(arr)
 
