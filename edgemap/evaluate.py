@@ -184,7 +184,9 @@ def _row_error(runtime: str, precision: str, e: Exception) -> EvalRow:
 
 
 def _combos(runtimes: tuple[str, ...], precisions: tuple[str, ...]) -> list[tuple[str, str]]:
-    """Reference first, then the asked order; every pair once."""
+    """Reference first, then the asked order; every pair once. Unknown names are refused here, before anything runs."""
+    from edgemap.runtime.sessions import parse_runtime
+
     if not runtimes:
         raise RuntimeUnavailableError("--runtime is empty; name at least one of " + ", ".join(ALL_RUNTIMES))
     for p in precisions:
@@ -192,8 +194,31 @@ def _combos(runtimes: tuple[str, ...], precisions: tuple[str, ...]) -> list[tupl
             raise RuntimeUnavailableError(f"--precision {p!r} is unknown; use fp32 and/or int8")
     if not precisions:
         raise RuntimeUnavailableError("--precision is empty; use fp32 and/or int8")
-    rts = sorted(dict.fromkeys(r.strip() for r in runtimes), key=lambda r: r != REFERENCE)
-    return [(r, p) for r in rts for p in dict.fromkeys(precisions) if not (r == REFERENCE and p != "fp32")]
+    names = []
+    for r in runtimes:
+        name, colon, device = r.strip().partition(":")
+        if name.lower() != REFERENCE or colon:
+            try:
+                parse_runtime(r)
+            except RuntimeUnavailableError:
+                raise RuntimeUnavailableError(
+                    f"--runtime {r.strip()!r} is unknown; choose from {', '.join(ALL_RUNTIMES)} (openvino:DEVICE for "
+                    "another OpenVINO device, e.g. openvino:GPU)") from None
+        names.append(name.lower() + colon + device)
+    rts = sorted(dict.fromkeys(names), key=lambda r: r != REFERENCE)
+    combos = [(r, p) for r in rts for p in dict.fromkeys(precisions) if not (r == REFERENCE and p != "fp32")]
+    if not combos:
+        raise RuntimeUnavailableError(f"nothing to run: {REFERENCE} is the fp32 reference (it has no int8 model); "
+                                      "add --precision fp32 or another --runtime")
+    return combos
+
+
+def nothing_ran(statuses: list[str], what: str) -> str | None:
+    """The error for a command none of whose rows ran (its earlier results are kept), else None."""
+    if statuses and "ok" not in statuses:
+        return (f"no runtime ran ({', '.join(sorted(set(statuses)))}; see the table): the {what} results stored "
+                "earlier in edgemap.json are kept")
+    return None
 
 
 def _within(precision: str, n: int, agreement: float, acc: float, ref_acc: float) -> bool:
@@ -270,7 +295,7 @@ def evaluate_arrays(
                 "--strict: " + "; ".join(f"{r.runtime}/{r.precision} {r.status}: {r.reason}" for r in bad)
             )
     result = EvalResult(rows=rows, classes=classes, data=data, n=int(len(images)))
-    if opts.save:
+    if opts.save and not nothing_ran([r.status for r in rows], "eval"):
         run.data.setdefault("metrics", {})["eval"] = {"updated": now_iso(), **result.to_dict()}
         run.save()
     return result

@@ -98,6 +98,14 @@ def test_cli_table_and_json(trained_run, tmp_path) -> None:  # noqa: ANN001, F81
     data = json.loads(out.read_text(encoding="utf-8"))
     assert isinstance(data, list) and len(data) == 8 and all(BENCH_KEYS <= set(x) for x in data)
     assert {x["batch"] for x in data} == {1, 3}
+    r = CliRunner().invoke(app, ["bench", str(run.path), "--runtime", "cpu,openvino", "--batch", "1", "--warmup", "1",
+                                 "--iters", "3"], env={"COLUMNS": "80"})
+    assert r.exit_code == 0 and "…" not in r.output and max(map(len, r.output.splitlines())) <= 80, r.output
+    assert all(len(line.split()) > 5 for line in r.output.splitlines() if line.strip().startswith(("cpu ", "openvino "))), r.output
+    stored = RunDir.load(run.path).data["metrics"]["bench"]
+    r = CliRunner().invoke(app, ["bench", str(run.path), "--runtime", "cuda", "--iters", "3"])
+    assert r.exit_code == 2 and "no runtime ran" in r.output and "next:" not in r.output, r.output
+    assert RunDir.load(run.path).data["metrics"]["bench"] == stored  # nothing ran: the earlier results are kept
     r = CliRunner().invoke(app, ["bench", str(run.path), "--batch", "one"])
     assert r.exit_code != 0 and "--batch" in r.output
     r = CliRunner().invoke(app, ["bench", str(run.path), "--iters", "3", "--seconds", "1"])

@@ -126,8 +126,12 @@ def test_bad_options_and_inputs(trained_run) -> None:  # noqa: F811
         evaluate_arrays(run, x, np.zeros(2), EvalOptions(precisions=("fp16",), save=False))
     with pytest.raises(DatasetError, match="uint8"):
         evaluate_arrays(run, x.astype(np.float32), np.zeros(2), EvalOptions(save=False))
-    bogus = evaluate_arrays(run, x, np.zeros(2, np.int64), EvalOptions(runtimes=("nosuch",), save=False))
-    assert bogus.rows[0].status == "unavailable" and "unknown runtime" in bogus.rows[0].reason
+    for bad, why in ((("nosuch",), "'nosuch' is unknown; choose from torch, cpu"), (("cpu", "gpu"), "'gpu' is unknown"),
+                     (("torch",), "nothing to run: torch is the fp32 reference")):
+        with pytest.raises(RuntimeUnavailableError, match=why):  # before anything runs
+            evaluate_arrays(run, x, np.zeros(2, np.int64), EvalOptions(runtimes=bad, precisions=("int8",), save=False))
+    cased = evaluate_arrays(run, x, np.zeros(2, np.int64), EvalOptions(runtimes=("TORCH", "CPU"), precisions=("fp32",), save=False))
+    assert [(r.runtime, r.status) for r in cased.rows] == [("torch", "ok"), ("cpu", "ok")]
 
 
 def test_cli_table_json_and_exit_codes(trained_run, tmp_path) -> None:  # noqa: ANN001, F811
@@ -144,8 +148,27 @@ def test_cli_table_json_and_exit_codes(trained_run, tmp_path) -> None:  # noqa: 
     assert [x["runtime"] for x in rows] == ["torch", "cpu", "cuda"] and all(EVAL_KEYS <= set(x) for x in rows)
     r = CliRunner().invoke(app, ["eval", str(run.path), "--runtime", "cuda", "--strict"])
     assert r.exit_code != 0 and "unavailable" in r.output
+    stored = RunDir.load(run.path).data["metrics"]["eval"]
+    r = CliRunner().invoke(app, ["eval", str(run.path), "--runtime", "cuda", "--precision", "fp32"])
+    assert r.exit_code == 2 and "no runtime ran" in r.output and "next:" not in r.output, r.output
+    assert RunDir.load(run.path).data["metrics"]["eval"] == stored  # a run where nothing ran keeps the results
     r = CliRunner().invoke(app, ["eval", str(run.path / "nope")])
     assert r.exit_code != 0 and "no such run directory" in r.output
+
+
+def test_cli_table_keeps_numbers_whole_at_80_columns(trained_run) -> None:  # noqa: F811
+    """Piped output (CI logs, | cat) is 80 columns wide: numbers and names must not be cut to '90.…'."""
+    from edgemap.cli import app
+
+    run, _ = trained_run
+    r = CliRunner().invoke(app, ["eval", str(run.path), "--runtime", "torch,cpu,cuda,openvino", "--precision", "fp32,int8"],
+                           env={"COLUMNS": "80"})
+    assert r.exit_code == 0, r.output
+    assert "…" not in r.output and max(len(line) for line in r.output.splitlines()) <= 80, r.output
+    rows = {tuple(line.split()[:2]): line.split() for line in r.output.splitlines() if line.strip().startswith(("cpu", "torch"))}
+    acc = f"{100 * RunDir.load(run.path).data['metrics']['eval']['rows'][0]['accuracy']:.2f}"
+    assert rows[("torch", "fp32")][2] == acc and rows[("cpu", "int8")][2].replace(".", "").isdigit(), r.output
+    assert "[1] cuda fp32 unavailable: CUDAExecutionProvider missing" in r.output.replace("\n", " "), r.output
 
 
 def test_exact_makes_openvino_compute_f32(trained_run) -> None:  # noqa: F811

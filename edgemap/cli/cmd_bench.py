@@ -5,11 +5,23 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from rich.console import Group
 from rich.markup import escape
-from rich.table import Table
+from rich.text import Text
 
 from edgemap.cli.cmd_eval import RUNTIME_HELP
-from edgemap.cli.common import JsonOpt, RunDirArg, console, handle_errors, next_step, split_csv, write_json_out
+from edgemap.cli.common import (
+    JsonOpt,
+    RunDirArg,
+    console,
+    handle_errors,
+    next_step,
+    result_table,
+    row_notes,
+    short_provider,
+    split_csv,
+    write_json_out,
+)
 from edgemap.errors import EdgemapError
 
 
@@ -20,23 +32,26 @@ def _ints(value: str, option: str) -> tuple[int, ...]:
         raise EdgemapError(f"{option} takes comma-separated integers, got {value!r}") from e
 
 
-def render(rows) -> Table:  # noqa: ANN001 - list[BenchRow], imported lazily
-    table = Table(title=f"edgemap bench ({rows[0].threads if rows else '?'} threads)")
-    for col in ("runtime", "precision", "batch", "p50 ms", "p90 ms", "p99 ms", "img/s", "load ms", "mem MB",
-                "model MB", "ran on", "computes in"):
-        table.add_column(col, justify="left" if col in ("runtime", "precision", "ran on", "computes in") else "right")
+def render(rows) -> Group:  # noqa: ANN001 - list[BenchRow], imported lazily
+    """Latency table (milliseconds), one line per runtime × precision × batch, and why rows did not run."""
+    table = result_table(f"edgemap bench ({rows[0].threads if rows else '?'} threads; ms)",
+                         ["runtime", "prec", "b", "p50", "p90", "p99", "img/s", "load", "MB", "ran on"],
+                         text=("runtime", "prec"))
+    notes: list[tuple[str, str, str]] = []
     for r in rows:
         if r.status != "ok":
+            notes.append((f"{r.runtime} {r.precision} batch {r.batch}", r.status, r.reason))
             colour = "yellow" if r.status == "unavailable" else "red"
-            table.add_row(r.runtime, r.precision, str(r.batch), "", "", "", "", "", "", "",
-                          f"[{colour}]{r.status}: {escape(r.reason)}[/]", "")
+            table.add_row(r.runtime, r.precision, str(r.batch), "", "", "", "", "", "",
+                          f"[{colour}]{r.status} \\[{len(notes)}][/]")
             continue
         table.add_row(
-            r.runtime, r.precision, str(r.batch), f"{r.p50_ms:.3f}", f"{r.p90_ms:.3f}", f"{r.p99_ms:.3f}",
-            f"{r.throughput:.1f}", f"{r.load_ms:.0f}", f"{r.mem_mb:.1f}", f"{r.model_bytes / 1e6:.2f}",
-            f"{r.provider} ({r.mode})", r.inference_precision,
+            r.runtime, r.precision, str(r.batch), f"{r.p50_ms:.3g}", f"{r.p90_ms:.3g}", f"{r.p99_ms:.3g}",
+            f"{r.throughput:.0f}", f"{r.load_ms:.0f}", f"{r.mem_mb:.0f}",
+            escape(f"{short_provider(r.provider)} {r.inference_precision}, {r.mode.replace(', static shape', '').replace('async x', 'async×')}"),
         )
-    return table
+    return Group(table, Text("b: batch; load: session load ms; MB: memory growth; ran on: provider, computed in, mode",
+                             style="dim"), row_notes(notes))
 
 
 def register(app: typer.Typer) -> None:
@@ -57,6 +72,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """p50/p90/p99 latency, throughput, load time, memory and the provider that really ran."""
         from edgemap.bench import BenchOptions, bench
+        from edgemap.evaluate import nothing_ran
+        from edgemap.runtime.errors import RuntimeUnavailableError
 
         given = {"threads": threads, "warmup": warmup, "iters": iters, "seconds": seconds}
         opts = BenchOptions(
@@ -66,8 +83,12 @@ def register(app: typer.Typer) -> None:
         with console.status("benchmarking…") as status:
             rows = bench(run_dir, opts, progress=lambda msg: status.update(escape(msg) + "…"))
         write_json_out(json_out, [r.to_dict() for r in rows])
+        failed = nothing_ran([r.status for r in rows], "bench")
+        if json_out is None or str(json_out) != "-":
+            console.print(render(rows))
+        if failed:
+            raise RuntimeUnavailableError(failed)
         if json_out is not None and str(json_out) == "-":
             return
-        console.print(render(rows))
         console.print("stored in edgemap.json → metrics.bench")
         next_step(f'edgemap package "{run_dir}"')

@@ -3,13 +3,26 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from rich.console import Group
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
-from edgemap.cli.common import JsonOpt, RunDirArg, console, handle_errors, next_step, split_csv, write_json_out
+from edgemap.cli.common import (
+    JsonOpt,
+    RunDirArg,
+    console,
+    handle_errors,
+    next_step,
+    result_table,
+    row_notes,
+    short_provider,
+    split_csv,
+    write_json_out,
+)
 
 RUNTIME_HELP = "Runtimes, comma-separated: torch (PyTorch fp32 reference), cpu, cuda, tensorrt, openvino[:DEVICE]."
 
@@ -18,26 +31,29 @@ def _pct(v: float | None) -> str:
     return "" if v is None else f"{100 * v:.2f}"
 
 
-def render(result) -> Table:  # noqa: ANN001 - EvalResult, imported lazily
-    """The summary table: one line per runtime × precision."""
-    table = Table(title=f"edgemap eval: {result.data}")
-    for col in ("runtime", "precision", "n", "acc %", "top5 %", "macro P", "macro R", "macro F1", "agree %",
-                "max |Δ|", "ran on"):
-        table.add_column(col, justify="right" if col not in ("runtime", "precision", "ran on") else "left")
+def render(result) -> Group:  # noqa: ANN001 - EvalResult, imported lazily
+    """The summary table, one line per runtime × precision, and the reasons of rows that did not run."""
+    table = result_table(f"edgemap eval: {result.data}",
+                         ["runtime", "prec", "acc %", "top5 %", "F1", "agree %", "max |Δ|", "ran on"],
+                         text=("runtime", "prec"))
+    notes: list[tuple[str, str, str]] = []
     for r in result.rows:
         if r.status != "ok":
+            notes.append((f"{r.runtime} {r.precision}", r.status, r.reason))
             colour = "yellow" if r.status == "unavailable" else "red"
-            table.add_row(r.runtime, r.precision, "", "", "", "", "", "", "", "", f"[{colour}]{r.status}: {escape(r.reason)}[/]")
+            table.add_row(r.runtime, r.precision, "", "", "", "", "", f"[{colour}]{r.status} \\[{len(notes)}][/]")
             continue
         agree = _pct(r.agreement)
         if r.within_tolerance is False:
-            agree = f"[red]{agree} (outside tolerance)[/]"
+            agree = f"[red]{agree} ✗[/]"
         table.add_row(
-            r.runtime, r.precision, str(r.n), _pct(r.accuracy), _pct(r.top5),
-            f"{r.macro_precision:.3f}", f"{r.macro_recall:.3f}", f"{r.macro_f1:.3f}", agree,
-            "" if r.max_abs_diff is None else f"{r.max_abs_diff:.3g}", r.provider,
+            r.runtime, r.precision, _pct(r.accuracy), _pct(r.top5), f"{r.macro_f1:.3f}", agree,
+            "" if r.max_abs_diff is None else f"{r.max_abs_diff:.2g}", escape(short_provider(r.provider)),
         )
-    return table
+    parts: list[Any] = [table, row_notes(notes)]
+    if any(r.within_tolerance is False for r in result.rows):
+        parts.append(Text("✗ outside the agreement tolerance (README: eval tolerances)", style="red"))
+    return Group(*parts)
 
 
 def render_details(row, classes: list[str]) -> list[Table]:  # noqa: ANN001
@@ -72,15 +88,21 @@ def register(app: typer.Typer) -> None:
         json_out: JsonOpt = None,
     ) -> None:
         """Accuracy, top-5, macro P/R/F1 and agreement with PyTorch for each runtime × precision."""
-        from edgemap.evaluate import EvalOptions, evaluate
+        from edgemap.evaluate import EvalOptions, evaluate, nothing_ran
+        from edgemap.runtime.errors import RuntimeUnavailableError
 
         opts = EvalOptions(data=data, runtimes=tuple(split_csv(runtime)), precisions=tuple(split_csv(precision)),
                            strict=strict, exact=False if bf16 else None, max_pixels=max_pixels, skip_bad=skip_bad)
         result = evaluate(run_dir, opts)
         write_json_out(json_out, [r.to_dict() for r in result.rows])
+        failed = nothing_ran([r.status for r in result.rows], "eval")
         if json_out is not None and str(json_out) == "-":
+            if failed:
+                raise RuntimeUnavailableError(failed)
             return
         console.print(render(result))
+        if failed:
+            raise RuntimeUnavailableError(failed)
         if details:
             for r in result.rows:
                 if r.status == "ok":

@@ -141,3 +141,46 @@ def write_json_out(target: Path | None, obj: Any) -> None:
         atomic_write_json(target, obj)
     except OSError as e:
         raise EdgemapError(f"--json {target}: cannot write it ({e.strerror or e})") from e
+
+
+def result_table(title: str, columns: list[str], wide: tuple[str, ...] = ("ran on",), text: tuple[str, ...] = ()) -> Any:
+    """A results table that stays readable at 80 columns and in pipes (rich's width there is 80).
+
+    Numbers and names never wrap or get cut ("90.…"); only the ``wide`` columns (free text such as
+    the provider) fold. Reasons of rows that did not run go below the table (:func:`row_notes`).
+    """
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, title_justify="left")
+    for col in columns:
+        if col in wide:
+            table.add_column(col, overflow="fold", min_width=12, ratio=1)
+        else:
+            table.add_column(col, no_wrap=True, justify="left" if col in text else "right")
+    return table
+
+
+def row_notes(notes: list[tuple[str, str, str]]) -> Any:
+    """Lines under a results table: ``[n] runtime precision status: reason`` for the rows that did not run."""
+    from rich.console import Group
+    from rich.text import Text
+
+    lines = []
+    for i, (label, status, reason) in enumerate(notes, 1):
+        line = Text(f"[{i}] {label} {status}: ", style="yellow" if status == "unavailable" else "red")
+        line.append(reason if all(n[2] != reason for n in notes[: i - 1]) else "the same", style="default")
+        lines.append(line)
+    return Group(*lines)
+
+
+def short_provider(provider: str) -> str:
+    """``CPUExecutionProvider`` → ``ORT CPU`` for tables (JSON and edgemap.json keep the full name)."""
+    out = []
+    for part in provider.split(", "):
+        if part.endswith("ExecutionProvider"):
+            part = "ORT " + part[: -len("ExecutionProvider")]
+        if part.startswith("torch ") and " eager:" in part:  # "torch 2.13.0 eager:CPU" → "torch CPU"
+            part = "torch " + part.split(" eager:", 1)[1]
+        out.append(part.replace("OpenVINO:", "OV "))
+    return ", ".join(out)
