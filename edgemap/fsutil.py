@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import secrets
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -119,6 +121,33 @@ class FolderBusy(Exception):
         self.folder, self.holder = folder, holder
 
 
+class FolderNotWritable(Exception):
+    """The folder's lock file cannot be created: the folder is read-only for this process; ``why`` says how."""
+
+    def __init__(self, folder: Path, why: str):
+        super().__init__(f"{folder}: cannot write in this folder ({why})")
+        self.folder, self.why = folder, why
+
+
+#: errno values meaning "this process may not write here" (not a bug, not a missing file)
+NOT_WRITABLE = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
+
+
+def not_writable(folder: str | Path) -> str | None:
+    """Why this process cannot create files in ``folder`` ("Permission denied", "Read-only file system"), else None.
+
+    Tried for real (a temporary file), since permission bits do not tell: root ignores them,
+    a read-only mount or a dropped capability does not.
+    """
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return None
+    except OSError as e:
+        if e.errno in NOT_WRITABLE:
+            return e.strerror or str(e)
+        return None  # a missing folder and the like: the command reports that itself
+
+
 _held: dict[Path, list[Any]] = {}  # folder -> [open lock file, depth]: re-entrant within a process
 
 
@@ -147,7 +176,12 @@ def folder_lock(folder: str | Path, what: str) -> Iterator[None]:
     except ImportError:  # pragma: no cover - Windows: no advisory locks here
         yield
         return
-    f = open(folder / LOCK_NAME, "a+", encoding="utf-8")  # noqa: SIM115 - kept open while held
+    try:
+        f = open(folder / LOCK_NAME, "a+", encoding="utf-8")  # noqa: SIM115 - kept open while held
+    except OSError as e:
+        if e.errno in NOT_WRITABLE:
+            raise FolderNotWritable(folder, e.strerror or str(e)) from None
+        raise
     try:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -881,11 +881,12 @@ def report(run_dir: str | Path | RunDir, opts: ReportOptions | None = None) -> R
     opts = opts or ReportOptions()
     opts.validate()
     run = run_dir if isinstance(run_dir, RunDir) else RunDir.load(run_dir)
-    out_dir = run.path / REPORT_DIR
-    out_dir.mkdir(parents=True, exist_ok=True)
-    html_path = Path(opts.out) if opts.out is not None else out_dir / REPORT_FILE
+    html_path = Path(opts.out) if opts.out is not None else run.path / REPORT_DIR / REPORT_FILE
     if html_path.is_dir():
         raise ManifestError(f"--out {html_path} is a folder; give a file name such as {html_path / REPORT_FILE}")
+    # the plots as PNG files too: RUN_DIR/report/, or beside --out (NAME_files/), never in a run given --out elsewhere
+    out_dir = run.path / REPORT_DIR if opts.out is None else html_path.parent / f"{html_path.stem}_files"
+    out_dir.mkdir(parents=True, exist_ok=True)
     b = _Builder(run, opts, out_dir)
     b.predict()
     body = [

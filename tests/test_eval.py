@@ -243,3 +243,53 @@ def test_eval_data_is_any_labelled_folder_not_a_training_layout(trained_run, tmp
     (empties / "red").mkdir(parents=True)
     with pytest.raises(DatasetError, match="no images"):
         evaluate(run, EvalOptions(data=empties, **opts))
+
+
+def _as_unprivileged() -> list[str]:
+    """A command prefix under which permission bits apply (root ignores them); empty when not root."""
+    import os
+
+    if os.geteuid() != 0:
+        return []
+    if not shutil.which("setpriv"):
+        pytest.skip("running as root without setpriv: permission bits cannot be tested")
+    caps = "-dac_override,-dac_read_search,-fowner"
+    return ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}", "--"]
+
+
+def test_a_read_only_run_directory_is_one_line_or_works_without_storing(trained_run, tmp_path) -> None:  # noqa: ANN001, F811
+    """A shared/mounted read-only run: eval and bench still measure (not stored); writers say what to do."""
+    import os
+    import stat
+    import subprocess
+    import sys
+
+    run, _ = trained_run
+    ro = tmp_path / "ro run"
+    shutil.copytree(run.path, ro, ignore=shutil.ignore_patterns("report", "dist"))
+    before = (ro / "edgemap.json").read_bytes()
+    for p in [ro, *ro.rglob("*")]:
+        p.chmod(p.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+    env = {**os.environ, "COLUMNS": "120"}
+
+    def edgemap(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*_as_unprivileged(), sys.executable, "-m", "edgemap", *args], capture_output=True,
+                              text=True, env=env, timeout=300)
+
+    try:
+        r = edgemap("eval", str(ro), "--runtime", "cpu", "--precision", "fp32")
+        assert r.returncode == 0 and "not stored: the run directory is not writable" in r.stdout, r.stdout + r.stderr
+        r = edgemap("bench", str(ro), "--runtime", "cpu", "--precision", "fp32", "--iters", "3", "--warmup", "1")
+        assert r.returncode == 0 and "not stored" in r.stdout, r.stdout + r.stderr
+        r = edgemap("export", str(ro))
+        assert r.returncode == 2 and "cannot write in this run directory" in r.stderr and "chmod -R u+w" in r.stderr, r.stderr
+        r = edgemap("package", str(ro), "--precision", "fp32")
+        assert r.returncode == 74 and f"{ro / 'dist'}: Permission denied" in r.stderr, r.stderr
+        for res in (r,):
+            assert "Traceback" not in res.stderr and res.stderr.count("\n") <= 3, res.stderr
+        r = edgemap("report", str(ro), "--out", str(tmp_path / "elsewhere" / "r.html"), "--no-predict")
+        assert r.returncode == 0 and (tmp_path / "elsewhere" / "r_files").is_dir(), r.stdout + r.stderr
+        assert (ro / "edgemap.json").read_bytes() == before and not (ro / "report").exists()
+    finally:
+        for p in [ro, *ro.rglob("*")]:
+            p.chmod(p.stat().st_mode | stat.S_IWUSR)

@@ -73,12 +73,15 @@ def register(app: typer.Typer) -> None:
         """p50/p90/p99 latency, throughput, load time, memory and the provider that really ran."""
         from edgemap.bench import BenchOptions, bench
         from edgemap.evaluate import nothing_ran
+        from edgemap.fsutil import not_writable
         from edgemap.runtime.errors import RuntimeUnavailableError
 
+        read_only = not_writable(run_dir) if run_dir.is_dir() else None
         given = {"threads": threads, "warmup": warmup, "iters": iters, "seconds": seconds}
         opts = BenchOptions(
             runtimes=tuple(split_csv(runtime)), precisions=tuple(split_csv(precision)),
-            batches=_ints(batch, "--batch"), strict=strict, exact=False if bf16 else None, **{k: v for k, v in given.items() if v is not None},
+            batches=_ints(batch, "--batch"), strict=strict, exact=False if bf16 else None, save=read_only is None,
+            **{k: v for k, v in given.items() if v is not None},
         )
         with console.status("benchmarking…") as status:
             rows = bench(run_dir, opts, progress=lambda msg: status.update(escape(msg) + "…"))
@@ -89,6 +92,9 @@ def register(app: typer.Typer) -> None:
         if failed:
             raise RuntimeUnavailableError(failed)
         if json_out is not None and str(json_out) == "-":
+            return
+        if read_only:
+            console.print(f"[yellow]not stored[/]: the run directory is not writable ({escape(read_only)})")
             return
         console.print("stored in edgemap.json → metrics.bench")
         next_step(f'edgemap package "{run_dir}"')

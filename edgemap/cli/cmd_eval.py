@@ -89,10 +89,13 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Accuracy, top-5, macro P/R/F1 and agreement with PyTorch for each runtime × precision."""
         from edgemap.evaluate import EvalOptions, evaluate, nothing_ran
+        from edgemap.fsutil import not_writable
         from edgemap.runtime.errors import RuntimeUnavailableError
 
+        read_only = not_writable(run_dir) if run_dir.is_dir() else None
         opts = EvalOptions(data=data, runtimes=tuple(split_csv(runtime)), precisions=tuple(split_csv(precision)),
-                           strict=strict, exact=False if bf16 else None, max_pixels=max_pixels, skip_bad=skip_bad)
+                           strict=strict, exact=False if bf16 else None, max_pixels=max_pixels, skip_bad=skip_bad,
+                           save=read_only is None)
         result = evaluate(run_dir, opts)
         write_json_out(json_out, [r.to_dict() for r in result.rows])
         failed = nothing_ran([r.status for r in result.rows], "eval")
@@ -111,5 +114,8 @@ def register(app: typer.Typer) -> None:
         if any(r.within_tolerance is False and "bf16" in r.provider for r in result.rows):
             console.print("[yellow]OpenVINO computed in bf16 (--bf16) and left the tolerance; "
                           "without --bf16 it computes in f32, as the packaged wheel does.[/]")
+        if read_only:
+            console.print(f"[yellow]not stored[/]: the run directory is not writable ({escape(read_only)})")
+            return
         console.print("stored in edgemap.json → metrics.eval (per-class rows and confusion matrices included)")
         next_step(f'edgemap bench "{run_dir}"')

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import os
 import signal
@@ -28,6 +29,16 @@ DataArg = Annotated[Path, typer.Argument(help="Dataset folder: DATA/train/<class
 JsonOpt = Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON to this file ('-' for stdout).")]
 
 
+#: OSErrors that are the machine's state, not a bug: one line with the fix, exit 74 (EX_IOERR).
+_ENVIRONMENT_ERRNOS = {
+    errno.EACCES: "make it writable (chmod u+w) or choose another folder (--out)",
+    errno.EPERM: "make it writable (chmod u+w) or choose another folder (--out)",
+    errno.EROFS: "the file system is read-only: choose a folder elsewhere (--out) or work on a copy",
+    errno.ENOSPC: "the disk is full: free some space and run the command again (earlier files are untouched)",
+    errno.EDQUOT: "the disk quota is exhausted: free some space and run the command again",
+}
+
+
 def handle_errors(fn: F) -> F:
     """Turn EdgemapError into one red line and a non-zero exit (EDGEMAP_DEBUG=1: traceback)."""
 
@@ -43,6 +54,13 @@ def handle_errors(fn: F) -> F:
             raise typer.Exit(code=e.exit_code) from None
         except KeyboardInterrupt as e:
             _interrupted(e)
+        except OSError as e:
+            if e.errno not in _ENVIRONMENT_ERRNOS or os.environ.get("EDGEMAP_DEBUG"):
+                raise
+            name = str(e.filename or "")
+            where = f"{Path(name).parent if '.edgemap-tmp' in name else name}: " if name else ""  # the folder, not our temp
+            _say("error", f"{where}{e.strerror or e}; {_ENVIRONMENT_ERRNOS[e.errno]}")
+            raise typer.Exit(code=74) from None  # EX_IOERR
         except Exception as e:
             # A signal inside a C extension's import (onnxruntime turns it into "ImportError:
             # initialization failed") is still an interrupt, not a crash.
