@@ -177,6 +177,8 @@ def test_exact_makes_openvino_compute_f32(trained_run) -> None:  # noqa: F811
     res = evaluate_arrays(run, x, y, EvalOptions(runtimes=("openvino",), precisions=("fp32",), exact=True, save=False))
     row = res.rows[0]
     assert row.provider == "OpenVINO:CPU (f32)" and row.agreement == 1.0 and row.max_abs_diff < 1e-3
+    auto = evaluate_arrays(run, x, y, EvalOptions(runtimes=("openvino:AUTO",), precisions=("fp32",), save=False)).rows[0]
+    assert "(f32)" in auto.provider and auto.max_abs_diff < 1e-3, auto  # AUTO hands f32 (and --threads) to the CPU
 
 
 def test_image_size_limit_is_the_runs_unless_given(trained_run, tmp_path) -> None:  # noqa: ANN001, F811

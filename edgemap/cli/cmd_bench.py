@@ -33,25 +33,28 @@ def _ints(value: str, option: str) -> tuple[int, ...]:
 
 
 def render(rows) -> Group:  # noqa: ANN001 - list[BenchRow], imported lazily
-    """Latency table (milliseconds), one line per runtime × precision × batch, and why rows did not run."""
+    """Latency table (ms), one line per runtime × precision × batch; below it what ran and why rows did not."""
     table = result_table(f"edgemap bench ({rows[0].threads if rows else '?'} threads; ms)",
-                         ["runtime", "prec", "b", "p50", "p90", "p99", "img/s", "load", "MB", "ran on"],
-                         text=("runtime", "prec"))
+                         ["runtime", "prec", "b", "p50", "p90", "p99", "img/s", "load", "MB", "mode"], wide=(),
+                         text=("runtime", "prec", "mode"))
     notes: list[tuple[str, str, str]] = []
+    ran_on: dict[str, str] = {}
     for r in rows:
         if r.status != "ok":
             notes.append((f"{r.runtime} {r.precision} batch {r.batch}", r.status, r.reason))
             colour = "yellow" if r.status == "unavailable" else "red"
-            table.add_row(r.runtime, r.precision, str(r.batch), "", "", "", "", "", "",
-                          f"[{colour}]{r.status} \\[{len(notes)}][/]")
+            short = "n/a" if r.status == "unavailable" else r.status
+            table.add_row(r.runtime, r.precision, str(r.batch), "", "", "", "", "", "", f"[{colour}]{short} \\[{len(notes)}][/]")
             continue
+        ran_on.setdefault(f"{r.runtime} {r.precision}", f"{short_provider(r.provider)}, computed in {r.inference_precision}")
         table.add_row(
             r.runtime, r.precision, str(r.batch), f"{r.p50_ms:.3g}", f"{r.p90_ms:.3g}", f"{r.p99_ms:.3g}",
             f"{r.throughput:.0f}", f"{r.load_ms:.0f}", f"{r.mem_mb:.0f}",
-            escape(f"{short_provider(r.provider)} {r.inference_precision}, {r.mode.replace(', static shape', '').replace('async x', 'async×')}"),
+            escape(r.mode.replace(", static shape", "").replace("async x", "async×")),
         )
-    return Group(table, Text("b: batch; load: session load ms; MB: memory growth; ran on: provider, computed in, mode",
-                             style="dim"), row_notes(notes))
+    legend = Text("b: batch; load: session load ms; MB: memory growth", style="dim")
+    lines = [Text(f"ran on: {k} → {v}") for k, v in ran_on.items()]
+    return Group(table, legend, *lines, row_notes(notes))
 
 
 def register(app: typer.Typer) -> None:

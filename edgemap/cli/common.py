@@ -170,7 +170,7 @@ def result_table(title: str, columns: list[str], wide: tuple[str, ...] = ("ran o
     from rich import box
     from rich.table import Table
 
-    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, title_justify="left")
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True, title_justify="left")
     for col in columns:
         if col in wide:
             table.add_column(col, overflow="fold", min_width=12, ratio=1)

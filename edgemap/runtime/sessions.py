@@ -31,8 +31,8 @@ import numpy as np
 from edgemap.runtime.errors import ProviderFallbackError, RuntimeUnavailableError
 
 CUDA_INSTALL_HINT = (
-    "pip uninstall -y onnxruntime && pip install 'edgemap[cuda]' "
-    "(onnxruntime-gpu replaces onnxruntime; never install both)"
+    "pip uninstall -y onnxruntime && pip install onnxruntime-gpu (it replaces onnxruntime; never install both; "
+    "where edgemap itself is installed: pip install 'edgemap[cuda]')"
 )
 
 
@@ -336,10 +336,13 @@ _CORE: Any = None
 def _load_openvino(path: Path, device: str, threads: int, opts: SessionOptions) -> Session:
     core = _ov_core()
     config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY" if opts.hint == "latency" else "THROUGHPUT"}
+    cpu: dict[str, Any] = {"INFERENCE_NUM_THREADS": threads, **({"INFERENCE_PRECISION_HINT": "f32"} if opts.exact else {})}
     if device.startswith("CPU"):
-        config["INFERENCE_NUM_THREADS"] = threads
-        if opts.exact:
-            config["INFERENCE_PRECISION_HINT"] = "f32"
+        config.update(cpu)
+    elif device.split(":")[0] in ("AUTO", "MULTI", "HETERO", "BATCH"):  # virtual devices: to the device that runs it
+        config["DEVICE_PROPERTIES"] = {"CPU": cpu, **({"GPU": {"INFERENCE_PRECISION_HINT": "f32"}} if opts.exact else {})}
+    elif opts.exact:
+        config["INFERENCE_PRECISION_HINT"] = "f32"  # GPU: f16 by default
     try:
         model = core.read_model(str(path))
         if opts.batch:
