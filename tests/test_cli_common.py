@@ -81,3 +81,16 @@ def test_other_exceptions_still_propagate() -> None:
 
     with pytest.raises(ImportError, match="a real missing module"):
         cmd()
+
+
+def test_a_closed_pipe_ends_the_command_quietly_with_141() -> None:
+    """`edgemap backbones | head -1`: no traceback, and the shell's SIGPIPE code, not a failure code 1."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "edgemap", "backbones"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**__import__("os").environ, "COLUMNS": "100"})
+    proc.stdout.readline()
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 141 and err == "", err

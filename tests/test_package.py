@@ -444,3 +444,36 @@ def test_qoperator_model_on_openvino_is_refused_with_the_fix(exported: dict, tmp
     capsys.readouterr()
     assert main([qdq, str(img), "--max-pixels", "100"], default_runtime="openvino") == 1  # the image is refused...
     assert "exceeds the limit of 100" in capsys.readouterr().err  # ...by the limit asked for
+
+
+def test_device_cli_streams_lists_folders_like_training_and_stops_on_a_closed_pipe(tiny: dict, tmp_path: Path) -> None:
+    """`run-classifier FOLDER | head -1`: lines come as batches finish, a closed pipe ends it quietly (141);
+    a folder is listed as the dataset scan lists it (symlinked folders followed, hidden/other files skipped)."""
+    import shutil
+    import sys
+
+    from edgemap.data.scan import scan_labelled
+    from edgemap.runtime.device_cli import expand_images
+
+    data = tmp_path / "imgs"
+    shutil.copytree(tiny["data"] / "val", data / "val")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copy(tiny["val"][0], outside / "linked.png")
+    cls = sorted(p for p in (data / "val").iterdir())[0]
+    (cls / "more").symlink_to(outside, target_is_directory=True)
+    (cls / "loop").symlink_to(cls, target_is_directory=True)  # a link back into the tree is listed once
+    (cls / "x.ppm").write_bytes((outside / "linked.png").read_bytes())  # not an image extension training reads
+    (cls / "._x.png").write_bytes(b"AppleDouble")
+    listed = sorted(str(p) for p in expand_images([data / "val"]))
+    scanned = sorted(str(p) for p, _ in scan_labelled(data).samples)
+    assert listed == scanned and any("linked.png" in p for p in listed)
+    for i in range(40):
+        shutil.copy(tiny["val"][0], data / "val" / cls.name / f"copy{i}.png")
+    proc = subprocess.Popen([sys.executable, "-m", "edgemap.runtime.device_cli", str(tiny["model"]), str(data),
+                             "--batch-size", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = proc.stdout.readline()  # streamed: the first batch is printed before the others are classified
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141 and first.count("\t") >= 2, (first, err)
+    assert "Traceback" not in err and "BrokenPipe" not in err, err

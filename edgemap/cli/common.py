@@ -19,8 +19,17 @@ from rich.markup import escape
 
 from edgemap.errors import EdgemapError
 
-console = Console(stderr=False, highlight=False)
-err_console = Console(stderr=True, highlight=False)
+
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        """The reader went away (``| head``): stop quietly with the shell's code for SIGPIPE (rich exits 1)."""
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(141)
+
+
+console = _Console(stderr=False, highlight=False)
+err_console = _Console(stderr=True, highlight=False)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -46,7 +55,9 @@ def handle_errors(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             with _sigterm_as_interrupt():
-                return fn(*args, **kwargs)
+                result = fn(*args, **kwargs)
+                sys.stdout.flush()  # a reader that went away (| head) is found here, not in click's exit (exit 1)
+                return result
         except EdgemapError as e:
             if os.environ.get("EDGEMAP_DEBUG"):
                 raise
@@ -55,6 +66,10 @@ def handle_errors(fn: F) -> F:
         except KeyboardInterrupt as e:
             _interrupted(e)
         except OSError as e:
+            if e.errno == errno.EPIPE:  # the reader went away (| head): stop quietly, as the shell's tools do
+                with contextlib.suppress(OSError, ValueError):
+                    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                raise typer.Exit(code=141) from None
             if e.errno not in _ENVIRONMENT_ERRNOS or os.environ.get("EDGEMAP_DEBUG"):
                 raise
             name = str(e.filename or "")

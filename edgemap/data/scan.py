@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from edgemap.errors import DatasetError, ImageError, ManifestError
-from edgemap.runtime.preprocess import DEFAULT_MAX_PIXELS, open_image
+from edgemap.runtime.preprocess import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, is_hidden, open_image
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -46,9 +46,7 @@ __all__ = [
 
 log = logging.getLogger("edgemap.data")
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 #: Names that are never a class or a sample besides anything starting with ".".
-_HIDDEN_NAMES = frozenset({"__MACOSX"})
 _TRAIN_NAMES = ("train",)
 _VAL_NAMES = ("val", "validation", "valid")
 _TEST_NAMES = ("test",)
@@ -324,11 +322,6 @@ def rescan_for_run(manifest_dataset: dict[str, Any]) -> DatasetScan:
     if classes is not None and list(classes) != scan.classes:
         raise DatasetError(f"dataset changed since training: classes {scan.classes} != recorded {classes}")
     return scan
-
-
-def is_hidden(name: str) -> bool:
-    """Hidden entries (``.DS_Store``, ``.ipynb_checkpoints``, ``._x.jpg``, ``__MACOSX``) are never data."""
-    return name.startswith(".") or name in _HIDDEN_NAMES
 
 
 # ---- listing ------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,7 @@ import numpy as np
 
 from edgemap.runtime.classifier import Classifier, Prediction, read_model_json
 from edgemap.runtime.errors import EdgemapError, ImageError
-
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+from edgemap.runtime.preprocess import IMAGE_EXTENSIONS, is_hidden
 
 
 def _positive(text: str) -> int:
@@ -65,15 +65,23 @@ def build_parser(prog: str, embedded: bool, default_runtime: str = "onnxruntime"
 
 
 def expand_images(paths: list[Path]) -> list[Path]:
-    """Files as given; folders → their image files (recursive, sorted, hidden entries skipped)."""
+    """Files as given; folders → their image files, listed as training lists a class folder:
+    recursive, sorted, symlinked folders followed (each real folder once), hidden entries and
+    other extensions skipped."""
     out: list[Path] = []
     for p in paths:
         if p.is_dir():
             found = []
-            for root, dirs, files in os.walk(p, followlinks=False):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            seen: set[tuple[int, int]] = set()
+            for root, dirs, files in os.walk(p, followlinks=True):
+                st = os.stat(root)
+                if (st.st_dev, st.st_ino) in seen:  # a link back into the tree: once is enough
+                    dirs[:] = []
+                    continue
+                seen.add((st.st_dev, st.st_ino))
+                dirs[:] = sorted(d for d in dirs if not is_hidden(d))
                 found += [Path(root) / f for f in sorted(files)
-                          if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS]
+                          if not is_hidden(f) and Path(f).suffix.lower() in IMAGE_EXTENSIONS]
             if not found:
                 raise ImageError(f"{p}: folder holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
             out += found
@@ -82,9 +90,9 @@ def expand_images(paths: list[Path]) -> list[Path]:
     return out
 
 
-def classify_paths(clf: Classifier, paths: list[Path], top_k: int, batch_size: int) -> list[tuple[Path, Prediction | str]]:
-    """Classify files in batches; an unreadable image yields its error text instead of a Prediction."""
-    results: list[tuple[Path, Prediction | str]] = []
+def classify_paths(clf: Classifier, paths: list[Path], top_k: int, batch_size: int) -> Iterator[list[tuple[Path, Prediction | str]]]:
+    """Classify files in batches, yielding each batch's results when done (so output streams);
+    an unreadable image yields its error text instead of a Prediction."""
     for i in range(0, len(paths), batch_size):
         chunk = paths[i:i + batch_size]
         arrays: list[np.ndarray] = []
@@ -100,26 +108,35 @@ def classify_paths(clf: Classifier, paths: list[Path], top_k: int, batch_size: i
             preds = clf.decode(clf.probabilities(np.stack(arrays)), top_k)
             for j, pred in zip(good, preds, strict=False):
                 slots[j] = pred
-        results += list(zip(chunk, slots, strict=False))
-    return results
+        yield list(zip(chunk, slots, strict=False))
 
 
-def _render(results: list[tuple[Path, Prediction | str]], as_json: bool) -> None:
-    if as_json:
-        rows: list[dict[str, Any]] = []
-        for path, r in results:
-            rows.append({"image": str(path), **r.to_dict()} if isinstance(r, Prediction) else {"image": str(path), "error": r})
-        sys.stdout.write(json.dumps(rows, ensure_ascii=False, indent=1) + "\n")
-        return
+def _write_lines(results: list[tuple[Path, Prediction | str]], prog: str) -> None:
     for path, r in results:
         if isinstance(r, Prediction):
             sys.stdout.write("\t".join([str(path)] + [f"{lab}\t{p:.4f}" for lab, p in r.topk]) + "\n")
+        else:
+            sys.stderr.write(f"{prog}: error: {r}\n")
     sys.stdout.flush()
+
+
+def _write_json(results: list[tuple[Path, Prediction | str]], prog: str) -> None:
+    rows: list[dict[str, Any]] = []
+    for path, r in results:
+        rows.append({"image": str(path), **r.to_dict()} if isinstance(r, Prediction) else {"image": str(path), "error": r})
+    sys.stdout.write(json.dumps(rows, ensure_ascii=False, indent=1) + "\n")
+    sys.stdout.flush()
+    for _, r in results:
+        if not isinstance(r, Prediction):
+            sys.stderr.write(f"{prog}: error: {r}\n")
 
 
 def main(argv: list[str] | None = None, *, package_dir: str | Path | None = None, prog: str | None = None,
          default_runtime: str = "onnxruntime") -> int:
     """Entry point of both forms; returns the exit code (0 ok, 1 some images failed, 2 error).
+
+    Lines are printed as each batch is classified; a closed pipe (``| head``) stops the work
+    quietly with the shell's code for it, 141.
 
     Args:
         argv: arguments (default ``sys.argv[1:]``).
@@ -130,6 +147,7 @@ def main(argv: list[str] | None = None, *, package_dir: str | Path | None = None
     """
     embedded = package_dir is not None
     prog = prog or ("edgemap-runtime" if not embedded else Path(sys.argv[0]).name)
+    failed = 0
     try:
         info = read_model_json(package_dir) if embedded else {}
         args = build_parser(prog, embedded, info.get("runtime", default_runtime)).parse_args(argv)
@@ -139,7 +157,15 @@ def main(argv: list[str] | None = None, *, package_dir: str | Path | None = None
         else:
             clf = Classifier.from_path(args.model, runtime=args.runtime, expected_sha256=args.sha256, threads=args.threads,
                                        **limit)
-        results = classify_paths(clf, expand_images(args.images), args.top_k, args.batch_size)
+        done: list[tuple[Path, Prediction | str]] = []
+        for batch in classify_paths(clf, expand_images(args.images), args.top_k, args.batch_size):
+            failed += sum(not isinstance(r, Prediction) for _, r in batch)
+            if args.json:
+                done += batch  # one JSON document at the end
+            else:
+                _write_lines(batch, prog)
+        if args.json:
+            _write_json(done, prog)
     except EdgemapError as e:
         if os.environ.get("EDGEMAP_DEBUG"):
             raise
@@ -148,10 +174,9 @@ def main(argv: list[str] | None = None, *, package_dir: str | Path | None = None
     except KeyboardInterrupt:
         sys.stderr.write(f"{prog}: interrupted\n")
         return 130
-    _render(results, args.json)
-    failed = [(p, r) for p, r in results if not isinstance(r, Prediction)]
-    for _, msg in failed:
-        sys.stderr.write(f"{prog}: error: {msg}\n")
+    except BrokenPipeError:  # the reader went away (| head): stop; no traceback at exit either
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     return 1 if failed else 0
 
 

@@ -37,6 +37,15 @@ _RESAMPLE = {
     "lanczos": Image.Resampling.LANCZOS,
 }
 RESIZE_RULES = ("shorter_center_crop", "stretch")
+#: File name endings read as images when a folder is listed: by `edgemap datasets scan`, training,
+#: eval and the device CLI alike (one list, so a device sees the images training saw).
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+_HIDDEN_NAMES = frozenset({"__MACOSX"})
+
+
+def is_hidden(name: str) -> bool:
+    """Hidden entries (``.DS_Store``, ``.ipynb_checkpoints``, ``._x.jpg``, ``__MACOSX``) are never data."""
+    return name.startswith(".") or name in _HIDDEN_NAMES
 _WHITE = (255, 255, 255)
 
 ImageInput = Union[str, Path, bytes, Image.Image, np.ndarray]
