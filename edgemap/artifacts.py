@@ -13,6 +13,9 @@ int8 entries carry ``{"precision": "int8", "format": ..., "runtimes": [...]}``.
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 from edgemap.errors import ManifestError
 from edgemap.runtime.sessions import RUNTIMES, parse_runtime
 
@@ -49,3 +52,24 @@ def key_for(runtime: str, precision: str) -> str:
 def int8_targets() -> dict[str, str]:
     """runtime name → int8 format, for every runtime with an int8 path."""
     return {name: r.int8_format for name, r in RUNTIMES.items() if r.int8_format}
+
+
+def model_run_mismatch(run: Any, model: Path) -> str | None:
+    """What the exported ``model``'s own metadata says differently from the run's ``edgemap.json``, else None.
+
+    A device reads classes and preprocessing from the model; eval and package use the run's
+    manifest. If someone edited one of them, results would be measured (and a model card
+    written) with labels or preprocessing the device never uses.
+    """
+    from edgemap.runtime.onnx_meta import read_model_meta
+
+    meta = read_model_meta(model)
+    diffs = []
+    if list(meta.classes) != list(run.classes):
+        diffs.append(f"classes {list(meta.classes)} vs {list(run.classes)}")
+    if meta.contract.to_dict() != run.contract.to_dict():
+        diffs.append(f"preprocessing {meta.contract.to_dict()} vs {run.contract.to_dict()}")
+    if not diffs:
+        return None
+    return (f"{model.name}: its metadata differs from {run.manifest_path.name} ({'; '.join(diffs)}); the device uses the "
+            f"model's. Restore edgemap.json, or re-run `edgemap export` to write models that match it")

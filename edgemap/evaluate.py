@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from edgemap.errors import DatasetError, EdgemapError, ManifestError, RuntimeUnavailableError
+from edgemap.errors import DatasetError, EdgemapError, ManifestError, ModelFormatError, RuntimeUnavailableError
 from edgemap.manifest import RunDir, now_iso, run_lock
 
 REFERENCE = "torch"
@@ -152,7 +152,7 @@ def open_session(
 
     Raises RuntimeUnavailableError (with the reason) for any combination that cannot run here.
     """
-    from edgemap.artifacts import key_for
+    from edgemap.artifacts import key_for, model_run_mismatch
     from edgemap.runtime.sessions import SessionOptions, available, check_precision, load, parse_runtime
 
     if runtime == REFERENCE:
@@ -175,6 +175,9 @@ def open_session(
         flag = " --int8" if precision == "int8" else ""
         raise RuntimeUnavailableError(f"no '{key}' artifact in {run.path}; run `edgemap export {run.path}{flag}` first")
     path = run.artifact_path(key)  # refuses a file whose sha256 changed
+    mismatch = model_run_mismatch(run, path)
+    if mismatch:
+        raise ModelFormatError(mismatch)
     return load(path, runtime, SessionOptions(threads=threads, hint=hint, exact=exact, batch=batch))
 
 

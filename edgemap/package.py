@@ -506,11 +506,13 @@ def package(run_dir: str | Path | None, opts: PackageOptions | None = None) -> P
     info: dict[str, Any] | None = None
     if run is not None:
         precision, key, model, entry = _choose_artifact(run, runtime, opts.precision)
+        from edgemap.artifacts import model_run_mismatch
         from edgemap.runtime.onnx_meta import read_model_meta
 
         meta = read_model_meta(model)  # refuses external data / missing metadata before we ship it
-        if list(meta.classes) != run.classes:
-            raise PackageError(f"{model}: its metadata classes differ from {run.manifest_path}; re-run `edgemap export`")
+        mismatch = model_run_mismatch(run, model)  # the card and model.json must say what the model does
+        if mismatch:
+            raise PackageError(mismatch)
         info = {
             "file": MODEL_FILE,
             "sha256": entry["sha256"],

@@ -295,3 +295,28 @@ def test_a_read_only_run_directory_is_one_line_or_works_without_storing(trained_
     finally:
         for p in [ro, *ro.rglob("*")]:
             p.chmod(p.stat().st_mode | stat.S_IWUSR)
+
+
+def test_a_hand_edited_manifest_that_contradicts_the_model_is_caught(trained_run, tmp_path) -> None:  # noqa: ANN001, F811
+    """Classes or preprocessing edited in edgemap.json: eval must not score the ONNX models with labels or inputs the
+    device (which reads the model's metadata) never uses, and package must not write a card that says so."""
+    from edgemap.errors import PackageError
+    from edgemap.package import PackageOptions, package
+
+    run, splits = trained_run
+    for edit in ("classes", "preprocess"):
+        copy = tmp_path / edit
+        shutil.copytree(run.path, copy, ignore=shutil.ignore_patterns("report", "dist"))
+        manifest = json.loads((copy / "edgemap.json").read_text(encoding="utf-8"))
+        if edit == "classes":
+            manifest["classes"][0], manifest["classes"][1] = manifest["classes"][1], manifest["classes"][0]
+        else:
+            manifest["preprocess"]["interpolation"] = "nearest"
+        (copy / "edgemap.json").write_text(json.dumps(manifest), encoding="utf-8")
+        edited = RunDir.load(copy)
+        x, y = load_arrays(splits["test"][:4], edited.contract)
+        res = evaluate_arrays(edited, x, y, EvalOptions(runtimes=("cpu", "openvino"), precisions=("fp32",), save=False))
+        assert all(r.status == "error" and "metadata differs from edgemap.json" in r.reason and edit[:5] in r.reason
+                   for r in res.rows), res.rows
+        with pytest.raises(PackageError, match="metadata differs"):
+            package(copy, PackageOptions(precision="fp32", out=tmp_path / f"dist-{edit}"))
