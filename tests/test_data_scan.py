@@ -615,6 +615,10 @@ def test_cli_datasets_scan(odd_tmp: Path) -> None:
     assert r.exit_code == 0, r.output
     assert "skipped" in r.output and "2 classes, 11 images" in r.output
     assert json.loads(out.read_text(encoding="utf-8"))["skipped"][0][0] == str(root / "train" / "cat" / "z.jpg")
+    r = runner.invoke(app, ["datasets", "scan", str(root), "--skip-bad", "--val-split", "0", "--seed", "3"],
+                      env={"COLUMNS": "300"})
+    assert r.exit_code == 0 and "--seed 3" in r.output, r.output
+    assert "--val-split" not in r.output.split("next:")[1], r.output  # train/val ignores it; finetune refuses 0
 
 
 def test_progress_bar_on_a_tty_gives_the_same_scan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -152,6 +152,8 @@ def test_cli_table_json_and_exit_codes(trained_run, tmp_path) -> None:  # noqa: 
     r = CliRunner().invoke(app, ["eval", str(run.path), "--runtime", "cuda", "--precision", "fp32"])
     assert r.exit_code == 2 and "no runtime ran" in r.output and "next:" not in r.output, r.output
     assert RunDir.load(run.path).data["metrics"]["eval"] == stored  # a run where nothing ran keeps the results
+    r = CliRunner().invoke(app, ["eval", str(run.path), "--skip-bad"])
+    assert r.exit_code == 2 and "--skip-bad goes with --data" in r.output, r.output
     r = CliRunner().invoke(app, ["eval", str(run.path / "nope")])
     assert r.exit_code != 0 and "no such run directory" in r.output
 

@@ -71,8 +71,9 @@ def scan(
     out.print(f"{len(result.classes)} classes, {total} images checked in {seconds:.2f}s; fingerprint {result.fingerprint[:16]}")
     write_json_out(json_out, result.to_manifest())
     if out is console:  # the same scan options, so finetune sees the dataset as this scan did
+        unused = {"min_val_per_class"} | ({"val_split"} if result.layout != "split" else set())
         extra = "".join(f" --{k.replace('_', '-')} {v}" for k, v in given.items()
-                        if v is not None and k != "min_val_per_class")  # finetune has no such option
+                        if v is not None and k not in unused)  # finetune has no such option / the layout ignores it
         next_step(f'edgemap finetune "{data}" --out "models/{result.root.name or "run"}"'
                   + (" --skip-bad" if skip_bad else "") + extra)
 
