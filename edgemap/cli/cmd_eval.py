@@ -88,8 +88,8 @@ def register(app: typer.Typer) -> None:
         json_out: JsonOpt = None,
     ) -> None:
         """Accuracy, top-5, macro P/R/F1 and agreement with PyTorch for each runtime × precision."""
-        from edgemap.evaluate import EvalOptions, evaluate, nothing_ran
         from edgemap.errors import DatasetError
+        from edgemap.evaluate import EvalOptions, evaluate, nothing_ran
         from edgemap.fsutil import not_writable
         from edgemap.runtime.errors import RuntimeUnavailableError
 
