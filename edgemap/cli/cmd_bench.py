@@ -16,6 +16,7 @@ from edgemap.cli.common import (
     console,
     handle_errors,
     next_step,
+    note_cell,
     result_table,
     row_notes,
     short_provider,
@@ -41,10 +42,8 @@ def render(rows) -> Group:  # noqa: ANN001 - list[BenchRow], imported lazily
     ran_on: dict[str, str] = {}
     for r in rows:
         if r.status != "ok":
-            notes.append((f"{r.runtime} {r.precision} batch {r.batch}", r.status, r.reason))
-            colour = "yellow" if r.status == "unavailable" else "red"
-            short = "n/a" if r.status == "unavailable" else r.status
-            table.add_row(r.runtime, r.precision, str(r.batch), "", "", "", "", "", "", f"[{colour}]{short} \\[{len(notes)}][/]")
+            table.add_row(r.runtime, r.precision, str(r.batch), "", "", "", "", "", "",
+                          note_cell(notes, f"{r.runtime} {r.precision} batch {r.batch}", r.status, r.reason, short=True))
             continue
         ran_on.setdefault(f"{r.runtime} {r.precision}", f"{short_provider(r.provider)}, computed in {r.inference_precision}")
         table.add_row(

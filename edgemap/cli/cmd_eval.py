@@ -17,6 +17,7 @@ from edgemap.cli.common import (
     console,
     handle_errors,
     next_step,
+    note_cell,
     result_table,
     row_notes,
     short_provider,
@@ -39,9 +40,8 @@ def render(result) -> Group:  # noqa: ANN001 - EvalResult, imported lazily
     notes: list[tuple[str, str, str]] = []
     for r in result.rows:
         if r.status != "ok":
-            notes.append((f"{r.runtime} {r.precision}", r.status, r.reason))
-            colour = "yellow" if r.status == "unavailable" else "red"
-            table.add_row(r.runtime, r.precision, "", "", "", "", "", f"[{colour}]{r.status} \\[{len(notes)}][/]")
+            table.add_row(r.runtime, r.precision, "", "", "", "", "",
+                          note_cell(notes, f"{r.runtime} {r.precision}", r.status, r.reason))
             continue
         agree = _pct(r.agreement)
         if r.within_tolerance is False:

@@ -194,6 +194,14 @@ def result_table(title: str, columns: list[str], wide: tuple[str, ...] = ("ran o
     return table
 
 
+def note_cell(notes: list[tuple[str, str, str]], label: str, status: str, reason: str, short: bool = False) -> str:
+    """Record why a row did not run (shown by :func:`row_notes`) and return its table cell, e.g. ``unavailable [1]``."""
+    notes.append((label, status, reason))
+    colour = "yellow" if status == "unavailable" else "red"
+    shown = "n/a" if short and status == "unavailable" else status
+    return f"[{colour}]{shown} \\[{len(notes)}][/]"
+
+
 def row_notes(notes: list[tuple[str, str, str]]) -> Any:
     """Lines under a results table: ``[n] runtime precision status: reason`` for the rows that did not run."""
     from rich.console import Group
