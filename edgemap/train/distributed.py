@@ -162,8 +162,10 @@ def launch_torchrun(nproc: int, argv: list[str] | None = None) -> int:
         if a.startswith("--nproc="):
             continue
         cleaned.append(a)
-    cmd = [sys.executable, "-m", "edgemap.train._torchrun", "--standalone", f"--nproc-per-node={nproc}", "-m", "edgemap", *cleaned]
     messages = tempfile.mkdtemp(prefix="edgemap-nproc-")
+    # torchrun's own log folder goes in there too: by default it is a /tmp/torchelastic_* folder left behind by every run
+    cmd = [sys.executable, "-m", "edgemap.train._torchrun", "--standalone", f"--nproc-per-node={nproc}",
+           f"--log-dir={Path(messages) / 'torchelastic'}", "-m", "edgemap", *cleaned]
     try:
         return _launch(cmd, nproc, messages)
     finally:
