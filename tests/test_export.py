@@ -20,6 +20,8 @@ from edgemap.export.onnx_export import check_model, read_metadata
 from edgemap.export.parity import check_parity
 from edgemap.manifest import RunDir
 from edgemap.runtime import metadata as md
+from edgemap.runtime.errors import ModelFormatError
+from edgemap.runtime.preprocess import DEFAULT_MAX_PIXELS
 from edgemap.runtime.sessions import SessionOptions, load
 
 
@@ -65,6 +67,7 @@ def test_metadata_round_trip(exported, trained) -> None:  # noqa: ANN001
     assert meta[md.RUN] == "run" and meta[md.SCHEMA] == md.METADATA_SCHEMA_VERSION
     assert json.loads(meta[md.INPUT])["shape"] == [-1, 32, 32, 3]
     assert "torch" in json.loads(meta[md.VERSIONS])
+    assert json.loads(meta[md.MAX_PIXELS]) == run.max_pixels
 
 
 def test_reexport_is_byte_identical_and_not_rewritten(exported, trained) -> None:  # noqa: ANN001
@@ -327,6 +330,35 @@ def test_export_decodes_with_the_runs_image_size_limit(trained, tmp_path) -> Non
     r.save()
     with pytest.raises(ImageError, match="32x32 = 1,024 pixels exceeds the limit of 500"):
         export(r.path, ExportOptions())
+
+
+def test_a_model_loaded_from_its_file_decodes_with_the_runs_image_size_limit(trained, tmp_path) -> None:  # noqa: ANN001
+    """`Classifier.from_path` (a device without the wheel's model.json) uses the run's --max-pixels from the metadata."""
+    from PIL import Image
+
+    from edgemap.errors import ImageError
+    from edgemap.runtime.classifier import Classifier
+    from edgemap.runtime.onnx_meta import OnnxInfo, model_meta
+
+    run, state, root = trained
+    r, _ = make_run(tmp_path / "limit", root / "data", state=state)
+    r.data["dataset"]["options"]["max_pixels"] = 2_000  # the 32x32 training images pass, a 50x50 image does not
+    r.save()
+    model = export(r.path, ExportOptions()).onnx_path
+    big = tmp_path / "big.png"
+    Image.new("RGB", (50, 50), "gray").save(big)
+    clf = Classifier.from_path(model)
+    assert clf.max_pixels == 2_000
+    with pytest.raises(ImageError, match="exceeds the limit of 2,000"):
+        clf.predict(big)
+    assert Classifier.from_path(model, max_pixels=None).predict_one(big).label in CLASSES  # asked otherwise: Pillow's limit
+    props = dict(read_metadata(model))
+    for bad in ("0", "-5", "1.5", '"2000"', "true"):
+        with pytest.raises(ModelFormatError, match="max_pixels"):
+            model_meta(OnnxInfo(metadata={**props, md.MAX_PIXELS: bad}), "m.onnx")
+    assert model_meta(OnnxInfo(metadata={**props, md.MAX_PIXELS: "null"}), "m.onnx").max_pixels is None
+    del props[md.MAX_PIXELS]  # a model exported before the key existed: the default limit
+    assert model_meta(OnnxInfo(metadata=props), "m.onnx").max_pixels == DEFAULT_MAX_PIXELS
 
 
 def test_no_lock_file_outside_a_run_directory(trained, tmp_path) -> None:  # noqa: ANN001

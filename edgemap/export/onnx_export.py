@@ -55,6 +55,7 @@ def build_metadata(run: Any, precision: str, fmt: str, extra: dict[str, str] | N
         md.VERSIONS: json.dumps(package_versions(), sort_keys=True),
         md.INPUT: json.dumps(inp),
         md.OUTPUT: json.dumps(out),
+        md.MAX_PIXELS: json.dumps(run.max_pixels),
     }
     meta.update(extra or {})
     return meta

@@ -31,6 +31,8 @@ from edgemap.runtime.sessions import Session, SessionOptions, check_precision, l
 RUNTIME_ALIASES = {"onnxruntime": "cpu", "ort": "cpu", "onnxruntime-gpu": "cuda"}
 MODEL_JSON = "model.json"
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+#: ``max_pixels`` default of the loaders: the limit in the model's metadata (the run's ``--max-pixels``)
+FROM_MODEL = "model"
 
 
 def runtime_spec(runtime: str) -> str:
@@ -95,7 +97,7 @@ class Classifier:
         threads: int | None = None,
         exact: bool | None = None,
         top_k: int = 5,
-        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        max_pixels: int | None | str = FROM_MODEL,
     ) -> Classifier:
         """Load an edgemap-exported ONNX model; classes and preprocessing come from its metadata.
 
@@ -108,7 +110,8 @@ class Classifier:
             exact: OpenVINO only (see SessionOptions.exact): None = f32 for fp32 models, its
                 default for int8 models; False = its bf16 default (faster, less exact).
             top_k: default number of classes in each Prediction's ``topk``.
-            max_pixels: decompression-bomb guard for decoded images (None: Pillow's own limit).
+            max_pixels: decompression-bomb guard for decoded images (None: Pillow's own limit);
+                by default the limit the model was trained with (its metadata; `finetune --max-pixels`).
 
         Raises:
             ModelIntegrityError: sha256 mismatch. ModelFormatError: not an edgemap model or
@@ -146,15 +149,15 @@ class Classifier:
                                    "(`edgemap export` writes model.int8.qdq.onnx; `edgemap package --runtime openvino` ships it)")
         session = load(path, spec, SessionOptions(threads=threads, exact=exact))
         _check_input(session, meta, path)
-        return cls(session, meta, actual, top_k=top_k, max_pixels=max_pixels)
+        return cls(session, meta, actual, top_k=top_k, max_pixels=meta.max_pixels if max_pixels == FROM_MODEL else max_pixels)
 
     @classmethod
     def from_package_dir(cls, folder: str | Path, runtime: str | None = None, **kwargs: Any) -> Classifier:
         """Load the model a device wheel embeds, checked against the sha256 in its model.json."""
         folder = Path(folder)
         info = read_model_json(folder)
-        if "max_pixels" in info and kwargs.get("max_pixels", DEFAULT_MAX_PIXELS) == DEFAULT_MAX_PIXELS:
-            kwargs["max_pixels"] = info["max_pixels"]  # the limit the model was trained with, unless asked otherwise
+        if "max_pixels" in info and kwargs.get("max_pixels", FROM_MODEL) == FROM_MODEL:
+            kwargs["max_pixels"] = info["max_pixels"]  # the limit the model was trained with (also for models without it)
         return cls.from_path(folder / info["file"], runtime or info.get("runtime", "onnxruntime"),
                              expected_sha256=info["sha256"], **kwargs)
 

@@ -16,4 +16,5 @@ FORMAT = "edgemap.format"  # "fp32" | "qoperator" | "qdq"
 VERSIONS = "edgemap.versions"  # JSON {package: version}
 INPUT = "edgemap.input"  # JSON {"name": "images", "layout": "NHWC", "dtype": "uint8", "shape": [-1, H, W, 3]}
 OUTPUT = "edgemap.output"  # JSON {"name": "logits", ...}
+MAX_PIXELS = "edgemap.max_pixels"  # JSON int: the run's decompression-bomb limit (null: Pillow's own); absent: the default
 METADATA_SCHEMA_VERSION = "1"

@@ -29,7 +29,7 @@ from typing import Any
 
 from edgemap.runtime import metadata as K
 from edgemap.runtime.errors import ModelFormatError
-from edgemap.runtime.preprocess import PreprocessContract
+from edgemap.runtime.preprocess import DEFAULT_MAX_PIXELS, PreprocessContract
 
 # wire types
 _VARINT, _I64, _LEN, _SGROUP, _EGROUP, _I32 = 0, 1, 2, 3, 4, 5
@@ -250,6 +250,8 @@ class ModelMeta:
     run: str = ""
     input: dict[str, Any] = field(default_factory=dict)
     raw: dict[str, str] = field(default_factory=dict, repr=False)
+    #: the pixel limit images were decoded with in training (None: Pillow's own limit)
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
 
 
 def _json(props: dict[str, str], key: str, name: str) -> Any:
@@ -294,6 +296,9 @@ def model_meta(info: OnnxInfo, name: str) -> ModelMeta:
     except Exception as e:  # noqa: BLE001 - ImageError or ValueError from the dataclass checks
         raise ModelFormatError(f"{name}: metadata '{K.PREPROCESS}' invalid ({e})") from e
     inp = _json(props, K.INPUT, name) if K.INPUT in props else {}
+    max_pixels = _json(props, K.MAX_PIXELS, name) if K.MAX_PIXELS in props else DEFAULT_MAX_PIXELS
+    if max_pixels is not None and (type(max_pixels) is not int or max_pixels < 1):
+        raise ModelFormatError(f"{name}: metadata '{K.MAX_PIXELS}' must be a positive integer or null, not {max_pixels!r}")
     return ModelMeta(
         classes=tuple(classes),
         contract=contract,
@@ -303,6 +308,7 @@ def model_meta(info: OnnxInfo, name: str) -> ModelMeta:
         run=props.get(K.RUN, ""),
         input=inp if isinstance(inp, dict) else {},
         raw=dict(props),
+        max_pixels=max_pixels,
     )
 
 
