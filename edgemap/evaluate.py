@@ -17,6 +17,7 @@ Tolerance (``TOLERANCE``; a row outside it has ``within_tolerance = False``):
 from __future__ import annotations
 
 import math
+import shlex
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -347,7 +348,10 @@ def load_samples(run: RunDir, data: Path | None, max_pixels: int | None = None,
     else:
         if not run.data.get("dataset"):
             raise ManifestError(f"{run.manifest_path}: no dataset recorded; pass --data DIR")
-        scan = scan_mod.rescan_for_run(run.data["dataset"])
+        try:
+            scan = scan_mod.rescan_for_run(run.data["dataset"])
+        except DatasetError as e:
+            raise DatasetError(f"{e}; or evaluate on another labelled folder: edgemap eval {shlex.quote(str(run.path))} --data FOLDER") from e
         where = str(scan.root)
         samples, split = _split_samples(scan)
         named = [(Path(s.path), scan.classes[int(s.label)]) for s in samples]

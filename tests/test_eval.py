@@ -211,6 +211,26 @@ def test_image_size_limit_is_the_runs_unless_given(trained_run, tmp_path) -> Non
         run.manifest_path.write_text(original)
 
 
+def test_a_moved_dataset_error_points_to_eval_data(trained_run, tmp_path) -> None:  # noqa: ANN001, F811
+    import shlex
+
+    from edgemap.cli import app
+
+    run, _ = trained_run
+    original = run.manifest_path.read_text()
+    manifest = json.loads(original)
+    manifest["dataset"]["root"] = str(tmp_path / "moved away")
+    run.manifest_path.write_text(json.dumps(manifest))
+    try:
+        with pytest.raises(DatasetError, match="gone; restore it .* or evaluate on another labelled folder"):
+            evaluate(run.path, EvalOptions(runtimes=("cpu",), precisions=("fp32",), save=False))
+        r = CliRunner().invoke(app, ["eval", str(run.path), "--runtime", "cpu", "--precision", "fp32"])
+        assert r.exit_code == 2, r.output
+        assert f"edgemap eval {shlex.quote(str(run.path))} --data FOLDER" in " ".join(r.output.split()), r.output
+    finally:
+        run.manifest_path.write_text(original)
+
+
 def test_eval_on_the_runs_own_dataset_says_when_training_images_are_included(trained_run) -> None:  # noqa: F811
     run, splits = trained_run
     root = Path(run.data["dataset"]["root"])
