@@ -485,6 +485,8 @@ def package(run_dir: str | Path | None, opts: PackageOptions | None = None) -> P
         name, module = validate_name(opts.name or RUNTIME_DIST, allow_reserved=True)
         if name != RUNTIME_DIST:
             raise PackageError(f"--runtime-only builds {RUNTIME_DIST}; drop --name {opts.name!r}")
+        if opts.precision is not None:
+            raise PackageError(f"--runtime-only builds {RUNTIME_DIST}, which holds no model; drop --precision {opts.precision}")
         version = validate_version(opts.version or edgemap_version)
         if opts.out is not None:
             out = Path(opts.out)

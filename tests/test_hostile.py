@@ -380,3 +380,12 @@ def test_package_version_with_path_characters_refused(version: str, odd_tmp: Pat
     with pytest.raises(PackageError, match="--version"):
         package(None, PackageOptions(runtime_only=True, version=version, out=odd_tmp / "dist"))
     assert not (odd_tmp / "dist").exists()
+
+
+def test_runtime_only_wheel_refuses_precision(odd_tmp: Path) -> None:
+    """`package --runtime-only --precision int8` built a model-less wheel and ignored --precision."""
+    from edgemap.package import PackageOptions, package
+
+    with pytest.raises(PackageError, match="holds no model; drop --precision int8"):
+        package(None, PackageOptions(runtime_only=True, precision="int8", out=odd_tmp / "dist"))
+    assert not (odd_tmp / "dist").exists()
