@@ -22,6 +22,7 @@ import json
 import keyword
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -102,8 +103,7 @@ class PackageResult:
 
     @property
     def pip_install(self) -> str:
-        w = str(self.wheel)
-        return f"pip install {w!r}" if any(c in w for c in " '\"$") else f"pip install {w}"
+        return f"pip install {shlex.quote(str(self.wheel))}"
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -114,9 +114,15 @@ def test_stratified_split_small_classes_keep_a_training_image() -> None:
 def test_cli_datasets_digits(odd_tmp: Path) -> None:
     from edgemap.cli import app
 
-    out = odd_tmp / "cli digits"
+    out = odd_tmp / "cli digits it's $HOME `x`"  # the printed next command must still name this folder
     r = CliRunner().invoke(app, ["datasets", "digits", str(out), "--val-fraction", "0.25", "--seed", "1"])
     assert r.exit_code == 0, r.output
+    import subprocess
+
+    nxt = [line.removeprefix("next:").strip() for line in r.output.splitlines() if line.startswith("next:")]
+    assert nxt, r.output
+    words = subprocess.run(["bash", "-c", "printf '%s\\0' " + nxt[0]], capture_output=True, text=True).stdout
+    assert words.split("\0")[:3] == ["edgemap", "finetune", str(out)], nxt  # what a shell passes
     from sklearn.datasets import load_digits
 
     expected_val = sum(round(n * 0.25) for n in np.bincount(load_digits().target))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -168,7 +169,7 @@ def test_cli_export_prints_parity_and_next_step(trained, tmp_path) -> None:  # n
     res = CliRunner().invoke(app, ["export", str(other.path), "--json", str(out)])
     assert res.exit_code == 0, res.output
     assert "parity" in res.output and "openvino" in res.output
-    assert f'next: edgemap eval "{other.path}"' in " ".join(res.output.split())
+    assert f"next: edgemap eval {shlex.quote(str(other.path))}" in " ".join(res.output.split())
     data = json.loads(out.read_text(encoding="utf-8"))
     assert len(data["parity"]) == 4 and data["int8"] == {}
     res = CliRunner().invoke(app, ["export", str(tmp_path / "missing")])

@@ -14,6 +14,7 @@ import io
 import json
 import os
 import queue
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -194,7 +195,7 @@ def test_cli_json_and_next_step(finished_run: RunDir, tmp_path: Path) -> None:
     r = runner.invoke(app, ["report", str(finished_run.path), "--no-predict", "--out", str(out)])
     assert r.exit_code == 0, r.output
     assert f"wrote {out}" in r.output.replace("\n", "")
-    assert f'next: edgemap package "{finished_run.path}"' in r.output.replace("\n", "")
+    assert f"next: edgemap package {shlex.quote(str(finished_run.path))}" in r.output.replace("\n", "")
     r = runner.invoke(app, ["report", str(tmp_path / "nope")])
     assert r.exit_code != 0 and "no such run directory" in r.output
 

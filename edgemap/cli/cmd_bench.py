@@ -20,6 +20,7 @@ from edgemap.cli.common import (
     result_table,
     row_notes,
     short_provider,
+    shq,
     split_csv,
     write_json_out,
 )
@@ -99,4 +100,4 @@ def register(app: typer.Typer) -> None:
             console.print(f"[yellow]not stored[/]: the run directory is not writable ({escape(read_only)})")
             return
         console.print("stored in edgemap.json → metrics.bench")
-        next_step(f'edgemap package "{run_dir}"')
+        next_step(f"edgemap package {shq(run_dir)}")

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from edgemap.cli.common import DataArg, JsonOpt, console, err_console, handle_errors, next_step, write_json_out
+from edgemap.cli.common import DataArg, JsonOpt, console, err_console, handle_errors, next_step, shq, write_json_out
 
 datasets_app = typer.Typer(help="Demo datasets and dataset checks.", no_args_is_help=True)
 
@@ -30,7 +30,7 @@ def digits(
     counts = write_digits(out, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, force=force)
     totals = ", ".join(f"{split} {sum(c.values())}" for split, c in counts.items())
     console.print(f"wrote digits to {out} ({totals}; 10 classes) in {time.perf_counter() - t0:.2f}s", markup=False)
-    next_step(f'edgemap finetune "{out}" --backbone efficientnet_lite0 --out models/digits')
+    next_step(f"edgemap finetune {shq(out)} --backbone efficientnet_lite0 --out models/digits")
 
 
 @datasets_app.command("scan")
@@ -74,7 +74,7 @@ def scan(
         unused = {"min_val_per_class"} | ({"val_split"} if result.layout != "split" else set())
         extra = "".join(f" --{k.replace('_', '-')} {v}" for k, v in given.items()
                         if v is not None and k not in unused)  # finetune has no such option / the layout ignores it
-        next_step(f'edgemap finetune "{data}" --out "models/{result.root.name or "run"}"'
+        next_step(f"edgemap finetune {shq(data)} --out {shq('models/' + (result.root.name or 'run'))}"
                   + (" --skip-bad" if skip_bad else "") + extra)
 
 

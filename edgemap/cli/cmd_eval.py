@@ -21,6 +21,7 @@ from edgemap.cli.common import (
     result_table,
     row_notes,
     short_provider,
+    shq,
     split_csv,
     write_json_out,
 )
@@ -122,4 +123,4 @@ def register(app: typer.Typer) -> None:
             console.print(f"[yellow]not stored[/]: the run directory is not writable ({escape(read_only)})")
             return
         console.print("stored in edgemap.json → metrics.eval (per-class rows and confusion matrices included)")
-        next_step(f'edgemap bench "{run_dir}"')
+        next_step(f"edgemap bench {shq(run_dir)}")

@@ -17,6 +17,7 @@ from edgemap.cli.common import (
     err_console,
     handle_errors,
     next_step,
+    shq,
     split_csv,
     write_json_out,
 )
@@ -105,4 +106,4 @@ def register(app: typer.Typer) -> None:
             console.print(f"wrote {path} ({fmt})", markup=False)
         console.print(f"{result.seconds:.1f} s; recorded in edgemap.json (artifacts, metrics.parity"
                       + (", metrics.int8_gate)" if result.gate else ")"))
-        next_step(f'edgemap eval "{run_dir}"')
+        next_step(f"edgemap eval {shq(run_dir)}")

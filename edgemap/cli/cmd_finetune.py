@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from edgemap.cli.common import DataArg, JsonOpt, console, err_console, handle_errors, next_step, write_json_out
+from edgemap.cli.common import DataArg, JsonOpt, console, err_console, handle_errors, next_step, shq, write_json_out
 
 
 class RichReporter:
@@ -130,4 +130,4 @@ def register(app: typer.Typer) -> None:
         if res.skipped:
             console.print(f"[yellow]skipped {len(res.skipped)} unreadable files[/] (listed in {escape(str(res.run_dir))}/edgemap.json)")
         console.print(f"run directory: {res.run_dir}", markup=False)
-        next_step(f"edgemap export '{res.run_dir}' --int8")
+        next_step(f"edgemap export {shq(res.run_dir)} --int8")

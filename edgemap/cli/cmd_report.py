@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from edgemap.cli.common import JsonOpt, RunDirArg, console, handle_errors, next_step, write_json_out
+from edgemap.cli.common import JsonOpt, RunDirArg, console, handle_errors, next_step, shq, write_json_out
 
 
 def register(app: typer.Typer) -> None:
@@ -42,4 +42,4 @@ def register(app: typer.Typer) -> None:
         from edgemap.manifest import RunDir
 
         exported = "onnx_fp32" in RunDir.load(run_dir).artifacts
-        next_step(f'edgemap package "{run_dir}"' if exported else f'edgemap export "{run_dir}" --int8')
+        next_step(f"edgemap package {shq(run_dir)}" if exported else f"edgemap export {shq(run_dir)} --int8")

@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from edgemap.cli.common import DataArg, JsonOpt, console, handle_errors, next_step, split_csv, write_json_out
+from edgemap.cli.common import DataArg, JsonOpt, console, handle_errors, next_step, shq, split_csv, write_json_out
 
 
 def _fmt(v: Any, pct: bool = False, digits: int = 2) -> str:
@@ -70,8 +70,8 @@ def run_and_show(data: Path, out: Path, opts: Any, json_out: Path | None) -> Non
     console.print(artifact_table(result))
     console.print(f"total {result.seconds:.0f} s")
     if result.wheel:
-        console.print(f"\ninstall on a device: pip install '{result.wheel}'", markup=False)
-    next_step(f"edgemap report '{out}'  |  edgemap bench '{out}' --batch 1,8  |  edgemap eval '{out}' --runtime cpu,openvino,torch")
+        console.print(f"\ninstall on a device: pip install {shq(result.wheel)}", markup=False)
+    next_step(f"edgemap report {shq(out)}  |  edgemap bench {shq(out)} --batch 1,8  |  edgemap eval {shq(out)} --runtime cpu,openvino,torch")
 
 
 def register(app: typer.Typer) -> None:

@@ -6,6 +6,7 @@ import contextlib
 import errno
 import functools
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -147,6 +148,11 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+def shq(path: Any) -> str:
+    """A path as one shell word in the commands edgemap prints (quoted only when it needs it)."""
+    return shlex.quote(str(path))
 
 
 def next_step(cmd: str) -> None:
