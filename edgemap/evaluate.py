@@ -174,7 +174,7 @@ def open_session(
     key = key_for(runtime, precision)
     if key not in run.artifacts:
         flag = " --int8" if precision == "int8" else ""
-        raise RuntimeUnavailableError(f"no '{key}' artifact in {run.path}; run `edgemap export {run.path}{flag}` first")
+        raise RuntimeUnavailableError(f"no '{key}' artifact in {run.path}; run `edgemap export {shlex.quote(str(run.path))}{flag}` first")
     path = run.artifact_path(key)  # refuses a file whose sha256 changed
     mismatch = model_run_mismatch(run, path)
     if mismatch:

@@ -27,6 +27,7 @@ import html
 import io
 import json
 import math
+import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,7 +177,7 @@ def _predict(run: RunDir, opts: ReportOptions) -> _Predictions:
     from edgemap.runtime.sessions import SessionOptions, load
 
     if "onnx_fp32" not in run.artifacts:
-        raise ManifestError(f"no exported model in {run.path}; run `edgemap export {run.path} --int8` first")
+        raise ManifestError(f"no exported model in {run.path}; run `edgemap export {shlex.quote(str(run.path))} --int8` first")
     if not run.data.get("dataset"):
         raise ManifestError(f"{run.manifest_path}: no dataset recorded, so no validation images to show")
     scan = rescan_for_run(run.data["dataset"])
@@ -530,7 +531,8 @@ class _Builder:
 
     @property
     def rd(self) -> str:
-        return str(self.run.path)
+        """The run directory as one shell word, for the commands the report names."""
+        return shlex.quote(str(self.run.path))
 
     def plot(self, name: str, make: Any, *args: Any) -> bytes:
         data = make(*args, dpi=self.opts.dpi)

@@ -134,13 +134,13 @@ def test_partial_run_names_the_missing_commands(finished_run: RunDir, odd_tmp: P
     run.save()
     res = report(run.path)
     assert res.sections["training"] == "ok" and res.sections["dataset"] == "ok"
-    assert res.sections["eval"] == f"not run yet: edgemap eval {run.path}"
-    assert res.sections["bench"] == f"not run yet: edgemap bench {run.path}"
-    assert res.sections["int8_gate"] == f"not run yet: edgemap export {run.path} --int8"
-    assert res.sections["misclassified"] == f"not run yet: edgemap export {run.path} --int8"
+    assert res.sections["eval"] == f"not run yet: edgemap eval {shlex.quote(str(run.path))}"
+    assert res.sections["bench"] == f"not run yet: edgemap bench {shlex.quote(str(run.path))}"
+    assert res.sections["int8_gate"] == f"not run yet: edgemap export {shlex.quote(str(run.path))} --int8"
+    assert res.sections["misclassified"] == f"not run yet: edgemap export {shlex.quote(str(run.path))} --int8"
     assert set(res.images) == {"training_curves"}
     page = res.html.read_text(encoding="utf-8")
-    assert f"<code>edgemap export {run.path} --int8</code>" in page.replace("&#x27;", "'")
+    assert f"<code>edgemap export {shlex.quote(str(run.path))} --int8</code>" in page.replace("&#x27;", "'")
     assert "export: not run" in page
 
 

@@ -26,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import tempfile
 import time
@@ -342,7 +343,7 @@ def _retired_notes(run: Any, result: ExportResult, opts: ExportOptions) -> list[
     left = [name for fmt, name in result.retired.items() if fmt not in result.int8]
     if not left:
         return []
-    again = "" if opts.int8 else f"; run `edgemap export {run.path} --int8` for int8 models of the new one"
+    again = "" if opts.int8 else f"; run `edgemap export {shlex.quote(str(run.path))} --int8` for int8 models of the new one"
     return [f"{', '.join(left)} {'were' if len(left) > 1 else 'was'} quantized from the previous model.onnx: no longer "
             f"recorded (renamed *.stale.onnx){again}"]
 

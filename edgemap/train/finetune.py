@@ -20,6 +20,7 @@ import dataclasses
 import json
 import math
 import os
+import shlex
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -365,7 +366,7 @@ def finetune(data: str | Path, out: str | Path, opts: FinetuneOptions | None = N
 
 
 def _resume_hint(data: str | Path, out: Path, dist: Any) -> str:
-    cmd = f"edgemap finetune '{data}' --out '{out}' --resume"
+    cmd = f"edgemap finetune {shlex.quote(str(data))} --out {shlex.quote(str(out))} --resume"
     if not dist.active:
         return cmd
     if os.environ.get("EDGEMAP_WORKER_MESSAGES"):  # started by `edgemap finetune --nproc N` (one node)
