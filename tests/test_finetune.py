@@ -157,6 +157,22 @@ def test_resume_errors(digits: Path, reference_run: Path, tmp_path: Path) -> Non
         finetune(digits, out, resume=True)
 
 
+def test_resume_refuses_fewer_epochs_than_already_trained(digits: Path, tmp_path: Path) -> None:
+    """A resume with --epochs below what the state has trained finished 'with 2 epochs' after training 3."""
+    from safetensors.torch import save_file
+
+    out = tmp_path / "stopped"
+    with pytest.raises(TrainingError):
+        finetune(digits, out, FinetuneOptions(**{**TINY, "lr": 1e38, "checkpoint_every": 1}))
+    tensors, meta = ckpt.read_state(out)
+    meta["info"]["progress"].update(epoch=2, step=3)  # as if stopped in the third epoch
+    save_file(tensors, str(out / ckpt.STATE_FILE), metadata={ckpt._META_KEY: json.dumps(meta)})
+    with pytest.raises(ResumeError, match="already trained 2 epochs and part of the next; give --epochs 3 or more"):
+        finetune(digits, out, resume=True, overrides={"epochs": 2})
+    r = CliRunner().invoke(app, ["finetune", str(digits), "--out", str(out), "--resume", "--epochs", "1"])
+    assert r.exit_code == 2 and "give --epochs 3 or more" in " ".join(r.output.split()), r.output
+
+
 def test_resume_refuses_other_backbone_and_other_classes(digits: Path, tmp_path: Path) -> None:
     out = tmp_path / "partial"
     with pytest.raises(TrainingError):

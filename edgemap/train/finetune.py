@@ -765,6 +765,13 @@ def _open_for_resume(out: Path, given: dict[str, Any]) -> tuple[RunDir, Finetune
     ]
     if conflicts:
         raise ResumeError(f"--resume: options differ from the run in {out}: " + "; ".join(conflicts))
+    if state is not None and "epochs" in given:  # fewer epochs than already trained would leave a run that says both
+        progress = meta["info"].get("progress") or {}
+        done, partial = int(progress.get("epoch", 0)), int(progress.get("step", 0)) > 0
+        if int(given["epochs"]) < done + partial:
+            part = f"{done} epoch{'s' if done != 1 else ''}" + (" and part of the next" if partial else "")
+            raise ResumeError(f"--epochs {given['epochs']}: the run in {out} has already trained {part}; "
+                              f"give --epochs {done + partial} or more, or start a new run with another --out")
     stored = dataclasses.replace(stored, **{k: v for k, v in given.items() if k in free})
     return run, stored, state
 
