@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import shlex
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -134,6 +135,43 @@ def _stage_options(opts: RunOptions) -> dict[str, Any]:
 _FREE_FINETUNE = {"threads", "checkpoint_seconds", "checkpoint_every", "device"}
 
 
+def check_options(opts: RunOptions, finetune_opts: FinetuneOptions | None = None) -> None:
+    """Every stage's option checks, before the first stage starts: a bad --name must not wait for hours of training.
+
+    ``finetune_opts``: the fine-tuning options that will run (a re-run's are the run's own with what was given now).
+    Raises the stage's own typed error, naming the ``edgemap run`` option.
+    """
+    from edgemap.errors import PackageError
+    from edgemap.evaluate import REFERENCE, _combos
+    from edgemap.export import _check_options
+    from edgemap.package import WHEEL_RUNTIMES, validate_name, validate_version
+    from edgemap.runtime.errors import RuntimeUnavailableError
+    from edgemap.runtime.sessions import available
+
+    (finetune_opts or opts.finetune).validate()
+    _check_options(opts.export)
+    for what in (opts.eval, opts.bench):
+        _combos(what.runtimes, what.precisions)
+    if opts.bench.seconds is not None and not opts.bench.seconds > 0:
+        raise RuntimeUnavailableError(f"--bench-seconds {opts.bench.seconds}: must be > 0")
+    reasons = {}
+    for r in dict.fromkeys(opts.eval.runtimes):
+        if r.strip().lower() == REFERENCE:
+            break
+        ok, why = available(r.strip())
+        if ok:
+            break
+        reasons[r] = why
+    else:  # nothing eval (or bench, same list) could run here: say so now, not after fine-tuning
+        raise RuntimeUnavailableError("none of --runtime can run here: " + "; ".join(f"{k}: {v}" for k, v in reasons.items()))
+    if (opts.package.runtime or "onnxruntime").strip().lower() not in WHEEL_RUNTIMES:
+        raise PackageError(f"--package-runtime {opts.package.runtime!r}: choose {' or '.join(WHEEL_RUNTIMES)}")
+    if opts.package.name is not None:
+        validate_name(opts.package.name)
+    if opts.package.version is not None:
+        validate_version(opts.package.version)
+
+
 def _check_existing(run: RunDir, data: Path, opts: RunOptions) -> list[str]:
     """Refuse a run made from another dataset or with other fine-tuning options; return the stages to redo."""
     from edgemap.data.scan import rescan_for_run
@@ -148,7 +186,7 @@ def _check_existing(run: RunDir, data: Path, opts: RunOptions) -> list[str]:
     free = _FREE_FINETUNE | (set() if run.stage_done("finetune") else {"epochs"})  # an unfinished run may get more
     asked = opts.given("finetune", given)
     diff = [f"{k}: {stored[k]!r} → {v!r}" for k, v in given.items()
-            if k in asked and k in stored and k not in free and (list(v) if isinstance(v, tuple) else v) != stored[k]]
+            if k in asked and k in stored and k not in free and _resolved(k, v, stored) != _resolved(k, stored[k], stored)]
     if diff:
         raise TrainingError(f"{run.path} was fine-tuned with other options ({'; '.join(diff)}); a run directory holds "
                             "one model: choose another --out, or run again with the options it was made with")
@@ -167,6 +205,27 @@ def _check_existing(run: RunDir, data: Path, opts: RunOptions) -> list[str]:
         if differs:
             changed.append(s)
     return changed
+
+
+def _resolved(key: str, value: Any, stored: dict[str, Any]) -> Any:
+    """A fine-tuning option as it takes effect: --img-size unset is the backbone's own size (given 32 = unset for tiny)."""
+    if isinstance(value, tuple):
+        value = list(value)
+    if key == "img_size" and value is None:
+        from edgemap.backbones.registry import get_spec
+
+        with contextlib.suppress(Exception):  # an unknown recorded backbone: compare as recorded
+            return get_spec(str(stored.get("backbone"))).input_size
+    return value
+
+
+def _resumed_options(run: RunDir, opts: RunOptions) -> FinetuneOptions:
+    """The fine-tuning options a re-run trains (or trained) with: the run's own, with what was given now."""
+    stored = run.data.get("options", {}).get("finetune")
+    if not isinstance(stored, dict):
+        return opts.finetune
+    given = opts.finetune.to_dict()
+    return FinetuneOptions.from_dict({**stored, **{k: v for k, v in given.items() if k in opts.given("finetune", given)}})
 
 
 def _with_recorded(opts: RunOptions, recorded: dict[str, Any]) -> RunOptions:
@@ -217,11 +276,14 @@ def run_pipeline(data: str | Path, out: str | Path, opts: RunOptions = RunOption
     with contextlib.ExitStack() as held:
         # one writer per run directory (manifest.run_lock); the stages' own locks nest inside this one
         held_lock = (out / MANIFEST_NAME).is_file()
+        if not held_lock:
+            check_options(opts)
         if held_lock:
             held.enter_context(run_lock(out, "run"))
             existing = RunDir.load(out)
             changed = _check_existing(existing, data, opts)
             opts = _with_recorded(opts, existing.data.get("options", {}).get("run") or {})
+            check_options(opts, _resumed_options(existing, opts))
             if changed:  # options of a later stage changed: redo it and everything after it
                 first = STAGES.index(changed[0])
                 if existing.stage_done(STAGES[first]):
@@ -250,14 +312,18 @@ def run_pipeline(data: str | Path, out: str | Path, opts: RunOptions = RunOption
                 # a run that started (even one stopped before its first checkpoint) continues with its own options
                 resume = (out / MANIFEST_NAME).exists() and (
                     (out / ckpt.STATE_FILE).exists() or bool(RunDir.load(out).data.get("options", {}).get("finetune")))
-                again = f"run the same `edgemap run` command again (--out '{out}'); it continues exactly where it stopped"
-                if resume:  # the run's own options, but for what the user set now (checked above; --epochs may grow)
-                    given = opts.finetune.to_dict()
-                    asked = {k: v for k, v in given.items() if k in opts.given("finetune", given)}
-                    res = finetune(data, out, None, resume=True, overrides=asked, reporter=finetune_reporter,
-                                   resume_hint=again)
-                else:
-                    res = finetune(data, out, opts.finetune, reporter=finetune_reporter, resume_hint=again)
+                again = f"run the same `edgemap run` command again (--out {shlex.quote(str(out))}); it continues exactly where it stopped"
+                try:
+                    if resume:  # the run's own options, but for what the user set now (checked above; --epochs may grow)
+                        given = opts.finetune.to_dict()
+                        asked = {k: v for k, v in given.items() if k in opts.given("finetune", given)}
+                        res = finetune(data, out, None, resume=True, overrides=asked, reporter=finetune_reporter,
+                                       resume_hint=again)
+                    else:
+                        res = finetune(data, out, opts.finetune, reporter=finetune_reporter, resume_hint=again)
+                except BaseException:
+                    _remember_later_options(out, opts)
+                    raise
                 status = "resumed" if resume else "done"
                 detail = f"best val accuracy {res.best_val_accuracy:.4f} (epoch {res.best_epoch})"
             elif stage == "export":
@@ -265,9 +331,11 @@ def run_pipeline(data: str | Path, out: str | Path, opts: RunOptions = RunOption
                 detail = f"{res.onnx_path.name}" + (f" + int8 {', '.join(res.int8)}" if res.int8 else "")
             elif stage == "eval":
                 res = evaluate(out, opts.eval)
+                _some_ran(res.rows, "eval")
                 detail = f"{sum(r.status == 'ok' for r in res.rows)} runtime × precision rows"
             elif stage == "bench":
                 rows = bench(out, opts.bench)
+                _some_ran(rows, "bench")
                 detail = f"{sum(r.status == 'ok' for r in rows)} rows"
             elif stage == "package":
                 res = package(out, opts.package)
@@ -300,6 +368,29 @@ def run_pipeline(data: str | Path, out: str | Path, opts: RunOptions = RunOption
             run_dir=out, stages=outcomes, summary=summarize(run), artifacts=_artifact_rows(run), wheel=wheel,
             report=report_path, seconds=time.perf_counter() - t0, unavailable=_unavailable(run),
         )
+
+
+def _remember_later_options(out: Path, opts: RunOptions) -> None:
+    """Fine-tuning stopped (Ctrl-C, an error): record the later stages' options now, so that the re-run that
+    continues it (often the bare command from the message) packages with this command's --name, --runtime…"""
+    with contextlib.suppress(Exception):  # best effort: the run may not exist yet, or be locked by another process
+        with run_lock(out, "run"):
+            run = RunDir.load(out)
+            recorded = run.data.setdefault("options", {}).setdefault("run", {})
+            for stage, value in _stage_options(opts).items():
+                recorded.setdefault(stage, value)
+            run.save()
+
+
+def _some_ran(rows: list[Any], what: str) -> None:
+    """A stage none of whose rows ran fails (exit 2), is not recorded done, and keeps the results stored earlier."""
+    from edgemap.evaluate import nothing_ran
+    from edgemap.runtime.errors import RuntimeUnavailableError
+
+    failed = nothing_ran([r.status for r in rows], what)
+    if failed:
+        why = dict.fromkeys(f"{r.runtime}: {r.reason}" for r in rows)
+        raise RuntimeUnavailableError(failed.replace("see the table", "; ".join(why)))
 
 
 def _unavailable(run: RunDir) -> list[tuple[str, str]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -185,7 +186,7 @@ def test_a_rerun_after_ctrl_c_resumes_with_the_runs_own_options(digits: Path, tm
 
     out = tmp_path / "cut"
     first = build_options(backbone="tiny", img_size=32, epochs=4, freeze_epochs=1, flip=False, lr=1e-2,
-                          runtime="cpu", bench_seconds=0.3, max_drop=100.0, report=False)
+                          runtime="cpu", bench_seconds=0.3, max_drop=100.0, report=False, name="cut-wheel")
     with pytest.raises(Interrupted, match="run the same `edgemap run` command again"):
         run_pipeline(digits, out, first, finetune_reporter=CtrlCAfterFirstEpoch())
     again = build_options(backbone="tiny", img_size=32, runtime="cpu", bench_seconds=0.3, max_drop=100.0, report=False)
@@ -193,3 +194,55 @@ def test_a_rerun_after_ctrl_c_resumes_with_the_runs_own_options(digits: Path, tm
     assert _statuses(res)[0] == ("finetune", "resumed")
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4] and RunDir.load(out).data["options"]["finetune"]["epochs"] == 4
+    assert Path(res.wheel).name.startswith("cut_wheel-")  # the first command's --name, though not given again
+
+
+@pytest.mark.parametrize(("kw", "says"), [
+    ({"runtime": "foo"}, "--runtime 'foo' is unknown"),
+    ({"package_runtime": "tflite"}, "--package-runtime 'tflite'"),
+    ({"name": "Bad Name!"}, "--name"),
+    ({"bench_seconds": 0.0}, "--bench-seconds 0.0: must be > 0"),
+    ({"max_drop": -5.0}, "--max-drop"),
+    ({"calib_size": 0}, "--calib-size 0 is too small"),
+    ({"img_size": 8}, "--img-size 8"),
+])
+def test_bad_options_of_any_stage_fail_before_training(digits: Path, tmp_path: Path, kw: dict, says: str) -> None:
+    """They used to fail only when their stage started: after fine-tuning (hours with a real backbone)."""
+    from edgemap.errors import EdgemapError
+
+    opts = build_options(**{"backbone": "tiny", "img_size": 32, "epochs": 1, "freeze_epochs": 0, "runtime": "cpu", **kw})
+    with pytest.raises(EdgemapError, match=re.escape(says)):
+        run_pipeline(digits, tmp_path / "run", opts)
+    assert not (tmp_path / "run").exists()  # nothing trained, nothing written
+
+
+def test_no_runtime_that_can_run_is_refused_before_training_and_on_a_finished_run(digits: Path, finished: Path,
+                                                                                  tmp_path: Path) -> None:
+    from edgemap.runtime.sessions import available
+
+    if available("cuda")[0]:
+        pytest.skip("CUDA runs here")
+    r = CliRunner().invoke(app, ["run", str(digits), "--out", str(tmp_path / "new"), "--backbone", "tiny",
+                                 "--runtime", "cuda"])
+    assert r.exit_code == 2 and "none of --runtime can run here: cuda:" in " ".join(r.output.split()), r.output
+    assert not (tmp_path / "new").exists()
+    copy = _copy(finished, tmp_path)
+    before = (copy / "edgemap.json").read_bytes()
+    r = CliRunner().invoke(app, ["run", str(digits), "--out", str(copy), "--runtime", "cuda"])
+    assert r.exit_code == 2 and "none of --runtime can run here" in r.output, r.output
+    assert (copy / "edgemap.json").read_bytes() == before  # results and stage records kept
+
+
+def test_given_default_img_size_is_not_a_change_and_report_can_be_turned_back_on(digits: Path, finished: Path,
+                                                                                 tmp_path: Path) -> None:
+    copy = _copy(finished, tmp_path)
+    run = RunDir.load(copy)
+    run.data["options"]["finetune"]["img_size"] = None  # as if made without --img-size: tiny's own 32
+    run.save()
+    assert run.data["options"]["run"]["report"] is False  # made with --no-report
+    res = run_pipeline(digits, copy, build_options(img_size=32))
+    assert res.did_nothing
+    res = run_pipeline(digits, copy, build_options(report=True))
+    assert _statuses(res)[-1] == ("report", "done") and Path(res.report).is_file()
+    r = CliRunner().invoke(app, ["run", str(digits), "--out", str(copy), "--img-size", "64"])
+    assert r.exit_code == 2 and "img_size: None → 64" in r.output, r.output

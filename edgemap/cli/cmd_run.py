@@ -96,7 +96,7 @@ def register(app: typer.Typer) -> None:
         bench_seconds: Annotated[float | None, typer.Option(help="Seconds per bench measurement \\[default: 3].")] = None,
         package_runtime: Annotated[str | None, typer.Option(help="Wheel runtime onnxruntime|openvino \\[default: onnxruntime].")] = None,
         name: Annotated[str | None, typer.Option(help="Wheel name \\[default: <run dir>-classifier].")] = None,
-        no_report: Annotated[bool, typer.Option("--no-report", help="Skip the HTML report.")] = False,
+        report: Annotated[bool | None, typer.Option("--report/--no-report", help="Make the HTML report \\[default: yes; a re-run keeps the run's choice].", show_default=False)] = None,
         json_out: JsonOpt = None,
     ) -> None:
         """Run finetune → export --int8 → eval → bench → package → report into one run directory.
@@ -107,7 +107,7 @@ def register(app: typer.Typer) -> None:
         opts = build_options(backbone=backbone, epochs=epochs, freeze_epochs=freeze_epochs, img_size=img_size, batch_size=batch_size, lr=lr, seed=seed,
                              device=device, flip=False if no_flip else None, skip_bad=True if skip_bad else None,
                              max_drop=max_drop, calib_size=calib_size, runtime=runtime, bench_seconds=bench_seconds,
-                             package_runtime=package_runtime, name=name, report=not no_report)
+                             package_runtime=package_runtime, name=name, report=report)
         run_and_show(data, out or Path("models") / Path(data).resolve().name, opts, json_out)
 
     @app.command("demo")
@@ -135,7 +135,7 @@ def register(app: typer.Typer) -> None:
 
 def build_options(*, runtime: str | None = None, bench_seconds: float | None = None, package_runtime: str | None = None,
                   name: str | None = None, max_drop: float | None = None, calib_size: int | None = None,
-                  report: bool = True, **finetune_kw: Any) -> Any:
+                  report: bool | None = None, **finetune_kw: Any) -> Any:
     """Stage options from what the user set (unset = None = that stage's own default)."""
     from edgemap.bench import BenchOptions
     from edgemap.evaluate import EvalOptions
@@ -153,13 +153,14 @@ def build_options(*, runtime: str | None = None, bench_seconds: float | None = N
     explicit += [f"{s}.runtimes" for s in ("eval", "bench") if runtimes]
     explicit += ["bench.seconds"] if bench_seconds is not None else []
     explicit += [f"package.{k}" for k in given(runtime=package_runtime, name=name)]
-    explicit += [] if report else ["report.report"]
+    explicit += [] if report is None else ["report.report"]
     return RunOptions(
         finetune=FinetuneOptions(**given(**finetune_kw)),
         export=ExportOptions(int8=True, **given(max_drop=max_drop, calib_size=calib_size)),
         eval=EvalOptions(**given(runtimes=runtimes)),
-        bench=BenchOptions(batches=(1,), seconds=bench_seconds or 3.0, warmup=5, **given(runtimes=runtimes)),
+        bench=BenchOptions(batches=(1,), seconds=3.0 if bench_seconds is None else bench_seconds, warmup=5,
+                           **given(runtimes=runtimes)),
         package=PackageOptions(**given(runtime=package_runtime, name=name)),
-        report=report,
+        report=report is not False,
         explicit=tuple(explicit),
     )
