@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from edgemap.errors import EdgemapError, RuntimeUnavailableError
-from edgemap.evaluate import _combos, nothing_ran, open_session
+from edgemap.evaluate import _combos, nothing_ran, open_session, refuse_older_models
 from edgemap.manifest import RunDir, now_iso, run_lock
 
 DEFAULT_ITERS = 100
@@ -257,6 +257,7 @@ def bench(run_dir: str | Path | RunDir, opts: BenchOptions = BenchOptions(), *, 
     guard = run_lock(run_dir.path if isinstance(run_dir, RunDir) else Path(run_dir), "bench") if opts.save else nullcontext()
     with guard:
         run = run_dir if isinstance(run_dir, RunDir) else RunDir.load(run_dir)
+        refuse_older_models(run, opts.runtimes)
         return _bench_all(run, opts, progress or (lambda _msg: None))
 
 

@@ -217,6 +217,15 @@ def _combos(runtimes: tuple[str, ...], precisions: tuple[str, ...]) -> list[tupl
     return combos
 
 
+def refuse_older_models(run: RunDir, runtimes: tuple[str, ...]) -> None:
+    """Refuse measuring exported models made from other weights than the run's (fine-tuned again since).
+
+    Each ONNX row would fail with the same reason; this says it once, before any work (ManifestError, exit 2).
+    """
+    if "onnx_fp32" in run.artifacts and any(r.strip().lower() != REFERENCE for r in runtimes):
+        run.artifact_path("onnx_fp32", verify=False)
+
+
 def nothing_ran(statuses: list[str], what: str) -> str | None:
     """The error for a command none of whose rows ran (its earlier results are kept), else None."""
     if statuses and "ok" not in statuses:
@@ -387,6 +396,7 @@ def evaluate(run_dir: str | Path | RunDir, opts: EvalOptions = EvalOptions()) ->
     guard = run_lock(run_dir.path if isinstance(run_dir, RunDir) else Path(run_dir), "eval") if opts.save else nullcontext()
     with guard:
         run = run_dir if isinstance(run_dir, RunDir) else RunDir.load(run_dir)
+        refuse_older_models(run, opts.runtimes)
         paths, labels, where = load_samples(run, opts.data, opts.max_pixels, opts.skip_bad)
         limit = opts.max_pixels if opts.max_pixels is not None else run.max_pixels
         images = preprocess_batch(paths, run.contract, limit)  # once, reused by every runtime

@@ -21,6 +21,7 @@ import datetime as _dt
 import json
 import platform
 import re
+import shlex
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import metadata
@@ -303,13 +304,18 @@ class RunDir:
         return key in self.artifacts and self._inside(self.artifacts[key]["path"]).is_file()
 
     def artifact_path(self, key: str, verify: bool = True) -> Path:
-        """Path of a recorded artifact; refused when missing or when its sha256 changed."""
+        """Path of a recorded artifact; refused when missing, when its sha256 changed, or (an exported model)
+        when it was made from other weights than the run's current ones."""
         if key not in self.artifacts:
             raise ManifestError(f"{self.manifest_path}: no artifact '{key}' recorded; run the stage that makes it")
         entry = self.artifacts[key]
         p = self._inside(entry["path"])
         if not p.is_file():
             raise ManifestError(f"{p}: recorded as artifact '{key}' but missing; re-run the stage '{entry.get('stage')}'")
+        older = self.made_from_older_weights(key)
+        if older:
+            raise ManifestError(f"{p}: {older}; its results would not be this run's model. Export again: "
+                                f"edgemap export {shlex.quote(str(self.path))}" + ("" if key == "onnx_fp32" else " --int8"))
         if verify:
             actual = sha256_file(p)
             if actual != entry["sha256"]:
@@ -319,6 +325,19 @@ class RunDir:
                     f"Re-run `edgemap {entry.get('stage', 'export')}`."
                 )
         return p
+
+    def made_from_older_weights(self, key: str) -> str | None:
+        """Why the exported model ``key`` does not come from the run's current weights (None when it does)."""
+        if not key.startswith("onnx_"):
+            return None
+        fp32 = self.artifacts.get("onnx_fp32") or {}
+        weights = (self.artifacts.get("weights_best") or {}).get("sha256")
+        if weights and fp32.get("weights_sha256") not in (None, weights):
+            return "exported from earlier weights (fine-tuning ran again since)"
+        source = (self.artifacts.get(key) or {}).get("source_sha256")
+        if key != "onnx_fp32" and source not in (None, fp32.get("sha256")):
+            return "quantized from an earlier model.onnx"
+        return None
 
     def set_stage(self, stage: str, status: str, save: bool = True, **info: Any) -> None:
         self.data["stages"][stage] = {"status": status, "updated": now_iso(), **info}

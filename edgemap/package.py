@@ -181,15 +181,12 @@ def _choose_artifact(run: RunDir, runtime: str, precision: str | None) -> tuple[
             f"{run.manifest_path}: no {precision} model for {runtime} (artifact '{key}'); run `{fix}` first"
             + (" or package with --precision fp32" if precision == "int8" else "")
         )
-    path = run.artifact_path(key)  # refuses a file whose sha256 changed since export
-    entry, fp32 = run.artifacts[key], run.artifacts.get("onnx_fp32", {})
+    path = run.artifact_path(key)  # refuses a file whose sha256 changed since export, or made from older inputs
+    entry = run.artifacts[key]
     parity = run.data.get("metrics", {}).get("parity", {})
     if parity and not parity.get("passed", True):
         raise PackageError(f"{run.path}: model.onnx failed the parity check against PyTorch (metrics.parity); "
                            f"it must not be deployed. Re-run `edgemap export {shlex.quote(str(run.path))}`")
-    if precision == "int8" and entry.get("source_sha256") not in (None, fp32.get("sha256")):
-        raise PackageError(f"{path.name} was quantized from an earlier model.onnx; run `edgemap export {shlex.quote(str(run.path))} --int8` "
-                           "again, or package with --precision fp32")
     return precision, key, path, entry
 
 

@@ -266,11 +266,23 @@ def test_reexport_retires_int8_models_of_the_old_fp32(trained, tmp_path) -> None
     after = RunDir.load(r.path)
     after.artifacts["onnx_int8_qoperator"]["source_sha256"] = "0" * 64
     after.save()
-    from edgemap.errors import PackageError
+    from edgemap.cli import app
+    from edgemap.errors import ManifestError
+    from edgemap.evaluate import EvalOptions, evaluate
     from edgemap.package import PackageOptions, package
 
-    with pytest.raises(PackageError, match="quantized from an earlier model.onnx.*--precision fp32"):
+    with pytest.raises(ManifestError, match="quantized from an earlier model.onnx.*edgemap export .* --int8"):
         package(r.path, PackageOptions(out=tmp_path / "dist"))
+    # fine-tuned again after the export (`finetune --resume`): eval, bench and package used the old models silently
+    after.artifacts["onnx_int8_qoperator"]["source_sha256"] = after.artifacts["onnx_fp32"]["sha256"]
+    after.artifacts["onnx_fp32"]["weights_sha256"] = "1" * 64
+    after.save()
+    for call in (lambda: package(r.path, PackageOptions(out=tmp_path / "dist")),
+                 lambda: evaluate(r.path, EvalOptions(runtimes=("cpu",), precisions=("fp32",), save=False, strict=True))):
+        with pytest.raises(ManifestError, match="exported from earlier weights .*Export again: edgemap export"):
+            call()
+    res = CliRunner().invoke(app, ["bench", str(r.path), "--runtime", "cpu", "--precision", "fp32", "--iters", "2"])
+    assert res.exit_code == 2 and "exported from earlier weights" in res.output, res.output
 
 
 def test_unfinished_finetune_is_exported_with_a_warning(trained, tmp_path) -> None:  # noqa: ANN001
