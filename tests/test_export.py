@@ -285,6 +285,35 @@ def test_reexport_retires_int8_models_of_the_old_fp32(trained, tmp_path) -> None
     assert res.exit_code == 2 and "exported from earlier weights" in res.output, res.output
 
 
+def test_a_copied_run_reexports_unchanged_and_keeps_its_int8(trained, tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """The run folder's name is in the metadata: `cp -r` + export rewrote model.onnx and retired valid int8 models."""
+    import edgemap.export as export_mod
+    from edgemap.errors import Interrupted
+    from edgemap.export import same_model
+
+    run, state, root = trained
+    r, _ = make_run(tmp_path / "orig", root / "data", state=state)
+    export(r.path, ExportOptions(int8=True, calib_size=16, targets=("cpu",)))
+    copy = tmp_path / "a copy"
+    shutil.copytree(r.path, copy)
+    res = export(copy, ExportOptions())
+    assert not res.rewritten and not res.retired and not res.warnings
+    assert (copy / "model.int8.qoperator.onnx").is_file() and "onnx_int8_qoperator" in RunDir.load(copy).artifacts
+    # what the model means still counts: other class names are another model
+    m = onnx.load(copy / "model.onnx")
+    for p in m.metadata_props:
+        if p.key == md.CLASSES:
+            p.value = json.dumps(list(reversed(json.loads(p.value))))
+    assert not same_model((copy / "model.onnx").read_bytes(), m.SerializeToString())
+    # stopped during int8 after a new model.onnx was written: not "done", and said so (was "earlier artifacts untouched")
+    monkeypatch.setattr(export_mod, "_int8", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt("SIGTERM")))
+    with pytest.raises(Interrupted, match="model.onnx is new and recorded.*retired.*--int8` again") as err:
+        export(copy, ExportOptions(opset=13, int8=True, calib_size=16, targets=("cpu",)))
+    assert err.value.exit_code == 143
+    after = RunDir.load(copy)
+    assert after.data["stages"]["export"]["status"] == "interrupted" and not any(k.startswith("onnx_int8") for k in after.artifacts)
+
+
 def test_unfinished_finetune_is_exported_with_a_warning(trained, tmp_path) -> None:  # noqa: ANN001
     run, state, root = trained
     r, _ = make_run(tmp_path / "cut", root / "data", state=state)

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgemap.errors import AccuracyGateError, ExportError, ParityError, QuantizationError
+from edgemap.errors import AccuracyGateError, ExportError, Interrupted, ParityError, QuantizationError
 
 __all__ = ["ExportOptions", "ExportResult", "export"]
 
@@ -221,6 +221,17 @@ def _export_locked(run: Any, opts: ExportOptions, plan: dict[str, list[str]], da
     except AccuracyGateError:
         run.set_stage("export", "failed", save=False, reason="int8 accuracy gate")
         raise
+    except KeyboardInterrupt as e:
+        if not result.rewritten:
+            raise  # model.onnx and its int8 models are as they were
+        # the new model.onnx is recorded and the old int8 models are retired: the export is half done, say so
+        name = e.args[0] if e.args else "SIGINT"
+        run.set_stage("export", "interrupted", save=False, reason=f"{name} during int8 quantization")
+        err = Interrupted(f"interrupted by {name} during int8 quantization: model.onnx is new and recorded, "
+                          "the int8 models of the previous one are retired (*.stale.onnx) and the new ones were not "
+                          f"made; run `edgemap export {shlex.quote(str(run.path))} --int8` again")
+        err.exit_code = 143 if name == "SIGTERM" else 130
+        raise err from None
     finally:
         warnings.extend(_retired_notes(run, result, opts))
         if result.rewritten or result.int8:  # eval, bench, package, report saw the old models
@@ -258,7 +269,7 @@ def _export_fp32(run: Any, net: Any, images: Any, opts: ExportOptions, say: Prog
     say(f"exporting ONNX (opset {opts.opset})")
     data = finalize_bytes(torch_to_onnx_bytes(net, c.height, c.width, opts.opset), build_metadata(run, "fp32", "fp32"))
     dest = run.path / FILENAMES[ONNX_FP32]
-    rewritten = not (dest.is_file() and dest.read_bytes() == data)
+    rewritten = not (dest.is_file() and same_model(dest.read_bytes(), data))
     inp, out = io_spec(c.height, c.width, len(run.classes))
     meta = dict(opset=opts.opset, input=inp, output=out, precision="fp32", format="fp32",
                 exporter="torch.onnx.export(dynamo=False)", weights_sha256=run.artifacts["weights_best"]["sha256"])
@@ -282,6 +293,32 @@ def _export_fp32(run: Any, net: Any, images: Any, opts: ExportOptions, say: Prog
     run.data.get("metrics", {}).pop("parity_rejected", None)
     _record_parity(run, rows, opts, failed=False)
     return dest, True, rows
+
+
+def same_model(old: bytes, new: bytes) -> bool:
+    """Whether two exports are the same model: equal bytes, or equal but for the provenance metadata.
+
+    The run folder's name and the package versions are provenance, not the model: a copied run
+    directory (``cp -r``) or an upgraded Pillow re-exports the same graph, and rewriting model.onnx
+    would retire int8 models that are still exactly right for it. Classes, preprocessing and
+    every other key still count.
+    """
+    if old == new:
+        return True
+    import onnx
+
+    from edgemap.runtime import metadata as md
+
+    try:
+        models = [onnx.load_from_string(b) for b in (old, new)]
+    except Exception:  # noqa: BLE001 - an unreadable old file is simply different
+        return False
+    for m in models:
+        kept = sorted((p.key, p.value) for p in m.metadata_props if p.key not in (md.RUN, md.VERSIONS))
+        del m.metadata_props[:]
+        for key, value in kept:
+            m.metadata_props.add(key=key, value=value)
+    return models[0].SerializeToString(deterministic=True) == models[1].SerializeToString(deterministic=True)
 
 
 def _parity(run: Any, net: Any, path: Path, images: Any, opts: ExportOptions, say: Progress, rejected: bool) -> list[Any]:
