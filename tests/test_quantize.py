@@ -163,6 +163,12 @@ def test_gate_failure_exits_nonzero_with_table_and_leaves_artifacts_untouched(tr
     assert gate["attempts"][1]["method"] == "percentile" and len(gate["attempts"][2]["excluded"]) == 2
     assert (bad.path / gate["rejected"]).is_file() and gate["rejected"] == "model.int8.qoperator.rejected.onnx"
     assert not list(bad.path.glob(".export-work-*"))
+    # --json - : the attempts as JSON on stdout (the table went there instead, and no JSON)
+    res = CliRunner().invoke(app, ["export", str(bad.path), "--int8", "--max-drop", "0", "--calib-size", "16",
+                                   "--targets", "cpu", "--json", "-"])
+    assert res.exit_code == 2
+    data = json.loads(res.stdout)
+    assert data["int8"] == {} and len(data["gate"]) == 4 and "int8 accuracy gate failed" in data["error"]
 
 
 def test_gate_failure_never_overwrites_a_good_int8_artifact(trained) -> None:  # noqa: ANN001
@@ -180,4 +186,8 @@ def test_gate_failure_never_overwrites_a_good_int8_artifact(trained) -> None:  #
                dataset=scan_dataset(flat))
     assert len(e.value.attempts) == 4 and not any(a.passed for a in e.value.attempts)
     assert (r.path / "model.int8.qoperator.onnx").read_bytes() == good
-    assert RunDir.load(r.path).artifacts["onnx_int8_qoperator"]["sha256"] == sha
+    after = RunDir.load(r.path)
+    assert after.artifacts["onnx_int8_qoperator"]["sha256"] == sha
+    # the recorded (still deployed) model keeps its passing gate entry; the failed attempt is kept beside it
+    assert after.data["metrics"]["int8_gate"]["qoperator"]["passed"] is True
+    assert after.data["metrics"]["int8_gate_rejected"]["qoperator"]["passed"] is False

@@ -51,6 +51,15 @@ def gate_table(attempts: list[Any], max_drop: float) -> Table:
     return table
 
 
+def _result_json(result: Any) -> dict[str, Any]:
+    return {
+        "onnx": str(result.onnx_path), "rewritten": result.rewritten,
+        "parity": [r.to_dict() for r in result.parity],
+        "int8": {k: str(v) for k, v in result.int8.items()},
+        "gate": [dataclasses.asdict(a) for a in result.gate], "warnings": result.warnings,
+    }
+
+
 def register(app: typer.Typer) -> None:
     @app.command("export")
     @handle_errors
@@ -81,19 +90,19 @@ def register(app: typer.Typer) -> None:
                 result = export(run_dir, opts, progress=lambda msg: status.update(escape(msg) + "…"))
             except AccuracyGateError as e:
                 status.stop()
-                console.print(gate_table(e.attempts, opts.max_drop))
+                if getattr(e, "result", None) is not None:
+                    write_json_out(json_out, {**_result_json(e.result), "error": str(e)})  # type: ignore[attr-defined]
+                if json_out is None or str(json_out) != "-":
+                    console.print(gate_table(e.attempts, opts.max_drop))
                 raise
             except ParityError as e:
                 status.stop()
-                if getattr(e, "rows", None):
-                    console.print(parity_table(e.rows))  # type: ignore[attr-defined]
+                rows = getattr(e, "rows", None) or []
+                write_json_out(json_out, {"parity": [r.to_dict() for r in rows], "error": str(e)})
+                if rows and (json_out is None or str(json_out) != "-"):
+                    console.print(parity_table(rows))
                 raise
-        write_json_out(json_out, {
-            "onnx": str(result.onnx_path), "rewritten": result.rewritten,
-            "parity": [r.to_dict() for r in result.parity],
-            "int8": {k: str(v) for k, v in result.int8.items()},
-            "gate": [dataclasses.asdict(a) for a in result.gate], "warnings": result.warnings,
-        })
+        write_json_out(json_out, _result_json(result))
         for note in result.warnings:
             err_console.print(f"[yellow]warning:[/] {escape(note)}")
         if json_out is not None and str(json_out) == "-":

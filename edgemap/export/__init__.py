@@ -218,8 +218,9 @@ def _export_locked(run: Any, opts: ExportOptions, plan: dict[str, list[str]], da
     try:
         if opts.int8:
             _int8(run, onnx_path, calib, list(ds.val), plan, opts, result, say)
-    except AccuracyGateError:
+    except AccuracyGateError as e:
         run.set_stage("export", "failed", save=False, reason="int8 accuracy gate")
+        e.result = result  # type: ignore[attr-defined] # what was written before the gate failed (--json)
         raise
     except KeyboardInterrupt as e:
         if not result.rewritten:
@@ -427,10 +428,8 @@ def _int8(run: Any, onnx_path: Path, calib: list[Any], val: list[Any], plan: dic
             table[fmt] = entry
     finally:
         shutil.rmtree(work, ignore_errors=True)
-        if table:  # formats not attempted this time keep their earlier entry (their artifacts are still recorded)
-            metrics = run.data.setdefault("metrics", {})
-            metrics["int8_gate"] = {**metrics.get("int8_gate", {}), **table}
-            run.save()
+        if table:
+            _record_gate(run, table)
     if failed:
         attempts = [a for a in result.gate if a.format in failed]
         best = {f: max(table[f]["attempts"], key=lambda a: a["top1_int8"]) for f in failed}
@@ -447,6 +446,29 @@ def _int8(run: Any, onnx_path: Path, calib: list[Any], val: list[Any], plan: dic
             "images (--calib-size), another --calib-method, or deploy fp32",
             attempts=attempts,
         )
+
+
+def _record_gate(run: Any, table: dict[str, Any]) -> None:
+    """``metrics.int8_gate`` describes the recorded int8 models (as ``metrics.parity`` does model.onnx).
+
+    A format not attempted this time keeps its entry. A failed attempt whose format still has a
+    recorded model (quantized earlier from this same model.onnx, still deployed by package) goes to
+    ``metrics.int8_gate_rejected`` instead of hiding that model's passing entry.
+    """
+    metrics = run.data.setdefault("metrics", {})
+    gate, rejected = dict(metrics.get("int8_gate", {})), dict(metrics.get("int8_gate_rejected", {}))
+    for fmt, entry in table.items():
+        if not entry["passed"] and f"onnx_int8_{fmt}" in run.artifacts:
+            rejected[fmt] = entry
+        else:
+            gate[fmt] = entry
+            rejected.pop(fmt, None)
+    metrics["int8_gate"] = gate
+    if rejected:
+        metrics["int8_gate_rejected"] = rejected
+    else:
+        metrics.pop("int8_gate_rejected", None)
+    run.save()
 
 
 def _write_int8(run: Any, src: Path, fmt: str, targets: list[str], chosen: Any, n_calib: int,
