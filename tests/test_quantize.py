@@ -191,3 +191,30 @@ def test_gate_failure_never_overwrites_a_good_int8_artifact(trained) -> None:  #
     # the recorded (still deployed) model keeps its passing gate entry; the failed attempt is kept beside it
     assert after.data["metrics"]["int8_gate"]["qoperator"]["passed"] is True
     assert after.data["metrics"]["int8_gate_rejected"]["qoperator"]["passed"] is False
+
+
+def test_a_full_disk_is_reported_as_a_full_disk(trained, tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """ORT writes truncated models on a full disk without raising; the next step failed with a protobuf error
+    (a traceback, or exit 2 'quantization failed'). Now: the space is checked first, and failures say ENOSPC (exit 74)."""
+    import errno
+    import shutil as shutil_mod
+    from collections import namedtuple
+
+    from edgemap.cli import app
+    from edgemap.export import quantize as q
+
+    run, state, root = trained
+    r, _ = make_run(tmp_path / "full", root / "data", state=state)
+    export(r.path, ExportOptions())
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil_mod, "disk_usage", lambda _p: usage(1 << 30, (1 << 30) - 300_000, 300_000))
+    res = CliRunner().invoke(app, ["export", str(r.path), "--int8", "--calib-size", "16", "--targets", "cpu"])
+    assert res.exit_code == 74 and "int8 quantization needs about" in " ".join(res.output.split()), res.output
+    assert not list(r.path.glob(".export-work-*")) and "onnx_int8_qoperator" not in RunDir.load(r.path).artifacts
+    truncated = Exception("Error parsing message with type 'onnx.ModelProto'")
+    low = q.tool_failed("quantize_static", truncated, tmp_path)
+    assert isinstance(low, OSError) and low.errno == errno.ENOSPC and "KiB left" in str(low)
+    monkeypatch.setattr(shutil_mod, "disk_usage", lambda _p: usage(1 << 30, 0, 1 << 30))
+    assert isinstance(q.tool_failed("quantize_static", truncated, tmp_path), QuantizationError)
+    quota = OSError(errno.EDQUOT, "Disk quota exceeded")
+    assert q.tool_failed("quantize_static", quota, tmp_path) is quota

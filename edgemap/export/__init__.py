@@ -391,12 +391,13 @@ def _int8(run: Any, onnx_path: Path, calib: list[Any], val: list[Any], plan: dic
     import numpy as np
 
     from edgemap.export.calibration import load_images, stratified
-    from edgemap.export.quantize import predict, prepare, run_gate
+    from edgemap.export.quantize import check_free_space, predict, prepare, run_gate
     from edgemap.fsutil import sha256_file
 
     gate_samples = stratified(val, opts.gate_images, opts.seed)
     if not gate_samples:
         raise QuantizationError(f"{run.path}: the validation split is empty; the int8 accuracy gate needs validation images")
+    check_free_space(run.path, onnx_path)
     work = Path(tempfile.mkdtemp(prefix=".export-work-", dir=run.path))
     table: dict[str, Any] = {}
     failed: list[str] = []

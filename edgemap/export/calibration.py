@@ -144,10 +144,15 @@ def calibrate(
                   "percentile": CalibrationMethod.Percentile}[method]
     extra: dict[str, Any] = {"symmetric": symmetric}
     with tempfile.TemporaryDirectory(prefix=".calib-", dir=cache_path.parent) as tmp, quiet():
-        calibrator = create_calibrator(
-            model_path, None, augmented_model_path=str(Path(tmp) / "augmented.onnx"),
-            calibrate_method=ort_method, providers=["CPUExecutionProvider"], extra_options=extra,
-        )
+        try:
+            calibrator = create_calibrator(
+                model_path, None, augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+                calibrate_method=ort_method, providers=["CPUExecutionProvider"], extra_options=extra,
+            )
+        except Exception as e:  # noqa: BLE001 - a truncated augmented model (full disk) fails as a protobuf error
+            from edgemap.export.quantize import tool_failed
+
+            raise tool_failed(f"{model_path}: calibration", e, cache_path.parent) from e
         for start in range(0, len(paths), max(1, chunk)):
             calibrator.collect_data(ImageReader(paths[start : start + chunk], contract, max_pixels=max_pixels))
         ranges = calibrator.compute_data()

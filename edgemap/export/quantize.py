@@ -39,6 +39,8 @@ written over an existing artifact: the best attempt is kept as
 
 from __future__ import annotations
 
+import errno
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -107,6 +109,39 @@ class GraphInfo:
     weighted: list[str] = field(default_factory=list)  # Conv/Gemm/MatMul among them
 
 
+#: errors of the place, not of the model: passed through as OSError (the CLI says what to do, exit 74)
+_PLACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
+#: below this much free space a failing tool most likely wrote a truncated file (ORT does not raise then)
+_LOW_SPACE = 1 << 20
+
+
+def tool_failed(what: str, e: Exception, folder: Path) -> Exception:
+    """The error for an onnxruntime quantization tool that failed in ``folder``.
+
+    A full disk makes ORT write truncated models without an error; the next step then fails
+    with a protobuf "wire format" or decode error. Both, and a real OSError of the place, are
+    reported as what they are (exit 74), not as a quantization problem.
+    """
+    if isinstance(e, OSError) and e.errno in _PLACE_ERRNOS:
+        return e
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = _LOW_SPACE
+    if free < _LOW_SPACE:
+        return OSError(errno.ENOSPC, f"{what} failed with {free // 1024} KiB left on the disk ({e})", str(folder))
+    return QuantizationError(f"{what} failed: {e}")
+
+
+def check_free_space(folder: Path, fp32_path: Path) -> None:
+    """Refuse to start int8 work that cannot fit: its work files take about 3× the fp32 model."""
+    need = 3 * fp32_path.stat().st_size + (16 << 20)
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise OSError(errno.ENOSPC, f"int8 quantization needs about {need >> 20} MiB free for its work files, "
+                      f"{free >> 20} MiB left", str(folder))
+
+
 def prepare(fp32_path: Path, out_path: Path) -> Path:
     """Run ``quant_pre_process`` (shape inference + graph optimisation) into ``out_path``."""
     from onnxruntime.quantization import quant_pre_process
@@ -115,7 +150,7 @@ def prepare(fp32_path: Path, out_path: Path) -> Path:
         with quiet():
             quant_pre_process(str(fp32_path), str(out_path), skip_symbolic_shape=False)
     except Exception as e:  # ORT/onnx raise assorted types here
-        raise QuantizationError(f"{fp32_path}: onnxruntime quantization pre-processing failed: {e}") from e
+        raise tool_failed(f"{fp32_path}: onnxruntime quantization pre-processing", e, out_path.parent) from e
     return out_path
 
 
@@ -202,7 +237,7 @@ def quantize_once(
                 extra_options=extra, calibration_cache_path=str(cache),
             )
     except Exception as e:  # onnxruntime.quantization raises plain exceptions
-        raise QuantizationError(f"{pre_path}: quantize_static ({spec.name}, {method}) failed: {e}") from e
+        raise tool_failed(f"{pre_path}: quantize_static ({spec.name}, {method})", e, out_path.parent) from e
     if fold and fold_input_quantization(out_path, info, contract) and not spec.qdq:
         pack_stem_pixels(out_path)
     return out_path
