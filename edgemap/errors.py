@@ -21,6 +21,7 @@ __all__ = [
     "DatasetError",
     "ManifestError",
     "RunBusyError",
+    "RunNotWritableError",
     "BackboneError",
     "TrainingError",
     "ResumeError",
@@ -39,6 +40,12 @@ class DatasetError(EdgemapError):
 
 class ManifestError(EdgemapError):
     """edgemap.json is missing, unreadable, or has wrong types / missing keys."""
+
+
+class RunNotWritableError(ManifestError):
+    """The run directory cannot be written (permissions, a read-only mount): exit 74, as any refused write."""
+
+    exit_code = 74
 
 
 class RunBusyError(EdgemapError):

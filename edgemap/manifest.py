@@ -28,7 +28,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from edgemap.errors import ManifestError, ModelIntegrityError, RunBusyError
+from edgemap.errors import ManifestError, ModelIntegrityError, RunBusyError, RunNotWritableError
 from edgemap.fsutil import FolderBusy, FolderNotWritable, atomic_path, atomic_write_json, folder_lock, sha256_file
 from edgemap.runtime.preprocess import DEFAULT_MAX_PIXELS, PreprocessContract
 
@@ -90,9 +90,9 @@ def run_lock(path: str | Path, command: str, create: bool = False) -> Iterator[N
         with folder_lock(path, f"edgemap {command}"):
             yield
     except FolderNotWritable as e:
-        raise ManifestError(
+        raise RunNotWritableError(
             f"{e.folder}: cannot write in this run directory ({e.why}); `edgemap {command}` records its results there. "
-            f"Make it writable (chmod -R u+w '{e.folder}') or work on a copy (cp -r)"
+            f"Make it writable (chmod -R u+w {shlex.quote(str(e.folder))}) or work on a copy (cp -r)"
         ) from None
     except FolderBusy as e:
         raise RunBusyError(

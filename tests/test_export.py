@@ -139,6 +139,9 @@ def test_op_unsupported_at_opset_is_a_clear_error_and_writes_nothing(trained, tm
     with pytest.raises(ExportError, match=r"--opset 99 is newer than torch .* exports \(at most \d+\)"):
         export(other.path, ExportOptions(opset=99))
     assert capfd.readouterr().out == ""  # torch would print its whole graph to stdout here
+    with pytest.raises(ExportError, match=r"could not export .* --opset 3: Unsupported onnx_opset_version"):
+        export(other.path, ExportOptions(opset=3))
+    assert capfd.readouterr().out == ""  # the same from its C++ side ("Torch IR graph at exception: ...")
 
 
 def test_ir_version_newer_than_installed_is_a_clear_error(exported, tmp_path) -> None:  # noqa: ANN001

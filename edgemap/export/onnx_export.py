@@ -11,10 +11,14 @@ and turns ``flatten`` into a Shape/Gather/Range/Reshape chain. So edgemap uses
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import os
 import re
+import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +82,26 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     return {p.key: p.value for p in model.metadata_props}
 
 
+@contextlib.contextmanager
+def _stdout_fd_silenced() -> Iterator[None]:
+    """Silence the process's stdout (fd 1): when the TorchScript exporter fails (say at --opset 0 or 3),
+    its C++ side prints the whole Torch IR graph there (57 lines for the tiny backbone, thousands for Lite0)."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no fd 1 (a closed stdout): nothing to silence
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
+
+
 def torch_to_onnx_bytes(net: Any, height: int, width: int, opset: int) -> bytes:
     """Trace ``net`` (uint8 NHWC in, logits out) into serialized ONNX with a dynamic batch.
 
@@ -95,7 +119,7 @@ def torch_to_onnx_bytes(net: Any, height: int, width: int, opset: int) -> bytes:
     example = torch.zeros((2, height, width, 3), dtype=torch.uint8)
     buf = io.BytesIO()
     try:
-        with warnings.catch_warnings(), torch.no_grad():
+        with warnings.catch_warnings(), torch.no_grad(), _stdout_fd_silenced():
             warnings.simplefilter("ignore")  # TorchScript exporter deprecation notes
             torch.onnx.export(
                 net.eval(), (example,), buf, dynamo=False, opset_version=opset,
