@@ -23,10 +23,12 @@ JavaScript, no network) and the PNGs beside it, every one written atomically.
 from __future__ import annotations
 
 import base64
+import errno
 import html
 import io
 import json
 import math
+import os
 import shlex
 import time
 from dataclasses import dataclass, field
@@ -36,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from edgemap.errors import EdgemapError, ManifestError
-from edgemap.fsutil import atomic_write_bytes
+from edgemap.fsutil import NOT_WRITABLE, atomic_write_bytes
 from edgemap.manifest import RunDir, now_iso
 
 REPORT_DIR = "report"
@@ -884,11 +886,17 @@ def report(run_dir: str | Path | RunDir, opts: ReportOptions | None = None) -> R
     opts.validate()
     run = run_dir if isinstance(run_dir, RunDir) else RunDir.load(run_dir)
     html_path = Path(opts.out) if opts.out is not None else run.path / REPORT_DIR / REPORT_FILE
-    if html_path.is_dir():
-        raise ManifestError(f"--out {html_path} is a folder; give a file name such as {html_path / REPORT_FILE}")
+    if html_path.is_dir() or str(opts.out or "").endswith(("/", os.sep)):  # a folder (or one to make): the file in it
+        html_path = html_path / REPORT_FILE
     # the plots as PNG files too: RUN_DIR/report/, or beside --out (NAME_files/), never in a run given --out elsewhere
     out_dir = run.path / REPORT_DIR if opts.out is None else html_path.parent / f"{html_path.stem}_files"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        if e.errno in NOT_WRITABLE or e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise  # the place refused the write: one line, exit 74
+        raise ManifestError(f"--out {opts.out}: cannot make the folder {out_dir} ({e.strerror}); "
+                            "give a path in a folder you can write") from None
     b = _Builder(run, opts, out_dir)
     b.predict()
     body = [

@@ -117,10 +117,17 @@ def test_max_images_bounds_the_work_across_classes(finished_run: RunDir, tmp_pat
 def test_options_are_checked(finished_run: RunDir, tmp_path: Path) -> None:
     with pytest.raises(ManifestError, match="--max-images"):
         report(finished_run, ReportOptions(max_images=0))
-    with pytest.raises(ManifestError, match="is a folder"):
-        report(finished_run, ReportOptions(out=tmp_path))
     with pytest.raises(ManifestError, match="not an edgemap run directory"):
         report(tmp_path)
+    # --out a folder (existing, or new with a trailing slash): report.html in it (was: refused / a file named like it)
+    folder = tmp_path / "existing"
+    folder.mkdir()
+    assert report(finished_run, ReportOptions(out=folder, predict=False)).html == folder / "report.html"
+    new = report(finished_run, ReportOptions(out=f"{tmp_path / 'new'}/", predict=False))
+    assert new.html == tmp_path / "new" / "report.html" and new.html.is_file()
+    # a path through a file: one line (was a NotADirectoryError traceback)
+    with pytest.raises(ManifestError, match="cannot make the folder .*Not a directory"):
+        report(finished_run, ReportOptions(out=finished_run.manifest_path / "x.html", predict=False))
 
 
 # ---- missing stages, missing data, changed models ------------------------------------------------
