@@ -283,5 +283,6 @@ def _bench_all(run: RunDir, opts: BenchOptions, say: Any) -> list[BenchRow]:
     if opts.save and not nothing_ran([r.status for r in rows], "bench"):
         run.data.setdefault("metrics", {})["bench"] = {"updated": now_iso(), "threads": threads,
                                                        "rows": [r.to_dict() for r in rows]}
+        run.outdate(("package", "report"), "bench results changed", save=False)  # the model card and the report show them
         run.save()
     return rows

@@ -310,6 +310,7 @@ def evaluate_arrays(
     result = EvalResult(rows=rows, classes=classes, data=data, n=int(len(images)))
     if opts.save and not nothing_ran([r.status for r in rows], "eval"):
         run.data.setdefault("metrics", {})["eval"] = {"updated": now_iso(), **result.to_dict()}
+        run.outdate(("package", "report"), "eval results changed", save=False)  # the model card and the report show them
         run.save()
     return result
 

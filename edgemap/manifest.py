@@ -346,8 +346,11 @@ class RunDir:
 
     def outdate_after(self, stage: str, reason: str, save: bool = True) -> list[str]:
         """Mark the recorded stages after ``stage`` "outdated": what they made came from older inputs."""
-        later = STAGE_ORDER[STAGE_ORDER.index(stage) + 1:]
-        hit = [s for s in later if self.data["stages"].get(s, {}).get("status") == "done"]
+        return self.outdate(STAGE_ORDER[STAGE_ORDER.index(stage) + 1:], reason, save)
+
+    def outdate(self, stages: Any, reason: str, save: bool = True) -> list[str]:
+        """Mark those of ``stages`` recorded done "outdated"; returns them."""
+        hit = [s for s in stages if self.data["stages"].get(s, {}).get("status") == "done"]
         for s in hit:
             self.data["stages"][s] = {"status": "outdated", "updated": now_iso(), "reason": reason}
         if hit and save:

@@ -530,6 +530,11 @@ class _Builder:
         self.warnings: list[str] = []
         self.pred: _Predictions | None = None
         self.misclassified: dict[str, int] = {}
+        for stage in ("eval", "bench"):  # results measured on models replaced since (export ran again)
+            info = run.data.get("stages", {}).get(stage, {})
+            if info.get("status") == "outdated" and self.metrics.get(stage):
+                self.warnings.append(f"the {stage} results below were measured before {info.get('reason', 'a later change')}; "
+                                     f"run `edgemap {stage} {shlex.quote(str(run.path))}` to measure the current models")
 
     @property
     def rd(self) -> str:

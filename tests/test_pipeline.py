@@ -246,3 +246,24 @@ def test_given_default_img_size_is_not_a_change_and_report_can_be_turned_back_on
     assert _statuses(res)[-1] == ("report", "done") and Path(res.report).is_file()
     r = CliRunner().invoke(app, ["run", str(digits), "--out", str(copy), "--img-size", "64"])
     assert r.exit_code == 2 and "img_size: None → 64" in r.output, r.output
+
+
+def test_eval_by_hand_redoes_the_package_and_report_that_show_its_results(digits: Path, finished: Path,
+                                                                          tmp_path: Path) -> None:
+    """After `edgemap eval RUN --runtime cpu` (the run's own next step) a re-run said 'nothing to do' and the
+    wheel's model card and the report kept the rows eval had just replaced."""
+    from edgemap.evaluate import EvalOptions, evaluate
+    from edgemap.report import ReportOptions, report
+
+    copy = _copy(finished, tmp_path)
+    evaluate(copy, EvalOptions(runtimes=("cpu",), precisions=("fp32",)))
+    stages = RunDir.load(copy).data["stages"]
+    assert stages["package"]["status"] == "outdated" and stages["eval"]["status"] == "done"
+    res = run_pipeline(digits, copy, _opts())
+    assert _statuses(res) == [(s, "skipped") for s in ("finetune", "export", "eval", "bench")] + [("package", "done")]
+    # results measured before a new export are flagged in the report
+    from edgemap.export import ExportOptions, export
+
+    export(copy, ExportOptions(opset=13))
+    page = report(copy, ReportOptions(out=tmp_path / "r.html", predict=False))
+    assert any("the eval results below were measured before export wrote new models" in w for w in page.warnings)
