@@ -267,3 +267,15 @@ def test_eval_by_hand_redoes_the_package_and_report_that_show_its_results(digits
     export(copy, ExportOptions(opset=13))
     page = report(copy, ReportOptions(out=tmp_path / "r.html", predict=False))
     assert any("the eval results below were measured before export wrote new models" in w for w in page.warnings)
+
+
+def test_run_summary_is_readable_at_80_columns_and_its_next_commands_paste(digits: Path, finished: Path) -> None:
+    """The summary table lost its right border and cut 'ran on' in pipes; the next step joined commands with '|'."""
+    r = CliRunner().invoke(app, ["run", str(digits), "--out", str(finished)], env={"COLUMNS": "80"})
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert max(len(line) for line in lines if not line.startswith(("cuda:", "install on", "next:", "also:"))) <= 80
+    rows = [line.split() for line in lines if line.strip().startswith(("cpu ", "openvino "))]
+    assert rows and all(row[-2:] in (["ORT", "CPU"], ["OV", "CPU"]) for row in rows), rows
+    nxt = next(line for line in lines if line.startswith("next:"))
+    assert "|" not in nxt and nxt.split()[1:3] == ["edgemap", "report"]

@@ -10,7 +10,18 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from edgemap.cli.common import DataArg, JsonOpt, console, handle_errors, next_step, shq, split_csv, write_json_out
+from edgemap.cli.common import (
+    DataArg,
+    JsonOpt,
+    console,
+    handle_errors,
+    next_step,
+    result_table,
+    short_provider,
+    shq,
+    split_csv,
+    write_json_out,
+)
 
 
 def _fmt(v: Any, pct: bool = False, digits: int = 2) -> str:
@@ -20,29 +31,35 @@ def _fmt(v: Any, pct: bool = False, digits: int = 2) -> str:
 
 
 def summary_table(result: Any) -> Table:
-    table = Table(title=f"edgemap run: {result.run_dir}")
-    for col in ("runtime", "prec", "acc %", "agree %", "p50 ms", "p99 ms", "img/s", "ran on"):
-        table.add_column(col, justify="left" if col in ("runtime", "prec", "ran on") else "right",
-                         no_wrap=col != "ran on", min_width=18 if col == "ran on" else None)
+    """Accuracy and batch-1 latency per runtime × precision; readable at 80 columns and in pipes (as eval/bench)."""
+    table = result_table(f"edgemap run: {escape(str(result.run_dir))}",
+                         ["runtime", "prec", "acc %", "agree %", "p50 ms", "p99 ms", "img/s", "ran on"],
+                         text=("runtime", "prec"))
     for r in result.summary:
         table.add_row(r["runtime"], r["precision"], _fmt(r.get("accuracy"), True), _fmt(r.get("agreement"), True),
                       _fmt(r.get("p50_ms")), _fmt(r.get("p99_ms")), _fmt(r.get("throughput"), digits=0),
-                      escape((r.get("provider") or "").replace("ExecutionProvider", " EP")))
+                      escape(short_provider(r.get("provider") or "")))
     return table
 
 
 def artifact_table(result: Any) -> Table:
-    table = Table(title="artifacts")
-    table.add_column("artifact")
-    table.add_column("size", justify="right")
-    table.add_column("path", overflow="fold")
+    """Every file the run made, paths relative to the run directory when inside it."""
+    table = result_table(f"artifacts in {escape(str(result.run_dir))}", ["artifact", "MB", "path"], wide=("path",),
+                         text=("artifact",))
+    root = Path(result.run_dir).absolute()
+
+    def short(path: str) -> str:
+        p = Path(path).absolute()
+        return escape(str(p.relative_to(root)) if p.is_relative_to(root) else str(p))
+
     for a in result.artifacts:
         size = a.get("bytes")
-        table.add_row(a["key"], f"{size / 1e6:.2f} MB" if size else "", a["path"])
+        table.add_row(a["key"], f"{size / 1e6:.2f}" if size else "", short(a["path"]))
     if result.wheel:
-        table.add_row("wheel", f"{Path(result.wheel).stat().st_size / 1e6:.2f} MB" if Path(result.wheel).exists() else "", result.wheel)
+        size = f"{Path(result.wheel).stat().st_size / 1e6:.2f}" if Path(result.wheel).exists() else ""
+        table.add_row("wheel", size, short(result.wheel))
     if result.report:
-        table.add_row("report", "", result.report)
+        table.add_row("report", "", short(result.report))
     return table
 
 
@@ -61,7 +78,7 @@ def run_and_show(data: Path, out: Path, opts: Any, json_out: Path | None) -> Non
     if quiet:
         return
     if result.did_nothing:
-        console.print(f"[green]nothing to do[/]: every stage of {escape(str(out))} is already done (artifacts verified by sha256)")
+        console.print(f"[green]nothing to do[/]: every stage of {escape(str(out))} is already done (its weights and models verified by sha256)")
     for s in result.stages:
         console.print(f"  {s.stage:9s} {s.status:8s} {s.seconds:6.1f} s  {s.detail}", markup=False)
     console.print(summary_table(result))
@@ -70,8 +87,10 @@ def run_and_show(data: Path, out: Path, opts: Any, json_out: Path | None) -> Non
     console.print(artifact_table(result))
     console.print(f"total {result.seconds:.0f} s")
     if result.wheel:
-        console.print(f"\ninstall on a device: pip install {shq(result.wheel)}", markup=False)
-    next_step(f"edgemap report {shq(out)}  |  edgemap bench {shq(out)} --batch 1,8  |  edgemap eval {shq(out)} --runtime cpu,openvino,torch")
+        console.print(f"\ninstall on a device: pip install {shq(result.wheel)}", markup=False, soft_wrap=True)
+    next_step(f"edgemap report {shq(out)}")  # one command per line: each can be pasted as it is
+    console.print(f"also: edgemap bench {shq(out)} --batch 1,8\n      edgemap eval {shq(out)} --details", soft_wrap=True,
+                  markup=False)
 
 
 def register(app: typer.Typer) -> None:
