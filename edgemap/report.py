@@ -826,9 +826,12 @@ class _Builder:
             rows.append([_e(key), f"<code>{_e(a.get('path'))}</code>", _e(_size(a.get("bytes"))),
                          _e(" · ".join(str(m) for m in meta if m) or "—"), _e(a.get("stage", "")),
                          f"<code>{_e(str(a.get('sha256', ''))[:12])}</code>"])
+        made = ((self.run.data.get("stages") or {}).get("package") or {}).get("wheel")  # `edgemap run` records it
+        current = (self.run.path / made).resolve() if made else None
         for whl in sorted((self.run.path / "dist").glob("*.whl")) if (self.run.path / "dist").is_dir() else []:
+            kind = "device package" if current in (None, whl.resolve()) else "device package (an earlier build)"
             rows.append(["wheel", f"<code>{_e(whl.relative_to(self.run.path))}</code>", _e(_size(whl.stat().st_size)),
-                         "device package", "package", "—"])
+                         kind, "package", "—"])
         self.sections["artifacts"] = "ok" if rows else "none"
         if not rows:
             return _section("artifacts", "Artifacts", "", _missing("no artifacts recorded"))

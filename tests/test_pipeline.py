@@ -279,3 +279,15 @@ def test_run_summary_is_readable_at_80_columns_and_its_next_commands_paste(digit
     assert rows and all(row[-2:] in (["ORT", "CPU"], ["OV", "CPU"]) for row in rows), rows
     nxt = next(line for line in lines if line.startswith("next:"))
     assert "|" not in nxt and nxt.split()[1:3] == ["edgemap", "report"]
+
+
+def test_the_report_tells_the_runs_wheel_from_an_earlier_build(digits: Path, finished: Path, tmp_path: Path) -> None:
+    from edgemap.report import ReportOptions, report
+
+    copy = _copy(finished, tmp_path)
+    opts = build_options(backbone="tiny", img_size=32, epochs=3, flip=False, lr=1e-2, runtime="torch,cpu,openvino",
+                         bench_seconds=0.3, max_drop=100.0, report=False, name="renamed-clf")
+    res = run_pipeline(digits, copy, opts)
+    assert Path(res.wheel).name.startswith("renamed_clf-") and len(list((copy / "dist").glob("*.whl"))) == 2
+    page = report(copy, ReportOptions(out=tmp_path / "r.html", predict=False)).html.read_text(encoding="utf-8")
+    assert page.count("device package (an earlier build)") == 1
