@@ -415,3 +415,9 @@ def test_no_lock_file_outside_a_run_directory(trained, tmp_path) -> None:  # noq
     with pytest.raises(ManifestError):
         export(data, ExportOptions())
     assert sorted(p.name for p in data.rglob("*")) == before
+
+
+def test_int8_targets_name_each_runtime_once() -> None:
+    from edgemap.export import _int8_plan
+
+    assert _int8_plan(("cpu", "cpu", "openvino", "openvino:GPU")) == {"qoperator": ["cpu"], "qdq": ["openvino"]}

@@ -116,7 +116,8 @@ def _int8_plan(targets: tuple[str, ...] | None) -> dict[str, list[str]]:
             raise QuantizationError(
                 f"--targets: runtime {info.name} has no int8 path (it runs fp32); choose from {', '.join(table)}"
             )
-        plan.setdefault(table[info.name], []).append(info.name)
+        if info.name not in plan.get(table[info.name], []):  # cpu,cpu / openvino,openvino:GPU: one target
+            plan.setdefault(table[info.name], []).append(info.name)
     return plan
 
 
