@@ -291,3 +291,18 @@ def test_the_report_tells_the_runs_wheel_from_an_earlier_build(digits: Path, fin
     assert Path(res.wheel).name.startswith("renamed_clf-") and len(list((copy / "dist").glob("*.whl"))) == 2
     page = report(copy, ReportOptions(out=tmp_path / "r.html", predict=False)).html.read_text(encoding="utf-8")
     assert page.count("device package (an earlier build)") == 1
+
+
+def test_no_int8_keeps_the_whole_run_fp32(digits: Path, tmp_path: Path) -> None:
+    """A dataset too small for int8 calibration could not go through `edgemap run` (no way to turn int8 off)."""
+    from edgemap.pipeline import summarize
+
+    out = tmp_path / "fp32 only"
+    opts = build_options(backbone="tiny", img_size=32, epochs=1, freeze_epochs=0, runtime="torch,cpu",
+                         bench_seconds=0.2, report=False, int8=False)
+    res = run_pipeline(digits, out, opts)
+    run = RunDir.load(out)
+    assert not any(k.startswith("onnx_int8") for k in run.artifacts)
+    assert {r["precision"] for r in summarize(run)} == {"fp32"}
+    assert "fp32" in res.stages[-1].detail  # the wheel ships model.onnx
+    assert run_pipeline(digits, out, build_options()).did_nothing  # the run keeps its choice

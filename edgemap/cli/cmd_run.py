@@ -109,6 +109,7 @@ def register(app: typer.Typer) -> None:
         device: Annotated[str | None, typer.Option(help="Training device auto|cpu|cuda \\[default: auto].")] = None,
         no_flip: Annotated[bool, typer.Option("--no-flip", help="No random horizontal flips.")] = False,
         skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip unreadable images (listed in the run).")] = False,
+        int8: Annotated[bool | None, typer.Option("--int8/--no-int8", help="Quantize to int8 behind the accuracy gate \\[default: yes]; --no-int8 keeps the run fp32 (export, eval, bench and the wheel).", show_default=False)] = None,
         max_drop: Annotated[float | None, typer.Option(help="Largest int8 top-1 drop allowed, points \\[default: 1.0].")] = None,
         calib_size: Annotated[int | None, typer.Option(help="int8 calibration images \\[default: 300].")] = None,
         runtime: Annotated[str | None, typer.Option(help="Runtimes for eval/bench \\[default: torch,cpu,cuda,openvino].")] = None,
@@ -125,7 +126,7 @@ def register(app: typer.Typer) -> None:
         """
         opts = build_options(backbone=backbone, epochs=epochs, freeze_epochs=freeze_epochs, img_size=img_size, batch_size=batch_size, lr=lr, seed=seed,
                              device=device, flip=False if no_flip else None, skip_bad=True if skip_bad else None,
-                             max_drop=max_drop, calib_size=calib_size, runtime=runtime, bench_seconds=bench_seconds,
+                             int8=int8, max_drop=max_drop, calib_size=calib_size, runtime=runtime, bench_seconds=bench_seconds,
                              package_runtime=package_runtime, name=name, report=report)
         run_and_show(data, out or Path("models") / Path(data).resolve().name, opts, json_out)
 
@@ -154,7 +155,7 @@ def register(app: typer.Typer) -> None:
 
 def build_options(*, runtime: str | None = None, bench_seconds: float | None = None, package_runtime: str | None = None,
                   name: str | None = None, max_drop: float | None = None, calib_size: int | None = None,
-                  report: bool | None = None, **finetune_kw: Any) -> Any:
+                  report: bool | None = None, int8: bool | None = None, **finetune_kw: Any) -> Any:
     """Stage options from what the user set (unset = None = that stage's own default)."""
     from edgemap.bench import BenchOptions
     from edgemap.evaluate import EvalOptions
@@ -168,18 +169,21 @@ def build_options(*, runtime: str | None = None, bench_seconds: float | None = N
 
     runtimes = tuple(split_csv(runtime)) if runtime else None
     explicit = [f"finetune.{k}" for k in given(**finetune_kw)]
-    explicit += [f"export.{k}" for k in given(max_drop=max_drop, calib_size=calib_size)]
+    explicit += [f"export.{k}" for k in given(max_drop=max_drop, calib_size=calib_size, int8=int8)]
+    explicit += [f"{s}.precisions" for s in ("eval", "bench") if int8 is not None]
+    explicit += ["package.precision"] if int8 is not None else []
+    precisions = {} if int8 is None else {"precisions": ("fp32", "int8") if int8 else ("fp32",)}
     explicit += [f"{s}.runtimes" for s in ("eval", "bench") if runtimes]
     explicit += ["bench.seconds"] if bench_seconds is not None else []
     explicit += [f"package.{k}" for k in given(runtime=package_runtime, name=name)]
     explicit += [] if report is None else ["report.report"]
     return RunOptions(
         finetune=FinetuneOptions(**given(**finetune_kw)),
-        export=ExportOptions(int8=True, **given(max_drop=max_drop, calib_size=calib_size)),
-        eval=EvalOptions(**given(runtimes=runtimes)),
+        export=ExportOptions(int8=int8 is not False, **given(max_drop=max_drop, calib_size=calib_size)),
+        eval=EvalOptions(**given(runtimes=runtimes), **precisions),
         bench=BenchOptions(batches=(1,), seconds=3.0 if bench_seconds is None else bench_seconds, warmup=5,
-                           **given(runtimes=runtimes)),
-        package=PackageOptions(**given(runtime=package_runtime, name=name)),
+                           **given(runtimes=runtimes), **precisions),
+        package=PackageOptions(**given(runtime=package_runtime, name=name), precision=None if int8 is not False else "fp32"),
         report=report is not False,
         explicit=tuple(explicit),
     )

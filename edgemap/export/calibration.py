@@ -42,7 +42,8 @@ def select_calibration(samples: Sequence[Any], size: int, seed: int = 0) -> list
     if len(samples) < MIN_CALIB_IMAGES:
         raise QuantizationError(
             f"the calibration set is {'empty' if not samples else f'only {len(samples)} image(s)'}: int8 "
-            f"calibration needs at least {MIN_CALIB_IMAGES} training images; add training images or export without --int8"
+            f"calibration needs at least {MIN_CALIB_IMAGES} training images; add training images, or stay fp32 "
+            "(`edgemap export` without --int8, `edgemap run --no-int8`)"
         )
     return stratified(samples, size, seed)
 
