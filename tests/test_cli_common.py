@@ -49,8 +49,10 @@ def test_json_target_that_is_a_folder_or_unwritable_is_a_clear_error(tmp_path: P
     with pytest.raises(EdgemapError, match="is a folder"):
         write_json_out(tmp_path, {"a": 1})
     (tmp_path / "afile").write_text("x")
-    with pytest.raises(EdgemapError, match="cannot write it"):
+    with pytest.raises(EdgemapError, match="afile is a file, not a folder"):  # was "cannot write it (File exists)"
         write_json_out(tmp_path / "afile" / "out.json", {"a": 1})
+    with pytest.raises(EdgemapError, match="afile is a file, not a folder"):
+        write_json_out(tmp_path / "afile" / "deeper" / "out.json", {"a": 1})
 
 
 def test_undecodable_file_names_still_give_valid_json(tmp_path: Path) -> None:

@@ -176,6 +176,9 @@ def write_json_out(target: Path | None, obj: Any) -> None:
         return
     if target.is_dir():
         raise EdgemapError(f"--json {target} is a folder; give a file name (or '-' for stdout)")
+    blocked = next((p for p in target.parents if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        raise EdgemapError(f"--json {target}: {blocked} is a file, not a folder; give a path in a folder")
     try:
         atomic_write_json(target, obj)
     except OSError as e:
