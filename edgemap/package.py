@@ -95,6 +95,7 @@ class PackageResult:
     model_bytes: int | None
     wheel_bytes: int
     requirements: list[str] = field(default_factory=list)
+    replaced: bool = False  # a wheel of the same name and version with other contents was overwritten
 
     @property
     def overhead_bytes(self) -> int | None:
@@ -110,7 +111,7 @@ class PackageResult:
             "wheel": str(self.wheel), "name": self.name, "module": self.module, "version": self.version,
             "command": self.command, "runtime": self.runtime, "precision": self.precision,
             "model_sha256": self.model_sha256, "model_bytes": self.model_bytes, "wheel_bytes": self.wheel_bytes,
-            "overhead_bytes": self.overhead_bytes, "requirements": self.requirements,
+            "overhead_bytes": self.overhead_bytes, "requirements": self.requirements, "replaced": self.replaced,
         }
 
 
@@ -543,6 +544,7 @@ def package(run_dir: str | Path | None, opts: PackageOptions | None = None) -> P
         dest = out / whl.name
         if dest.resolve().parent != out.resolve():
             raise PackageError(f"wheel name {whl.name!r} would land outside {out}")
+        replaced = dest.is_file() and _contents(dest) != _contents(whl)
         with atomic_path(dest) as tmp_dest:
             shutil.copyfile(whl, tmp_dest)
             os.chmod(tmp_dest, 0o644)  # mkstemp makes 0600; a wheel is meant to be shared
@@ -552,5 +554,14 @@ def package(run_dir: str | Path | None, opts: PackageOptions | None = None) -> P
     return PackageResult(
         wheel=dest, name=name, module=module, version=version, command=name, runtime=runtime, precision=precision,
         model_sha256=info["sha256"] if info else None, model_bytes=info["bytes"] if info else None,
-        wheel_bytes=dest.stat().st_size, requirements=requirements,
+        wheel_bytes=dest.stat().st_size, requirements=requirements, replaced=replaced,
     )
+
+
+def _contents(wheel: Path) -> dict[str, int] | None:
+    """A wheel's files and their CRC-32 (builds differ in timestamps only when nothing changed)."""
+    try:
+        with zipfile.ZipFile(wheel) as z:
+            return {i.filename: i.CRC for i in z.infolist()}
+    except (OSError, zipfile.BadZipFile):
+        return None

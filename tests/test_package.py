@@ -477,3 +477,13 @@ def test_device_cli_streams_lists_folders_like_training_and_stops_on_a_closed_pi
     err = proc.stderr.read()
     assert proc.wait(timeout=120) == 141 and first.count("\t") >= 2, (first, err)
     assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_rebuilding_a_wheel_warns_only_when_its_contents_change(exported: dict, tmp_path: Path) -> None:
+    """Same name and version, other contents: pip keeps the version a device already has, so say so."""
+    run = exported["run"]
+    first = package(run.path, PackageOptions(name="same-clf", out=tmp_path))
+    again = package(run.path, PackageOptions(name="same-clf", out=tmp_path))
+    assert not first.replaced and not again.replaced  # the same contents (only zip timestamps differ)
+    other = package(run.path, PackageOptions(name="same-clf", out=tmp_path, runtime="openvino"))
+    assert other.replaced and other.wheel == first.wheel and other.to_dict()["replaced"] is True

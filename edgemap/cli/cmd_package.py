@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from edgemap.cli.common import JsonOpt, console, handle_errors, next_step, write_json_out
+from edgemap.cli.common import JsonOpt, console, err_console, handle_errors, next_step, write_json_out
 
 
 def register(app: typer.Typer) -> None:
@@ -39,5 +39,9 @@ def register(app: typer.Typer) -> None:
             console.print(f"  {r.name} {r.version}: {r.precision} model for {r.runtime}, sha256 {r.model_sha256[:16]}…", markup=False)
             size += f" (model {r.model_bytes / 1024:,.1f} KiB; wheel − model = {r.overhead_bytes / 1024:+,.1f} KiB)"
         console.print(f"  wheel {size}; depends on {', '.join(r.requirements)}")
+        if r.replaced:
+            err_console.print(f"[yellow]warning:[/] replaced an earlier {escape(r.wheel.name)} with other contents; pip "
+                              "keeps a version it already installed, so on a device use `pip install --force-reinstall "
+                              "…`, or give this build its own --version")
         usage = f"{r.command} MODEL.onnx IMAGE..." if runtime_only else f"{r.command} IMAGE... --top-k 3"
         next_step(f"{r.pip_install} && {usage}")
