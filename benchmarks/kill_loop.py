@@ -94,7 +94,9 @@ def _env() -> dict[str, str]:
 # checks
 # --------------------------------------------------------------------------------------
 def temp_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob(f"*{TMP_SUFFIX}")) if folder.exists() else []
+    """Temp files under ``folder`` while a process may be deleting its work folders (os.walk skips a vanished one;
+    Path.rglob raised FileNotFoundError when an `.export-work-*` folder went away mid-listing)."""
+    return sorted(Path(root) / name for root, _dirs, files in os.walk(folder) for name in files if name.endswith(TMP_SUFFIX))
 
 
 def work_dirs(folder: Path) -> list[Path]:

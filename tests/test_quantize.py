@@ -218,3 +218,10 @@ def test_a_full_disk_is_reported_as_a_full_disk(trained, tmp_path, monkeypatch) 
     assert isinstance(q.tool_failed("quantize_static", truncated, tmp_path), QuantizationError)
     quota = OSError(errno.EDQUOT, "Disk quota exceeded")
     assert q.tool_failed("quantize_static", quota, tmp_path) is quota
+
+
+def test_a_calib_size_above_the_training_split_says_all_were_used(trained, tmp_path) -> None:  # noqa: ANN001
+    run, state, root = trained
+    r, _ = make_run(tmp_path / "few", root / "data", state=state)
+    res = export(r.path, ExportOptions(int8=True, calib_size=100_000, targets=("cpu",)))
+    assert any(w.startswith("calibrated on all ") and "--calib-size 100000 asks for more" in w for w in res.warnings), res.warnings

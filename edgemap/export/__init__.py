@@ -203,6 +203,8 @@ def _export_locked(run: Any, opts: ExportOptions, plan: dict[str, list[str]], da
     from edgemap.export.calibration import load_images, select_calibration, stratified
 
     calib = select_calibration(list(ds.train), opts.calib_size, opts.seed) if opts.int8 else []
+    if opts.int8 and len(calib) < opts.calib_size:
+        warnings.append(f"calibrated on all {len(calib)} training images (--calib-size {opts.calib_size} asks for more)")
     parity_samples = stratified(list(ds.val), opts.parity_batch, opts.seed)
     if not parity_samples:
         raise ParityError(f"{run.path}: the validation split is empty; the parity check needs validation images")
