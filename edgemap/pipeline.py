@@ -219,13 +219,18 @@ def _resolved(key: str, value: Any, stored: dict[str, Any]) -> Any:
     return value
 
 
+def _asked_finetune(opts: RunOptions) -> dict[str, Any]:
+    """The fine-tuning options the user set now (all of them for an API caller passing complete options)."""
+    given = opts.finetune.to_dict()
+    return {k: v for k, v in given.items() if k in opts.given("finetune", given)}
+
+
 def _resumed_options(run: RunDir, opts: RunOptions) -> FinetuneOptions:
     """The fine-tuning options a re-run trains (or trained) with: the run's own, with what was given now."""
     stored = run.data.get("options", {}).get("finetune")
     if not isinstance(stored, dict):
         return opts.finetune
-    given = opts.finetune.to_dict()
-    return FinetuneOptions.from_dict({**stored, **{k: v for k, v in given.items() if k in opts.given("finetune", given)}})
+    return FinetuneOptions.from_dict({**stored, **_asked_finetune(opts)})
 
 
 def _with_recorded(opts: RunOptions, recorded: dict[str, Any]) -> RunOptions:
@@ -315,10 +320,8 @@ def run_pipeline(data: str | Path, out: str | Path, opts: RunOptions = RunOption
                 again = f"run the same `edgemap run` command again (--out {shlex.quote(str(out))}); it continues exactly where it stopped"
                 try:
                     if resume:  # the run's own options, but for what the user set now (checked above; --epochs may grow)
-                        given = opts.finetune.to_dict()
-                        asked = {k: v for k, v in given.items() if k in opts.given("finetune", given)}
-                        res = finetune(data, out, None, resume=True, overrides=asked, reporter=finetune_reporter,
-                                       resume_hint=again)
+                        res = finetune(data, out, None, resume=True, overrides=_asked_finetune(opts),
+                                       reporter=finetune_reporter, resume_hint=again)
                     else:
                         res = finetune(data, out, opts.finetune, reporter=finetune_reporter, resume_hint=again)
                 except BaseException:
