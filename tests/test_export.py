@@ -251,6 +251,30 @@ def test_new_model_failing_parity_never_replaces_the_recorded_one(trained, tmp_p
     assert RunDir.load(r.path).data["metrics"]["parity"]["passed"] is True
 
 
+def test_cli_export_json_when_parity_fails(trained, tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """`export --json` still writes its JSON (every row, the error) when parity fails; the exit code says so."""
+    import functools
+
+    import edgemap.export as exp
+    from edgemap.cli import app
+
+    run, state, root = trained
+    r, _ = make_run(tmp_path / "par json", root / "data", state=state)
+    # the real runtimes at zero tolerance: no fp32 engine matches PyTorch bit for bit on every logit
+    monkeypatch.setattr(exp, "ExportOptions", functools.partial(ExportOptions, parity_atol=0.0, parity_rtol=0.0))
+    out = tmp_path / "parity.json"
+    res = CliRunner().invoke(app, ["export", str(r.path), "--json", str(out)])
+    assert res.exit_code == ParityError.exit_code != 0, res.output
+    data = json.loads(out.read_text(encoding="utf-8"))
+    assert "outputs differ" in data["error"]
+    assert {(row["runtime"], row["batch"]) for row in data["parity"]} == {("cpu", 1), ("cpu", 7), ("openvino", 1), ("openvino", 7)}
+    assert any(row["status"] != "ok" for row in data["parity"])
+    assert "parity" in res.output  # the table is printed too when the JSON goes to a file
+    res = CliRunner().invoke(app, ["export", str(r.path), "--json", "-"])
+    assert res.exit_code == ParityError.exit_code
+    assert "outputs differ" in json.loads(res.stdout)["error"]  # stdout is the JSON alone
+
+
 def test_reexport_retires_int8_models_of_the_old_fp32(trained, tmp_path) -> None:  # noqa: ANN001
     run, state, root = trained
     r, _ = make_run(tmp_path / "stale", root / "data", state=state)
