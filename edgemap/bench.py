@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from edgemap.errors import EdgemapError, RuntimeUnavailableError
-from edgemap.evaluate import _combos, nothing_ran, open_session, refuse_older_models
+from edgemap.evaluate import _combos, nothing_ran, open_session, refuse_older_models, strict_failure
 from edgemap.manifest import RunDir, now_iso, run_lock
 
 DEFAULT_ITERS = 100
@@ -278,7 +278,7 @@ def _bench_all(run: RunDir, opts: BenchOptions, say: Any) -> list[BenchRow]:
         bad = [r for r in rows if r.status != "ok"]
         if bad:
             raise RuntimeUnavailableError(
-                "--strict: " + "; ".join(f"{r.runtime}/{r.precision}/b{r.batch} {r.status}: {r.reason}" for r in bad)
+                strict_failure([(f"{r.runtime}/{r.precision}/b{r.batch}", r.status, r.reason) for r in bad])
             )
     if opts.save and not nothing_ran([r.status for r in rows], "bench"):
         run.data.setdefault("metrics", {})["bench"] = {"updated": now_iso(), "threads": threads,

@@ -226,6 +226,14 @@ def refuse_older_models(run: RunDir, runtimes: tuple[str, ...]) -> None:
         run.artifact_path("onnx_fp32", verify=False)
 
 
+def strict_failure(bad: list[tuple[str, str, str]]) -> str:
+    """``--strict``'s error for rows that did not run, given as (label, status, reason); one reason is said once."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for label, status, reason in bad:
+        groups.setdefault((status, reason), []).append(label)
+    return "--strict: " + "; ".join(f"{', '.join(labels)} {status}: {reason}" for (status, reason), labels in groups.items())
+
+
 def nothing_ran(statuses: list[str], what: str) -> str | None:
     """The error for a command none of whose rows ran (its earlier results are kept), else None."""
     if statuses and "ok" not in statuses:
@@ -304,9 +312,7 @@ def evaluate_arrays(
     if opts.strict:
         bad = [r for r in rows if r.status != "ok"]
         if bad:
-            raise RuntimeUnavailableError(
-                "--strict: " + "; ".join(f"{r.runtime}/{r.precision} {r.status}: {r.reason}" for r in bad)
-            )
+            raise RuntimeUnavailableError(strict_failure([(f"{r.runtime}/{r.precision}", r.status, r.reason) for r in bad]))
     result = EvalResult(rows=rows, classes=classes, data=data, n=int(len(images)))
     if opts.save and not nothing_ran([r.status for r in rows], "eval"):
         run.data.setdefault("metrics", {})["eval"] = {"updated": now_iso(), **result.to_dict()}
