@@ -22,6 +22,7 @@ __all__ = [
     "ManifestError",
     "RunBusyError",
     "RunNotWritableError",
+    "OutputNotWritableError",
     "BackboneError",
     "TrainingError",
     "ResumeError",
@@ -44,6 +45,12 @@ class ManifestError(EdgemapError):
 
 class RunNotWritableError(ManifestError):
     """The run directory cannot be written (permissions, a read-only mount): exit 74, as any refused write."""
+
+    exit_code = 74
+
+
+class OutputNotWritableError(EdgemapError):
+    """A file the user named (``--json FILE``) cannot be written: permissions, read-only, disk full: exit 74."""
 
     exit_code = 74
 

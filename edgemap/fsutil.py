@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import secrets
+import stat
 import tempfile
 import time
 from collections.abc import Iterator
@@ -15,8 +16,8 @@ from typing import Any
 
 from edgemap.runtime.integrity import sha256_file
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_json", "sha256_file", "fsync_dir", "folder_lock",
-           "FolderBusy"]
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_json", "write_user_file", "sha256_file", "fsync_dir",
+           "folder_lock", "FolderBusy"]
 
 TMP_SUFFIX = ".edgemap-tmp"
 LOCK_NAME = ".edgemap.lock"
@@ -89,6 +90,30 @@ def atomic_write_bytes(dest: str | Path, data: bytes) -> None:
 def atomic_write_json(dest: str | Path, obj: Any) -> None:
     """Write ``obj`` as indented UTF-8 JSON to ``dest`` atomically."""
     atomic_write_bytes(dest, json_text(obj).encode("utf-8"))
+
+
+def special_file(dest: str | Path) -> bool:
+    """True for an existing path that is not a plain file to replace: a device, a pipe, a socket, or anything in
+    /dev or /proc (``/dev/stderr``, ``/dev/null``, a FIFO, ``/proc/self/fd/N``)."""
+    try:
+        mode = os.stat(dest).st_mode  # follows symlinks
+    except OSError:
+        return False
+    return not stat.S_ISREG(mode) or os.path.abspath(dest).startswith(("/dev/", "/proc/"))
+
+
+def write_user_file(dest: str | Path, data: bytes) -> None:
+    """Write a file the user named on the command line.
+
+    A plain (or new) file is written atomically; through a symlink, its target is (the link stays).
+    A device, pipe or /dev path (``--json /dev/stderr``) is written into, never replaced: an atomic
+    rename would put a plain file where ``/dev/null`` was.
+    """
+    if special_file(dest):
+        with open(dest, "wb") as f:
+            f.write(data)
+        return
+    atomic_write_bytes(os.path.realpath(dest), data)
 
 
 def json_text(obj: Any) -> str:

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from edgemap.errors import EdgemapError, ManifestError
-from edgemap.fsutil import NOT_WRITABLE, atomic_write_bytes
+from edgemap.fsutil import NOT_WRITABLE, atomic_write_bytes, special_file
 from edgemap.manifest import RunDir, now_iso
 
 REPORT_DIR = "report"
@@ -896,6 +896,8 @@ def report(run_dir: str | Path | RunDir, opts: ReportOptions | None = None) -> R
     html_path = Path(opts.out) if opts.out is not None else run.path / REPORT_DIR / REPORT_FILE
     if html_path.is_dir() or str(opts.out or "").endswith(("/", os.sep)):  # a folder (or one to make): the file in it
         html_path = html_path / REPORT_FILE
+    if opts.out is not None and special_file(html_path):  # /dev/stdout, a FIFO: the PNGs need a folder beside it
+        raise ManifestError(f"--out {opts.out}: not a file or folder path; give a path such as report.html or a folder")
     # the plots as PNG files too: RUN_DIR/report/, or beside --out (NAME_files/), never in a run given --out elsewhere
     out_dir = run.path / REPORT_DIR if opts.out is None else html_path.parent / f"{html_path.stem}_files"
     try:

@@ -55,6 +55,37 @@ def test_json_target_that_is_a_folder_or_unwritable_is_a_clear_error(tmp_path: P
         write_json_out(tmp_path / "afile" / "deeper" / "out.json", {"a": 1})
 
 
+def test_json_into_a_pipe_a_device_or_a_symlink_writes_through_it(tmp_path: Path, bracket_data: Path) -> None:
+    """A FIFO, /dev/full or a symlink is written into, never replaced by a plain file (an atomic rename did that)."""
+    import os
+    import threading
+
+    from edgemap.errors import OutputNotWritableError
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    write_json_out(fifo, {"a": 1})
+    reader.join(10)
+    assert json.loads(got[0]) == {"a": 1} and fifo.is_fifo()
+
+    (tmp_path / "real.json").write_text("old")
+    (tmp_path / "link.json").symlink_to(tmp_path / "real.json")
+    write_json_out(tmp_path / "link.json", {"b": 2})
+    assert (tmp_path / "link.json").is_symlink() and json.loads((tmp_path / "real.json").read_text()) == {"b": 2}
+
+    if Path("/dev/full").is_char_device():
+        with pytest.raises(OutputNotWritableError, match="No space left on device"):  # exit 74, as any refused write
+            write_json_out(Path("/dev/full"), {"c": 3})
+        assert Path("/dev/full").is_char_device()
+
+    r = CliRunner().invoke(app, ["datasets", "scan", str(bracket_data), "--json", "/dev/stdout"])
+    assert r.exit_code == 0
+    assert "[cat]" in json.loads(r.stdout)["classes"]  # /dev/stdout is '-': the JSON alone on stdout
+
+
 def test_undecodable_file_names_still_give_valid_json(tmp_path: Path) -> None:
     name = b"\xfe bad.jpg".decode("utf-8", "surrogateescape")  # how Python sees a non-UTF-8 name
     write_json_out(tmp_path / "o.json", {"skipped": [[name, "cannot decode"]]})

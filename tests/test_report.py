@@ -128,6 +128,12 @@ def test_options_are_checked(finished_run: RunDir, tmp_path: Path) -> None:
     # a path through a file: one line (was a NotADirectoryError traceback)
     with pytest.raises(ManifestError, match="cannot make the folder .*Not a directory"):
         report(finished_run, ReportOptions(out=finished_run.manifest_path / "x.html", predict=False))
+    # a pipe (or /dev/stdout) is refused, not replaced by a file with a *_files folder beside it
+    fifo = tmp_path / "pipe.html"
+    os.mkfifo(fifo)
+    with pytest.raises(ManifestError, match="not a file or folder path"):
+        report(finished_run, ReportOptions(out=fifo, predict=False))
+    assert fifo.is_fifo() and not (tmp_path / "pipe_files").exists()
 
 
 # ---- missing stages, missing data, changed models ------------------------------------------------

@@ -36,7 +36,17 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 RunDirArg = Annotated[Path, typer.Argument(help="Run directory (made by `edgemap finetune --out`).", show_default=False, metavar="RUN_DIR")]
 DataArg = Annotated[Path, typer.Argument(help="Dataset folder: DATA/train/<class>/... + DATA/val/<class>/..., or DATA/<class>/...", show_default=False, metavar="DATA")]
-JsonOpt = Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON to this file ('-' for stdout).")]
+
+
+def _json_target(value: Path | None) -> Path | None:
+    """``--json /dev/stdout`` is ``--json -``: JSON alone on stdout, the tables go to stderr or are left out."""
+    if value is not None and str(value) in ("/dev/stdout", "/dev/fd/1", "/proc/self/fd/1"):
+        return Path("-")
+    return value
+
+
+JsonOpt = Annotated[Path | None, typer.Option("--json", callback=_json_target,
+                                              help="Also write the results as JSON to this file ('-' for stdout).")]
 
 
 #: OSErrors that are the machine's state, not a bug: one line with the fix, exit 74 (EX_IOERR).
@@ -169,7 +179,7 @@ def write_json_out(target: Path | None, obj: Any) -> None:
     if target is None:
         return
 
-    from edgemap.fsutil import atomic_write_json, json_text
+    from edgemap.fsutil import json_text, write_user_file
 
     if str(target) == "-":
         sys.stdout.write(json_text(obj))
@@ -180,9 +190,12 @@ def write_json_out(target: Path | None, obj: Any) -> None:
     if blocked is not None:
         raise EdgemapError(f"--json {target}: {blocked} is a file, not a folder; give a path in a folder")
     try:
-        atomic_write_json(target, obj)
+        write_user_file(target, json_text(obj).encode("utf-8"))
     except OSError as e:
-        raise EdgemapError(f"--json {target}: cannot write it ({e.strerror or e})") from e
+        from edgemap.errors import OutputNotWritableError
+
+        cls = OutputNotWritableError if e.errno in _ENVIRONMENT_ERRNOS else EdgemapError
+        raise cls(f"--json {target}: cannot write it ({e.strerror or e})") from e
 
 
 def result_table(title: str, columns: list[str], wide: tuple[str, ...] = ("ran on",), text: tuple[str, ...] = ()) -> Any:
