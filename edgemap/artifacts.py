@@ -73,3 +73,20 @@ def model_run_mismatch(run: Any, model: Path) -> str | None:
         return None
     return (f"{model.name}: its metadata differs from {run.manifest_path.name} ({'; '.join(diffs)}); the device uses the "
             f"model's. Restore edgemap.json, or re-run `edgemap export` to write models that match it")
+
+
+def recorded_sha256(run: Any, path: str | Path) -> str:
+    """The sha256 ``edgemap.json`` records for the artifact at ``path`` ("" if none): stored with each eval and
+    bench row, so results can be told from those of a model that has since been replaced."""
+    target = Path(path).resolve()
+    for entry in run.artifacts.values():
+        if (run.path / entry["path"]).resolve() == target:
+            return str(entry.get("sha256", ""))
+    return ""
+
+
+def measured_on_other_models(run: Any, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The eval/bench rows (dicts) measured on a model (or weights) the run no longer records: results of an earlier
+    export or fine-tuning. Rows without ``model_sha256`` (runs from before edgemap 0.1 stored it) count as current."""
+    current = {str(e.get("sha256", "")) for e in run.artifacts.values()}
+    return [r for r in rows if r.get("model_sha256") and r["model_sha256"] not in current]

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from edgemap.artifacts import recorded_sha256
 from edgemap.errors import EdgemapError, RuntimeUnavailableError
 from edgemap.evaluate import _combos, nothing_ran, open_session, refuse_older_models, strict_failure
 from edgemap.manifest import RunDir, now_iso, run_lock
@@ -81,6 +82,8 @@ class BenchRow:
     load_ms: float | None = None
     mem_mb: float | None = None  # peak RSS growth
     model_bytes: int | None = None
+    model: str = ""
+    model_sha256: str = ""  # of the model (or weights) measured: tells results of a later-replaced model
     provider: str = ""
     inference_precision: str = ""
     threads: int | None = None
@@ -221,6 +224,7 @@ def _bench_one(run: RunDir, runtime: str, precision: str, batch: int, opts: Benc
     row.load_ms = round(float(sess.load_ms), 2)
     row.mem_mb = round(max(0, peak[0] - base) / 2**20, 2)
     row.model_bytes = Path(sess.path).stat().st_size
+    row.model, row.model_sha256 = Path(sess.path).name, recorded_sha256(run, sess.path)
     row.provider = ",".join(sess.providers_in_use)
     row.inference_precision = sess.precision_in_use or precision
     row.iters = done

@@ -85,6 +85,7 @@ class EvalRow:
     within_tolerance: bool | None = None
     provider: str = ""
     model: str = ""
+    model_sha256: str = ""  # of the model (or weights) measured: tells results of a later-replaced model
     seconds: float | None = None
     per_class: list[dict[str, Any]] = field(default_factory=list)
     confusion: list[list[int]] = field(default_factory=list)
@@ -256,6 +257,7 @@ def evaluate_arrays(
     Example:
         >>> res = evaluate_arrays(RunDir.load("models/digits"), x, y, EvalOptions(runtimes=("torch", "cpu")))
     """
+    from edgemap.artifacts import recorded_sha256
     from edgemap.metrics import agreement, classification_report
 
     classes = run.classes
@@ -298,7 +300,8 @@ def evaluate_arrays(
         row = EvalRow(
             runtime, precision, n=rep.n, accuracy=rep.accuracy, top5=rep.top5,
             macro_precision=rep.macro_precision, macro_recall=rep.macro_recall, macro_f1=rep.macro_f1,
-            provider=sess.provider, model=Path(sess.path).name, seconds=round(seconds, 4),
+            provider=sess.provider, model=Path(sess.path).name, model_sha256=recorded_sha256(run, sess.path),
+            seconds=round(seconds, 4),
             per_class=rep.per_class, confusion=rep.confusion,
         )
         if runtime == REFERENCE:

@@ -96,6 +96,7 @@ class PackageResult:
     wheel_bytes: int
     requirements: list[str] = field(default_factory=list)
     replaced: bool = False  # a wheel of the same name and version with other contents was overwritten
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def overhead_bytes(self) -> int | None:
@@ -112,6 +113,7 @@ class PackageResult:
             "command": self.command, "runtime": self.runtime, "precision": self.precision,
             "model_sha256": self.model_sha256, "model_bytes": self.model_bytes, "wheel_bytes": self.wheel_bytes,
             "overhead_bytes": self.overhead_bytes, "requirements": self.requirements, "replaced": self.replaced,
+            "warnings": self.warnings,
         }
 
 
@@ -337,6 +339,23 @@ def _kind(info: dict[str, Any]) -> str:
     return p if f in ("", p) else f"{p} {f}"
 
 
+def current_results(run: RunDir, stage: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``metrics.eval`` / ``metrics.bench`` rows split into those of the run's current models and those measured on
+    models replaced since (another export, or fine-tuning again): a model card must not show the latter."""
+    from edgemap.artifacts import measured_on_other_models
+
+    rows = _rows((run.data.get("metrics", {}) or {}).get(stage))
+    old = measured_on_other_models(run, rows)
+    return [r for r in rows if not any(r is o for o in old)], old
+
+
+def _left_out(old: list[dict[str, Any]], stage: str) -> list[str]:
+    if not old:
+        return []
+    return ["", f"{len(old)} result row(s) measured on an earlier model are left out; run `edgemap {stage} RUN_DIR` "
+                "and package again to include the current models."]
+
+
 def model_card(run: RunDir | None, info: dict[str, Any], name: str, version: str, module: str) -> str:
     """The README/model card: use, classes, accuracy (eval), latency (bench), input contract."""
     lines = [f"# {name} {version}", ""]
@@ -363,17 +382,22 @@ def model_card(run: RunDir | None, info: dict[str, Any], name: str, version: str
     ]
     lines += [f"| {i} | {_fmt(cname)} |" for i, cname in enumerate(info["classes"])]
     metrics = run.data.get("metrics", {}) or {}
-    ev = _rows(metrics.get("eval"))
-    bench = _rows(metrics.get("bench"))
+    ev, ev_old = current_results(run, "eval")
+    bench, bench_old = current_results(run, "bench")
     lines += ["", "## Accuracy (`edgemap eval`)", ""]
     where = (metrics.get("eval") or {}).get("data") if isinstance(metrics.get("eval"), dict) else None
     if ev and where:
         lines += [f"Measured on {_fmt(_data_name(str(where)))}.", ""]
     lines += [_table(ev, ("runtime", "precision", "n", "accuracy", "top5", "macro_f1", "agreement", "provider", "status")) if ev
               else "not measured (run `edgemap eval RUN_DIR` before packaging)"]
+    lines += _left_out(ev_old, "eval")
     lines += ["", "## Latency (`edgemap bench`)", ""]
+    threads = (metrics.get("bench") or {}).get("threads") if isinstance(metrics.get("bench"), dict) else None
+    if bench and threads:
+        lines += [f"{threads} intra-op thread(s), on the machine that packaged it.", ""]
     lines += [_table(bench, ("runtime", "precision", "batch", "p50_ms", "p90_ms", "p99_ms", "throughput", "provider", "status"))
               if bench else "not measured (run `edgemap bench RUN_DIR` before packaging)"]
+    lines += _left_out(bench_old, "bench")
     lines += [
         "", "## Input contract", "",
         f"- input: `images`, uint8 RGB, layout NHWC, shape (N, {c['height']}, {c['width']}, 3), any batch size",
@@ -532,6 +556,12 @@ def package(run_dir: str | Path | None, opts: PackageOptions | None = None) -> P
             "version": version,
         }
     card = model_card(run, info or {"requirements": requirements}, name, version, module)
+    warnings = []
+    for stage in ("eval", "bench") if info is not None else ():
+        old = current_results(run, stage)[1]
+        if old:
+            warnings.append(f"{len(old)} {stage} result row(s) were measured on an earlier model and are left out of "
+                            f"the model card; run `edgemap {stage} {shlex.quote(str(run.path))}` and package again")
 
     with tempfile.TemporaryDirectory(prefix="edgemap-package-") as tmp:
         src, built = Path(tmp) / "src", Path(tmp) / "wheel"
@@ -554,7 +584,7 @@ def package(run_dir: str | Path | None, opts: PackageOptions | None = None) -> P
     return PackageResult(
         wheel=dest, name=name, module=module, version=version, command=name, runtime=runtime, precision=precision,
         model_sha256=info["sha256"] if info else None, model_bytes=info["bytes"] if info else None,
-        wheel_bytes=dest.stat().st_size, requirements=requirements, replaced=replaced,
+        wheel_bytes=dest.stat().st_size, requirements=requirements, replaced=replaced, warnings=warnings,
     )
 
 

@@ -8,6 +8,7 @@ predictions with eval's path (same artifact, same preprocessing) image by image.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import zipfile
 from pathlib import Path
@@ -314,6 +315,29 @@ def test_wheel_contents_size_and_card(exported: dict) -> None:
     assert "Measured on " in acc and ("(test, " in acc or "(val, " in acc)  # which images the accuracy is of
     assert f"(N, {run.contract.height}, {run.contract.width}, 3)" in card
     assert exported["runtime"].name == "edgemap-runtime" and exported["runtime"].model_bytes is None
+
+
+def test_card_leaves_out_results_of_a_replaced_model(exported: dict, tmp_path: Path) -> None:
+    """Exported again after eval/bench: the card shows no accuracy or latency of the old models (it showed them as
+    this model's), the build warns, and the report leaves them out too."""
+    from edgemap.export import ExportOptions, export
+    from edgemap.manifest import RunDir
+    from edgemap.report import ReportOptions, report
+
+    run = RunDir.load(shutil.copytree(exported["run"].path, tmp_path / "again"))
+    export(run.path, ExportOptions(opset=13))  # a new model.onnx; the int8 models of the old one are retired
+    r = package(run.path, PackageOptions(precision="fp32", out=tmp_path / "dist"))
+    with zipfile.ZipFile(r.wheel) as z:
+        card = z.read(f"{r.module}/MODEL_CARD.md").decode()
+    acc = card.split("## Accuracy")[1].split("## Latency")[0]
+    lat = card.split("## Latency")[1].split("## Input contract")[0]
+    assert "| torch | fp32 |" in acc  # the weights did not change: the reference row stays
+    assert "| cpu |" not in acc and "| cpu |" not in lat
+    assert "measured on an earlier model are left out" in acc and "not measured (run `edgemap bench" in lat
+    assert [w.split(" result")[0] for w in r.warnings] == ["2 eval", "2 bench"]
+    page = report(run.path, ReportOptions(predict=False))
+    assert any("measured on a model replaced since" in w for w in page.warnings)
+    assert "| cpu |" not in page.html.read_text(encoding="utf-8")
 
 
 @pytest.mark.slow

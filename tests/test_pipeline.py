@@ -266,7 +266,8 @@ def test_eval_by_hand_redoes_the_package_and_report_that_show_its_results(digits
 
     export(copy, ExportOptions(opset=13))
     page = report(copy, ReportOptions(out=tmp_path / "r.html", predict=False))
-    assert any("the eval results below were measured before export wrote new models" in w for w in page.warnings)
+    assert any("eval result row(s) were measured on a model replaced since and are left out" in w for w in page.warnings)
+    assert any("bench result row(s) were measured on a model replaced since and are left out" in w for w in page.warnings)
 
 
 def test_run_summary_is_readable_at_80_columns_and_its_next_commands_paste(digits: Path, finished: Path) -> None:

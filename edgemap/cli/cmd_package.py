@@ -39,6 +39,8 @@ def register(app: typer.Typer) -> None:
             console.print(f"  {r.name} {r.version}: {r.precision} model for {r.runtime}, sha256 {r.model_sha256[:16]}…", markup=False)
             size += f" (model {r.model_bytes / 1024:,.1f} KiB; wheel − model = {r.overhead_bytes / 1024:+,.1f} KiB)"
         console.print(f"  wheel {size}; depends on {', '.join(r.requirements)}")
+        for note in r.warnings:
+            err_console.print(f"[yellow]warning:[/] {escape(note)}")
         if r.replaced:
             err_console.print(f"[yellow]warning:[/] replaced an earlier {escape(r.wheel.name)} with other contents; pip "
                               "keeps a version it already installed, so on a device use `pip install --force-reinstall "
