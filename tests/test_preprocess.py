@@ -269,10 +269,19 @@ def test_decompression_bomb_refused_by_default(tmp_path: Path) -> None:
     _png_header_only(p, 50_000, 50_000)
     assert p.stat().st_size < 200
     # over 2x Pillow's limit: Pillow's own guard (kept on) refuses it at open, before edgemap's check
-    with pytest.raises(ImageError, match=r"bomb é\.png: refused as a decompression bomb"):
+    with pytest.raises(ImageError, match=r"bomb é\.png: over 178,956,970 pixels exceeds the limit of 89,478,485 "):
         open_image(p)
-    with pytest.raises(ImageError, match=r"bomb é\.png: refused as a decompression bomb"):
+    with pytest.raises(ImageError, match=r"bomb é\.png: over 178,956,970 pixels exceeds the limit of 89,478,485 "):
         open_image(p, max_pixels=None)
+    # a --max-pixels above Pillow's own refusal is honoured (was refused whatever it said); this header-only file
+    # then fails as truncated, and Pillow's global limit is back as it was
+    _png_header_only(p, 20_000, 20_000)
+    with pytest.raises(ImageError, match="not a readable image"):
+        open_image(p, max_pixels=500_000_000)
+    with pytest.raises(ImageError, match=r"20000x20000 = 400,000,000 pixels exceeds the limit of 300,000,000"):
+        open_image(p, max_pixels=300_000_000)
+    _png_header_only(p, 50_000, 50_000)
+    assert Image.MAX_IMAGE_PIXELS == 89_478_485
     # between 1x and 2x Pillow's limit Pillow only warns: edgemap's own check refuses it
     _png_header_only(p, 10_000, 10_000)
     with pytest.raises(ImageError, match=r"bomb é\.png: 10000x10000 = 100,000,000 pixels exceeds the limit of 89,478,485"):
@@ -292,6 +301,19 @@ def test_decompression_limit_configurable(tmp_path: Path) -> None:
     with pytest.raises(ImageError, match="3,000 pixels exceeds the limit of 2,999"):
         open_image(tmp_path / "x.png", max_pixels=2_999)
     assert open_image(tmp_path / "x.png", max_pixels=3_000).size == (60, 50)
+
+
+
+def test_max_pixels_above_pillows_refusal_decodes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pillow refuses over 2 x its global limit before edgemap looks: a larger --max-pixels still decodes the image."""
+    Image.fromarray(np.full((50, 60, 3), 7, dtype=np.uint8)).save(tmp_path / "x.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000)  # 3,000 pixels: over twice Pillow's limit
+    with pytest.raises(ImageError, match="over 2,000 pixels exceeds the limit of 1,000"):
+        open_image(tmp_path / "x.png", max_pixels=None)
+    with pytest.raises(ImageError, match="over 2,000 pixels exceeds the limit of 1,500"):
+        open_image(tmp_path / "x.png", max_pixels=1_500)
+    assert np.asarray(open_image(tmp_path / "x.png", max_pixels=3_000)).max() == 7
+    assert Image.MAX_IMAGE_PIXELS == 1_000
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])

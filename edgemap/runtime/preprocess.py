@@ -11,6 +11,7 @@ mean/std live in the contract for the exporter, not here.
 from __future__ import annotations
 
 import io
+import threading
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -110,10 +111,36 @@ def open_image(source: str | Path | bytes, max_pixels: int | None = DEFAULT_MAX_
 
     Raises ImageError naming the file for anything that is not a complete, decodable
     image, or whose pixel count exceeds ``max_pixels`` (decompression-bomb guard;
-    ``None`` uses Pillow's global limit ``PIL.Image.MAX_IMAGE_PIXELS`` instead). Pillow
-    itself still refuses anything over twice its global limit before edgemap can look.
+    ``None`` uses Pillow's global limit ``PIL.Image.MAX_IMAGE_PIXELS`` instead). A
+    ``max_pixels`` above twice Pillow's limit (where Pillow refuses on its own) is honoured.
     """
-    name = "<bytes>" if isinstance(source, bytes) else str(source)
+    try:
+        return _open_image(source, max_pixels)
+    except Image.DecompressionBombError:
+        pillow = Image.MAX_IMAGE_PIXELS
+        if max_pixels is None or pillow is None or max_pixels <= 2 * pillow:
+            limit = pillow if max_pixels is None else max_pixels
+            raise ImageError(f"{_name(source)}: over {2 * (pillow or 0):,} pixels exceeds the limit of {limit:,} "
+                             "(decompression-bomb guard); raise --max-pixels if the image is genuine") from None
+    # --max-pixels above Pillow's own refusal (2 x MAX_IMAGE_PIXELS): honour it, Pillow's limit raised for this
+    # decode only (a global, so one such image at a time; small images never come here)
+    with _PILLOW_LIMIT:
+        Image.MAX_IMAGE_PIXELS = max(max_pixels, pillow)
+        try:
+            return _open_image(source, max_pixels)
+        finally:
+            Image.MAX_IMAGE_PIXELS = pillow
+
+
+_PILLOW_LIMIT = threading.Lock()
+
+
+def _name(source: str | Path | bytes) -> str:
+    return "<bytes>" if isinstance(source, bytes) else str(source)
+
+
+def _open_image(source: str | Path | bytes, max_pixels: int | None) -> Image.Image:
+    name = _name(source)
     fp = io.BytesIO(source) if isinstance(source, bytes) else source
     limit = max_pixels if max_pixels is not None else Image.MAX_IMAGE_PIXELS
     try:
@@ -129,11 +156,8 @@ def open_image(source: str | Path | bytes, max_pixels: int | None = DEFAULT_MAX_
             return to_rgb(im, name)
     except ImageError:
         raise
-    except Image.DecompressionBombError as e:
-        raise ImageError(
-            f"{name}: refused as a decompression bomb ({e}); that is over twice Pillow's own limit, "
-            "so PIL.Image.MAX_IMAGE_PIXELS must be raised too if the image is genuine"
-        ) from e
+    except Image.DecompressionBombError:
+        raise  # open_image decides: refused, or decoded again with Pillow's limit raised to --max-pixels
     except Image.DecompressionBombWarning as e:  # the caller turned warnings into errors
         raise ImageError(f"{name}: refused as a decompression bomb ({e})") from e
     except FileNotFoundError as e:
