@@ -20,24 +20,22 @@ import os
 import sys
 from pathlib import Path
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-
 
 def load_classifier(module: str | None, model: Path | None, runtime: str | None):  # noqa: ANN201
-    """The embedded model of wheel ``module``, or ``model`` through the edgemap-runtime wheel."""
+    """The embedded model of wheel ``module`` (or ``model`` through the edgemap-runtime wheel), and the
+    wheel's command-line module, which lists folders exactly as training listed class folders."""
     if model is not None:
         rt = importlib.import_module("edgemap_runtime")
-        return rt.load(model, runtime=runtime) if runtime else rt.load(model)  # load() defaults to the wheel's runtime
+        clf = rt.load(model, runtime=runtime) if runtime else rt.load(model)  # load() defaults to the wheel's runtime
+        return clf, importlib.import_module("edgemap_runtime.device_cli")
     pkg = importlib.import_module(module)
-    return pkg.load(runtime=runtime)
+    return pkg.load(runtime=runtime), importlib.import_module(f"{module}.device_cli")
 
 
-def images_in(folder: Path) -> list[Path]:
-    out = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        out += [Path(root) / f for f in sorted(files) if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS]
-    return out
+def positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 1")
+    return int(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,14 +46,18 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--module", help="import name of the installed model wheel (e.g. digits_classifier)")
     src.add_argument("--model", type=Path, help="an .onnx model, loaded with the edgemap-runtime wheel")
     ap.add_argument("--runtime", default=None, help="override the wheel's runtime (onnxruntime, openvino, cuda)")
-    ap.add_argument("--top-k", type=int, default=1)
-    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--top-k", type=positive, default=1)
+    ap.add_argument("--batch", type=positive, default=32)
     args = ap.parse_args(argv)
 
-    clf = load_classifier(args.module, args.model, args.runtime)
-    paths = images_in(args.folder)
+    clf, cli = load_classifier(args.module, args.model, args.runtime)
+    # recursive, symlinked folders followed once, hidden entries and __MACOSX skipped, as in training
+    listing = cli.list_images([args.folder])
+    if listing.skipped_note():
+        print(cli.printable(listing.skipped_note()), file=sys.stderr)
+    paths = listing.images
     if not paths:
-        print(f"{args.folder}: no images", file=sys.stderr)
+        print(cli.printable(f"{args.folder}: no images"), file=sys.stderr)
         return 2
     header = ["path", "label", "prob"]
     for k in range(2, args.top_k + 1):
@@ -81,15 +83,15 @@ def main(argv: list[str] | None = None) -> int:
             for path, pred in zip(chunk, preds, strict=True):
                 if isinstance(pred, Exception):
                     errors += 1
-                    w.writerow([str(path)] + [""] * (len(header) - 2) + [str(pred)])
+                    w.writerow([cli.printable(str(path))] + [""] * (len(header) - 2) + [cli.printable(str(pred))])
                     continue
-                row = [str(path)]
+                row = [cli.printable(str(path))]  # a file name that is not UTF-8: \\xNN escapes
                 for lab, prob in pred.topk:
                     row += [lab, f"{prob:.6f}"]
                 row += [""] * (len(header) - 1 - len(row)) + [""]
                 w.writerow(row)
     os.replace(tmp, args.out)  # never a half-written CSV where a good one was
-    print(f"{args.out}: {len(paths)} images, {errors} errors")
+    print(cli.printable(f"{args.out}: {len(paths)} images, {errors} errors"))
     return 1 if errors else 0
 
 

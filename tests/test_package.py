@@ -435,6 +435,23 @@ def test_example_device_script_writes_csv(venv: Path, exported: dict, tmp_path: 
     ref = _eval_probs(exported["run"], exported["val"], "int8")
     assert [row["label"] for row in rows] == [exported["run"].classes[i] for i in ref.argmax(1)]
     assert all(row["label_2"] and not row["error"] for row in rows)
+    # listed as training lists a folder (__MACOSX skipped); a name that is not UTF-8 is escaped, not a crash
+    import os
+    import shutil
+
+    odd = tmp_path / "odd"
+    shutil.copytree(folder, odd)
+    (odd / "__MACOSX").mkdir()
+    shutil.copy(exported["val"][0], odd / "__MACOSX" / "x.png")
+    with open(os.fsencode(odd) + b"/caf\xe9.png", "wb") as f:
+        f.write(exported["val"][0].read_bytes())
+    r = _run(venv, str(venv), str(script), str(odd), str(out), "--module", "tiny_clf")
+    assert r.returncode == 0, r.stderr
+    with open(out, encoding="utf-8") as f:
+        paths = [row["path"] for row in csv.DictReader(f)]
+    assert len(paths) == len(exported["val"]) + 1 and str(odd / "caf\\xe9.png") in paths
+    r = _run(venv, str(venv), str(script), str(odd), str(out), "--module", "tiny_clf", "--batch", "0")
+    assert r.returncode == 2 and "--batch" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_metadata_that_does_not_match_the_graph_is_one_clear_error(tiny: dict, tmp_path: Path) -> None:
@@ -501,6 +518,55 @@ def test_device_cli_streams_lists_folders_like_training_and_stops_on_a_closed_pi
     err = proc.stderr.read()
     assert proc.wait(timeout=120) == 141 and first.count("\t") >= 2, (first, err)
     assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_device_cli_survives_odd_names_empty_folders_other_files_and_stdin(tiny: dict, tmp_path: Path) -> None:
+    """A file name that is not UTF-8 crashed the output (every result lost, exit 1); a folder without images stopped
+    everything (exit 2); files of other extensions vanished without a word; `-` was "file not found"."""
+    import os
+    import sys
+
+    img = tiny["val"][0].read_bytes()
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    with open(os.fsencode(odd) + b"/caf\xe9.png", "wb") as f:  # a Latin-1 name from an SMB share
+        f.write(img)
+    (odd / "IMG_1.heic").write_bytes(b"not read")
+    (tmp_path / "empty").mkdir()
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}  # a strict UTF-8 stdout, as on most devices
+    args = [sys.executable, "-m", "edgemap.runtime.device_cli", str(tiny["model"]), str(odd), str(tmp_path / "empty"), "-"]
+    r = subprocess.run([*args, "--json"], input=img, capture_output=True, env=env, timeout=120)
+    assert r.returncode == 1, r.stderr  # one problem (the empty folder); the images still ran
+    rows = json.loads(r.stdout.decode("utf-8"))  # valid UTF-8 JSON
+    assert [row["image"].rsplit("/", 1)[-1] for row in rows] == ["empty", "caf\\xe9.png", "-"]
+    assert "folder holds no image files" in rows[0]["error"] and all("label" in row for row in rows[1:])
+    err = r.stderr.decode("utf-8")
+    assert "note: 1 file(s) in the folders skipped: not an image extension (.heic 1)" in err and "Traceback" not in err
+    r = subprocess.run(args, input=img, capture_output=True, env=env, timeout=120)
+    lines = r.stdout.decode("utf-8").splitlines()
+    assert r.returncode == 1 and len(lines) == 2 and lines[0].split("\t")[0].endswith("caf\\xe9.png"), r.stderr
+
+
+def test_device_cli_help_names_the_runtimes_of_its_model_and_survives_a_broken_model_json(
+        exported: dict, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    from edgemap.runtime.device_cli import main
+
+    pkg = tmp_path / "pkg"
+    with zipfile.ZipFile(exported["model"].wheel) as z:
+        z.extractall(pkg)
+    folder = pkg / exported["model"].module
+    with pytest.raises(SystemExit):
+        main(["--help"], package_dir=folder, prog="tiny-clf")
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--runtime RUNTIME onnxruntime (default onnxruntime)" in out  # a QOperator model: ORT only
+    assert main([str(exported["val"][0]), "--runtime", "tflite"], package_dir=folder) == 2
+    assert "unknown runtime 'tflite'; choose from onnxruntime, openvino[:DEVICE], cuda, tensorrt" in capsys.readouterr().err
+    (folder / "model.json").write_text("{ not json")
+    with pytest.raises(SystemExit):
+        main(["--help"], package_dir=folder, prog="tiny-clf")  # still answers
+    assert "Classify images" in capsys.readouterr().out
+    assert main([str(exported["val"][0])], package_dir=folder) == 2
+    assert "model.json" in capsys.readouterr().err
 
 
 def test_rebuilding_a_wheel_warns_only_when_its_contents_change(exported: dict, tmp_path: Path) -> None:

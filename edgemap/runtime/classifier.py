@@ -15,17 +15,23 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edgemap.runtime.errors import EdgemapError, ImageError, ModelFormatError, ModelIntegrityError
+from edgemap.runtime.errors import (
+    EdgemapError,
+    ImageError,
+    ModelFormatError,
+    ModelIntegrityError,
+    RuntimeUnavailableError,
+)
 from edgemap.runtime.onnx_meta import ModelMeta, model_meta, parse_model_bytes, read_model_bytes
 from edgemap.runtime.preprocess import DEFAULT_MAX_PIXELS, ImageInput, PreprocessContract, preprocess
-from edgemap.runtime.sessions import Session, SessionOptions, check_precision, load, parse_runtime
+from edgemap.runtime.sessions import Session, SessionOptions, available, check_precision, load, parse_runtime
 
 #: Names a user may give for a runtime → the session runtime spec (see sessions.RUNTIMES).
 RUNTIME_ALIASES = {"onnxruntime": "cpu", "ort": "cpu", "onnxruntime-gpu": "cuda"}
@@ -35,10 +41,22 @@ _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 FROM_MODEL = "model"
 
 
+#: What the device side calls its runtimes (``cpu`` is accepted too: edgemap's name for ONNX Runtime CPU).
+DEVICE_RUNTIMES = ("onnxruntime", "openvino[:DEVICE]", "cuda", "tensorrt")
+
+
 def runtime_spec(runtime: str) -> str:
     """``"onnxruntime"`` → ``"cpu"``; session specs (cpu, cuda, tensorrt, openvino[:DEV]) pass through."""
     r = runtime.strip()
     return RUNTIME_ALIASES.get(r.lower(), r)
+
+
+def runtimes_for(precision: str, fmt: str) -> tuple[str, ...]:
+    """The device runtimes that can run a model of this precision and int8 format (model.json / metadata)."""
+    if precision != "int8":
+        return DEVICE_RUNTIMES
+    return {"qoperator": ("onnxruntime",), "qdq": ("openvino[:DEVICE]", "onnxruntime"),
+            "qdq_s8": ("tensorrt", "onnxruntime", "openvino[:DEVICE]")}.get(fmt, ("onnxruntime", "openvino[:DEVICE]"))
 
 
 @dataclass(frozen=True)
@@ -72,7 +90,10 @@ def _as_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
         return list(images)  # an (N, H, W, C) batch
     if isinstance(images, (list, tuple)):
         return list(images)
-    return [images]  # type: ignore[list-item]
+    if isinstance(images, (str, bytes, Path, np.ndarray)) or hasattr(images, "getpixel") or hasattr(images, "read") \
+            or not isinstance(images, Iterable):
+        return [images]  # type: ignore[list-item]  # one image (a PIL image, a file object...)
+    return list(images)  # a generator, a map...
 
 
 class Classifier:
@@ -138,7 +159,10 @@ class Classifier:
         meta = model_meta(parse_model_bytes(data, str(path)), str(path))
         del data
         spec = runtime_spec(runtime)
-        info, _ = parse_runtime(spec)
+        try:
+            info, _ = parse_runtime(spec)
+        except RuntimeUnavailableError:
+            raise RuntimeUnavailableError(f"unknown runtime {runtime!r}; choose from {', '.join(DEVICE_RUNTIMES)}") from None
         if meta.precision:
             ok, why = check_precision(info, meta.precision)
             if not ok:
@@ -147,6 +171,9 @@ class Classifier:
             raise ModelFormatError(f"{path}: this is the ONNX Runtime int8 model (QOperator: QLinearConv), which OpenVINO "
                                    "cannot read; run it with --runtime onnxruntime, or use the QDQ int8 model on OpenVINO "
                                    "(`edgemap export` writes model.int8.qdq.onnx; `edgemap package --runtime openvino` ships it)")
+        ok, why = available(spec)
+        if not ok:  # named as the user asked for it ("onnxruntime", not edgemap's "cpu")
+            raise RuntimeUnavailableError(f"runtime {runtime!r} unavailable: {why}")
         session = load(path, spec, SessionOptions(threads=threads, exact=exact))
         _check_input(session, meta, path)
         return cls(session, meta, actual, top_k=top_k, max_pixels=meta.max_pixels if max_pixels == FROM_MODEL else max_pixels)

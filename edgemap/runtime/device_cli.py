@@ -5,27 +5,31 @@ Two forms, one code path:
 - a model wheel (``edgemap package``): ``NAME IMAGE... [--top-k K] [--json]``, model embedded;
 - the generic runtime wheel: ``edgemap-runtime MODEL IMAGE... [--top-k K] [--json]``.
 
-A folder given as IMAGE is searched (recursively, hidden entries skipped) for image files.
+A folder given as IMAGE is searched (recursively, hidden entries skipped) for image files; files
+with other extensions are counted in one note on stderr. ``-`` reads one image from stdin.
 Output: one tab-separated line per image (``path  label prob``, then further top-k pairs),
 or with ``--json`` one JSON array of ``{"image", "label", "index", "prob", "topk"}`` objects.
-An image that cannot be decoded is reported on stderr (and as ``{"image", "error"}`` in the
-JSON) and the others are still classified; the exit code is then 1. A model or runtime
-problem exits 2 with one ``error:`` line (``EDGEMAP_DEBUG=1`` shows the traceback).
+An image that cannot be decoded, or a folder without images, is reported on stderr (and as
+``{"image", "error"}`` in the JSON) and the others are still classified; the exit code is then 1.
+A model or runtime problem exits 2 with one ``error:`` line (``EDGEMAP_DEBUG=1`` shows the
+traceback). File names that are not UTF-8 are printed with ``\\xNN`` escapes.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edgemap.runtime.classifier import Classifier, Prediction, read_model_json
+from edgemap.runtime.classifier import DEVICE_RUNTIMES, Classifier, Prediction, read_model_json, runtimes_for
 from edgemap.runtime.errors import EdgemapError, ImageError
 from edgemap.runtime.preprocess import IMAGE_EXTENSIONS, is_hidden
 
@@ -40,8 +44,20 @@ def _positive(text: str) -> int:
     return v
 
 
-def build_parser(prog: str, embedded: bool, default_runtime: str = "onnxruntime") -> argparse.ArgumentParser:
-    """The argument parser of either form (``embedded``: the model is inside the package)."""
+def printable(text: str) -> str:
+    """``text`` writable as UTF-8: bytes of a file name that is not UTF-8 (``caf\\xe9.png``, from Windows or SMB
+    shares) shown as ``\\xe9`` escapes instead of crashing the output (and losing every result)."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def build_parser(prog: str, embedded: bool, default_runtime: str = "onnxruntime",
+                 runtimes: tuple[str, ...] = DEVICE_RUNTIMES) -> argparse.ArgumentParser:
+    """The argument parser of either form (``embedded``: the model is inside the package; ``runtimes``: those
+    that can run it)."""
     p = argparse.ArgumentParser(
         prog=prog,
         description=("Classify images with the model embedded in this package." if embedded else
@@ -50,11 +66,13 @@ def build_parser(prog: str, embedded: bool, default_runtime: str = "onnxruntime"
     )
     if not embedded:
         p.add_argument("model", type=Path, help="the .onnx model written by `edgemap export`")
-    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files or folders of images")
+    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE",
+                   help=f"image files, folders of images (searched recursively for {', '.join(sorted(IMAGE_EXTENSIONS))}),"
+                        " or - for one image read from stdin")
     p.add_argument("--top-k", type=_positive, default=1, metavar="K", help="classes to show per image (default 1)")
     p.add_argument("--json", action="store_true", help="print one JSON array instead of text lines")
     p.add_argument("--runtime", default=default_runtime,
-                   help=f"onnxruntime, openvino[:DEVICE], cuda or tensorrt (default {default_runtime})")
+                   help=f"{', '.join(runtimes)} (default {default_runtime})")
     p.add_argument("--threads", type=_positive, default=None, help="intra-op threads (default: physical cores)")
     p.add_argument("--batch-size", type=_positive, default=16, help="images per inference call (default 16)")
     p.add_argument("--max-pixels", type=_positive, default=None, metavar="N",
@@ -64,30 +82,59 @@ def build_parser(prog: str, embedded: bool, default_runtime: str = "onnxruntime"
     return p
 
 
-def expand_images(paths: list[Path]) -> list[Path]:
+@dataclass
+class Listing:
+    """What the IMAGE arguments name: the images, folders without any, and files skipped for their extension."""
+
+    images: list[Path] = field(default_factory=list)
+    problems: list[tuple[Path, str]] = field(default_factory=list)
+    skipped: dict[str, int] = field(default_factory=dict)  # extension -> files in the folders that have it
+
+    def skipped_note(self) -> str:
+        """One line on the skipped files ("" if none)."""
+        if not self.skipped:
+            return ""
+        n = sum(self.skipped.values())
+        kinds = ", ".join(f"{ext or '(none)'} {c}" for ext, c in sorted(self.skipped.items()))
+        return (f"{n} file(s) in the folders skipped: not an image extension ({kinds}); images are "
+                f"{', '.join(sorted(IMAGE_EXTENSIONS))} (give a file by name to classify it anyway)")
+
+
+def list_images(paths: list[Path]) -> Listing:
     """Files as given; folders → their image files, listed as training lists a class folder:
-    recursive, sorted, symlinked folders followed (each real folder once), hidden entries and
-    other extensions skipped."""
-    out: list[Path] = []
+    recursive, sorted, symlinked folders followed (each real folder once), hidden entries skipped;
+    other extensions are counted, and a folder without images is a problem of its own (the others still run)."""
+    out = Listing()
     for p in paths:
-        if p.is_dir():
-            found = []
-            seen: set[tuple[int, int]] = set()
-            for root, dirs, files in os.walk(p, followlinks=True):
-                st = os.stat(root)
-                if (st.st_dev, st.st_ino) in seen:  # a link back into the tree: once is enough
-                    dirs[:] = []
+        if not p.is_dir():
+            out.images.append(p)
+            continue
+        found = []
+        seen: set[tuple[int, int]] = set()
+        for root, dirs, files in os.walk(p, followlinks=True):
+            st = os.stat(root)
+            if (st.st_dev, st.st_ino) in seen:  # a link back into the tree: once is enough
+                dirs[:] = []
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            dirs[:] = sorted(d for d in dirs if not is_hidden(d))
+            for f in sorted(files):
+                if is_hidden(f):
                     continue
-                seen.add((st.st_dev, st.st_ino))
-                dirs[:] = sorted(d for d in dirs if not is_hidden(d))
-                found += [Path(root) / f for f in sorted(files)
-                          if not is_hidden(f) and Path(f).suffix.lower() in IMAGE_EXTENSIONS]
-            if not found:
-                raise ImageError(f"{p}: folder holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-            out += found
-        else:
-            out.append(p)
+                ext = Path(f).suffix.lower()
+                if ext in IMAGE_EXTENSIONS:
+                    found.append(Path(root) / f)
+                else:
+                    out.skipped[ext] = out.skipped.get(ext, 0) + 1
+        if not found:
+            out.problems.append((p, f"{p}: folder holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})"))
+        out.images += found
     return out
+
+
+def expand_images(paths: list[Path]) -> list[Path]:
+    """The image files ``paths`` name (see :func:`list_images`)."""
+    return list_images(paths).images
 
 
 def classify_paths(clf: Classifier, paths: list[Path], top_k: int, batch_size: int) -> Iterator[list[tuple[Path, Prediction | str]]]:
@@ -100,7 +147,7 @@ def classify_paths(clf: Classifier, paths: list[Path], top_k: int, batch_size: i
         slots: list[Prediction | str] = [""] * len(chunk)
         for j, path in enumerate(chunk):
             try:
-                arrays.append(clf.preprocess([path])[0])
+                arrays.append(clf.preprocess([sys.stdin.buffer.read() if str(path) == "-" else path])[0])
                 good.append(j)
             except ImageError as e:
                 slots[j] = str(e)
@@ -114,21 +161,22 @@ def classify_paths(clf: Classifier, paths: list[Path], top_k: int, batch_size: i
 def _write_lines(results: list[tuple[Path, Prediction | str]], prog: str) -> None:
     for path, r in results:
         if isinstance(r, Prediction):
-            sys.stdout.write("\t".join([str(path)] + [f"{lab}\t{p:.4f}" for lab, p in r.topk]) + "\n")
+            sys.stdout.write(printable("\t".join([str(path)] + [f"{lab}\t{p:.4f}" for lab, p in r.topk])) + "\n")
         else:
-            sys.stderr.write(f"{prog}: error: {r}\n")
+            sys.stderr.write(f"{prog}: error: {printable(r)}\n")
     sys.stdout.flush()
 
 
 def _write_json(results: list[tuple[Path, Prediction | str]], prog: str) -> None:
     rows: list[dict[str, Any]] = []
     for path, r in results:
-        rows.append({"image": str(path), **r.to_dict()} if isinstance(r, Prediction) else {"image": str(path), "error": r})
+        name = printable(str(path))
+        rows.append({"image": name, **r.to_dict()} if isinstance(r, Prediction) else {"image": name, "error": printable(r)})
     sys.stdout.write(json.dumps(rows, ensure_ascii=False, indent=1) + "\n")
     sys.stdout.flush()
     for _, r in results:
         if not isinstance(r, Prediction):
-            sys.stderr.write(f"{prog}: error: {r}\n")
+            sys.stderr.write(f"{prog}: error: {printable(r)}\n")
 
 
 def main(argv: list[str] | None = None, *, package_dir: str | Path | None = None, prog: str | None = None,
@@ -147,18 +195,38 @@ def main(argv: list[str] | None = None, *, package_dir: str | Path | None = None
     """
     embedded = package_dir is not None
     prog = prog or ("edgemap-runtime" if not embedded else Path(sys.argv[0]).name)
+    for stream in (sys.stdout, sys.stderr):  # a label or message the locale cannot encode: escaped, not a crash
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
     failed = 0
     try:
-        info = read_model_json(package_dir) if embedded else {}
-        args = build_parser(prog, embedded, info.get("runtime", default_runtime)).parse_args(argv)
+        info: dict[str, Any] = {}
+        broken: EdgemapError | None = None
+        if embedded:
+            try:
+                info = read_model_json(package_dir)
+            except EdgemapError as e:  # said after --help, which still works
+                broken = e
+        runtimes = runtimes_for(info.get("precision", ""), info.get("format", "")) if info else DEVICE_RUNTIMES
+        args = build_parser(prog, embedded, info.get("runtime", default_runtime), runtimes).parse_args(argv)
+        if broken is not None:
+            raise broken
+        if sum(str(p) == "-" for p in args.images) > 1:
+            raise EdgemapError("- (stdin) can be given once")
         limit = {"max_pixels": args.max_pixels} if args.max_pixels else {}
         if embedded:
             clf = Classifier.from_package_dir(package_dir, runtime=args.runtime, threads=args.threads, **limit)
         else:
             clf = Classifier.from_path(args.model, runtime=args.runtime, expected_sha256=args.sha256, threads=args.threads,
                                        **limit)
-        done: list[tuple[Path, Prediction | str]] = []
-        for batch in classify_paths(clf, expand_images(args.images), args.top_k, args.batch_size):
+        listing = list_images(args.images)
+        if listing.skipped_note():
+            sys.stderr.write(f"{prog}: note: {printable(listing.skipped_note())}\n")
+        failed += len(listing.problems)  # folders without images: reported like unreadable images, the rest still run
+        done: list[tuple[Path, Prediction | str]] = list(listing.problems) if args.json else []
+        if not args.json:
+            _write_lines(listing.problems, prog)  # type: ignore[arg-type]
+        for batch in classify_paths(clf, listing.images, args.top_k, args.batch_size):
             failed += sum(not isinstance(r, Prediction) for _, r in batch)
             if args.json:
                 done += batch  # one JSON document at the end
@@ -169,7 +237,7 @@ def main(argv: list[str] | None = None, *, package_dir: str | Path | None = None
     except EdgemapError as e:
         if os.environ.get("EDGEMAP_DEBUG"):
             raise
-        sys.stderr.write(f"{prog}: error: {e}\n")
+        sys.stderr.write(f"{prog}: error: {printable(str(e))}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write(f"{prog}: interrupted\n")

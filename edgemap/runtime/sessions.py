@@ -130,7 +130,7 @@ def available(spec: str) -> tuple[bool, str]:
             import onnxruntime as ort
         except ImportError:
             pkg = "onnxruntime-gpu" if info.name in ("cuda", "tensorrt") else "onnxruntime"
-            return False, f"package {pkg} is not installed"
+            return False, f"package {pkg} is not installed (pip install {pkg})"
         providers = ort.get_available_providers()
         if info.provider not in providers:
             if info.name == "cpu":
