@@ -86,6 +86,20 @@ def test_json_into_a_pipe_a_device_or_a_symlink_writes_through_it(tmp_path: Path
     assert "[cat]" in json.loads(r.stdout)["classes"]  # /dev/stdout is '-': the JSON alone on stdout
 
 
+def test_default_out_is_beside_a_dataset_the_shell_is_inside(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`cd data && edgemap datasets scan .` printed `--out models/data`, which finetune refuses (inside the dataset)."""
+    from edgemap.cli.common import default_out
+
+    data = tmp_path / "photos"
+    write_digits(data, val_fraction=0.2, seed=0)
+    monkeypatch.chdir(tmp_path)
+    assert default_out("photos") == Path("models/photos")
+    monkeypatch.chdir(data)
+    assert default_out(".") == tmp_path / "models" / "photos"
+    r = CliRunner().invoke(app, ["datasets", "scan", "."])
+    assert r.exit_code == 0 and f"--out {tmp_path / 'models' / 'photos'}" in " ".join(r.output.split()), r.output
+
+
 def test_undecodable_file_names_still_give_valid_json(tmp_path: Path) -> None:
     name = b"\xfe bad.jpg".decode("utf-8", "surrogateescape")  # how Python sees a non-UTF-8 name
     write_json_out(tmp_path / "o.json", {"skipped": [[name, "cannot decode"]]})

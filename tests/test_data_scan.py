@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import struct
 import threading
 import unicodedata
@@ -453,7 +454,8 @@ def test_nfc_and_nfd_class_names_are_one_class(tmp_path: Path) -> None:
 
 def test_symlinked_files_are_followed_and_kept_as_listed(tmp_path: Path) -> None:
     root = train_val(tmp_path / "data")
-    target = img(tmp_path / "elsewhere" / "real.png", seed=42)
+    target = img(tmp_path / "dog pics" / "real.png", seed=42)
+    img(tmp_path / "elsewhere" / "real.png", seed=43)
     link = root / "train" / "dog" / "linked.png"
     link.symlink_to(target)
     (root / "train" / "linked_class").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
@@ -467,6 +469,55 @@ def test_symlinked_files_are_followed_and_kept_as_listed(tmp_path: Path) -> None
     assert link in paths  # path as listed, not the target
     assert root / "train" / "linked_class" / "real.png" in paths
     assert target not in paths
+
+
+def test_one_file_in_two_splits_or_two_classes_is_refused(tmp_path: Path) -> None:
+    """val/<class> linked to train/<class> made validation the training set, silently; a file linked into another
+    class gave one image two labels."""
+    root = train_val(tmp_path / "a")
+    shutil.rmtree(root / "val" / "cat")
+    (root / "val" / "cat").symlink_to(root / "train" / "cat", target_is_directory=True)
+    with pytest.raises(DatasetError, match=r"image\(s\) are the same file as another split's or class's image.*"
+                                           r"val/cat/.* \(val, cat\) is .*train/cat/.* \(train, cat\)"):
+        scan_dataset(root)
+    root = train_val(tmp_path / "b")
+    (root / "train" / "dog" / "also_a_cat.png").symlink_to(next((root / "train" / "cat").iterdir()))
+    with pytest.raises(DatasetError, match=r"1 image\(s\) are the same file.*\(train, dog\) is .*\(train, cat\)"):
+        scan_dataset(root)
+
+
+def test_byte_identical_copies_across_splits_and_classes_are_reported(tmp_path: Path, caplog) -> None:  # noqa: ANN001
+    """Copies (not links) of training images in val, or of one class's image in another, were not mentioned."""
+    root = tmp_path / "d"
+    make_classes(root / "train", {"cat": 4, "dog": 3})
+    for i, c in enumerate(("cat", "dog")):
+        img(root / "val" / c / "fresh.png", seed=1000 + i)
+    shutil.copy(root / "train" / "cat" / "0.png", root / "val" / "cat" / "copied.png")
+    shutil.copy(root / "train" / "cat" / "1.png", root / "train" / "dog" / "cat_or_dog.png")
+    scan = scan_dataset(root)
+    copies = scan.copies()
+    assert copies["val_in_train"]["count"] == 1 and copies["two_classes"]["count"] == 1 and "test_in_train" not in copies
+    assert scan.to_manifest()["copies"] == copies
+    with caplog.at_level("WARNING", logger="edgemap.data"):
+        scan.warn_copies()
+    text = " ".join(r.getMessage() for r in caplog.records)
+    assert "1 validation image(s) have the same bytes as a training image" in text
+    assert "1 image(s) have the same bytes as an image of another class" in text
+    shutil.rmtree(root / "val" / "cat")
+    img(root / "val" / "cat" / "new.png", seed=77)
+    (root / "train" / "dog" / "cat_or_dog.png").unlink()
+    assert scan_dataset(root).copies() == {}
+
+
+@pytest.mark.parametrize("name", ["test", "Test", "train", "valid", "VALIDATION"])
+def test_a_class_named_like_a_split_is_refused_not_dropped(tmp_path: Path, name: str) -> None:
+    """DATA/{test,prod,dev}/*.png trained on prod and dev only, and counted test's images as non-images."""
+    for cls in (name, "prod", "dev"):
+        for i in range(4):
+            img(tmp_path / cls / f"{i}.png", seed=i)
+    with pytest.raises(DatasetError, match=rf"{name}: holds images directly, like a class folder, but '{name}' is a "
+                                           r"split name.*rename that class folder"):
+        scan_dataset(tmp_path)
 
 
 def test_broken_symlink_with_image_extension(tmp_path: Path) -> None:

@@ -9,7 +9,17 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from edgemap.cli.common import DataArg, JsonOpt, console, err_console, handle_errors, next_step, shq, write_json_out
+from edgemap.cli.common import (
+    DataArg,
+    JsonOpt,
+    console,
+    default_out,
+    err_console,
+    handle_errors,
+    next_step,
+    shq,
+    write_json_out,
+)
 
 datasets_app = typer.Typer(help="Demo datasets and dataset checks.", no_args_is_help=True)
 
@@ -41,7 +51,6 @@ def scan(
     seed: Annotated[int | None, typer.Option("--seed", help="Seed of that split. \\[default: 0]")] = None,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip (and list) unreadable images instead of failing.")] = False,
     max_pixels: Annotated[int | None, typer.Option("--max-pixels", help="Decompression-bomb limit per image, in pixels. \\[default: Pillow's, ~89 M]")] = None,
-    min_val_per_class: Annotated[int | None, typer.Option("--min-val-per-class", help="Validation images needed per class. \\[default: 1]")] = None,
     json_out: JsonOpt = None,
 ) -> None:
     """Check a dataset folder the way `edgemap finetune` will: layout, classes, every image decoded."""
@@ -49,7 +58,7 @@ def scan(
 
     from edgemap.data.scan import ScanOptions, scan_dataset
 
-    given = {"val_split": val_split, "seed": seed, "max_pixels": max_pixels, "min_val_per_class": min_val_per_class}
+    given = {"val_split": val_split, "seed": seed, "max_pixels": max_pixels}
     opts = ScanOptions(skip_bad=skip_bad, **{k: v for k, v in given.items() if v is not None})
     t0 = time.perf_counter()
     result = scan_dataset(data, opts)
@@ -70,11 +79,12 @@ def scan(
     total = sum(len(x) for x in (result.train, result.val, result.test))
     out.print(f"{len(result.classes)} classes, {total} images checked in {seconds:.2f}s; fingerprint {result.fingerprint[:16]}")
     write_json_out(json_out, result.to_manifest())
+    result.warn_copies()
     if out is console:  # the same scan options, so finetune sees the dataset as this scan did
-        unused = {"min_val_per_class"} | ({"val_split"} if result.layout != "split" else set())
+        unused = {"val_split"} if result.layout != "split" else set()
         extra = "".join(f" --{k.replace('_', '-')} {v}" for k, v in given.items()
-                        if v is not None and k not in unused)  # finetune has no such option / the layout ignores it
-        next_step(f"edgemap finetune {shq(data)} --out {shq('models/' + (result.root.name or 'run'))}"
+                        if v is not None and k not in unused)  # the layout ignores it
+        next_step(f"edgemap finetune {shq(data)} --out {shq(default_out(data))}"
                   + (" --skip-bad" if skip_bad else "") + extra)
 
 

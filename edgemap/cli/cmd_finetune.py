@@ -8,7 +8,17 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from edgemap.cli.common import DataArg, JsonOpt, console, err_console, handle_errors, next_step, shq, write_json_out
+from edgemap.cli.common import (
+    DataArg,
+    JsonOpt,
+    console,
+    default_out,
+    err_console,
+    handle_errors,
+    next_step,
+    shq,
+    write_json_out,
+)
 
 
 class RichReporter:
@@ -72,7 +82,7 @@ def register(app: typer.Typer) -> None:
         batch_size: Annotated[int | None, typer.Option(help="Images per step. \\[default: 32]")] = None,
         lr: Annotated[float | None, typer.Option(help="Head learning rate; the backbone gets a quarter. \\[default: 2e-3]")] = None,
         freeze_epochs: Annotated[int | None, typer.Option(help="Head-only epochs on cached frozen features first. \\[default: 2]")] = None,
-        seed: Annotated[int | None, typer.Option(help="Random seed (runs are reproducible on CPU). \\[default: 0]")] = None,
+        seed: Annotated[int | None, typer.Option(help="Random seed (runs are reproducible on CPU); in a single-folder dataset it also picks the validation images. \\[default: 0]")] = None,
         device: Annotated[str | None, typer.Option(help="auto | cpu | cuda. \\[default: auto]")] = None,
         precision: Annotated[str | None, typer.Option(help="auto | fp32 | bf16 | fp16 (autocast). \\[default: auto]")] = None,
         val_split: Annotated[float | None, typer.Option(help="Validation fraction for a single-folder dataset. \\[default: 0.2]")] = None,
@@ -110,7 +120,7 @@ def register(app: typer.Typer) -> None:
             if not resume:
                 FinetuneOptions(**kwargs).validate()  # a typo fails here, before N processes import torch
             raise typer.Exit(launch_torchrun(nproc))
-        out = out or Path("models") / Path(data).resolve().name
+        out = out or default_out(data)
         quiet = json_out is not None and str(json_out) == "-"  # stdout carries the JSON
         with RichReporter(to_stderr=quiet) as rep:
             if resume:  # the run's own options, plus what was given explicitly (checked for conflicts)

@@ -105,7 +105,7 @@ def register(app: typer.Typer) -> None:
         img_size: Annotated[int | None, typer.Option(help="Input size \\[default: the backbone's].")] = None,
         batch_size: Annotated[int | None, typer.Option(help="Training batch size \\[default: 32].")] = None,
         lr: Annotated[float | None, typer.Option(help="Head learning rate \\[default: 2e-3].")] = None,
-        seed: Annotated[int | None, typer.Option(help="Random seed \\[default: 0].")] = None,
+        seed: Annotated[int | None, typer.Option(help="Random seed; in a single-folder dataset it also picks the validation images \\[default: 0].")] = None,
         device: Annotated[str | None, typer.Option(help="Training device auto|cpu|cuda \\[default: auto].")] = None,
         no_flip: Annotated[bool, typer.Option("--no-flip", help="No random horizontal flips.")] = False,
         skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip unreadable images (listed in the run).")] = False,

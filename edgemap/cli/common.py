@@ -174,6 +174,16 @@ def split_csv(value: str | None) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()] if value else []
 
 
+def default_out(data: str | Path) -> Path:
+    """``models/<data folder name>``; beside the dataset when the current folder is inside it (a run directory
+    inside the dataset is refused)."""
+    root = Path(data).resolve()
+    out = Path("models") / (root.name or "run")
+    if out.resolve().is_relative_to(root):
+        return root.parent / "models" / (root.name or "run")
+    return out
+
+
 def write_json_out(target: Path | None, obj: Any) -> None:
     """Write JSON results for scripts: to a file (atomically) or stdout ('-')."""
     if target is None:

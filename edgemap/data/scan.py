@@ -133,6 +133,7 @@ class DatasetScan:
     ignored: dict[str, int]
     fingerprint: str
     options: ScanOptions = field(default_factory=ScanOptions)
+    _file_digests: list[tuple[str, Sample, str]] | None = field(default=None, repr=False, compare=False)
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Images per split and class: ``{"train": {"cat": 40, ...}, "val": {...}, "test": {...}}``."""
@@ -144,22 +145,60 @@ class DatasetScan:
             out[split] = per
         return out
 
+    def _digests(self) -> list[tuple[str, Sample, str]]:
+        """(split, sample, sha256 of its bytes) of every sample; read once per scan."""
+        if self._file_digests is None:
+            out = []
+            for split, samples in (("train", self.train), ("val", self.val), ("test", self.test)):
+                for s in samples:
+                    try:
+                        fh = hashlib.sha256()
+                        with open(s.path, "rb") as f:
+                            while chunk := f.read(1 << 20):
+                                fh.update(chunk)
+                    except OSError as e:
+                        raise DatasetError(f"{s.path}: cannot read file ({e.strerror or e})") from e
+                    out.append((split, s, fh.hexdigest()))
+            self._file_digests = out
+        return self._file_digests
+
     def content_fingerprint(self) -> str:
         """sha256 over (split, relative path, sha256 of the bytes) of every sample (reads every file)."""
         h = hashlib.sha256()
-        for split, samples in (("train", self.train), ("val", self.val), ("test", self.test)):
-            for s in samples:
-                rel = os.fsencode(os.path.relpath(s.path, self.root)).replace(b"\\", b"/")
-                try:
-                    fh = hashlib.sha256()
-                    with open(s.path, "rb") as f:
-                        while chunk := f.read(1 << 20):
-                            fh.update(chunk)
-                    digest = fh.hexdigest()
-                except OSError as e:
-                    raise DatasetError(f"{s.path}: cannot read file ({e.strerror or e})") from e
-                h.update(split.encode() + b"\0" + rel + b"\0" + digest.encode() + b"\n")
+        for split, s, digest in self._digests():
+            rel = os.fsencode(os.path.relpath(s.path, self.root)).replace(b"\\", b"/")
+            h.update(split.encode() + b"\0" + rel + b"\0" + digest.encode() + b"\n")
         return h.hexdigest()
+
+    def copies(self) -> dict[str, Any]:
+        """Byte-identical images where they distort results: a val/test image that is also a training image
+        (counted as unseen), or the same bytes under two classes (two labels). Counts and a few examples."""
+        first: dict[str, tuple[str, Sample]] = {}
+        found: dict[str, list[str]] = {"val_in_train": [], "test_in_train": [], "two_classes": []}
+        for split, s, digest in self._digests():
+            if digest not in first:
+                first[digest] = (split, s)
+                continue
+            other_split, other = first[digest]
+            if other.label != s.label:
+                found["two_classes"].append(f"{s.path} ({self.classes[s.label]}) = {other.path} ({self.classes[other.label]})")
+            elif other_split == "train" and split in ("val", "test"):
+                found[f"{split}_in_train"].append(f"{s.path} = {other.path}")
+        return {k: {"count": len(v), "examples": [_json_safe(x) for x in v[:3]]} for k, v in found.items() if v}
+
+    def warn_copies(self) -> None:
+        """Log :meth:`copies_warnings` (finetune and ``datasets scan`` do, once per scan)."""
+        for line in self.copies_warnings():
+            log.warning("%s: %s", _json_safe(str(self.root)), line)
+
+    def copies_warnings(self) -> list[str]:
+        """One line per kind of :meth:`copies`."""
+        what = {"val_in_train": "validation image(s) have the same bytes as a training image: validation accuracy "
+                                "counts them as unseen",
+                "test_in_train": "test image(s) have the same bytes as a training image: test accuracy counts them "
+                                 "as unseen",
+                "two_classes": "image(s) have the same bytes as an image of another class: one picture, two labels"}
+        return [f"{c['count']} {what[k]} (e.g. {c['examples'][0]})" for k, c in self.copies().items()]
 
     def matches(self, manifest_dataset: dict[str, Any]) -> bool:
         """The same files as recorded: same sizes and mtimes, or else (touched, copied back) the same bytes."""
@@ -178,6 +217,7 @@ class DatasetScan:
             "counts": self.counts(),
             "fingerprint": self.fingerprint,
             "content_fingerprint": self.content_fingerprint(),
+            "copies": self.copies(),
             "skipped": [[_json_safe(p), _json_safe(r)] for p, r in self.skipped],
             "ignored": dict(self.ignored),
         }
@@ -340,6 +380,13 @@ class _Listing:
 
 def _scan(root: str | Path, opts: ScanOptions, *, decode_check: bool, known_bad: dict[str, str] | None) -> DatasetScan:
     root, top, (train_name, val_name, test_name) = _split_folders(root)
+    for name in (train_name, val_name, test_name):
+        if name and _holds_images_directly(root / name):  # a class called "test" would be silently dropped
+            raise DatasetError(
+                f"{root / name}: holds images directly, like a class folder, but {name!r} is a split name: "
+                f"train, val (validation, valid) and test, in any case, at the top of {root} mean "
+                "DATA/<split>/<class>/...; rename that class folder (e.g. to " + repr(name + "_") + ")"
+            )
 
     if train_name or val_name:
         if not train_name:
@@ -428,6 +475,7 @@ def _scan(root: str | Path, opts: ScanOptions, *, decode_check: bool, known_bad:
         test = [Sample(p, index[c]) for c in sorted(te.images) for p in te.images[c] if str(p) not in bad]
 
     _check_val(root, layout, classes, val, va, opts)
+    _check_same_files(classes, (("train", train), ("val", val), ("test", test)))
 
     ignored: dict[str, int] = {}
     for lst in listings:
@@ -452,6 +500,37 @@ def _scan(root: str | Path, opts: ScanOptions, *, decode_check: bool, known_bad:
         fingerprint=_fingerprint(root, (("train", train), ("val", val), ("test", test))),
         options=opts,
     )
+
+
+def _holds_images_directly(folder: Path) -> bool:
+    """No class sub-folders, but image files of its own."""
+    return not _subdirs(folder) and any(
+        Path(e.name).suffix.lower() in IMAGE_EXTENSIONS and not is_hidden(e.name) for e in _entries(folder)
+    )
+
+
+def _check_same_files(classes: list[str], splits: Iterable[tuple[str, list[Sample]]]) -> None:
+    """One file (through symlinks) in two splits or under two classes: validation would measure training images,
+    or one image would teach two labels."""
+    owner: dict[str, tuple[str, Sample]] = {}
+    clashes: list[str] = []
+    for split, samples in splits:
+        for s in samples:
+            real = os.path.realpath(s.path)
+            if real not in owner:
+                owner[real] = (split, s)
+                continue
+            first_split, first = owner[real]
+            if first_split != split or first.label != s.label:
+                clashes.append(f"{s.path} ({split}, {classes[s.label]}) is {first.path} ({first_split}, "
+                               f"{classes[first.label]})")
+    if clashes:
+        more = f" and {len(clashes) - _MAX_LISTED} more" if len(clashes) > _MAX_LISTED else ""
+        raise DatasetError(
+            f"{len(clashes)} image(s) are the same file as another split's or class's image (symlinks): "
+            + "; ".join(clashes[:_MAX_LISTED]) + more
+            + ". Validation must not hold training images, and an image has one class: remove those links"
+        )
 
 
 def _split_folders(root: str | Path) -> tuple[Path, list[str], tuple[str | None, str | None, str | None]]:

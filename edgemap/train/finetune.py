@@ -356,6 +356,7 @@ def finetune(data: str | Path, out: str | Path, opts: FinetuneOptions | None = N
                     backbone={"name": opts.backbone, "weights": spec.weights if opts.pretrained else "random init"},
                     classes=scan.classes, contract=contract, options={"finetune": opts.to_dict()}, dataset=scan.to_manifest(),
                 )
+                scan.warn_copies()
             else:
                 run = None
             hint = resume_hint or _resume_hint(data, out, dist)
