@@ -280,6 +280,30 @@ def test_out_that_is_a_file_is_a_clear_error(digits: Path, tmp_path: Path) -> No
         assert r.exit_code == 2 and pat in " ".join(r.output.split()) and "Traceback" not in r.output, r.output
 
 
+def test_out_holding_other_files_is_refused_and_nothing_is_overwritten(digits: Path, tmp_path: Path) -> None:
+    """An existing folder of other work: its weights/best.safetensors was overwritten and its metrics.jsonl appended to
+    (or, not JSON lines, a JSONDecodeError traceback on every retry)."""
+    out = tmp_path / "my experiment"
+    (out / "weights").mkdir(parents=True)
+    (out / "weights" / "best.safetensors").write_text("precious")
+    (out / "metrics.jsonl").write_text("step,loss\n1,0.5\n")
+    r = CliRunner().invoke(app, ["finetune", str(digits), "--out", str(out), *CLI_TINY])
+    assert r.exit_code == 2 and "holds other files (metrics.jsonl, weights) and no edgemap run" in " ".join(r.output.split())
+    assert (out / "weights" / "best.safetensors").read_text() == "precious" and not (out / "edgemap.json").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / ".DS_Store").write_bytes(b"\0")
+    assert finetune(digits, empty, FinetuneOptions(**{**TINY, "epochs": 1})).epochs_run == 1  # empty is fine
+
+
+def test_a_cut_metrics_line_does_not_stop_a_resume(tmp_path: Path) -> None:
+    from edgemap.train.finetune import _truncate_metrics
+
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n{"epoch": 2}\n{"epo\n{"epoch": 3}\n')
+    _truncate_metrics(tmp_path, 2)
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"epoch": 1}\n{"epoch": 2}\n'
+
+
 def test_a_run_that_never_started_training_can_be_started_again(digits: Path, tmp_path: Path) -> None:
     """A manifest with nothing trained (e.g. a dataset error after it was written) does not block a new run."""
     from edgemap.runtime.preprocess import PreprocessContract

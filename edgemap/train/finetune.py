@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from edgemap.artifacts import WEIGHTS_BEST, WEIGHTS_LAST
 from edgemap.backbones import get_spec
 from edgemap.errors import DatasetError, EdgemapError, Interrupted, ResumeError, TrainingError
-from edgemap.fsutil import atomic_write_bytes, remove_stale_temps
+from edgemap.fsutil import LOCK_NAME, TMP_SUFFIX, atomic_write_bytes, remove_stale_temps
 from edgemap.manifest import MANIFEST_NAME, RunDir, run_lock
 from edgemap.model import ClassifierNet, build_classifier
 from edgemap.runtime.preprocess import DEFAULT_MAX_PIXELS, PreprocessContract, preprocess
@@ -307,7 +307,7 @@ def finetune(data: str | Path, out: str | Path, opts: FinetuneOptions | None = N
 
     out = Path(out)
     t_start = time.perf_counter()
-    _check_out(out, Path(data))
+    _check_out(out, Path(data), resume)
     state = None
     if resume:
         given = dict(overrides or {})
@@ -375,14 +375,28 @@ def _resume_hint(data: str | Path, out: Path, dist: Any) -> str:
     return f"the same torchrun command, with --resume added to its `edgemap finetune ... --out '{out}'` arguments"
 
 
-def _check_out(out: Path, data: Path) -> None:
-    """Refuse an --out that would write into the dataset, or that is a file."""
+def _check_out(out: Path, data: Path, resume: bool = False) -> None:
+    """Refuse an --out that would write into the dataset, that is a file, or (a new run) a folder of other files."""
     o, d = out.resolve(), data.resolve()
     if o == d or d in o.parents:
         raise TrainingError(f"--out {out} is inside the dataset {data}: the run's files would become part of the data "
                             "(and the dataset must never be modified); choose a folder outside it")
     if out.exists() and not out.is_dir():
         raise TrainingError(f"--out {out} is a file, not a folder; choose another --out")
+    if resume or not out.is_dir() or (out / MANIFEST_NAME).exists():
+        return
+    try:
+        names = sorted(n for n in os.listdir(out) if n not in _NOT_OTHERS and not n.endswith(TMP_SUFFIX))
+    except OSError as e:
+        raise TrainingError(f"--out {out}: cannot list the folder ({e.strerror or e})") from e
+    if names:  # weights/, metrics.jsonl... of something else would be overwritten or appended to
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        raise TrainingError(f"--out {out} holds other files ({shown}) and no edgemap run; a run directory must be "
+                            "new or empty: choose another --out (edgemap never writes over files it did not make)")
+
+
+#: entries an empty --out may hold: edgemap's own lock, and what file managers leave
+_NOT_OTHERS = frozenset({LOCK_NAME, ".DS_Store", "Thumbs.db", "desktop.ini"})
 
 
 def _failed_start(out: Path) -> bool:
@@ -722,13 +736,22 @@ def _append_metrics(run_path: Path, row: dict[str, Any]) -> None:
     atomic_write_bytes(path, old + (json.dumps(row) + "\n").encode())
 
 
+def _epoch_of(line: str) -> int | None:
+    """The epoch of a metrics.jsonl line; None for a line that is not one (cut short by a kill, or edited)."""
+    try:
+        row = json.loads(line)
+        return int(row.get("epoch", 0)) if isinstance(row, dict) else None
+    except (ValueError, TypeError):
+        return None
+
+
 def _truncate_metrics(run_path: Path, epochs_done: int) -> None:
     """On resume, drop metric lines of epochs the state file has not reached (a kill after the line was written)."""
     path = run_path / METRICS_FILE
     if not path.exists():
         return
-    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    keep = [ln for ln in lines if json.loads(ln).get("epoch", 0) <= epochs_done]
+    lines = [ln for ln in path.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
+    keep = [ln for ln in lines if (e := _epoch_of(ln)) is not None and e <= epochs_done]  # a cut or foreign line goes
     if len(keep) != len(lines):
         atomic_write_bytes(path, "".join(ln + "\n" for ln in keep).encode())
 
