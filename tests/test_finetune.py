@@ -304,6 +304,24 @@ def test_a_cut_metrics_line_does_not_stop_a_resume(tmp_path: Path) -> None:
     assert (tmp_path / "metrics.jsonl").read_text() == '{"epoch": 1}\n{"epoch": 2}\n'
 
 
+def test_a_second_ctrl_c_marks_the_run_interrupted_and_says_resume(digits: Path, tmp_path: Path) -> None:
+    """The second Ctrl-C stops at once (KeyboardInterrupt): the stage stayed "running" and the message said "run the
+    command again", which a run directory refuses ("already holds a run")."""
+    from edgemap.errors import Interrupted
+    from edgemap.train.finetune import _Reporter
+
+    class SecondCtrlC(_Reporter):
+        def epoch_done(self, row: dict) -> None:
+            if row["epoch"] == 2:
+                raise KeyboardInterrupt
+
+    out = tmp_path / "twice"
+    with pytest.raises(Interrupted, match="interrupted twice: stopped at once.*Resume with: .*--resume"):
+        finetune(digits, out, FinetuneOptions(**TINY), reporter=SecondCtrlC())
+    assert RunDir.load(out).data["stages"]["finetune"]["status"] == "interrupted"
+    assert finetune(digits, out, FinetuneOptions(**TINY), resume=True).epochs_run == 3
+
+
 def test_a_run_that_never_started_training_can_be_started_again(digits: Path, tmp_path: Path) -> None:
     """A manifest with nothing trained (e.g. a dataset error after it was written) does not block a new run."""
     from edgemap.runtime.preprocess import PreprocessContract

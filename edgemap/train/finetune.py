@@ -24,7 +24,7 @@ import shlex
 import signal
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -360,8 +360,19 @@ def finetune(data: str | Path, out: str | Path, opts: FinetuneOptions | None = N
             else:
                 run = None
             hint = resume_hint or _resume_hint(data, out, dist)
-            trainer = _Trainer(run, scan, opts, contract, device, dist, rep, hint, stop)
-            return trainer.fit(state, t_start)
+            try:
+                trainer = _Trainer(run, scan, opts, contract, device, dist, rep, hint, stop)
+                return trainer.fit(state, t_start)
+            except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, the last saved state is what resumes
+                if not dist.main or run is None:
+                    raise
+                with suppress(EdgemapError, OSError):
+                    run.set_stage("finetune", "interrupted")
+                if (out / ckpt.STATE_FILE).is_file():
+                    raise Interrupted(f"interrupted twice: stopped at once, the last saved state is kept. Resume "
+                                      f"with: {hint}") from None
+                raise Interrupted("interrupted twice before the first saved state; run the same command again "
+                                  "(without --resume)") from None
     finally:
         dist.close()
 
