@@ -322,6 +322,29 @@ def test_a_second_ctrl_c_marks_the_run_interrupted_and_says_resume(digits: Path,
     assert finetune(digits, out, FinetuneOptions(**TINY), resume=True).epochs_run == 3
 
 
+def test_resume_from_a_moved_dataset_records_where_it_is_now(digits: Path, tmp_path: Path) -> None:
+    """`mv dA dB; finetune dB --resume` trained, but edgemap.json kept dA: the printed `export` failed ("gone")."""
+    import shutil
+
+    from edgemap.data.scan import rescan_for_run
+    from edgemap.errors import Interrupted
+    from edgemap.train.finetune import _Reporter
+
+    class CtrlC(_Reporter):
+        def epoch_done(self, row: dict) -> None:
+            if row["epoch"] == 2:
+                raise KeyboardInterrupt
+
+    first = shutil.copytree(digits, tmp_path / "dA")
+    out = tmp_path / "run"
+    with pytest.raises(Interrupted):
+        finetune(first, out, FinetuneOptions(**TINY), reporter=CtrlC())
+    moved = first.rename(tmp_path / "dB")
+    finetune(moved, out, FinetuneOptions(**TINY), resume=True)
+    run = RunDir.load(out)
+    assert run.data["dataset"]["root"] == str(moved) and rescan_for_run(run.data["dataset"]).root == moved
+
+
 def test_a_run_that_never_started_training_can_be_started_again(digits: Path, tmp_path: Path) -> None:
     """A manifest with nothing trained (e.g. a dataset error after it was written) does not block a new run."""
     from edgemap.runtime.preprocess import PreprocessContract

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import shlex
@@ -43,6 +44,8 @@ from edgemap.runtime.preprocess import DEFAULT_MAX_PIXELS, PreprocessContract, p
 from edgemap.runtime.sessions import physical_cores
 from edgemap.train import checkpoint as ckpt
 from edgemap.train.hardware import autocast_dtype, resolve_device
+
+log = logging.getLogger("edgemap.train")
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -822,3 +825,8 @@ def _check_compatible(run: RunDir, scan: Any, opts: FinetuneOptions) -> None:
             f"--resume: dataset {scan.root} changed since the run started (fingerprint differs); resuming would not be exact. "
             "Start a new run with another --out"
         )
+    was = run.data.get("dataset", {}).get("root")
+    if was and Path(was) != scan.root:  # the same files, moved: record where they are now (export, eval read them)
+        log.warning("--resume: the dataset moved from %s to %s (same files); recorded", was, scan.root)
+        run.data["dataset"] = scan.to_manifest()
+        run.save()
