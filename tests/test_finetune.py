@@ -240,6 +240,20 @@ def test_lr_schedule_shape() -> None:
     assert f[10] == pytest.approx(0.1) and f[19] == 1.0  # warm-up again when the backbone thaws
     assert all(a >= b for a, b in zip(f[19:], f[20:]))  # cosine decay
     assert f[-1] < 0.01
+    # one full epoch (3 epochs, 2 head-only): warm-up is cut to a quarter of it, then the rate decays (it ended at peak)
+    g = [lr_factor(s, 8, 2, 3, 1.0) for s in range(24)]
+    assert g[16] == pytest.approx(0.5) and g[17] == 1.0 and g[-1] < 0.1
+
+
+def test_epochs_below_the_default_freeze_epochs_just_trains(digits: Path, tmp_path: Path) -> None:
+    """`--epochs 1` failed with "--freeze-epochs 2 exceeds --epochs 1", an option the user never set."""
+    r = CliRunner().invoke(app, ["finetune", str(digits), "--out", str(tmp_path / "one"), "--backbone", "tiny",
+                                 "--img-size", "32", "--epochs", "1", "--threads", "1"])
+    assert r.exit_code == 0, r.output
+    assert RunDir.load(tmp_path / "one").data["options"]["finetune"]["freeze_epochs"] == 1
+    r = CliRunner().invoke(app, ["finetune", str(digits), "--out", str(tmp_path / "two"), *CLI_TINY[:-4],
+                                 "--epochs", "1", "--freeze-epochs", "2"])
+    assert r.exit_code == 2 and "--freeze-epochs 2 exceeds --epochs 1" in r.output  # given: still refused
 
 
 def test_augment_keeps_shape_and_is_seeded() -> None:

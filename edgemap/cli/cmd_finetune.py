@@ -102,12 +102,14 @@ def register(app: typer.Typer) -> None:
         DATA is DATA/train/<class>/... with DATA/val/<class>/... (or validation/), or DATA/<class>/...
         split by --val-split. A DATA/test/ split is kept aside for `edgemap eval`.
         """
-        from edgemap.train.finetune import FinetuneOptions, finetune
+        from edgemap.train.finetune import FinetuneOptions, cap_default_freeze, finetune
 
         given = dict(backbone=backbone, epochs=epochs, img_size=img_size, batch_size=batch_size, lr=lr,
                      freeze_epochs=freeze_epochs, seed=seed, device=device, precision=precision, val_split=val_split,
                      patience=patience, threads=threads, max_pixels=max_pixels, checkpoint_every=checkpoint_every)
         kwargs = {k: v for k, v in given.items() if v is not None}
+        if not resume:
+            kwargs = cap_default_freeze(kwargs)
         if skip_bad:
             kwargs["skip_bad"] = True
         if no_flip:

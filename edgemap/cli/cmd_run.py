@@ -162,7 +162,7 @@ def build_options(*, runtime: str | None = None, bench_seconds: float | None = N
     from edgemap.export import ExportOptions
     from edgemap.package import PackageOptions
     from edgemap.pipeline import RunOptions
-    from edgemap.train.finetune import FinetuneOptions
+    from edgemap.train.finetune import FinetuneOptions, cap_default_freeze
 
     def given(**kw: Any) -> dict[str, Any]:
         return {k: v for k, v in kw.items() if v is not None}
@@ -178,7 +178,7 @@ def build_options(*, runtime: str | None = None, bench_seconds: float | None = N
     explicit += [f"package.{k}" for k in given(runtime=package_runtime, name=name)]
     explicit += [] if report is None else ["report.report"]
     return RunOptions(
-        finetune=FinetuneOptions(**given(**finetune_kw)),
+        finetune=FinetuneOptions(**cap_default_freeze(given(**finetune_kw))),
         export=ExportOptions(int8=int8 is not False, **given(max_drop=max_drop, calib_size=calib_size)),
         eval=EvalOptions(**given(runtimes=runtimes), **precisions),
         bench=BenchOptions(batches=(1,), seconds=3.0 if bench_seconds is None else bench_seconds, warmup=5,

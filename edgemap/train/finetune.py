@@ -223,6 +223,16 @@ def augment(x: torch.Tensor, gen: torch.Generator, scale: tuple[float, float], f
 # --------------------------------------------------------------------------------------
 # schedule
 # --------------------------------------------------------------------------------------
+def cap_default_freeze(given: dict[str, Any]) -> dict[str, Any]:
+    """``--epochs`` below the default ``--freeze-epochs`` (and that one not given): as many head-only epochs as
+    there are epochs, instead of an error about an option the user never set."""
+    default = FinetuneOptions.freeze_epochs
+    epochs = given.get("epochs")
+    if given.get("freeze_epochs") is None and isinstance(epochs, int) and 1 <= epochs < default:
+        return {**given, "freeze_epochs": epochs}
+    return given
+
+
 def lr_factor(global_step: int, steps_per_epoch: int, freeze_epochs: int, epochs: int, warmup_epochs: float) -> float:
     """Warm-up then constant in the head-only phase; warm-up then cosine in the full phase."""
     head_steps = freeze_epochs * steps_per_epoch
@@ -231,7 +241,7 @@ def lr_factor(global_step: int, steps_per_epoch: int, freeze_epochs: int, epochs
         return min(1.0, (global_step + 1) / warm)
     t = global_step - head_steps
     total = max(1, (epochs - freeze_epochs) * steps_per_epoch)
-    warm = max(1, int(warmup_epochs * steps_per_epoch))
+    warm = max(1, min(int(warmup_epochs * steps_per_epoch), total // 4))  # short runs decay too (ended at peak lr)
     if t < warm:
         return (t + 1) / warm
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (t - warm) / max(1, total - warm))))
