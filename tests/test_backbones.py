@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -68,3 +70,8 @@ def test_registry_lists_all_and_cli_table() -> None:
     r = CliRunner().invoke(app, ["backbones"], env={"COLUMNS": "200"})
     assert r.exit_code == 0
     assert "efficientnet_lite0" in r.output and "224px" in r.output
+    # the ImageNet crop is labelled as such; fine-tuned runs resize the whole image (the run records crop 1.0)
+    assert "ImageNet preprocessing" in r.output and "resize the whole image (crop 1.0)" in " ".join(r.output.split())
+    r = CliRunner().invoke(app, ["backbones", "--json", "-"])
+    rows = {row["name"]: row for row in json.loads(r.stdout)}
+    assert rows["efficientnet_lite0"]["crop_pct"] == 0.875 and rows["efficientnet_lite0"]["finetune_crop_pct"] == 1.0

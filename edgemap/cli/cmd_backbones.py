@@ -14,9 +14,10 @@ def register(app: typer.Typer) -> None:
     def backbones(json_out: JsonOpt = None) -> None:
         """List backbones: input size, parameters, weights source and whether they load here."""
         from edgemap.backbones import build_backbone, count_params, list_backbones, weights_available
+        from edgemap.train.finetune import FinetuneOptions
 
         table = Table(title="edgemap backbones")
-        for col in ("name", "input", "params", "preprocessing", "weights", "status"):
+        for col in ("name", "input", "params", "ImageNet preprocessing", "weights", "status"):
             table.add_column(col, no_wrap=col == "name")
         rows = []
         for spec in list_backbones():
@@ -24,7 +25,8 @@ def register(app: typer.Typer) -> None:
             _, model = build_backbone(spec.name, pretrained=False)
             params = count_params(model) - sum(p.numel() for p in model._fc.parameters())
             rows.append({"name": spec.name, "input_size": spec.input_size, "params": params, "interpolation": spec.interpolation,
-                         "crop_pct": spec.crop_pct, "mean": list(spec.mean), "std": list(spec.std), "weights": spec.weights,
+                         "crop_pct": spec.crop_pct, "finetune_crop_pct": FinetuneOptions.crop_pct,
+                         "mean": list(spec.mean), "std": list(spec.std), "weights": spec.weights,
                          "available": ok, "reason": "" if ok else why})
             table.add_row(
                 spec.name,
@@ -38,5 +40,7 @@ def register(app: typer.Typer) -> None:
         if json_out is not None and str(json_out) == "-":
             return
         console.print(table)
-        console.print("params exclude the ImageNet head, which finetune replaces.")
+        console.print("params exclude the ImageNet head, which finetune replaces. Fine-tuned runs keep the "
+                      f"interpolation and mean/std but resize the whole image (crop {FinetuneOptions.crop_pct}): "
+                      "your photos' edges stay in.")
         next_step("edgemap datasets digits data/digits && edgemap finetune data/digits --img-size 64 --no-flip")
