@@ -215,10 +215,14 @@ def test_existing_run_is_never_overwritten(digits: Path, reference_run: Path) ->
         (["--patience", "0", "--backbone", "tiny", "--img-size", "32"], "--patience 0: must be >= 1"),
         (["--threads", "-1", "--backbone", "tiny", "--img-size", "32"], "--threads -1: must be >= 0"),
         (["--seed", "99999999999999999999", "--backbone", "tiny", "--img-size", "32"], "must be < 2**63"),
+        (["--img-size", "0", "--backbone", "tiny"], "--img-size 0: must be positive"),  # was: the native size, silently
+        (["--nproc", "0", "--backbone", "tiny"], "--nproc 0: must be >= 1"),  # was ignored
+        (["--nproc", "-1", "--backbone", "tiny"], "--nproc -1: must be >= 1"),
+        (["--device", "cuda:x:", "--backbone", "tiny"], "--device cuda:x:"),  # as typed (rich made ":x:" an emoji)
     ],
 )
 def test_cli_option_errors(digits: Path, tmp_path: Path, args: list[str], message: str) -> None:
-    if "cuda" in args and torch.cuda.is_available():
+    if any(a.startswith("cuda") for a in args) and torch.cuda.is_available():
         pytest.skip("a GPU is present")
     r = CliRunner().invoke(app, ["finetune", str(digits), "--out", str(tmp_path / "x"), *args])
     assert r.exit_code == 2, r.output

@@ -60,9 +60,9 @@ class RichReporter:
         self.progress.update(self.task, advance=n, **({"stats": stats} if stats else {}))
 
     def epoch_done(self, row: dict[str, Any]) -> None:
-        self.progress.console.print(
+        self.progress.console.print(  # one line each, also in a log file (rich folds at 80 columns there)
             f"epoch {row['epoch']:>3} \\[{row['phase']}] train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} | "
-            f"val loss {row['val_loss']:.4f} [bold]acc {row['val_acc']:.4f}[/] | lr {row['lr']:.2e}"
+            f"val loss {row['val_loss']:.4f} [bold]acc {row['val_acc']:.4f}[/] | lr {row['lr']:.2e}", soft_wrap=True
         )
 
     def message(self, text: str, *, markup: bool = False) -> None:
@@ -102,6 +102,7 @@ def register(app: typer.Typer) -> None:
         DATA is DATA/train/<class>/... with DATA/val/<class>/... (or validation/), or DATA/<class>/...
         split by --val-split. A DATA/test/ split is kept aside for `edgemap eval`.
         """
+        from edgemap.errors import TrainingError
         from edgemap.train.finetune import FinetuneOptions, cap_default_freeze, finetune
 
         given = dict(backbone=backbone, epochs=epochs, img_size=img_size, batch_size=batch_size, lr=lr,
@@ -116,6 +117,8 @@ def register(app: typer.Typer) -> None:
             kwargs["flip"] = False
         if no_augment:
             kwargs["augment"] = False
+        if nproc is not None and nproc < 1:
+            raise TrainingError(f"--nproc {nproc}: must be >= 1 (1 trains in this process)")
         if nproc and nproc > 1:
             from edgemap.train.distributed import launch_torchrun
 

@@ -29,8 +29,10 @@ class _Console(Console):
         raise SystemExit(141)
 
 
-console = _Console(stderr=False, highlight=False)
-err_console = _Console(stderr=True, highlight=False)
+# emoji=False: a class, path or option value such as ":x:" is printed as it is (rich made it an emoji; escape() only
+# covers [markup])
+console = _Console(stderr=False, highlight=False, emoji=False)
+err_console = _Console(stderr=True, highlight=False, emoji=False)
 
 F = TypeVar("F", bound=Callable[..., Any])
 

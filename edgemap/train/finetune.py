@@ -111,6 +111,9 @@ class FinetuneOptions:
 
     def validate(self) -> None:
         spec = get_spec(self.backbone)  # raises BackboneError for an unknown name
+        if self.img_size is not None and self.img_size < 1:  # 0 meant the native size, silently
+            raise TrainingError(f"--img-size {self.img_size}: must be positive (leave it out for {spec.input_size}, "
+                                f"{self.backbone}'s own)")
         size = self.img_size or spec.input_size
         if size < 16 or size % spec.size_multiple:
             raise TrainingError(f"--img-size {size}: {self.backbone} needs a multiple of {spec.size_multiple} and >= 16")
