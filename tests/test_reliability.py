@@ -147,6 +147,7 @@ def test_same_seed_gives_identical_weights_and_onnx_outputs(tmp_path: Path) -> N
     for key in ("weights_best", "weights_last"):
         wa, wb = load_file(str(a.artifact_path(key))), load_file(str(b.artifact_path(key)))
         assert wa.keys() == wb.keys() and all(np.array_equal(wa[k].numpy(), wb[k].numpy()) for k in wa), key
+        assert a.artifacts[key]["sha256"] == b.artifacts[key]["sha256"], key  # the files too, not only the tensors
     images = preprocess_batch(sorted((data / "val").rglob("*.png")), a.contract)
     for key in ("onnx_fp32", "onnx_int8_qoperator"):
         import onnx

@@ -754,7 +754,9 @@ def _save_weights(run: RunDir, net: ClassifierNet, key: str, epoch: int, val_acc
     state = {k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.detach().cpu().contiguous()
              for k, v in net.state_dict().items()}
     with run.write_artifact(key, dest, stage="finetune", epoch=epoch, val_accuracy=val_acc) as tmp:
-        save_file(state, str(tmp), metadata={"epoch": str(epoch), "backbone": run.backbone})
+        # one metadata key: safetensors writes a metadata dict in hash order, so two keys made identical weights
+        # differ in sha256 from run to run
+        save_file(state, str(tmp), metadata={"edgemap": json.dumps({"backbone": run.backbone, "epoch": epoch}, sort_keys=True)})
 
 
 def _append_metrics(run_path: Path, row: dict[str, Any]) -> None:
