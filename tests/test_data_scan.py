@@ -509,6 +509,15 @@ def test_byte_identical_copies_across_splits_and_classes_are_reported(tmp_path: 
     assert scan_dataset(root).copies() == {}
 
 
+def test_a_class_folder_linked_to_another_class_is_refused_by_name(tmp_path: Path) -> None:
+    """kitty -> cat ended in "class folder has no images" (the loop guard had already visited cat)."""
+    root = train_val(tmp_path / "d")
+    (root / "train" / "kitty").symlink_to(root / "train" / "cat", target_is_directory=True)
+    with pytest.raises(DatasetError, match=r"train/kitty: links to the class folder .*train/cat: one folder cannot be "
+                                           r"two classes \('cat' and 'kitty'\)"):
+        scan_dataset(root)
+
+
 @pytest.mark.parametrize("name", ["test", "Test", "train", "valid", "VALIDATION"])
 def test_a_class_named_like_a_split_is_refused_not_dropped(tmp_path: Path, name: str) -> None:
     """DATA/{test,prod,dev}/*.png trained on prod and dev only, and counted test's images as non-images."""

@@ -619,6 +619,11 @@ def _list_split(folder: Path, root: Path, exclude: Iterable[str] = ()) -> _Listi
                     f"{path}: symlink loop: this class folder points to {class_real}, which contains the dataset; "
                     "remove the link"
                 )
+            alias = next((n for n, d in lst.dirs.items() if os.path.realpath(d) == class_real), None)
+            if alias is not None:
+                link, other = (path, lst.dirs[alias]) if path.is_symlink() else (lst.dirs[alias], path)
+                raise DatasetError(f"{link}: links to the class folder {other}: one folder cannot be two "
+                                   f"classes ({alias!r} and {name!r}); remove the link or make it a folder of its own")
             lst.dirs[name] = path
             lst.images[name] = []
             _walk_class(path, name, lst, visited, class_real, root_real)
