@@ -106,11 +106,12 @@ def write_user_file(dest: str | Path, data: bytes) -> None:
     """Write a file the user named on the command line.
 
     A plain (or new) file is written atomically; through a symlink, its target is (the link stays).
-    A device, pipe or /dev path (``--json /dev/stderr``) is written into, never replaced: an atomic
-    rename would put a plain file where ``/dev/null`` was.
+    A device, pipe or /dev path (``/dev/null``, a FIFO, ``/dev/fd/3``) is written into, never replaced:
+    an atomic rename would put a plain file where ``/dev/null`` was. It is opened for appending, so a
+    shell redirection behind ``/dev/fd/N`` is not truncated under the writes of others.
     """
     if special_file(dest):
-        with open(dest, "wb") as f:
+        with open(dest, "ab") as f:
             f.write(data)
         return
     atomic_write_bytes(os.path.realpath(dest), data)

@@ -394,7 +394,7 @@ def model_card(run: RunDir | None, info: dict[str, Any], name: str, version: str
     lines += ["", "## Latency (`edgemap bench`)", ""]
     threads = (metrics.get("bench") or {}).get("threads") if isinstance(metrics.get("bench"), dict) else None
     if bench and threads:
-        lines += [f"{threads} intra-op thread(s), on the machine that packaged it.", ""]
+        lines += [f"{threads} intra-op thread(s), on the machine that ran `edgemap bench`.", ""]
     lines += [_table(bench, ("runtime", "precision", "batch", "p50_ms", "p90_ms", "p99_ms", "throughput", "provider", "status"))
               if bench else "not measured (run `edgemap bench RUN_DIR` before packaging)"]
     lines += _left_out(bench_old, "bench")

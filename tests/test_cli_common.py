@@ -55,7 +55,7 @@ def test_json_target_that_is_a_folder_or_unwritable_is_a_clear_error(tmp_path: P
         write_json_out(tmp_path / "afile" / "deeper" / "out.json", {"a": 1})
 
 
-def test_json_into_a_pipe_a_device_or_a_symlink_writes_through_it(tmp_path: Path, bracket_data: Path) -> None:
+def test_json_into_a_pipe_a_device_or_a_symlink_writes_through_it(tmp_path: Path, bracket_data: Path, capsys) -> None:  # noqa: ANN001
     """A FIFO, /dev/full or a symlink is written into, never replaced by a plain file (an atomic rename did that)."""
     import os
     import threading
@@ -81,6 +81,9 @@ def test_json_into_a_pipe_a_device_or_a_symlink_writes_through_it(tmp_path: Path
             write_json_out(Path("/dev/full"), {"c": 3})
         assert Path("/dev/full").is_char_device()
 
+    write_json_out(Path("/dev/stderr"), {"d": 4})  # through sys.stderr: reopening it wrote over a redirected file
+    assert json.loads(capsys.readouterr().err) == {"d": 4}
+
     r = CliRunner().invoke(app, ["datasets", "scan", str(bracket_data), "--json", "/dev/stdout"])
     assert r.exit_code == 0
     assert "[cat]" in json.loads(r.stdout)["classes"]  # /dev/stdout is '-': the JSON alone on stdout
@@ -98,6 +101,10 @@ def test_default_out_is_beside_a_dataset_the_shell_is_inside(tmp_path: Path, mon
     assert default_out(".") == tmp_path / "models" / "photos"
     r = CliRunner().invoke(app, ["datasets", "scan", "."])
     assert r.exit_code == 0 and f"--out {tmp_path / 'models' / 'photos'}" in " ".join(r.output.split()), r.output
+    models = tmp_path / "models"  # a dataset called "models": models/models would be inside it too
+    models.mkdir(exist_ok=True)
+    monkeypatch.chdir(models)
+    assert default_out(".") == tmp_path / "models-run"
 
 
 def test_undecodable_file_names_still_give_valid_json(tmp_path: Path) -> None:

@@ -477,13 +477,28 @@ def test_one_file_in_two_splits_or_two_classes_is_refused(tmp_path: Path) -> Non
     root = train_val(tmp_path / "a")
     shutil.rmtree(root / "val" / "cat")
     (root / "val" / "cat").symlink_to(root / "train" / "cat", target_is_directory=True)
-    with pytest.raises(DatasetError, match=r"image\(s\) are the same file as another split's or class's image.*"
-                                           r"val/cat/.* \(val, cat\) is .*train/cat/.* \(train, cat\)"):
+    with pytest.raises(DatasetError, match=r"image\(s\) are the same file \(a symlink or hard link\) as an image of "
+                                           r"training.*val/cat/.* \(val, cat\) is .*train/cat/.* \(train, cat\)"):
         scan_dataset(root)
     root = train_val(tmp_path / "b")
     (root / "train" / "dog" / "also_a_cat.png").symlink_to(next((root / "train" / "cat").iterdir()))
     with pytest.raises(DatasetError, match=r"1 image\(s\) are the same file.*\(train, dog\) is .*\(train, cat\)"):
         scan_dataset(root)
+    root = train_val(tmp_path / "c")  # a hard link is the same file too
+    os.link(next((root / "train" / "dog").iterdir()), root / "val" / "dog" / "linked.png")
+    with pytest.raises(DatasetError, match=r"1 image\(s\) are the same file.*\(val, dog\) is .*\(train, dog\)"):
+        scan_dataset(root)
+    root = train_val(tmp_path / "d")  # test -> val: no separate test set, but nothing of training leaks
+    (root / "test").symlink_to(root / "val", target_is_directory=True)
+    assert len(scan_dataset(root).test) == 4
+
+
+def test_an_unlabelled_test_folder_beside_train_and_val_is_still_ignored(tmp_path: Path) -> None:
+    """Kaggle's layout (train/<class>, val/<class>, test/*.jpg without labels) trained before and still does."""
+    root = train_val(tmp_path / "k")
+    img(root / "test" / "0001.png")
+    scan = scan_dataset(root)
+    assert scan.layout == "train/val" and scan.test == []
 
 
 def test_byte_identical_copies_across_splits_and_classes_are_reported(tmp_path: Path, caplog) -> None:  # noqa: ANN001

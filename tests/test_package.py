@@ -149,6 +149,10 @@ def test_classifier_inputs_agree(clf: Classifier, tiny: dict) -> None:
     assert clf.predict(x[0])[0].index == preds[0].index
     assert [p.index for p in clf.predict(x, batch_size=3)] == [p.index for p in preds]
     assert clf.predict_one(one).label == preds[0].label
+    # a generator of inputs is a list of images; bytes-like objects are one image each (not iterated byte by byte)
+    assert [p.index for p in clf.predict(q for q in paths[:3])] == [p.index for p in preds[:3]]
+    data = one.read_bytes()
+    assert clf.predict(bytearray(data))[0].index == clf.predict(memoryview(data))[0].index == preds[0].index
     assert len(clf.predict(one, top_k=99)[0].topk) == len(CLASSES)
     np.testing.assert_allclose(clf.probabilities(paths).sum(1), 1.0, rtol=1e-9)
 
@@ -337,7 +341,11 @@ def test_card_leaves_out_results_of_a_replaced_model(exported: dict, tmp_path: P
     assert [w.split(" result")[0] for w in r.warnings] == ["2 eval", "2 bench"]
     page = report(run.path, ReportOptions(predict=False))
     assert any("measured on a model replaced since" in w for w in page.warnings)
-    assert "| cpu |" not in page.html.read_text(encoding="utf-8")
+    html = page.html.read_text(encoding="utf-8")
+    for sid in ("eval", "bench"):  # the report's accuracy and latency tables
+        section = html.split(f'<section id="{sid}">')[1].split("</section>")[0]
+        assert "<td>cpu</td>" not in section, sid
+    assert "<td>torch</td>" in html.split('<section id="eval">')[1].split("</section>")[0]
 
 
 @pytest.mark.slow
@@ -545,6 +553,10 @@ def test_device_cli_survives_odd_names_empty_folders_other_files_and_stdin(tiny:
     r = subprocess.run(args, input=img, capture_output=True, env=env, timeout=120)
     lines = r.stdout.decode("utf-8").splitlines()
     assert r.returncode == 1 and len(lines) == 2 and lines[0].split("\t")[0].endswith("caf\\xe9.png"), r.stderr
+    (tmp_path / "-").write_bytes(img)  # a file named "-" is ./-, not stdin
+    r = subprocess.run([*args[:4], "./-"], stdin=subprocess.DEVNULL, capture_output=True, env=env, timeout=120,
+                       cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.decode().startswith("-\t"), r.stderr
 
 
 def test_device_cli_help_names_the_runtimes_of_its_model_and_survives_a_broken_model_json(

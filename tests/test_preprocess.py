@@ -315,6 +315,27 @@ def test_max_pixels_above_pillows_refusal_decodes(tmp_path: Path, monkeypatch: p
     assert np.asarray(open_image(tmp_path / "x.png", max_pixels=3_000)).max() == 7
     assert Image.MAX_IMAGE_PIXELS == 1_000
 
+    # threads: a raised limit in one thread never lets another thread's bomb through, nor refuses its good images
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(i: int) -> bool:
+        if i % 2:
+            return np.asarray(open_image(tmp_path / "x.png", max_pixels=3_000)).max() == 7
+        try:
+            open_image(tmp_path / "x.png", max_pixels=None)
+        except ImageError:
+            return True
+        return False
+
+    old_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            assert all(pool.map(one, range(400)))
+    finally:
+        sys.setswitchinterval(old_interval)
+
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
 def test_truncated_file_is_refused(tmp_path: Path, fmt: str) -> None:

@@ -14,6 +14,7 @@ from edgemap.cli.common import (
     DataArg,
     JsonOpt,
     console,
+    default_out,
     handle_errors,
     next_step,
     result_table,
@@ -128,7 +129,7 @@ def register(app: typer.Typer) -> None:
                              device=device, flip=False if no_flip else None, skip_bad=True if skip_bad else None,
                              int8=int8, max_drop=max_drop, calib_size=calib_size, runtime=runtime, bench_seconds=bench_seconds,
                              package_runtime=package_runtime, name=name, report=report)
-        run_and_show(data, out or Path("models") / Path(data).resolve().name, opts, json_out)
+        run_and_show(data, out or default_out(data), opts, json_out)
 
     @app.command("demo")
     @handle_errors

@@ -180,9 +180,10 @@ def default_out(data: str | Path) -> Path:
     """``models/<data folder name>``; beside the dataset when the current folder is inside it (a run directory
     inside the dataset is refused)."""
     root = Path(data).resolve()
-    out = Path("models") / (root.name or "run")
-    if out.resolve().is_relative_to(root):
-        return root.parent / "models" / (root.name or "run")
+    name = root.name or "run"
+    for out in (Path("models") / name, root.parent / "models" / name, root.parent / f"{name}-run"):
+        if not out.resolve().is_relative_to(root):  # (a dataset called "models" takes the last one)
+            return out
     return out
 
 
@@ -195,6 +196,11 @@ def write_json_out(target: Path | None, obj: Any) -> None:
 
     if str(target) == "-":
         sys.stdout.write(json_text(obj))
+        return
+    if str(target) in ("/dev/stderr", "/dev/fd/2", "/proc/self/fd/2"):  # through our own stream: reopening the
+        sys.stderr.flush()  # path would write over what stderr already wrote, when it is a file
+        sys.stderr.write(json_text(obj))
+        sys.stderr.flush()
         return
     if target.is_dir():
         raise EdgemapError(f"--json {target} is a folder; give a file name (or '-' for stdout)")

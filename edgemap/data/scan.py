@@ -380,8 +380,10 @@ class _Listing:
 
 def _scan(root: str | Path, opts: ScanOptions, *, decode_check: bool, known_bad: dict[str, str] | None) -> DatasetScan:
     root, top, (train_name, val_name, test_name) = _split_folders(root)
-    for name in (train_name, val_name, test_name):
-        if name and _holds_images_directly(root / name):  # a class called "test" would be silently dropped
+    # a class called "test" (or "valid"...) would be dropped or misread; in a train/ + val/ layout an unlabelled test/
+    # (Kaggle's) is just not used, as before
+    for name in () if train_name and val_name else (train_name, val_name, test_name):
+        if name and _holds_images_directly(root / name):
             raise DatasetError(
                 f"{root / name}: holds images directly, like a class folder, but {name!r} is a split name: "
                 f"train, val (validation, valid) and test, in any case, at the top of {root} mean "
@@ -510,26 +512,30 @@ def _holds_images_directly(folder: Path) -> bool:
 
 
 def _check_same_files(classes: list[str], splits: Iterable[tuple[str, list[Sample]]]) -> None:
-    """One file (through symlinks) in two splits or under two classes: validation would measure training images,
-    or one image would teach two labels."""
-    owner: dict[str, tuple[str, Sample]] = {}
+    """One file (a symlink or a hard link to it) in training and in val/test: those results would measure training
+    images; or under two classes: one image would teach two labels. (val and test may share files.)"""
+    owner: dict[tuple[int, int], tuple[str, Sample]] = {}
     clashes: list[str] = []
     for split, samples in splits:
         for s in samples:
-            real = os.path.realpath(s.path)
-            if real not in owner:
-                owner[real] = (split, s)
+            try:
+                st = os.stat(s.path)
+            except OSError:
+                continue  # listed, then gone: the decode check names it
+            key = (st.st_dev, st.st_ino)
+            if key not in owner:
+                owner[key] = (split, s)
                 continue
-            first_split, first = owner[real]
-            if first_split != split or first.label != s.label:
+            first_split, first = owner[key]
+            if first.label != s.label or (first_split == "train") != (split == "train"):
                 clashes.append(f"{s.path} ({split}, {classes[s.label]}) is {first.path} ({first_split}, "
                                f"{classes[first.label]})")
     if clashes:
         more = f" and {len(clashes) - _MAX_LISTED} more" if len(clashes) > _MAX_LISTED else ""
         raise DatasetError(
-            f"{len(clashes)} image(s) are the same file as another split's or class's image (symlinks): "
-            + "; ".join(clashes[:_MAX_LISTED]) + more
-            + ". Validation must not hold training images, and an image has one class: remove those links"
+            f"{len(clashes)} image(s) are the same file (a symlink or hard link) as an image of training or of another "
+            "class: " + "; ".join(clashes[:_MAX_LISTED]) + more
+            + ". Validation and test must not hold training images, and an image has one class: remove those links"
         )
 
 
@@ -599,6 +605,7 @@ def _list_split(folder: Path, root: Path, exclude: Iterable[str] = ()) -> _Listi
     split_real = os.path.realpath(folder)
     lst = _Listing(folder=folder, images={}, dirs={}, ignored={}, broken=[])
     visited: set[tuple[int, int]] = set()
+    real_class: dict[str, str] = {}  # real folder -> the class listed from it
     try:
         st = os.stat(folder)
     except OSError as e:
@@ -619,7 +626,8 @@ def _list_split(folder: Path, root: Path, exclude: Iterable[str] = ()) -> _Listi
                     f"{path}: symlink loop: this class folder points to {class_real}, which contains the dataset; "
                     "remove the link"
                 )
-            alias = next((n for n, d in lst.dirs.items() if os.path.realpath(d) == class_real), None)
+            alias = real_class.get(class_real)
+            real_class.setdefault(class_real, name)
             if alias is not None:
                 link, other = (path, lst.dirs[alias]) if path.is_symlink() else (lst.dirs[alias], path)
                 raise DatasetError(f"{link}: links to the class folder {other}: one folder cannot be two "

@@ -90,7 +90,8 @@ def _as_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
         return list(images)  # an (N, H, W, C) batch
     if isinstance(images, (list, tuple)):
         return list(images)
-    if isinstance(images, (str, bytes, Path, np.ndarray)) or hasattr(images, "getpixel") or hasattr(images, "read") \
+    if isinstance(images, (str, bytes, bytearray, memoryview, Path, np.ndarray)) or hasattr(images, "getpixel") \
+            or hasattr(images, "read") \
             or not isinstance(images, Iterable):
         return [images]  # type: ignore[list-item]  # one image (a PIL image, a file object...)
     return list(images)  # a generator, a map...

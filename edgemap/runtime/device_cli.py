@@ -44,6 +44,13 @@ def _positive(text: str) -> int:
     return v
 
 
+class _Stdin(type(Path())):  # type: ignore[misc]
+    """The IMAGE argument ``-``: one image read from stdin (a file named ``-`` is ``./-``)."""
+
+
+STDIN = _Stdin("-")
+
+
 def printable(text: str) -> str:
     """``text`` writable as UTF-8: bytes of a file name that is not UTF-8 (``caf\\xe9.png``, from Windows or SMB
     shares) shown as ``\\xe9`` escapes instead of crashing the output (and losing every result)."""
@@ -66,7 +73,7 @@ def build_parser(prog: str, embedded: bool, default_runtime: str = "onnxruntime"
     )
     if not embedded:
         p.add_argument("model", type=Path, help="the .onnx model written by `edgemap export`")
-    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE",
+    p.add_argument("images", nargs="+", metavar="IMAGE",
                    help=f"image files, folders of images (searched recursively for {', '.join(sorted(IMAGE_EXTENSIONS))}),"
                         " or - for one image read from stdin")
     p.add_argument("--top-k", type=_positive, default=1, metavar="K", help="classes to show per image (default 1)")
@@ -106,7 +113,7 @@ def list_images(paths: list[Path]) -> Listing:
     other extensions are counted, and a folder without images is a problem of its own (the others still run)."""
     out = Listing()
     for p in paths:
-        if not p.is_dir():
+        if p is STDIN or not p.is_dir():
             out.images.append(p)
             continue
         found = []
@@ -147,7 +154,7 @@ def classify_paths(clf: Classifier, paths: list[Path], top_k: int, batch_size: i
         slots: list[Prediction | str] = [""] * len(chunk)
         for j, path in enumerate(chunk):
             try:
-                arrays.append(clf.preprocess([sys.stdin.buffer.read() if str(path) == "-" else path])[0])
+                arrays.append(clf.preprocess([sys.stdin.buffer.read() if path is STDIN else path])[0])
                 good.append(j)
             except ImageError as e:
                 slots[j] = str(e)
@@ -211,7 +218,7 @@ def main(argv: list[str] | None = None, *, package_dir: str | Path | None = None
         args = build_parser(prog, embedded, info.get("runtime", default_runtime), runtimes).parse_args(argv)
         if broken is not None:
             raise broken
-        if sum(str(p) == "-" for p in args.images) > 1:
+        if args.images.count("-") > 1:
             raise EdgemapError("- (stdin) can be given once")
         limit = {"max_pixels": args.max_pixels} if args.max_pixels else {}
         if embedded:
@@ -219,7 +226,8 @@ def main(argv: list[str] | None = None, *, package_dir: str | Path | None = None
         else:
             clf = Classifier.from_path(args.model, runtime=args.runtime, expected_sha256=args.sha256, threads=args.threads,
                                        **limit)
-        listing = list_images(args.images)
+        # a literal "-" is stdin (Path("./-") would also print as "-"); anything else is a path
+        listing = list_images([STDIN if a == "-" else Path(a) for a in args.images])
         if listing.skipped_note():
             sys.stderr.write(f"{prog}: note: {printable(listing.skipped_note())}\n")
         failed += len(listing.problems)  # folders without images: reported like unreadable images, the rest still run

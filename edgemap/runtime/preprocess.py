@@ -112,27 +112,45 @@ def open_image(source: str | Path | bytes, max_pixels: int | None = DEFAULT_MAX_
     Raises ImageError naming the file for anything that is not a complete, decodable
     image, or whose pixel count exceeds ``max_pixels`` (decompression-bomb guard;
     ``None`` uses Pillow's global limit ``PIL.Image.MAX_IMAGE_PIXELS`` instead). A
-    ``max_pixels`` above twice Pillow's limit (where Pillow refuses on its own) is honoured.
+    ``max_pixels`` above twice Pillow's limit (where Pillow refuses on its own) is honoured,
+    without changing that global.
     """
-    try:
-        return _open_image(source, max_pixels)
-    except Image.DecompressionBombError:
-        pillow = Image.MAX_IMAGE_PIXELS
-        if max_pixels is None or pillow is None or max_pixels <= 2 * pillow:
-            limit = pillow if max_pixels is None else max_pixels
-            raise ImageError(f"{_name(source)}: over {2 * (pillow or 0):,} pixels exceeds the limit of {limit:,} "
-                             "(decompression-bomb guard); raise --max-pixels if the image is genuine") from None
-    # --max-pixels above Pillow's own refusal (2 x MAX_IMAGE_PIXELS): honour it, Pillow's limit raised for this
-    # decode only (a global, so one such image at a time; small images never come here)
-    with _PILLOW_LIMIT:
-        Image.MAX_IMAGE_PIXELS = max(max_pixels, pillow)
+    pillow = Image.MAX_IMAGE_PIXELS
+    if max_pixels is not None and pillow is not None and max_pixels > 2 * pillow:
+        # over Pillow's own refusal (2 x MAX_IMAGE_PIXELS): edgemap's check (in _open_image) stands in for Pillow's,
+        # in this thread only; Pillow's global limit is never changed (other threads keep reading it)
+        _own_limit.active = True
         try:
             return _open_image(source, max_pixels)
         finally:
-            Image.MAX_IMAGE_PIXELS = pillow
+            _own_limit.active = False
+    try:
+        return _open_image(source, max_pixels)
+    except Image.DecompressionBombError:
+        limit = pillow if max_pixels is None else max_pixels
+        raise ImageError(f"{_name(source)}: over {2 * (pillow or 0):,} pixels exceeds the limit of {limit:,} "
+                         "(decompression-bomb guard); raise --max-pixels if the image is genuine") from None
 
 
-_PILLOW_LIMIT = threading.Lock()
+# One flag per thread, shared by every copy of this module in a process (edgemap.runtime and the copies vendored
+# into device wheels), kept on Pillow's module.
+_own_limit: threading.local = getattr(Image, "_edgemap_own_limit", None) or threading.local()
+Image._edgemap_own_limit = _own_limit  # type: ignore[attr-defined]
+
+
+def _bomb_check(*args: Any, **kwargs: Any) -> None:
+    """Pillow's decompression-bomb check (any signature), skipped in a thread where open_image enforces a higher
+    --max-pixels."""
+    if not getattr(_own_limit, "active", False):
+        _pillow_bomb_check(*args, **kwargs)
+
+
+# Pillow calls Image._decompression_bomb_check (a module global) in open() and in some decoders; the wrapper behaves
+# exactly as Pillow's own check except inside open_image's raised-limit branch above. Installed once per process.
+_pillow_bomb_check = Image._decompression_bomb_check
+if not hasattr(_pillow_bomb_check, "edgemap_wrapper"):
+    _bomb_check.edgemap_wrapper = True  # type: ignore[attr-defined]
+    Image._decompression_bomb_check = _bomb_check  # type: ignore[assignment]
 
 
 def _name(source: str | Path | bytes) -> str:
@@ -253,7 +271,7 @@ def preprocess(
             name = getattr(image, "filename", "") or "<PIL image>"
             raise ImageError(f"{name}: not a readable image ({type(e).__name__}: {e})") from e
     else:
-        im = open_image(image, max_pixels=max_pixels)
+        im = open_image(bytes(image) if isinstance(image, (bytearray, memoryview)) else image, max_pixels=max_pixels)
     return resize_crop(im, contract)
 
 

@@ -365,7 +365,7 @@ def finetune(data: str | Path, out: str | Path, opts: FinetuneOptions | None = N
                 raise TrainingError(f"{out} already holds a run; continue it with --resume, or choose another --out")
             dist.barrier()  # every rank checked `out` before rank 0 creates it
             if resume:
-                _check_compatible(run, scan, opts)
+                _check_compatible(run, scan, opts, dist.main)
             elif dist.main:
                 run = RunDir.create(
                     out,
@@ -829,7 +829,7 @@ def _open_for_resume(out: Path, given: dict[str, Any]) -> tuple[RunDir, Finetune
     return run, stored, state
 
 
-def _check_compatible(run: RunDir, scan: Any, opts: FinetuneOptions) -> None:
+def _check_compatible(run: RunDir, scan: Any, opts: FinetuneOptions, main: bool = True) -> None:
     if scan.classes != run.classes:
         missing = sorted(set(run.classes) - set(scan.classes))
         extra = sorted(set(scan.classes) - set(run.classes))
@@ -841,7 +841,8 @@ def _check_compatible(run: RunDir, scan: Any, opts: FinetuneOptions) -> None:
             "Start a new run with another --out"
         )
     was = run.data.get("dataset", {}).get("root")
-    if was and Path(was) != scan.root:  # the same files, moved: record where they are now (export, eval read them)
+    if main and was and Path(was).resolve() != scan.root.resolve():  # the same files, moved: record where they are
+        # now (export and eval read them); only rank 0 writes the run
         log.warning("--resume: the dataset moved from %s to %s (same files); recorded", was, scan.root)
         run.data["dataset"] = scan.to_manifest()
         run.save()
