@@ -68,6 +68,31 @@ def test_gate_table_is_stored_and_int8_agrees_with_fp32(int8_result, trained) ->
         assert a.top1_fp32 > 90 and a.drop_points <= 1.0 and a.agreement >= 95
 
 
+def test_the_gate_runs_int8_candidates_as_eval_and_the_device_will(trained, tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """The gate scored OpenVINO's candidate in exact f32 (its metadata still said fp32) while the written int8 model
+    runs in OpenVINO's own precision (u8+bf16 here): 1.4 points apart on a Lite0 demo, past --max-drop."""
+    import edgemap.runtime.sessions as sessions
+    from edgemap.evaluate import open_session
+
+    run, state, root = trained
+    r, _ = make_run(tmp_path / "gate", root / "data", state=state)
+    seen: list[tuple[str, str, bool | None]] = []
+    real_load = sessions.load
+
+    def spy(path, runtime="cpu", opts=None):  # noqa: ANN001, ANN202 - the real loader, recorded
+        seen.append((Path(path).name, runtime, opts.exact if opts else None))
+        return real_load(path, runtime, opts)
+
+    monkeypatch.setattr(sessions, "load", spy)
+    export(r.path, ExportOptions(int8=True, calib_size=30, targets=("openvino",)))
+    monkeypatch.undo()
+    gated = [exact for name, runtime, exact in seen if runtime == "openvino" and "model.onnx" not in name]
+    assert gated and all(exact is False for exact in gated), seen
+    deployed = open_session(RunDir.load(r.path), "openvino", "int8", None)  # as eval (and the wheel) load it
+    as_gated = real_load(r.path / "model.int8.qdq.onnx", "openvino", sessions.SessionOptions(exact=False))
+    assert deployed.precision_in_use == as_gated.precision_in_use
+
+
 def test_batch_1_and_7_run_on_int8_models(int8_result, trained) -> None:  # noqa: ANN001
     run, _, _ = trained
     from edgemap.data.scan import rescan_for_run

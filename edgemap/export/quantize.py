@@ -325,11 +325,14 @@ def worst_nodes(
     return out
 
 
-def predict(path: Path, runtime: str, images: np.ndarray, threads: int | None = None, batch: int = 32) -> np.ndarray:
-    """Top-1 predictions of a model on ``runtime`` (batched)."""
+def predict(path: Path, runtime: str, images: np.ndarray, threads: int | None = None, batch: int = 32,
+            int8: bool = False) -> np.ndarray:
+    """Top-1 predictions of a model on ``runtime`` (batched). ``int8``: a candidate whose metadata still says fp32
+    (copied from model.onnx) runs as the written int8 model will, in eval and on the device: OpenVINO's own
+    precision for int8 models (bf16 where the CPU has it), not the exact f32 that fp32 models get."""
     from edgemap.runtime.sessions import SessionOptions, load
 
-    sess = load(path, runtime, SessionOptions(threads=threads))
+    sess = load(path, runtime, SessionOptions(threads=threads, exact=False if int8 else None))
     preds = [sess.run(images[i : i + batch]).argmax(1) for i in range(0, len(images), batch)]
     return np.concatenate(preds) if preds else np.zeros(0, np.int64)
 
@@ -400,7 +403,7 @@ def run_gate(
         t0 = time.perf_counter()
         out = work / f"{fmt}.attempt{n}.onnx"
         quantize_once(pre_path, out, spec, m, cache_for(m), info, contract, exclude)
-        preds = predict(out, runtime, images, threads)
+        preds = predict(out, runtime, images, threads, int8=True)
         top1 = float(np.mean(preds == labels)) * 100 if len(labels) else float("nan")
         agree = float(np.mean(preds == fp32_preds)) * 100 if len(preds) else float("nan")
         drop = top1_fp32 - top1
