@@ -98,6 +98,12 @@ class PackageError(EdgemapError):
 
 
 class Interrupted(EdgemapError):
-    """The user interrupted a stage (Ctrl-C / SIGTERM); a resumable state was saved."""
+    """The user interrupted a stage (Ctrl-C / SIGTERM); a resumable state was saved. Exit 130, or 143 for SIGTERM
+    (``signum``), as the shell reports a process those signals ended."""
 
     exit_code = 130
+
+    def __init__(self, message: str = "", signum: int | None = None):
+        super().__init__(message)
+        if signum == 15:  # SIGTERM (Windows has no signal module value for it in every build)
+            self.exit_code = 143

@@ -148,3 +148,13 @@ def test_a_closed_pipe_ends_the_command_quietly_with_141() -> None:
     proc.stdout.close()
     err = proc.stderr.read()
     assert proc.wait(timeout=60) == 141 and err == "", err
+
+
+def test_a_file_in_the_way_of_an_output_folder_is_one_line(tmp_path: Path) -> None:
+    """`package --out afile`, `datasets digits afile/out`, `demo --out afile/out` were tracebacks with exit 1."""
+    (tmp_path / "afile").write_text("x")
+    for args in (["datasets", "digits", str(tmp_path / "afile" / "out")], ["demo", "--out", str(tmp_path / "afile" / "o")],
+                 ["package", "--runtime-only", "--out", str(tmp_path / "afile")]):
+        r = CliRunner().invoke(app, args)
+        assert r.exit_code == 2 and "a file is where a folder is needed" in " ".join(r.output.split()), (args, r.output)
+        assert "Traceback" not in r.output

@@ -188,6 +188,10 @@ def test_dockerfile_parses(name: str) -> None:
     assert ("USER", "nobody") in steps
     if name == "Dockerfile.cuda":
         assert "onnxruntime-gpu" in runs and "--no-deps" in runs and "--runtime cuda" in ep[2]
+        # the CUDA major of the base and of onnxruntime-gpu agree: 1.27+ are CUDA 13 builds (their PyPI metadata)
+        cuda_major = int(re.match(r"nvidia/cuda:(\d+)\.", steps[0][1]).group(1))
+        spec = re.search(r'"onnxruntime-gpu([^"]*)"', runs).group(1)
+        assert ("<1.27" in spec) == (cuda_major == 12), (steps[0][1], spec)
 
 
 def test_parser_joins_continuations_and_skips_comments() -> None:

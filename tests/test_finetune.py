@@ -391,6 +391,29 @@ def test_a_second_finetune_on_a_busy_run_directory_is_refused(digits: Path, tmp_
         holder.wait()
 
 
+def test_a_busy_run_is_refused_before_the_dataset_is_scanned(digits: Path, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """A second `finetune --resume` decoded the whole dataset (24 s on 1,200 photos) before exiting 75."""
+    import edgemap.data.scan as scan_mod
+    from edgemap.errors import RunBusyError
+    from edgemap.runtime.preprocess import PreprocessContract
+
+    out = tmp_path / "busy run"
+    RunDir.create(out, backbone={"name": "tiny"}, classes=["a", "b"], contract=PreprocessContract(32, 32))
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom edgemap.manifest import run_lock\n"
+                               "with run_lock(sys.argv[1], 'finetune'):\n    print('held', flush=True); time.sleep(60)",
+                               str(out)], stdout=subprocess.PIPE, text=True)
+    scans: list[object] = []
+    monkeypatch.setattr(scan_mod, "scan_dataset", lambda *a, **k: scans.append(a))
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunBusyError, match="in use by pid"):
+            finetune(digits, out, FinetuneOptions(**TINY), resume=True)
+        assert scans == []
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_decoding_stops_when_asked(digits: Path) -> None:
     """Ctrl-C while decoding: queued images are cancelled, not decoded to the end."""
     from edgemap.runtime.preprocess import PreprocessContract

@@ -114,7 +114,7 @@ def test_sigterm_during_finetune_saves_state_and_says_how_to_resume(kl, loop, tm
     output, _ = proc.communicate(timeout=120)
     if proc.returncode == 0:
         pytest.skip("run finished before the signal arrived")
-    assert proc.returncode == 130 and "SIGTERM" in output and "--resume" in output, output
+    assert proc.returncode == 143 and "SIGTERM" in output and "--resume" in output, output
     assert not kl.temp_files(out)
     assert RunDir.load(out).data["stages"]["finetune"]["status"] == "interrupted"
     ckpt.read_state(out)

@@ -61,6 +61,10 @@ _ENVIRONMENT_ERRNOS = {
 }
 
 
+#: OSErrors of a path given as an option (``--out afile/x``): the user's to fix, exit 2 like any bad option.
+_PATH_ERRNOS = {errno.EEXIST, errno.ENOTDIR, errno.EISDIR}
+
+
 def handle_errors(fn: F) -> F:
     """Turn EdgemapError into one red line and a non-zero exit (EDGEMAP_DEBUG=1: traceback)."""
 
@@ -83,6 +87,10 @@ def handle_errors(fn: F) -> F:
                 with contextlib.suppress(OSError, ValueError):
                     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
                 raise typer.Exit(code=141) from None
+            if e.errno in _PATH_ERRNOS and not os.environ.get("EDGEMAP_DEBUG"):  # a path option that cannot be one
+                _say("error", f"{e.filename or ''}: {e.strerror}: a file is where a folder is needed (or the "
+                              "reverse); choose another path")
+                raise typer.Exit(code=2) from None
             if e.errno not in _ENVIRONMENT_ERRNOS or os.environ.get("EDGEMAP_DEBUG"):
                 raise
             name = str(e.filename or "")

@@ -324,6 +324,9 @@ def finetune(data: str | Path, out: str | Path, opts: FinetuneOptions | None = N
     out = Path(out)
     t_start = time.perf_counter()
     _check_out(out, Path(data), resume)
+    if (out / MANIFEST_NAME).is_file() and os.environ.get("RANK", "0") == "0":
+        with run_lock(out, "finetune"):  # busy? say so now, not after scanning and decoding the whole dataset
+            pass
     state = None
     if resume:
         given = dict(overrides or {})
@@ -466,7 +469,7 @@ class _Trainer:
             run.set_stage("finetune", "interrupted")
         if self.dist.any(stopped()):
             raise Interrupted(f"interrupted by {signal.Signals(stop.signum).name if stop.signum else 'another rank'} "
-                              f"while decoding images (nothing trained yet). Resume with: {resume_hint}")
+                              f"while decoding images (nothing trained yet). Resume with: {resume_hint}", stop.signum)
         self.train_y = torch.tensor([s.label for s in scan.train], dtype=torch.long)
         self.val_y = torch.tensor([s.label for s in scan.val], dtype=torch.long)
 
@@ -642,7 +645,7 @@ class _Trainer:
         if self.dist.main:
             self.run.set_stage("finetune", "interrupted")
         name = signal.Signals(self.stop.signum).name if self.stop.signum else "another rank"
-        raise Interrupted(f"interrupted by {name}; state saved. Resume with: {self.resume_hint}")
+        raise Interrupted(f"interrupted by {name}; state saved. Resume with: {self.resume_hint}", self.stop.signum)
 
     def _nonfinite(self, loss: torch.Tensor, epoch: int, step: int) -> None:
         path = self.run.path / ckpt.STATE_FILE if self.run else ckpt.STATE_FILE
