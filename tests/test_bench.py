@@ -113,3 +113,19 @@ def test_cli_table_and_json(trained_run, tmp_path) -> None:  # noqa: ANN001, F81
     assert r.exit_code != 0 and "--batch" in r.output
     r = CliRunner().invoke(app, ["bench", str(run.path), "--iters", "3", "--seconds", "1"])
     assert r.exit_code != 0 and "--iters or --seconds" in r.output
+
+
+def test_memory_growth_is_the_models_not_the_engines_import(trained_run, tmp_path) -> None:  # noqa: ANN001, F811
+    """In a fresh process the first row carried its engine's import: torch's row said ~199 MB for a 100 KB model."""
+    import shutil
+    import subprocess
+    import sys
+
+    run, _ = trained_run
+    copy = shutil.copytree(run.path, tmp_path / "run")  # the shared run's stored results stay as they are
+    r = subprocess.run([sys.executable, "-m", "edgemap", "bench", str(copy), "--runtime", "torch,cpu",
+                        "--precision", "fp32", "--batch", "1", "--warmup", "1", "--iters", "5", "--threads", "1",
+                        "--json", "-"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    mem = {row["runtime"]: row["mem_mb"] for row in json.loads(r.stdout)}
+    assert mem["torch"] < 60 and mem["cpu"] < 30, mem
