@@ -346,6 +346,8 @@ def current_results(run: RunDir, stage: str) -> tuple[list[dict[str, Any]], list
 
     rows = _rows((run.data.get("metrics", {}) or {}).get(stage))
     old = measured_on_other_models(run, rows)
+    if old:  # the rows that did not run were part of that same earlier measurement
+        old += [r for r in rows if r.get("status", "ok") != "ok" and not any(r is o for o in old)]
     return [r for r in rows if not any(r is o for o in old)], old
 
 

@@ -544,6 +544,21 @@ def test_a_class_named_like_a_split_is_refused_not_dropped(tmp_path: Path, name:
         scan_dataset(tmp_path)
 
 
+def test_split_named_classes_together_still_get_the_rename_hint(tmp_path: Path) -> None:
+    """train + valid (both classes) skipped the check; test + Test said "keep only one of them" (delete a class)."""
+    for cls in ("train", "valid", "other"):
+        for i in range(3):
+            img(tmp_path / "a" / cls / f"{i}.png", seed=i)
+    with pytest.raises(DatasetError, match=r"a/train: holds images directly.*rename that class folder"):
+        scan_dataset(tmp_path / "a")
+    for cls in ("test", "Test", "dog"):
+        for i in range(3):
+            img(tmp_path / "b" / cls / f"{i}.png", seed=i)
+    with pytest.raises(DatasetError, match=r"ambiguous split folders \['Test', 'test'\].*if these are class folders, "
+                                           r"rename them"):
+        scan_dataset(tmp_path / "b")
+
+
 def test_broken_symlink_with_image_extension(tmp_path: Path) -> None:
     train_val(tmp_path)
     dangling = tmp_path / "train" / "cat" / "gone.jpg"

@@ -67,7 +67,7 @@ class RichReporter:
 
     def message(self, text: str, *, markup: bool = False) -> None:
         """Print a line above the bar; paths and class names are shown as they are (no rich markup)."""
-        self.progress.console.print(text, markup=markup, highlight=False)
+        self.progress.console.print(text, markup=markup, highlight=False, soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

@@ -382,12 +382,13 @@ def _scan(root: str | Path, opts: ScanOptions, *, decode_check: bool, known_bad:
     root, top, (train_name, val_name, test_name) = _split_folders(root)
     # a class called "test" (or "valid"...) would be dropped or misread; in a train/ + val/ layout an unlabelled test/
     # (Kaggle's) is just not used, as before
-    for name in () if train_name and val_name else (train_name, val_name, test_name):
+    for name in (train_name, val_name) + (() if train_name and val_name else (test_name,)):
         if name and _holds_images_directly(root / name):
             raise DatasetError(
                 f"{root / name}: holds images directly, like a class folder, but {name!r} is a split name: "
                 f"train, val (validation, valid) and test, in any case, at the top of {root} mean "
-                "DATA/<split>/<class>/...; rename that class folder (e.g. to " + repr(name + "_") + ")"
+                "DATA/<split>/<class>/...; rename that class folder (e.g. to " + repr(name + "_") + "), or, if it "
+                "is a split, put its images in class sub-folders"
             )
 
     if train_name or val_name:
@@ -566,7 +567,9 @@ def _unreadable(root: Path, bad: dict[str, str]) -> DatasetError:
 def _pick(root: Path, by_lower: dict[str, list[str]], names: tuple[str, ...]) -> str | None:
     found = [n for key in names for n in by_lower.get(key, [])]
     if len(found) > 1:
-        raise DatasetError(f"{root}: ambiguous split folders {sorted(found)}; keep only one of them")
+        raise DatasetError(f"{root}: ambiguous split folders {sorted(found)}; keep only one of them (train, val, "
+                           "validation, valid and test are split names in any case: if these are class folders, rename "
+                           "them, e.g. " + repr(found[0] + "_") + ")")
     return found[0] if found else None
 
 

@@ -167,7 +167,8 @@ class Classifier:
         if meta.precision:
             ok, why = check_precision(info, meta.precision)
             if not ok:
-                raise ModelFormatError(f"{path}: a {meta.precision} model cannot run on {spec}: {why}")
+                raise ModelFormatError(f"{path}: {'an' if meta.precision[:1] in 'aeiou' else 'a'} {meta.precision} "
+                                       f"model cannot run on {spec}: {why}")
         if meta.format == "qoperator" and info.engine == "openvino":
             raise ModelFormatError(f"{path}: this is the ONNX Runtime int8 model (QOperator: QLinearConv), which OpenVINO "
                                    "cannot read; run it with --runtime onnxruntime, or use the QDQ int8 model on OpenVINO "
