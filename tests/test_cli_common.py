@@ -158,3 +158,19 @@ def test_a_file_in_the_way_of_an_output_folder_is_one_line(tmp_path: Path) -> No
         r = CliRunner().invoke(app, args)
         assert r.exit_code == 2 and "a file is where a folder is needed" in " ".join(r.output.split()), (args, r.output)
         assert "Traceback" not in r.output
+
+
+def test_json_never_replaces_a_runs_own_files(tmp_path: Path, bracket_data: Path) -> None:
+    """`eval RUN --json RUN/edgemap.json` (or a model) replaced the manifest with a list of rows: the run broke."""
+    run = tmp_path / "run"
+    (run / "weights").mkdir(parents=True)
+    manifest = '{"artifacts": {"onnx_fp32": {"path": "model.onnx"}}}'
+    (run / "edgemap.json").write_text(manifest)
+    (run / "model.onnx").write_bytes(b"model")
+    for name in ("edgemap.json", "model.onnx", "metrics.jsonl", "weights/best.safetensors"):
+        r = CliRunner().invoke(app, ["datasets", "scan", str(bracket_data), "--json", str(run / name)])
+        assert r.exit_code == 2 and "the results would replace it" in " ".join(r.output.split()), (name, r.output)
+    assert (run / "edgemap.json").read_text() == manifest and (run / "model.onnx").read_bytes() == b"model"
+    with pytest.raises(EdgemapError, match="the results would replace it"):
+        write_json_out(run / "model.onnx", [])
+    write_json_out(run / "results.json", [])  # any other name in the run directory is fine

@@ -44,6 +44,9 @@ def _json_target(value: Path | None) -> Path | None:
     """``--json /dev/stdout`` is ``--json -``: JSON alone on stdout, the tables go to stderr or are left out."""
     if value is not None and str(value) in ("/dev/stdout", "/dev/fd/1", "/proc/self/fd/1"):
         return Path("-")
+    owner = _run_file_owner(value) if value is not None and str(value) != "-" else None
+    if owner:  # refused before any work is done
+        raise typer.BadParameter(f"{value} is {owner}; the results would replace it. Give another file name")
     return value
 
 
@@ -195,6 +198,32 @@ def default_out(data: str | Path) -> Path:
     return out
 
 
+def _run_file_owner(target: Path) -> str | None:
+    """What ``target`` is, when it is one of a run directory's own files (its manifest, metrics, or a recorded
+    artifact): `--json edgemap.json` inside a run replaced the manifest with a list of rows, and the run broke."""
+    import json
+
+    try:
+        real = target.resolve()
+    except (OSError, RuntimeError):
+        return None
+    for run_dir in list(real.parents)[:3]:
+        manifest = run_dir / "edgemap.json"
+        if not manifest.is_file():
+            continue
+        rel = real.relative_to(run_dir).as_posix()
+        if rel in ("edgemap.json", "metrics.jsonl") or rel.startswith(("weights/", "state/")):
+            return f"{run_dir}'s own {rel}"
+        try:
+            artifacts = json.loads(manifest.read_text(encoding="utf-8")).get("artifacts", {})
+            if any(isinstance(a, dict) and a.get("path") == rel for a in artifacts.values()):
+                return f"an artifact of the run {run_dir} ({rel})"
+        except (OSError, ValueError, AttributeError):
+            return None
+        return None
+    return None
+
+
 def write_json_out(target: Path | None, obj: Any) -> None:
     """Write JSON results for scripts: to a file (atomically) or stdout ('-')."""
     if target is None:
@@ -212,6 +241,9 @@ def write_json_out(target: Path | None, obj: Any) -> None:
         return
     if target.is_dir():
         raise EdgemapError(f"--json {target} is a folder; give a file name (or '-' for stdout)")
+    owner = _run_file_owner(target)
+    if owner:
+        raise EdgemapError(f"--json {target}: that is {owner}; the results would replace it. Give another file name")
     blocked = next((p for p in target.parents if p.exists() and not p.is_dir()), None)
     if blocked is not None:
         raise EdgemapError(f"--json {target}: {blocked} is a file, not a folder; give a path in a folder")
