@@ -209,7 +209,7 @@ def _combos(runtimes: tuple[str, ...], precisions: tuple[str, ...]) -> list[tupl
                 raise RuntimeUnavailableError(
                     f"--runtime {r.strip()!r} is unknown; choose from {', '.join(ALL_RUNTIMES)} (openvino:DEVICE for "
                     "another OpenVINO device, e.g. openvino:GPU)") from None
-        names.append(name.lower() + colon + device)
+        names.append(name.lower() + colon + device.upper())  # openvino:cpu is openvino:CPU: one row
     rts = sorted(dict.fromkeys(names), key=lambda r: r != REFERENCE)
     combos = [(r, p) for r in rts for p in dict.fromkeys(precisions) if not (r == REFERENCE and p != "fp32")]
     if not combos:

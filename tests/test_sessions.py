@@ -173,3 +173,14 @@ def test_ctrl_c_after_openvino_sessions_are_freed_is_not_a_segfault(trained_run)
     r = subprocess.run([sys.executable, "-c", script, str(run.artifact_path("onnx_fp32")),
                         str(run.artifact_path("onnx_int8_qdq"))], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "handled 1" in r.stdout, (r.returncode, r.stderr[-2000:])
+
+
+def test_openvino_virtual_devices_with_their_targets_are_available() -> None:
+    """openvino:AUTO:CPU, HETERO:CPU and MULTI:CPU compile fine in OpenVINO but were refused as "not found"."""
+    from edgemap.evaluate import _combos
+    from edgemap.runtime.sessions import available
+
+    for spec in ("openvino:AUTO:CPU", "openvino:HETERO:CPU", "openvino:MULTI:CPU", "openvino:cpu"):
+        assert available(spec) == (True, ""), spec
+    assert available("openvino:NOSUCH")[0] is False
+    assert _combos(("openvino:cpu", "openvino:CPU"), ("fp32",)) == [("openvino:CPU", "fp32")]  # one row

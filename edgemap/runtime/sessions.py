@@ -150,7 +150,7 @@ def available(spec: str) -> tuple[bool, str]:
     except ImportError:
         return False, "package openvino is not installed (pip install openvino)"
     devices = _ov_core().available_devices
-    base = device.split(".")[0]
+    base = device.split(".")[0].split(":")[0]  # AUTO:CPU, HETERO:GPU,CPU...
     if base not in ("AUTO", "HETERO", "MULTI") and not any(d == device or d.startswith(base) for d in devices):
         return False, f"OpenVINO device {device} not found (available: {', '.join(devices) or 'none'})"
     return True, ""
