@@ -102,9 +102,11 @@ class EvalResult:
     classes: list[str]
     data: str
     n: int
+    notes: list[str] = field(default_factory=list)  # e.g. why agreement is blank
 
     def to_dict(self) -> dict[str, Any]:
-        return {"data": self.data, "n": self.n, "classes": self.classes, "rows": [r.to_dict() for r in self.rows]}
+        return {"data": self.data, "n": self.n, "classes": self.classes, "rows": [r.to_dict() for r in self.rows],
+                "notes": list(self.notes)}
 
 
 # ---- torch reference runtime ------------------------------------------------------------
@@ -277,6 +279,7 @@ def evaluate_arrays(
     ref_shown = any(r == REFERENCE for r, _ in combos)
     if not ref_shown:  # the reference still runs (agreement needs it) but gets no row
         combos.insert(0, (REFERENCE, "fp32"))
+    notes: list[str] = []
     for runtime, precision in combos:
         shown = runtime != REFERENCE or ref_shown
         try:
@@ -288,8 +291,9 @@ def evaluate_arrays(
                 getattr(sess, "close", lambda: None)()
             seconds = time.perf_counter() - t0
         except (EdgemapError, OSError) as e:
-            if runtime == REFERENCE and not shown:
-                continue  # reference only needed for agreement; rows without it say so below
+            if runtime == REFERENCE and not shown:  # only needed for agreement: say why that column is blank
+                notes.append(f"agreement with PyTorch not computed: the {REFERENCE} reference could not run ({e})")
+                continue
             rows.append(_row_error(runtime, precision, e))
             continue
         if logits.shape != (len(images), len(classes)):
@@ -316,7 +320,7 @@ def evaluate_arrays(
         bad = [r for r in rows if r.status != "ok"]
         if bad:
             raise RuntimeUnavailableError(strict_failure([(f"{r.runtime}/{r.precision}", r.status, r.reason) for r in bad]))
-    result = EvalResult(rows=rows, classes=classes, data=data, n=int(len(images)))
+    result = EvalResult(rows=rows, classes=classes, data=data, n=int(len(images)), notes=notes)
     if opts.save and not nothing_ran([r.status for r in rows], "eval"):
         run.data.setdefault("metrics", {})["eval"] = {"updated": now_iso(), **result.to_dict()}
         run.outdate(("package", "report"), "eval results changed", save=False)  # the model card and the report show them

@@ -342,3 +342,20 @@ def test_a_hand_edited_manifest_that_contradicts_the_model_is_caught(trained_run
                    for r in res.rows), res.rows
         with pytest.raises(PackageError, match="metadata differs"):
             package(copy, PackageOptions(precision="fp32", out=tmp_path / f"dist-{edit}"))
+
+
+def test_a_reference_that_cannot_run_says_why_agreement_is_blank(trained_run, tmp_path) -> None:  # noqa: ANN001, F811
+    """`eval --runtime cpu` with broken weights left the agreement column blank, exit 0, without a word."""
+    import shutil
+
+    from edgemap.cli import app
+
+    run, _ = trained_run
+    copy = Path(shutil.copytree(run.path, tmp_path / "run"))
+    with open(copy / "weights" / "best.safetensors", "ab") as f:
+        f.write(b"x")
+    res = evaluate(copy, EvalOptions(runtimes=("cpu",), precisions=("fp32",), save=False))
+    assert res.rows[0].status == "ok" and res.rows[0].agreement is None
+    assert len(res.notes) == 1 and "agreement with PyTorch not computed" in res.notes[0] and "sha256" in res.notes[0]
+    r = CliRunner().invoke(app, ["eval", str(copy), "--runtime", "cpu", "--precision", "fp32"])
+    assert r.exit_code == 0 and "note: agreement with PyTorch not computed" in " ".join(r.output.split())

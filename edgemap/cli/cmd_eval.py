@@ -52,6 +52,7 @@ def render(result) -> Group:  # noqa: ANN001 - EvalResult, imported lazily
             "" if r.max_abs_diff is None else f"{r.max_abs_diff:.2g}", escape(short_provider(r.provider)),
         )
     parts: list[Any] = [table, row_notes(notes)]
+    parts += [Text(f"note: {n}", style="yellow") for n in getattr(result, "notes", [])]
     if any(r.within_tolerance is False for r in result.rows):
         parts.append(Text("✗ outside the agreement tolerance (README: eval tolerances)", style="red"))
     return Group(*parts)
