@@ -30,7 +30,7 @@ import numpy as np
 
 from edgemap.artifacts import recorded_sha256
 from edgemap.errors import EdgemapError, RuntimeUnavailableError
-from edgemap.evaluate import _combos, nothing_ran, open_session, refuse_older_models, strict_failure
+from edgemap.evaluate import _combos, kept_rows, nothing_ran, open_session, refuse_older_models, strict_failure
 from edgemap.manifest import RunDir, now_iso, run_lock
 
 DEFAULT_ITERS = 100
@@ -333,8 +333,10 @@ def _bench_all(run: RunDir, opts: BenchOptions, say: Any) -> list[BenchRow]:
                 strict_failure([(f"{r.runtime}/{r.precision}/b{r.batch}", r.status, r.reason) for r in bad])
             )
     if opts.save and not nothing_ran([r.status for r in rows], "bench"):
-        run.data.setdefault("metrics", {})["bench"] = {"updated": now_iso(), "threads": threads,
-                                                       "rows": [r.to_dict() for r in rows]}
+        new = {"threads": threads, "rows": [r.to_dict() for r in rows]}
+        new["rows"] = kept_rows(run.data.get("metrics", {}).get("bench"), new, ("runtime", "precision", "batch"),
+                                same=("threads",)) + new["rows"]
+        run.data.setdefault("metrics", {})["bench"] = {"updated": now_iso(), **new}
         run.outdate(("package", "report"), "bench results changed", save=False)  # the model card and the report show them
         run.save()
     return rows

@@ -229,6 +229,16 @@ def refuse_older_models(run: RunDir, runtimes: tuple[str, ...]) -> None:
         run.artifact_path("onnx_fp32", verify=False)
 
 
+def kept_rows(previous: Any, new: dict[str, Any], key: tuple[str, ...], same: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Rows of the stored ``previous`` result that ``new`` did not measure again, when both were measured alike
+    (``same`` fields equal: the same images, the same threads): `eval --runtime openvino` after a full eval kept
+    only the openvino rows, and the model card lost the runtime the wheel ships."""
+    if not isinstance(previous, dict) or any(previous.get(f) != new.get(f) for f in same):
+        return []
+    done = {tuple(r.get(k) for k in key) for r in new["rows"]}
+    return [r for r in previous.get("rows", []) if isinstance(r, dict) and tuple(r.get(k) for k in key) not in done]
+
+
 def strict_failure(bad: list[tuple[str, str, str]]) -> str:
     """``--strict``'s error for rows that did not run, given as (label, status, reason); one reason is said once."""
     groups: dict[tuple[str, str], list[str]] = {}
@@ -322,7 +332,10 @@ def evaluate_arrays(
             raise RuntimeUnavailableError(strict_failure([(f"{r.runtime}/{r.precision}", r.status, r.reason) for r in bad]))
     result = EvalResult(rows=rows, classes=classes, data=data, n=int(len(images)), notes=notes)
     if opts.save and not nothing_ran([r.status for r in rows], "eval"):
-        run.data.setdefault("metrics", {})["eval"] = {"updated": now_iso(), **result.to_dict()}
+        stored = result.to_dict()
+        stored["rows"] = kept_rows(run.data.get("metrics", {}).get("eval"), stored, ("runtime", "precision"),
+                                   same=("data", "n")) + stored["rows"]
+        run.data.setdefault("metrics", {})["eval"] = {"updated": now_iso(), **stored}
         run.outdate(("package", "report"), "eval results changed", save=False)  # the model card and the report show them
         run.save()
     return result

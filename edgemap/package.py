@@ -389,7 +389,10 @@ def model_card(run: RunDir | None, info: dict[str, Any], name: str, version: str
     lines += ["", "## Accuracy (`edgemap eval`)", ""]
     where = (metrics.get("eval") or {}).get("data") if isinstance(metrics.get("eval"), dict) else None
     if ev and where:
-        lines += [f"Measured on {_fmt(_data_name(str(where)))}.", ""]
+        covered = next((sum(1 for c in r.get("per_class", []) if isinstance(c, dict) and c.get("support"))
+                        for r in ev if r.get("per_class")), None)
+        part = f", {covered} of {len(info['classes'])} classes" if covered and covered < len(info["classes"]) else ""
+        lines += [f"Measured on {_fmt(_data_name(str(where)))}{part}.", ""]
     lines += [_table(ev, ("runtime", "precision", "n", "accuracy", "top5", "macro_f1", "agreement", "provider", "status")) if ev
               else "not measured (run `edgemap eval RUN_DIR` before packaging)"]
     lines += _left_out(ev_old, "eval")
@@ -397,7 +400,8 @@ def model_card(run: RunDir | None, info: dict[str, Any], name: str, version: str
     threads = (metrics.get("bench") or {}).get("threads") if isinstance(metrics.get("bench"), dict) else None
     if bench and threads:
         lines += [f"{threads} intra-op thread(s), on the machine that ran `edgemap bench`.", ""]
-    lines += [_table(bench, ("runtime", "precision", "batch", "p50_ms", "p90_ms", "p99_ms", "throughput", "provider", "status"))
+    lines += [_table(bench, ("runtime", "precision", "inference_precision", "batch", "p50_ms", "p90_ms", "p99_ms",
+                             "throughput", "provider", "status"), max_cols=10)
               if bench else "not measured (run `edgemap bench RUN_DIR` before packaging)"]
     lines += _left_out(bench_old, "bench")
     lines += [

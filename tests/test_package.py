@@ -315,7 +315,7 @@ def test_wheel_contents_size_and_card(exported: dict) -> None:
     acc = card.split("## Accuracy")[1].split("## Latency")[0]
     lat = card.split("## Latency")[1].split("## Input contract")[0]
     assert "| torch | fp32 |" in acc and "| cpu | int8 |" in acc and "| cpu | fp32 |" in acc
-    assert "| cpu | int8 | 1 |" in lat and "not measured" not in card
+    assert "| cpu | int8 | int8 | 1 |" in lat and "not measured" not in card  # runtime, precision, computed in, batch
     assert "Measured on " in acc and ("(test, " in acc or "(val, " in acc)  # which images the accuracy is of
     assert f"(N, {run.contract.height}, {run.contract.width}, 3)" in card
     assert exported["runtime"].name == "edgemap-runtime" and exported["runtime"].model_bytes is None
@@ -346,6 +346,33 @@ def test_card_leaves_out_results_of_a_replaced_model(exported: dict, tmp_path: P
         section = html.split(f'<section id="{sid}">')[1].split("</section>")[0]
         assert "<td>cpu</td>" not in section, sid
     assert "<td>torch</td>" in html.split('<section id="eval">')[1].split("</section>")[0]
+
+
+def test_a_partial_eval_or_bench_keeps_the_other_rows_and_the_card_says_the_class_coverage(exported: dict,
+                                                                                          tmp_path: Path) -> None:
+    """`eval --runtime openvino` after a full eval dropped every other row (the ORT wheel's card had no cpu rows);
+    an eval on 2 of 10 classes became "the" accuracy without saying so; bf16 latencies had no precision column."""
+    from edgemap.bench import BenchOptions, bench
+    from edgemap.evaluate import EvalOptions, evaluate
+    from edgemap.manifest import RunDir
+
+    run = RunDir.load(shutil.copytree(exported["run"].path, tmp_path / "again"))
+    evaluate(run.path, EvalOptions(runtimes=("openvino",), precisions=("int8",)))
+    rows = RunDir.load(run.path).data["metrics"]["eval"]["rows"]
+    assert {(r["runtime"], r["precision"]) for r in rows} >= {("torch", "fp32"), ("cpu", "int8"), ("openvino", "int8")}
+    bench(run.path, BenchOptions(runtimes=("openvino",), precisions=("int8",), batches=(1,), warmup=1, iters=3))
+    rows = RunDir.load(run.path).data["metrics"]["bench"]["rows"]
+    assert {(r["runtime"], r["precision"]) for r in rows} >= {("cpu", "int8"), ("openvino", "int8")}
+    one_class = tmp_path / "subset"
+    shutil.copytree(exported["val"][0].parent, one_class / exported["val"][0].parent.name)
+    evaluate(run.path, EvalOptions(data=one_class, runtimes=("cpu",), precisions=("int8",)))  # other images: replaced
+    assert len(RunDir.load(run.path).data["metrics"]["eval"]["rows"]) == 1
+    r = package(run.path, PackageOptions(out=tmp_path / "dist"))
+    with zipfile.ZipFile(r.wheel) as z:
+        card = z.read(f"{r.module}/MODEL_CARD.md").decode()
+    n = len(run.classes)
+    assert "Measured on subset (all, " in card and f", 1 of {n} classes." in card
+    assert "| inference_precision |" in card.split("## Latency")[1]
 
 
 @pytest.mark.slow
