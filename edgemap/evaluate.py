@@ -166,6 +166,10 @@ def open_session(
             import torch  # noqa: F401
         except ImportError as e:
             raise RuntimeUnavailableError("package torch is not installed") from e
+        exported = run.path / run.artifacts.get("onnx_fp32", {}).get("path", "model.onnx")
+        mismatch = model_run_mismatch(run, exported) if "onnx_fp32" in run.artifacts and exported.is_file() else None
+        if mismatch:  # the reference would run with the edited classes/preprocessing and pass as a good row
+            raise ModelFormatError(mismatch)
         return TorchSession(run, threads)
     info, _ = parse_runtime(runtime)
     ok, why = check_precision(info, precision)
@@ -247,10 +251,12 @@ def strict_failure(bad: list[tuple[str, str, str]]) -> str:
     return "--strict: " + "; ".join(f"{', '.join(labels)} {status}: {reason}" for (status, reason), labels in groups.items())
 
 
-def nothing_ran(statuses: list[str], what: str) -> str | None:
-    """The error for a command none of whose rows ran (its earlier results are kept), else None."""
+def nothing_ran(statuses: list[str], what: str, reasons: list[str] | None = None) -> str | None:
+    """The error for a command none of whose rows ran (its earlier results are kept), else None. ``reasons``: said
+    in the error itself, when no table shows them (``--json -``, ``edgemap run``)."""
     if statuses and "ok" not in statuses:
-        return (f"no runtime ran ({', '.join(sorted(set(statuses)))}; see the table): the {what} results stored "
+        why = "; ".join(dict.fromkeys(reasons)) if reasons else "see the table"
+        return (f"no runtime ran ({', '.join(sorted(set(statuses)))}: {why}): the {what} results stored "
                 "earlier in edgemap.json are kept")
     return None
 
@@ -419,6 +425,8 @@ def evaluate(run_dir: str | Path | RunDir, opts: EvalOptions = EvalOptions()) ->
     """
     from edgemap.runtime.preprocess import preprocess_batch
 
+    if opts.max_pixels is not None and opts.max_pixels < 1:  # every image would "exceed the limit of -5"
+        raise DatasetError(f"--max-pixels {opts.max_pixels}: must be positive")
     # saving results into edgemap.json: hold the run directory (see manifest.run_lock)
     guard = run_lock(run_dir.path if isinstance(run_dir, RunDir) else Path(run_dir), "eval") if opts.save else nullcontext()
     with guard:

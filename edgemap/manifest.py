@@ -187,6 +187,8 @@ class RunDir:
     def load(cls, path: str | Path) -> RunDir:
         path = Path(path).absolute()
         mf = path / MANIFEST_NAME
+        if path.is_file():
+            raise ManifestError(f"{path}: is a file, not a run directory (the folder `edgemap finetune --out` made)")
         if not path.is_dir():
             raise ManifestError(f"{path}: no such run directory; create one with `edgemap finetune DATA --out {path}`")
         if not mf.is_file():

@@ -390,10 +390,9 @@ def _some_ran(rows: list[Any], what: str) -> None:
     from edgemap.evaluate import nothing_ran
     from edgemap.runtime.errors import RuntimeUnavailableError
 
-    failed = nothing_ran([r.status for r in rows], what)
+    failed = nothing_ran([r.status for r in rows], what, [f"{r.runtime}: {r.reason}" for r in rows])
     if failed:
-        why = dict.fromkeys(f"{r.runtime}: {r.reason}" for r in rows)
-        raise RuntimeUnavailableError(failed.replace("see the table", "; ".join(why)))
+        raise RuntimeUnavailableError(failed)
 
 
 def _unavailable(run: RunDir) -> list[tuple[str, str]]:

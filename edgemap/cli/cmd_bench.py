@@ -89,7 +89,8 @@ def register(app: typer.Typer) -> None:
         with console.status("benchmarking…") as status:
             rows = bench(run_dir, opts, progress=lambda msg: status.update(escape(msg) + "…"))
         write_json_out(json_out, [r.to_dict() for r in rows])
-        failed = nothing_ran([r.status for r in rows], "bench")
+        failed = nothing_ran([r.status for r in rows], "bench",  # no table with --json -: the reasons then
+                             [f"{r.runtime}: {r.reason}" for r in rows] if str(json_out) == "-" else None)
         if json_out is None or str(json_out) != "-":
             console.print(render(rows))
         if failed:

@@ -54,7 +54,7 @@ def render(result) -> Group:  # noqa: ANN001 - EvalResult, imported lazily
     parts: list[Any] = [table, row_notes(notes)]
     parts += [Text(f"note: {n}", style="yellow") for n in getattr(result, "notes", [])]
     if any(r.within_tolerance is False for r in result.rows):
-        parts.append(Text("✗ outside the agreement tolerance (README: eval tolerances)", style="red"))
+        parts.append(Text("✗ outside the agreement tolerance (README: Eval tolerances)", style="red"))
     return Group(*parts)
 
 
@@ -104,7 +104,8 @@ def register(app: typer.Typer) -> None:
                            save=read_only is None)
         result = evaluate(run_dir, opts)
         write_json_out(json_out, [r.to_dict() for r in result.rows])
-        failed = nothing_ran([r.status for r in result.rows], "eval")
+        failed = nothing_ran([r.status for r in result.rows], "eval",  # no table with --json -: the reasons then
+                             [f"{r.runtime}: {r.reason}" for r in result.rows] if str(json_out) == "-" else None)
         if json_out is not None and str(json_out) == "-":
             if failed:
                 raise RuntimeUnavailableError(failed)

@@ -301,6 +301,9 @@ def scan_labelled(root: str | Path, opts: ScanOptions = ScanOptions()) -> Labell
     empty = sorted(name for name, paths in lst.images.items() if not paths)
     if empty:
         log.warning("%s: class folder(s) without images skipped: %s", lst.folder, ", ".join(empty))
+    if lst.ignored:  # as training says it
+        log.warning("%s: ignored %d non-image file(s) (%s)", lst.folder, sum(lst.ignored.values()),
+                    ", ".join(f"{k}: {v}" for k, v in sorted(lst.ignored.items())))
     files = [p for paths in lst.images.values() for p in paths]
     if not files and not lst.broken:
         raise DatasetError(f"{lst.folder}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in its class folders")
