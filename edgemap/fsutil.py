@@ -6,6 +6,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import secrets
 import stat
 import tempfile
@@ -20,6 +21,7 @@ __all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_json", "write_user
            "folder_lock", "FolderBusy"]
 
 TMP_SUFFIX = ".edgemap-tmp"
+_OUR_TEMP = re.compile(r"^\..+\.[0-9a-f]{12}" + re.escape(TMP_SUFFIX) + "$")
 LOCK_NAME = ".edgemap.lock"
 
 
@@ -133,6 +135,8 @@ def remove_stale_temps(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     if folder.is_dir():
         for p in folder.glob(f".*{TMP_SUFFIX}"):
+            if not _OUR_TEMP.match(p.name):  # only names atomic_path makes (.<name>.<12 hex>.edgemap-tmp)
+                continue
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
                 removed.append(p)
@@ -202,12 +206,22 @@ def folder_lock(folder: str | Path, what: str) -> Iterator[None]:
     except ImportError:  # pragma: no cover - Windows: no advisory locks here
         yield
         return
+    path = folder / LOCK_NAME
     try:
-        f = open(folder / LOCK_NAME, "a+", encoding="utf-8")  # noqa: SIM115 - kept open while held
+        # never through a symlink (or a hard link): a run directory from someone else could point its lock file at
+        # ~/.bashrc, which the truncation below would empty
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0), 0o644)
     except OSError as e:
         if e.errno in NOT_WRITABLE:
             raise FolderNotWritable(folder, e.strerror or str(e)) from None
+        if e.errno == errno.ELOOP:
+            raise FolderNotWritable(folder, f"{LOCK_NAME} is a symlink; remove it") from None
         raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        os.close(fd)
+        raise FolderNotWritable(folder, f"{LOCK_NAME} is not a plain file of its own (a link or a device); remove it")
+    f = os.fdopen(fd, "a+", encoding="utf-8")
     try:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)

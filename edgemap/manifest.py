@@ -101,6 +101,13 @@ def run_lock(path: str | Path, command: str, create: bool = False) -> Iterator[N
         ) from None
 
 
+def _safe_rel_path(rel: str) -> bool:
+    """A relative POSIX path that stays inside its folder: no '..', not absolute, no NUL, of a sane length."""
+    if not rel or len(rel) > 1024 or "\0" in rel or "\\" in rel or rel.startswith("/") or ":" in rel.split("/")[0]:
+        return False
+    return all(part not in ("", ".", "..") for part in rel.split("/"))
+
+
 def validate_manifest(data: Any, where: str = MANIFEST_NAME) -> dict[str, Any]:
     """Check types and required keys of a manifest; raise ManifestError listing every problem."""
     if not isinstance(data, dict):
@@ -124,15 +131,24 @@ def validate_manifest(data: Any, where: str = MANIFEST_NAME) -> dict[str, Any]:
         elif len(set(classes)) != len(classes):
             problems.append("'classes' has duplicates")
         try:
-            PreprocessContract.from_dict(data["preprocess"])
+            c = PreprocessContract.from_dict(data["preprocess"])
+            if not (8 <= c.height <= 8192 and 8 <= c.width <= 8192):
+                problems.append(f"'preprocess' size {c.height}x{c.width} is outside 8..8192")
         except Exception as e:  # noqa: BLE001 - reported as a manifest problem below
             problems.append(f"'preprocess' invalid: {e}")
+        problems += [f"'options.{sub}' must be an object" for sub, value in (data.get("options") or {}).items()
+                     if not isinstance(value, dict)]
+        if "root" in (data.get("dataset") or {}) and not isinstance(data["dataset"]["root"], str):
+            problems.append("'dataset.root' must be a string")
         for name, art in [*data["artifacts"].items(), *data.get("pending", {}).items()]:
             if not isinstance(art, dict):
                 problems.append(f"artifact '{name}' must be an object")
                 continue
             if not isinstance(art.get("path"), str):
                 problems.append(f"artifact '{name}'.path must be a string")
+            elif not _safe_rel_path(art["path"]):  # a run from elsewhere must not make edgemap rename files outside
+                problems.append(f"artifact '{name}'.path {art['path'][:80]!r} must be a relative path inside the run "
+                                "directory (no '..', no absolute path)")
             if not isinstance(art.get("sha256"), str) or not _SHA_RE.match(art["sha256"]):
                 problems.append(f"artifact '{name}'.sha256 must be 64 lowercase hex characters")
     if problems:
@@ -190,13 +206,14 @@ class RunDir:
         if path.is_file():
             raise ManifestError(f"{path}: is a file, not a run directory (the folder `edgemap finetune --out` made)")
         if not path.is_dir():
-            raise ManifestError(f"{path}: no such run directory; create one with `edgemap finetune DATA --out {path}`")
+            raise ManifestError(f"{path}: no such run directory; create one with "
+                                f"`edgemap finetune DATA --out {shlex.quote(str(path))}`")
         if not mf.is_file():
             raise ManifestError(f"{mf}: missing; {path} is not an edgemap run directory (run `edgemap finetune` first)")
         try:
             data = json.loads(mf.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ManifestError(f"{mf}: not valid JSON ({e})") from e
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: bad JSON or a 5000-digit number
+            raise ManifestError(f"{mf}: not valid JSON ({str(e)[:200]})") from None
         run = cls(path, validate_manifest(data, str(mf)))
         run._settle_pending()
         return run
@@ -248,8 +265,20 @@ class RunDir:
         return self.data["artifacts"]
 
     # ---- artifacts ----------------------------------------------------------------
+    def own_folder(self, name: str) -> Path:
+        """``RUN/name`` (dist, report) for edgemap to write into; refused when it is a symlink or leads outside the
+        run (a run directory from someone else would make edgemap write, and clean temp files, elsewhere)."""
+        folder = self.path / name
+        if folder.is_symlink() or (folder.exists() and self._inside(name) != folder.resolve()):
+            raise ManifestError(f"{folder}: is a symlink; edgemap writes its {name}/ files inside the run directory. "
+                                f"Remove the link, or give another folder with --out")
+        return folder
+
     def _inside(self, rel: str) -> Path:
-        p = (self.path / rel).resolve()
+        try:
+            p = (self.path / rel).resolve()
+        except (OSError, ValueError, RuntimeError) as e:  # a name too long, a NUL byte, a symlink loop
+            raise ManifestError(f"{self.manifest_path}: artifact path {rel[:80]!r} cannot be used ({e})") from None
         root = self.path.resolve()
         if p != root and root not in p.parents:
             raise ManifestError(f"{self.manifest_path}: artifact path {rel!r} escapes the run directory")

@@ -529,7 +529,7 @@ def package(run_dir: str | Path | None, opts: PackageOptions | None = None) -> P
         default_name = re.sub(r"[^a-z0-9]+", "-", run.path.resolve().name.lower()).strip("-")
         name, module = validate_name(opts.name or (f"{default_name}-classifier" if default_name else "edgemap-classifier"))
         version = validate_version(opts.version or opts.default_version)
-        out = Path(opts.out) if opts.out is not None else run.path / "dist"
+        out = Path(opts.out) if opts.out is not None else run.own_folder("dist")
 
     precision = key = None
     model: Path | None = None

@@ -900,13 +900,13 @@ def report(run_dir: str | Path | RunDir, opts: ReportOptions | None = None) -> R
     opts = opts or ReportOptions()
     opts.validate()
     run = run_dir if isinstance(run_dir, RunDir) else RunDir.load(run_dir)
-    html_path = Path(opts.out) if opts.out is not None else run.path / REPORT_DIR / REPORT_FILE
+    html_path = Path(opts.out) if opts.out is not None else run.own_folder(REPORT_DIR) / REPORT_FILE
     if html_path.is_dir() or str(opts.out or "").endswith(("/", os.sep)):  # a folder (or one to make): the file in it
         html_path = html_path / REPORT_FILE
     if opts.out is not None and special_file(html_path):  # /dev/stdout, a FIFO: the PNGs need a folder beside it
         raise ManifestError(f"--out {opts.out}: not a file or folder path; give a path such as report.html or a folder")
     # the plots as PNG files too: RUN_DIR/report/, or beside --out (NAME_files/), never in a run given --out elsewhere
-    out_dir = run.path / REPORT_DIR if opts.out is None else html_path.parent / f"{html_path.stem}_files"
+    out_dir = run.own_folder(REPORT_DIR) if opts.out is None else html_path.parent / f"{html_path.stem}_files"
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:

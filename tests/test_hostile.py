@@ -293,6 +293,18 @@ _BROKEN = [
     ("artifact sha256 bad", lambda d: d["artifacts"].update(m={"path": "model.onnx", "sha256": "xyz"}), "64 lowercase hex"),
     ("artifact path not str", lambda d: d["artifacts"].update(m={"path": 1, "sha256": "0" * 64}), "path must be a string"),
     ("top level list", lambda d: ["schema", 1], "top level must be a JSON object"),
+    # a run directory from someone else: export renamed any file its artifact paths named (..., absolute)
+    ("artifact path up", lambda d: d["artifacts"].update(m={"path": "../victim/keys", "sha256": "0" * 64}),
+     "must be a relative path inside the run directory"),
+    ("artifact path absolute", lambda d: d["artifacts"].update(m={"path": "/etc/hostname", "sha256": "0" * 64}),
+     "must be a relative path inside the run directory"),
+    ("artifact path NUL", lambda d: d["artifacts"].update(m={"path": "a\x00b", "sha256": "0" * 64}),
+     "must be a relative path inside the run directory"),
+    ("artifact path long", lambda d: d["artifacts"].update(m={"path": "x" * 5000, "sha256": "0" * 64}),
+     "must be a relative path inside the run directory"),
+    ("preprocess huge", lambda d: d["preprocess"].update(height=10**30), "'preprocess'"),
+    ("options not objects", lambda d: d.update(options={"finetune": [1]}), "'options.finetune' must be an object"),
+    ("dataset root int", lambda d: d.update(dataset={"root": 3}), "'dataset.root' must be a string"),
 ]
 
 
@@ -308,15 +320,55 @@ def test_broken_manifest_is_refused(odd_tmp: Path, case: str, mutate, message: s
 
 def test_manifest_not_json_or_escaping_paths(odd_tmp: Path) -> None:
     mf = odd_tmp / MANIFEST_NAME
-    for text in ("{not json", "\xff\xfe garbage", ""):
+    for text in ("{not json", "\xff\xfe garbage", "", '{"schema": ' + "9" * 5001 + "}", "[" * 100000):
         mf.write_bytes(text.encode("latin-1"))
         with pytest.raises(ManifestError, match="not valid JSON"):
             RunDir.load(odd_tmp)
     d = _manifest()
-    d["artifacts"]["onnx_fp32"] = {"path": "../../outside.onnx", "sha256": "0" * 64}
+    (odd_tmp.parent / "outside.onnx").write_bytes(b"x")
+    (odd_tmp / "inside.onnx").symlink_to(odd_tmp.parent / "outside.onnx")  # a symlink out of the run
+    d["artifacts"]["onnx_fp32"] = {"path": "inside.onnx", "sha256": "0" * 64}
     mf.write_text(json.dumps(d))
     with pytest.raises(ManifestError, match="escapes the run directory"):
         RunDir.load(odd_tmp).artifact_path("onnx_fp32")
+
+
+def test_a_run_directory_from_elsewhere_cannot_make_edgemap_write_outside_it(odd_tmp: Path) -> None:
+    """A symlinked lock file was truncated (~/.bashrc emptied by `edgemap eval`); symlinked dist/ and report/ had the
+    wheel, the report and temp-file cleanup land elsewhere."""
+    from edgemap.errors import RunNotWritableError
+    from edgemap.fsutil import remove_stale_temps
+    from edgemap.package import PackageOptions, package
+    from edgemap.report import ReportOptions, report
+
+    run = _bare_run(odd_tmp / "run")
+    victim = odd_tmp / "victim.txt"
+    victim.write_text("secret")
+    (run.path / ".edgemap.lock").symlink_to(victim)
+    r = CliRunner().invoke(app, ["eval", str(run.path)])
+    assert r.exit_code == 74 and ".edgemap.lock is a symlink" in " ".join(r.output.split()), r.output
+    assert victim.read_text() == "secret"
+    (run.path / ".edgemap.lock").unlink()
+    os.link(victim, run.path / ".edgemap.lock")  # a hard link: the same file
+    with pytest.raises(RunNotWritableError, match="not a plain file of its own"):
+        from edgemap.manifest import run_lock
+
+        with run_lock(run.path, "eval"):
+            pass
+    assert victim.read_text() == "secret"
+    (run.path / ".edgemap.lock").unlink()
+    elsewhere = odd_tmp / "elsewhere"
+    elsewhere.mkdir()
+    for sub in ("dist", "report"):
+        (run.path / sub).symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(ManifestError, match="dist: is a symlink"):
+        package(run.path, PackageOptions(precision="fp32"))
+    with pytest.raises(ManifestError, match="report: is a symlink"):
+        report(run.path, ReportOptions(predict=False))
+    assert list(elsewhere.iterdir()) == []
+    (elsewhere / ".keep.edgemap-tmp").write_text("mine")  # not a name edgemap makes: never deleted
+    (elsewhere / ".x.onnx.0123456789ab.edgemap-tmp").write_text("left by a kill")
+    assert [p.name for p in remove_stale_temps(elsewhere)] == [".x.onnx.0123456789ab.edgemap-tmp"]
 
 
 def test_broken_manifest_via_cli_is_one_line(odd_tmp: Path) -> None:

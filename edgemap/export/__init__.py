@@ -197,7 +197,7 @@ def _export_locked(run: Any, opts: ExportOptions, plan: dict[str, list[str]], da
         warnings.append(
             f"fine-tuning did not finish (status {ft.get('status', 'unknown')!r}); exporting the best weights so far "
             f"(epoch {best.get('epoch', '?')}, val accuracy {best.get('val_accuracy', '?')}). "
-            f"Finish it with `edgemap finetune DATA --out {run.path} --resume`, then export again"
+            f"Finish it with `edgemap finetune DATA --out {shlex.quote(str(run.path))} --resume`, then export again"
         )
     ds = _dataset(run, dataset)
     from edgemap.export.calibration import load_images, select_calibration, stratified
