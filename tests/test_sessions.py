@@ -184,3 +184,15 @@ def test_openvino_virtual_devices_with_their_targets_are_available() -> None:
         assert available(spec) == (True, ""), spec
     assert available("openvino:NOSUCH")[0] is False
     assert _combos(("openvino:cpu", "openvino:CPU"), ("fp32",)) == [("openvino:CPU", "fp32")]  # one row
+
+
+@pytest.mark.parametrize("runtime", ["cpu", "openvino"])
+def test_a_session_runs_the_bytes_it_was_given_not_the_file_again(trained_run, runtime: str) -> None:  # noqa: F811
+    """Classifier.from_path hashed the file, then the runtime read the path again: a model swapped in between ran
+    unchecked (2 of 11 checked loads in a race). load(data=...) runs exactly the checked bytes."""
+    run, splits = trained_run
+    fp32, int8 = run.artifact_path("onnx_fp32"), run.artifact_path("onnx_int8_qdq")
+    x, _ = load_arrays(splits["test"][:8], run.contract)
+    via_bytes = S.load(fp32, runtime, data=int8.read_bytes()).run(x)  # the path only names it
+    np.testing.assert_array_equal(via_bytes, S.load(int8, runtime).run(x))
+    assert not np.array_equal(via_bytes, S.load(fp32, runtime).run(x))

@@ -158,7 +158,6 @@ class Classifier:
                     "(reinstall the package, or re-run `edgemap package`) instead of editing the model by hand."
                 )
         meta = model_meta(parse_model_bytes(data, str(path)), str(path))
-        del data
         spec = runtime_spec(runtime)
         try:
             info, _ = parse_runtime(spec)
@@ -176,7 +175,8 @@ class Classifier:
         ok, why = available(spec)
         if not ok:  # named as the user asked for it ("onnxruntime", not edgemap's "cpu")
             raise RuntimeUnavailableError(f"runtime {runtime!r} unavailable: {why}")
-        session = load(path, spec, SessionOptions(threads=threads, exact=exact))
+        session = load(path, spec, SessionOptions(threads=threads, exact=exact), data=data)  # the bytes hashed above
+        del data
         _check_input(session, meta, path)
         return cls(session, meta, actual, top_k=top_k, max_pixels=meta.max_pixels if max_pixels == FROM_MODEL else max_pixels)
 

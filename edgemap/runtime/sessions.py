@@ -207,8 +207,10 @@ class Session:
         return ",".join(self.providers_in_use) + (f" ({self.precision_in_use})" if self.precision_in_use else "")
 
 
-def load(path: str | Path, runtime: str = "cpu", opts: SessionOptions | None = None) -> Session:
+def load(path: str | Path, runtime: str = "cpu", opts: SessionOptions | None = None, data: bytes | None = None) -> Session:
     """Create a session for the model at ``path`` on ``runtime``; refuse silent fallbacks.
+
+    ``data``: the model's bytes, already read (and checked) by the caller; ``path`` then only names it.
 
     Example:
         >>> s = load("models/digits/model.onnx", "openvino")
@@ -220,19 +222,21 @@ def load(path: str | Path, runtime: str = "cpu", opts: SessionOptions | None = N
     if not ok:
         raise RuntimeUnavailableError(f"runtime {runtime!r} unavailable: {why}")
     path = Path(path)
-    from edgemap.runtime.onnx_meta import read_onnx_info, refuse_external_data
+    from edgemap.runtime.onnx_meta import parse_model_bytes, read_model_bytes, refuse_external_data
 
-    # Before any runtime opens it: a runtime following external_data.location could read any
-    # file on the device (older onnxruntime releases, which the wheel still allows, did).
-    model_info = refuse_external_data(read_onnx_info(path), str(path))
+    # The runtime gets the very bytes checked here (and by a caller that verified their sha256: ``data``), never the
+    # path again: a file swapped in between would run unchecked. And before any runtime sees them: a runtime
+    # following external_data.location could read any file on the device (older onnxruntime releases did).
+    data = read_model_bytes(path) if data is None else data
+    model_info = refuse_external_data(parse_model_bytes(data, str(path)), str(path))
     if opts.exact is None:
         opts = dataclasses.replace(opts, exact=model_info.metadata.get("edgemap.precision") != "int8")
     threads = opts.threads or physical_cores()
     t0 = time.perf_counter()
     if info.engine == "onnxruntime":
-        sess = _load_ort(path, info, threads)
+        sess = _load_ort(path, info, threads, data)
     else:
-        sess = _load_openvino(path, device, threads, opts)
+        sess = _load_openvino(path, device, threads, opts, data)
     sess.load_ms = (time.perf_counter() - t0) * 1000
     sess.runtime = runtime
     return sess
@@ -286,7 +290,7 @@ def ov_compute_precision(compiled: Any) -> str:
         return ""
 
 
-def _load_ort(path: Path, info: RuntimeInfo, threads: int) -> Session:
+def _load_ort(path: Path, info: RuntimeInfo, threads: int, data: bytes | None = None) -> Session:
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -300,7 +304,7 @@ def _load_ort(path: Path, info: RuntimeInfo, threads: int) -> Session:
     elif info.name == "cuda":
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     try:
-        s = ort.InferenceSession(str(path), sess_options=so, providers=providers)
+        s = ort.InferenceSession(str(path) if data is None else data, sess_options=so, providers=providers)
     except Exception as e:  # ORT raises its own Fail/InvalidGraph/... types
         raise RuntimeUnavailableError(f"{path}: onnxruntime could not load the model on {info.name}: {e}") from e
     in_use = check_ort_providers(info, s.get_providers())
@@ -333,7 +337,7 @@ def _ov_core() -> Any:
 _CORE: Any = None
 
 
-def _load_openvino(path: Path, device: str, threads: int, opts: SessionOptions) -> Session:
+def _load_openvino(path: Path, device: str, threads: int, opts: SessionOptions, data: bytes | None = None) -> Session:
     core = _ov_core()
     config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY" if opts.hint == "latency" else "THROUGHPUT"}
     cpu: dict[str, Any] = {"INFERENCE_NUM_THREADS": threads, **({"INFERENCE_PRECISION_HINT": "f32"} if opts.exact else {})}
@@ -344,7 +348,7 @@ def _load_openvino(path: Path, device: str, threads: int, opts: SessionOptions) 
     elif opts.exact:
         config["INFERENCE_PRECISION_HINT"] = "f32"  # GPU: f16 by default
     try:
-        model = core.read_model(str(path))
+        model = core.read_model(str(path) if data is None else data)
         if opts.batch:
             shape = model.input(0).get_partial_shape()
             shape[0] = opts.batch
