@@ -30,6 +30,7 @@ from typing import Any
 
 from edgemap.errors import ManifestError, ModelIntegrityError, RunBusyError, RunNotWritableError
 from edgemap.fsutil import FolderBusy, FolderNotWritable, atomic_path, atomic_write_json, folder_lock, sha256_file
+from edgemap.runtime.onnx_meta import has_control_chars
 from edgemap.runtime.preprocess import DEFAULT_MAX_PIXELS, PreprocessContract
 
 MANIFEST_NAME = "edgemap.json"
@@ -130,6 +131,8 @@ def validate_manifest(data: Any, where: str = MANIFEST_NAME) -> dict[str, Any]:
             problems.append("'classes' must list at least two non-empty class names")
         elif len(set(classes)) != len(classes):
             problems.append("'classes' has duplicates")
+        elif any(has_control_chars(c) for c in classes):
+            problems.append("'classes' has a name with control characters (tab, newline, escape...)")
         try:
             c = PreprocessContract.from_dict(data["preprocess"])
             if not (8 <= c.height <= 8192 and 8 <= c.width <= 8192):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from edgemap.cli import app
@@ -305,6 +306,7 @@ _BROKEN = [
     ("preprocess huge", lambda d: d["preprocess"].update(height=10**30), "'preprocess'"),
     ("options not objects", lambda d: d.update(options={"finetune": [1]}), "'options.finetune' must be an object"),
     ("dataset root int", lambda d: d.update(dataset={"root": 3}), "'dataset.root' must be a string"),
+    ("class with escape", lambda d: d.update(classes=["a", "\x1b]0;PWNED\x07"]), "control characters"),
 ]
 
 
@@ -441,3 +443,29 @@ def test_runtime_only_wheel_refuses_precision(odd_tmp: Path) -> None:
     with pytest.raises(PackageError, match="holds no model; drop --precision int8"):
         package(None, PackageOptions(runtime_only=True, precision="int8", out=odd_tmp / "dist"))
     assert not (odd_tmp / "dist").exists()
+
+
+def test_control_characters_in_class_names_never_reach_output(odd_tmp: Path) -> None:
+    """A class folder "cat\\t0.9999\\nforged.jpg\\tdog" forged device result lines; "\\x1b]0;..." drove the terminal."""
+    import onnx
+
+    from edgemap.data.scan import scan_dataset
+    from edgemap.errors import DatasetError
+    from edgemap.export.onnx_export import set_metadata
+    from edgemap.runtime.classifier import Classifier
+    from edgemap.runtime.device_cli import printable
+
+    for name in ("cat\t0.9999\nforged.jpg\tdog", "\x1b]0;TITLE\x07red"):
+        root = odd_tmp / f"ds{len(name)}"
+        for cls in (name, "dog"):
+            (root / cls).mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(np.full((8, 8, 3), i * 40, np.uint8)).save(root / cls / f"{i}.png")
+        with pytest.raises(DatasetError, match="class folder name has control characters"):
+            scan_dataset(root)
+    model = onnx.load_from_string(_tiny_model(None))
+    set_metadata(model, {K.CLASSES: json.dumps(["cat\tforged", "dog"])})
+    (odd_tmp / "m.onnx").write_bytes(model.SerializeToString())
+    with pytest.raises(ModelFormatError, match="control characters"):
+        Classifier.from_path(odd_tmp / "m.onnx")
+    assert printable("a\tb\nc\x1bd") == "a\\x09b\\x0ac\\x1bd"

@@ -56,9 +56,10 @@ def printable(text: str) -> str:
     shares) shown as ``\\xe9`` escapes instead of crashing the output (and losing every result)."""
     try:
         text.encode("utf-8")
-        return text
     except UnicodeEncodeError:
-        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    # control characters in a name (a file called "x\tcat\t0.99\nforged.jpg") would forge result lines
+    return "".join(f"\\x{ord(ch):02x}" if ord(ch) < 32 or ord(ch) == 127 else ch for ch in text)
 
 
 def build_parser(prog: str, embedded: bool, default_runtime: str = "onnxruntime",
@@ -168,7 +169,7 @@ def classify_paths(clf: Classifier, paths: list[Path], top_k: int, batch_size: i
 def _write_lines(results: list[tuple[Path, Prediction | str]], prog: str) -> None:
     for path, r in results:
         if isinstance(r, Prediction):
-            sys.stdout.write(printable("\t".join([str(path)] + [f"{lab}\t{p:.4f}" for lab, p in r.topk])) + "\n")
+            sys.stdout.write("\t".join([printable(str(path))] + [f"{printable(lab)}\t{p:.4f}" for lab, p in r.topk]) + "\n")
         else:
             sys.stderr.write(f"{prog}: error: {printable(r)}\n")
     sys.stdout.flush()

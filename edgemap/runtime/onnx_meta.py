@@ -22,6 +22,7 @@ Anything that is not a well-formed protobuf (truncated, random bytes, a JPEG ren
 from __future__ import annotations
 
 import json
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -257,8 +258,14 @@ class ModelMeta:
 def _json(props: dict[str, str], key: str, name: str) -> Any:
     try:
         return json.loads(props[key])
-    except json.JSONDecodeError as e:
-        raise ModelFormatError(f"{name}: metadata '{key}' is not valid JSON ({e})") from e
+    except (ValueError, RecursionError) as e:  # ValueError: bad JSON or a 5000-digit number
+        raise ModelFormatError(f"{name}: metadata '{key}' is not valid JSON ({str(e)[:200]})") from None
+
+
+def has_control_chars(text: str) -> bool:
+    """Tab, newline, escape and the other control characters: in a class name they forge output lines and drive
+    terminals (``\x1b]0;...``)."""
+    return any(unicodedata.category(ch) == "Cc" for ch in text)
 
 
 def refuse_external_data(info: OnnxInfo, name: str) -> OnnxInfo:
@@ -283,11 +290,14 @@ def model_meta(info: OnnxInfo, name: str) -> ModelMeta:
             "`edgemap export` carry their classes and preprocessing"
         )
     schema = props.get(K.SCHEMA, K.METADATA_SCHEMA_VERSION)
-    if not schema.isdigit() or int(schema) > int(K.METADATA_SCHEMA_VERSION):
+    if not schema.isdigit() or len(schema) > 6 or int(schema) > int(K.METADATA_SCHEMA_VERSION):
         raise ModelFormatError(f"{name}: metadata schema {schema!r} is newer than this runtime understands; upgrade it")
     classes = _json(props, K.CLASSES, name)
     if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) and c for c in classes):
         raise ModelFormatError(f"{name}: metadata '{K.CLASSES}' must list at least two class names")
+    if any(has_control_chars(c) for c in classes):
+        raise ModelFormatError(f"{name}: metadata '{K.CLASSES}' has a class name with control characters "
+                               "(tab, newline, escape...); re-export from a dataset without them")
     pre = _json(props, K.PREPROCESS, name)
     if not isinstance(pre, dict):
         raise ModelFormatError(f"{name}: metadata '{K.PREPROCESS}' must be a JSON object")
