@@ -213,6 +213,7 @@ def _style() -> dict[str, Any]:
         "axes.labelsize": 9, "axes.spines.top": False, "axes.spines.right": False, "axes.edgecolor": "#9ca3af",
         "axes.grid": True, "grid.color": "#e5e7eb", "grid.linewidth": 0.8, "xtick.color": "#374151",
         "ytick.color": "#374151", "legend.frameon": False, "legend.fontsize": 8,
+        "text.parse_math": False,  # a class named "$\\bad{$" is text, not mathtext (it crashed the report)
     }
 
 

@@ -406,3 +406,10 @@ def test_plots_scale_to_many_long_class_names() -> None:
     png = plot_confusion(cm, classes, "fp32", dpi=40)
     with Image.open(io.BytesIO(png)) as im:
         assert im.format == "PNG" and im.size[0] > 100
+
+
+def test_class_names_that_look_like_tex_are_plain_text() -> None:
+    """A class folder named "$\\bad{$" made `edgemap report` (and `edgemap run`'s last stage) crash in mathtext."""
+    from edgemap.report import plot_confusion
+
+    assert plot_confusion(np.array([[3, 1], [0, 4]]), ["$\\bad{$", "$x^2$"], "fp32", dpi=40).startswith(b"\x89PNG")
