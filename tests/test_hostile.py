@@ -469,3 +469,33 @@ def test_control_characters_in_class_names_never_reach_output(odd_tmp: Path) -> 
     with pytest.raises(ModelFormatError, match="control characters"):
         Classifier.from_path(odd_tmp / "m.onnx")
     assert printable("a\tb\nc\x1bd") == "a\\x09b\\x0ac\\x1bd"
+
+
+@pytest.mark.parametrize("limit", ["x", [1], 1e400, 0, True])
+def test_a_wheels_model_json_with_a_bad_pixel_limit_is_one_error(odd_tmp: Path, limit: object) -> None:
+    """max_pixels "x" or [1] was a TypeError traceback; 1e400 read as Infinity turned the bomb guard off."""
+    from edgemap.runtime.classifier import read_model_json
+
+    (odd_tmp / "model.json").write_text(json.dumps({"file": "model.onnx", "sha256": "0" * 64, "max_pixels": limit}))
+    with pytest.raises(ModelFormatError, match="'max_pixels' must be a positive integer or null"):
+        read_model_json(odd_tmp)
+
+
+def test_hostile_numbers_in_metadata_and_environment_are_one_line(odd_tmp: Path) -> None:
+    import subprocess
+    import sys
+
+    import onnx
+
+    from edgemap.export.onnx_export import set_metadata
+    from edgemap.runtime.classifier import Classifier
+
+    for key, value in ((K.SCHEMA, "9" * 5000), (K.CLASSES, "[" * 100000), (K.MAX_PIXELS, "9" * 5000)):
+        model = onnx.load_from_string(_tiny_model(None))
+        set_metadata(model, {key: value})
+        (odd_tmp / "m.onnx").write_bytes(model.SerializeToString())
+        with pytest.raises(ModelFormatError):
+            Classifier.from_path(odd_tmp / "m.onnx")
+    r = subprocess.run([sys.executable, "-m", "edgemap", "finetune", str(odd_tmp), "--out", str(odd_tmp / "o")],
+                       capture_output=True, text=True, env={**os.environ, "EDGEMAP_DIST_TIMEOUT": "abc"}, timeout=120)
+    assert r.returncode == 2 and "EDGEMAP_DIST_TIMEOUT='abc'" in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -288,12 +288,16 @@ def read_model_json(folder: str | Path) -> dict[str, Any]:
         info = json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError as e:
         raise ModelFormatError(f"{p}: missing; this package embeds no model (use Classifier.from_path)") from e
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelFormatError(f"{p}: unreadable ({e}); reinstall the package") from e
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ModelFormatError(f"{p}: unreadable ({str(e)[:200]}); reinstall the package") from None
     if not isinstance(info, dict) or not isinstance(info.get("file"), str) or not _SHA_RE.match(str(info.get("sha256", ""))):
         raise ModelFormatError(f"{p}: needs 'file' and a 64-hex 'sha256'; reinstall the package")
     if "/" in info["file"] or "\\" in info["file"] or info["file"] in ("", ".", ".."):
         raise ModelFormatError(f"{p}: 'file' must be a plain file name, got {info['file']!r}")
+    limit = info.get("max_pixels", 1)
+    if limit is not None and (type(limit) is not int or limit < 1):  # "x", [1], or 1e400 (inf: the guard off)
+        raise ModelFormatError(f"{p}: 'max_pixels' must be a positive integer or null, got {str(limit)[:40]}; "
+                               "reinstall the package")
     return info
 
 

@@ -29,8 +29,20 @@ import torch
 
 from edgemap.errors import TrainingError
 
+
 #: how long a collective may wait for a rank before the job fails (a dead peer, not a slow one)
-COLLECTIVE_TIMEOUT_S = int(os.environ.get("EDGEMAP_DIST_TIMEOUT", "300"))
+def _timeout_from_env() -> int:
+    raw = os.environ.get("EDGEMAP_DIST_TIMEOUT", "300")
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise TrainingError(f"EDGEMAP_DIST_TIMEOUT={raw!r}: must be a whole number of seconds >= 1")
+    return value
+
+
+COLLECTIVE_TIMEOUT_S = _timeout_from_env()
 
 
 @dataclass
