@@ -90,3 +90,26 @@ def measured_on_other_models(run: Any, rows: list[dict[str, Any]]) -> list[dict[
     export or fine-tuning. Rows without ``model_sha256`` (runs from before edgemap 0.1 stored it) count as current."""
     current = {str(e.get("sha256", "")) for e in run.artifacts.values()}
     return [r for r in rows if r.get("model_sha256") and r["model_sha256"] not in current]
+
+
+def stored_rows(section: Any) -> list[dict[str, Any]]:
+    """metrics.eval / metrics.bench → a list of row dicts (lists or dicts of rows accepted)."""
+    if isinstance(section, dict):
+        if "rows" in section:
+            return stored_rows(section["rows"])
+        return [{"key": k, **v} for k, v in section.items() if isinstance(v, dict)]
+    if isinstance(section, list):
+        return [r for r in section if isinstance(r, dict)]
+    return []
+
+
+def current_results(run: Any, stage: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``metrics.eval`` / ``metrics.bench`` rows split into those of the run's current models and those measured on
+    models replaced since (another export, or fine-tuning again): the model card, the report and `edgemap run`'s
+    summary show only the first. Rows that did not run belong to the latest measurement (eval and bench keep only
+    rows that ran from earlier ones), unless no row of it is current: then the whole measurement is old."""
+    rows = stored_rows((run.data.get("metrics", {}) or {}).get(stage))
+    old = measured_on_other_models(run, rows)
+    if old and not any(r.get("status", "ok") == "ok" and not any(r is o for o in old) for r in rows):
+        old += [r for r in rows if r.get("status", "ok") != "ok" and not any(r is o for o in old)]
+    return [r for r in rows if not any(r is o for o in old)], old

@@ -30,7 +30,15 @@ import numpy as np
 
 from edgemap.artifacts import recorded_sha256
 from edgemap.errors import EdgemapError, RuntimeUnavailableError
-from edgemap.evaluate import _combos, kept_rows, nothing_ran, open_session, refuse_older_models, strict_failure
+from edgemap.evaluate import (
+    _combos,
+    kept_rows,
+    merged_rows,
+    nothing_ran,
+    open_session,
+    refuse_older_models,
+    strict_failure,
+)
 from edgemap.manifest import RunDir, now_iso, run_lock
 
 DEFAULT_ITERS = 100
@@ -334,8 +342,8 @@ def _bench_all(run: RunDir, opts: BenchOptions, say: Any) -> list[BenchRow]:
             )
     if opts.save and not nothing_ran([r.status for r in rows], "bench"):
         new = {"threads": threads, "rows": [r.to_dict() for r in rows]}
-        new["rows"] = kept_rows(run.data.get("metrics", {}).get("bench"), new, ("runtime", "precision", "batch"),
-                                same=("threads",)) + new["rows"]
+        new["rows"] = merged_rows(kept_rows(run.data.get("metrics", {}).get("bench"), new, ("runtime", "precision", "batch"),
+                                            same=("threads",)), new["rows"])
         run.data.setdefault("metrics", {})["bench"] = {"updated": now_iso(), **new}
         run.outdate(("package", "report"), "bench results changed", save=False)  # the model card and the report show them
         run.save()

@@ -215,7 +215,7 @@ def _combos(runtimes: tuple[str, ...], precisions: tuple[str, ...]) -> list[tupl
                 raise RuntimeUnavailableError(
                     f"--runtime {r.strip()!r} is unknown; choose from {', '.join(ALL_RUNTIMES)} (openvino:DEVICE for "
                     "another OpenVINO device, e.g. openvino:GPU)") from None
-        names.append(name.lower() + colon + device.upper())  # openvino:cpu is openvino:CPU: one row
+        names.append(normal_runtime(r))  # openvino:cpu, openvino:CPU and openvino: one row
     rts = sorted(dict.fromkeys(names), key=lambda r: r != REFERENCE)
     combos = [(r, p) for r in rts for p in dict.fromkeys(precisions) if not (r == REFERENCE and p != "fp32")]
     if not combos:
@@ -239,8 +239,26 @@ def kept_rows(previous: Any, new: dict[str, Any], key: tuple[str, ...], same: tu
     only the openvino rows, and the model card lost the runtime the wheel ships."""
     if not isinstance(previous, dict) or any(previous.get(f) != new.get(f) for f in same):
         return []
-    done = {tuple(r.get(k) for k in key) for r in new["rows"]}
-    return [r for r in previous.get("rows", []) if isinstance(r, dict) and tuple(r.get(k) for k in key) not in done]
+    done = {_row_key(r, key) for r in new["rows"]}
+    return [r for r in previous.get("rows", []) if isinstance(r, dict) and r.get("status") == "ok"  # what ran only
+            and _row_key(r, key) not in done]
+
+
+def merged_rows(kept: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Kept rows and new ones, the PyTorch reference first (then in runtime order)."""
+    return sorted(kept + new, key=lambda r: (r.get("runtime") != REFERENCE, ALL_RUNTIMES.index(
+        str(r.get("runtime", "")).split(":")[0]) if str(r.get("runtime", "")).split(":")[0] in ALL_RUNTIMES else 99))
+
+
+def _row_key(row: dict[str, Any], key: tuple[str, ...]) -> tuple[Any, ...]:
+    return tuple(normal_runtime(str(row.get(k, ""))) if k == "runtime" else row.get(k) for k in key)
+
+
+def normal_runtime(spec: str) -> str:
+    """One name per runtime: ``openvino:cpu`` and ``openvino:CPU`` are ``openvino`` (CPU is its default device)."""
+    name, colon, device = spec.strip().partition(":")
+    name, device = name.lower(), device.upper()
+    return name if name == "openvino" and device == "CPU" else name + colon + device
 
 
 def strict_failure(bad: list[tuple[str, str, str]]) -> str:
@@ -339,8 +357,8 @@ def evaluate_arrays(
     result = EvalResult(rows=rows, classes=classes, data=data, n=int(len(images)), notes=notes)
     if opts.save and not nothing_ran([r.status for r in rows], "eval"):
         stored = result.to_dict()
-        stored["rows"] = kept_rows(run.data.get("metrics", {}).get("eval"), stored, ("runtime", "precision"),
-                                   same=("data", "n")) + stored["rows"]
+        stored["rows"] = merged_rows(kept_rows(run.data.get("metrics", {}).get("eval"), stored, ("runtime", "precision"),
+                                               same=("data", "n")), stored["rows"])
         run.data.setdefault("metrics", {})["eval"] = {"updated": now_iso(), **stored}
         run.outdate(("package", "report"), "eval results changed", save=False)  # the model card and the report show them
         run.save()

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgemap.artifacts import current_results
 from edgemap.errors import ManifestError, PackageError
 from edgemap.fsutil import atomic_path, remove_stale_temps, sha256_file
 from edgemap.manifest import RunDir
@@ -296,17 +297,6 @@ def _pyproject(name: str, version: str, module: str, requirements: list[str], de
     )
 
 
-def _rows(section: Any) -> list[dict[str, Any]]:
-    """metrics.eval / metrics.bench → a list of row dicts (lists or dicts of rows accepted)."""
-    if isinstance(section, dict):
-        if "rows" in section:
-            return _rows(section["rows"])
-        return [{"key": k, **v} for k, v in section.items() if isinstance(v, dict)]
-    if isinstance(section, list):
-        return [r for r in section if isinstance(r, dict)]
-    return []
-
-
 def _data_name(where: str) -> str:
     """eval's "/abs/path/DATA (val, 359 images)" → "DATA (val, 359 images)": no local path in a published wheel."""
     m = re.match(r"^(.*?)((?:, \d+ unreadable skipped)? \([^()]*\))$", where)
@@ -350,18 +340,6 @@ def _table(rows: list[dict[str, Any]], preferred: tuple[str, ...], max_cols: int
 def _kind(info: dict[str, Any]) -> str:
     p, f = info["precision"], info.get("format") or ""
     return p if f in ("", p) else f"{p} {f}"
-
-
-def current_results(run: RunDir, stage: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """``metrics.eval`` / ``metrics.bench`` rows split into those of the run's current models and those measured on
-    models replaced since (another export, or fine-tuning again): a model card must not show the latter."""
-    from edgemap.artifacts import measured_on_other_models
-
-    rows = _rows((run.data.get("metrics", {}) or {}).get(stage))
-    old = measured_on_other_models(run, rows)
-    if old:  # the rows that did not run were part of that same earlier measurement
-        old += [r for r in rows if r.get("status", "ok") != "ok" and not any(r is o for o in old)]
-    return [r for r in rows if not any(r is o for o in old)], old
 
 
 def _left_out(old: list[dict[str, Any]], stage: str) -> list[str]:

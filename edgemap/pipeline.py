@@ -396,8 +396,9 @@ def _some_ran(rows: list[Any], what: str) -> None:
 
 
 def _unavailable(run: RunDir) -> list[tuple[str, str]]:
-    evals = run.data.get("metrics", {}).get("eval", {})
-    rows = evals.get("rows", evals) if isinstance(evals, dict) else evals
+    from edgemap.artifacts import current_results
+
+    rows = current_results(run, "eval")[0]
     seen: dict[str, str] = {}
     for r in rows or []:
         if isinstance(r, dict) and r.get("status") not in (None, "ok"):
@@ -407,11 +408,10 @@ def _unavailable(run: RunDir) -> list[tuple[str, str]]:
 
 def summarize(run: RunDir) -> list[dict[str, Any]]:
     """Accuracy (eval) and batch-1 latency (bench) per runtime × precision, from the manifest."""
-    metrics = run.data.get("metrics", {})
-    evals = metrics.get("eval", {})
-    eval_rows = evals.get("rows", evals) if isinstance(evals, dict) else evals
-    bench_data = metrics.get("bench", {})
-    bench_rows = bench_data.get("rows", bench_data) if isinstance(bench_data, dict) else bench_data
+    from edgemap.artifacts import current_results
+
+    eval_rows = current_results(run, "eval")[0]  # never rows of a model replaced since
+    bench_rows = current_results(run, "bench")[0]
     rows: dict[tuple[str, str], dict[str, Any]] = {}
     for r in eval_rows or []:
         if isinstance(r, dict) and r.get("status", "ok") == "ok":

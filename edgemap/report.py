@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from edgemap.artifacts import measured_on_other_models
+from edgemap.artifacts import current_results
 from edgemap.errors import EdgemapError, ManifestError
 from edgemap.fsutil import NOT_WRITABLE, atomic_write_bytes, special_file
 from edgemap.manifest import RunDir, now_iso
@@ -535,9 +535,9 @@ class _Builder:
         for stage in ("eval", "bench"):  # results measured on models replaced since (export ran again)
             info = run.data.get("stages", {}).get(stage, {})
             rows = self.eval_rows if stage == "eval" else self.bench_rows
-            old = measured_on_other_models(run, rows)
+            current, old = current_results(run, stage)
             if old:  # rows of a replaced model: never shown as the current model's
-                rows[:] = [r for r in rows if not any(r is o for o in old)]
+                rows[:] = current
                 self.warnings.append(f"{len(old)} {stage} result row(s) were measured on a model replaced since and are "
                                      f"left out; run `edgemap {stage} {shlex.quote(str(run.path))}` to measure the current models")
             elif info.get("status") == "outdated" and self.metrics.get(stage):

@@ -174,3 +174,17 @@ def test_json_never_replaces_a_runs_own_files(tmp_path: Path, bracket_data: Path
     with pytest.raises(EdgemapError, match="the results would replace it"):
         write_json_out(run / "model.onnx", [])
     write_json_out(run / "results.json", [])  # any other name in the run directory is fine
+
+
+def test_a_path_error_names_the_path_in_the_way_not_a_temp_file(capsys) -> None:  # noqa: ANN001
+    """os.replace(tmp, dest) onto a folder: the message named the vanished temp file, not the folder in the way."""
+
+    @handle_errors
+    def cmd() -> None:
+        raise IsADirectoryError(21, "Is a directory", "/w/.a.whl.0123456789ab.edgemap-tmp", None, "/w/a.whl")
+
+    with pytest.raises(typer.Exit) as e:
+        cmd()
+    assert e.value.exit_code == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "/w/a.whl: Is a directory: a file is where a folder is needed" in err and "edgemap-tmp" not in err

@@ -149,7 +149,7 @@ def test_killed_rank_fails_the_whole_job(digits: Path, tmp_path: Path) -> None:
 
 def test_sigterm_to_the_nproc_launcher_stops_the_workers_cleanly(digits: Path, tmp_path: Path) -> None:
     """`kill PID` / `docker stop` reach `edgemap finetune --nproc 2` only: the workers must save their state
-    and stop (exit 130, one error line, no torchrun traceback, nothing left running), and --resume works."""
+    and stop (exit 143, one error line, no torchrun traceback, nothing left running), and --resume works."""
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "edgemap", "finetune", str(digits), "--out", str(out), "--backbone", "tiny",
            "--img-size", "32", "--epochs", "200", "--freeze-epochs", "0", "--batch-size", "8", "--threads", "1",
@@ -162,7 +162,7 @@ def test_sigterm_to_the_nproc_launcher_stops_the_workers_cleanly(digits: Path, t
         time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=180)
-    assert proc.returncode == 130, output
+    assert proc.returncode == 143, output  # as a single process exits on SIGTERM
     assert output.count("interrupted by SIGTERM; state saved") == 1 and "--nproc 2" in output, output
     assert "Traceback" not in output and "ChildFailedError" not in output, output
     time.sleep(0.5)

@@ -307,3 +307,19 @@ def test_no_int8_keeps_the_whole_run_fp32(digits: Path, tmp_path: Path) -> None:
     assert {r["precision"] for r in summarize(run)} == {"fp32"}
     assert "fp32" in res.stages[-1].detail  # the wheel ships model.onnx
     assert run_pipeline(digits, out, build_options()).did_nothing  # the run keeps its choice
+
+
+def test_the_summary_never_shows_rows_of_a_replaced_model(finished: Path, tmp_path: Path) -> None:
+    """After a narrower re-run (new int8 models, eval/bench of torch,cpu only) the summary listed the old openvino int8
+    row as current, above the torch reference, and a cuda row nobody asked for."""
+    from edgemap.evaluate import EvalOptions, evaluate
+    from edgemap.export import ExportOptions, export
+    from edgemap.pipeline import summarize
+
+    copy = _copy(finished, tmp_path)
+    export(copy, ExportOptions(int8=True, calib_size=50, calib_method="percentile", max_drop=100.0))  # new int8 models
+    evaluate(copy, EvalOptions(runtimes=("torch", "cpu"), precisions=("fp32", "int8")))
+    rows = summarize(RunDir.load(copy))
+    assert [(r["runtime"], r["precision"]) for r in rows][0] == ("torch", "fp32")  # the reference first
+    assert ("openvino", "int8") not in {(r["runtime"], r["precision"]) for r in rows}  # its model was replaced
+    assert ("openvino", "fp32") in {(r["runtime"], r["precision"]) for r in rows}  # model.onnx is unchanged: kept

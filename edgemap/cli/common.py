@@ -91,8 +91,10 @@ def handle_errors(fn: F) -> F:
                     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
                 raise typer.Exit(code=141) from None
             if e.errno in _PATH_ERRNOS and not os.environ.get("EDGEMAP_DEBUG"):  # a path option that cannot be one
-                _say("error", f"{e.filename or ''}: {e.strerror}: a file is where a folder is needed (or the "
-                              "reverse); choose another path")
+                name = str(e.filename2 or e.filename or "")  # os.replace(tmp, dest): dest is the one in the way
+                where = str(Path(name).parent / Path(name).name.split(".", 2)[1]) if ".edgemap-tmp" in name else name
+                _say("error", f"{where}: {e.strerror}: a file is where a folder is needed (or the reverse); "
+                              "choose another path")
                 raise typer.Exit(code=2) from None
             if e.errno not in _ENVIRONMENT_ERRNOS or os.environ.get("EDGEMAP_DEBUG"):
                 raise
@@ -201,12 +203,15 @@ def default_out(data: str | Path) -> Path:
 def _run_file_owner(target: Path) -> str | None:
     """What ``target`` is, when it is one of a run directory's own files (its manifest, metrics, or a recorded
     artifact): `--json edgemap.json` inside a run replaced the manifest with a list of rows, and the run broke."""
+    try:
+        return _run_file_owner_of(target.resolve())
+    except (OSError, RuntimeError, ValueError):  # a folder we may not search: the write itself says so
+        return None
+
+
+def _run_file_owner_of(real: Path) -> str | None:
     import json
 
-    try:
-        real = target.resolve()
-    except (OSError, RuntimeError):
-        return None
     for run_dir in list(real.parents)[:3]:
         manifest = run_dir / "edgemap.json"
         if not manifest.is_file():
@@ -216,10 +221,10 @@ def _run_file_owner(target: Path) -> str | None:
             return f"{run_dir}'s own {rel}"
         try:
             artifacts = json.loads(manifest.read_text(encoding="utf-8")).get("artifacts", {})
-            if any(isinstance(a, dict) and a.get("path") == rel for a in artifacts.values()):
-                return f"an artifact of the run {run_dir} ({rel})"
-        except (OSError, ValueError, AttributeError):
+        except (ValueError, RecursionError, AttributeError):
             return None
+        if isinstance(artifacts, dict) and any(isinstance(a, dict) and a.get("path") == rel for a in artifacts.values()):
+            return f"an artifact of the run {run_dir} ({rel})"
         return None
     return None
 

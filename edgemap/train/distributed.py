@@ -151,7 +151,7 @@ def launch_torchrun(nproc: int, argv: list[str] | None = None) -> int:
     """Re-run this ``edgemap finetune`` command under torchrun with ``nproc`` local processes.
 
     Ctrl-C / SIGTERM sent to this process (a terminal, ``kill``, ``docker stop``) go to the
-    training processes only, once: each saves its state at the next step and exits 130,
+    training processes only, once: each saves its state at the next step and exits 130 (143 for SIGTERM),
     as a single-process run does. torchrun runs in its own session so a terminal's Ctrl-C
     does not also hit it (its agent would turn the signal into a traceback and a second
     signal for the workers). Nothing is left running when this returns.
@@ -225,7 +225,7 @@ def _launch(cmd: list[str], nproc: int, messages: str) -> int:
     if got and not report_worker_messages(messages):
         name = signal.Signals(got[0]).name
         sys.stderr.write(f"interrupted by {name} before training started; nothing was trained: run the command again\n")
-    return 130 if got else rc
+    return (143 if got[0] == signal.SIGTERM else 130) if got else rc  # as a single process exits
 
 
 def report_worker_messages(folder: str | Path, first: int | None = None) -> bool:

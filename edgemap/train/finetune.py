@@ -324,7 +324,7 @@ def finetune(data: str | Path, out: str | Path, opts: FinetuneOptions | None = N
     out = Path(out)
     t_start = time.perf_counter()
     _check_out(out, Path(data), resume)
-    if (out / MANIFEST_NAME).is_file() and os.environ.get("RANK", "0") == "0":
+    if resume and (out / MANIFEST_NAME).is_file() and os.environ.get("RANK", "0") == "0":
         with run_lock(out, "finetune"):  # busy? say so now, not after scanning and decoding the whole dataset
             pass
     state = None
