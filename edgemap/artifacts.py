@@ -54,16 +54,16 @@ def int8_targets() -> dict[str, str]:
     return {name: r.int8_format for name, r in RUNTIMES.items() if r.int8_format}
 
 
-def model_run_mismatch(run: Any, model: Path) -> str | None:
+def model_run_mismatch(run: Any, model: Path, data: bytes | None = None) -> str | None:
     """What the exported ``model``'s own metadata says differently from the run's ``edgemap.json``, else None.
 
     A device reads classes and preprocessing from the model; eval and package use the run's
     manifest. If someone edited one of them, results would be measured (and a model card
     written) with labels or preprocessing the device never uses.
     """
-    from edgemap.runtime.onnx_meta import read_model_meta
+    from edgemap.runtime.onnx_meta import model_meta, parse_model_bytes, read_model_meta
 
-    meta = read_model_meta(model)
+    meta = read_model_meta(model) if data is None else model_meta(parse_model_bytes(data, str(model)), str(model))
     diffs = []
     if list(meta.classes) != list(run.classes):
         diffs.append(f"classes {list(meta.classes)} vs {list(run.classes)}")

@@ -182,11 +182,11 @@ def open_session(
     if key not in run.artifacts:
         flag = " --int8" if precision == "int8" else ""
         raise RuntimeUnavailableError(f"no '{key}' artifact in {run.path}; run `edgemap export {shlex.quote(str(run.path))}{flag}` first")
-    path = run.artifact_path(key)  # refuses a file whose sha256 changed
-    mismatch = model_run_mismatch(run, path)
+    path, data = run.artifact_bytes(key)  # refuses a file whose sha256 changed; these bytes are what runs
+    mismatch = model_run_mismatch(run, path, data)
     if mismatch:
         raise ModelFormatError(mismatch)
-    return load(path, runtime, SessionOptions(threads=threads, hint=hint, exact=exact, batch=batch))
+    return load(path, runtime, SessionOptions(threads=threads, hint=hint, exact=exact, batch=batch), data=data)
 
 
 def _row_error(runtime: str, precision: str, e: Exception) -> EvalRow:
@@ -258,7 +258,7 @@ def normal_runtime(spec: str) -> str:
     """One name per runtime: ``openvino:cpu`` and ``openvino:CPU`` are ``openvino`` (CPU is its default device)."""
     name, colon, device = spec.strip().partition(":")
     name, device = name.lower(), device.upper()
-    return name if name == "openvino" and device == "CPU" else name + colon + device
+    return name if name == "openvino" and device in ("", "CPU") else name + colon + device
 
 
 def strict_failure(bad: list[tuple[str, str, str]]) -> str:

@@ -151,6 +151,14 @@ class FolderBusy(Exception):
         self.folder, self.holder = folder, holder
 
 
+class UnsafeLockFile(Exception):
+    """The folder's lock file is a symlink (or not a plain file): edgemap never writes through it."""
+
+    def __init__(self, path: Path):
+        super().__init__(f"{path} is a symlink or not a plain file")
+        self.path = path
+
+
 class FolderNotWritable(Exception):
     """The folder's lock file cannot be created: the folder is read-only for this process; ``why`` says how."""
 
@@ -208,19 +216,18 @@ def folder_lock(folder: str | Path, what: str) -> Iterator[None]:
         return
     path = folder / LOCK_NAME
     try:
-        # never through a symlink (or a hard link): a run directory from someone else could point its lock file at
+        # never through a symlink: a run directory from someone else could point its lock file at
         # ~/.bashrc, which the truncation below would empty
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0), 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0), 0o666)
     except OSError as e:
         if e.errno in NOT_WRITABLE:
             raise FolderNotWritable(folder, e.strerror or str(e)) from None
         if e.errno == errno.ELOOP:
-            raise FolderNotWritable(folder, f"{LOCK_NAME} is a symlink; remove it") from None
+            raise UnsafeLockFile(path) from None
         raise
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or a device
         os.close(fd)
-        raise FolderNotWritable(folder, f"{LOCK_NAME} is not a plain file of its own (a link or a device); remove it")
+        raise UnsafeLockFile(path)
     f = os.fdopen(fd, "a+", encoding="utf-8")
     try:
         try:

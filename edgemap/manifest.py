@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import hashlib
 import json
 import platform
 import re
@@ -29,7 +30,15 @@ from pathlib import Path
 from typing import Any
 
 from edgemap.errors import ManifestError, ModelIntegrityError, RunBusyError, RunNotWritableError
-from edgemap.fsutil import FolderBusy, FolderNotWritable, atomic_path, atomic_write_json, folder_lock, sha256_file
+from edgemap.fsutil import (
+    FolderBusy,
+    FolderNotWritable,
+    UnsafeLockFile,
+    atomic_path,
+    atomic_write_json,
+    folder_lock,
+    sha256_file,
+)
 from edgemap.runtime.onnx_meta import has_control_chars
 from edgemap.runtime.preprocess import DEFAULT_MAX_PIXELS, PreprocessContract
 
@@ -94,6 +103,12 @@ def run_lock(path: str | Path, command: str, create: bool = False) -> Iterator[N
         raise RunNotWritableError(
             f"{e.folder}: cannot write in this run directory ({e.why}); `edgemap {command}` records its results there. "
             f"Make it writable (chmod -R u+w {shlex.quote(str(e.folder))}) or work on a copy (cp -r)"
+        ) from None
+    except UnsafeLockFile as e:
+        raise RunNotWritableError(
+            f"{e.path} is a symlink (or not a plain file); edgemap never writes through it, since a run directory from "
+            f"elsewhere could point it at one of your files. Remove it (rm {shlex.quote(str(e.path))}) and run "
+            f"`edgemap {command}` again"
         ) from None
     except FolderBusy as e:
         raise RunBusyError(
@@ -351,14 +366,25 @@ class RunDir:
             raise ManifestError(f"{p}: {older}; its results would not be this run's model. Export again: "
                                 f"edgemap export {shlex.quote(str(self.path))}" + ("" if key == "onnx_fp32" else " --int8"))
         if verify:
-            actual = sha256_file(p)
-            if actual != entry["sha256"]:
-                raise ModelIntegrityError(
-                    f"{p}: sha256 mismatch with {MANIFEST_NAME} (file {actual[:12]}…, recorded "
-                    f"{entry['sha256'][:12]}…); refusing a file changed after it was made. "
-                    f"Re-run `edgemap {entry.get('stage', 'export')}`."
-                )
+            self.check_sha256(key, p, sha256_file(p))
         return p
+
+    def artifact_bytes(self, key: str) -> tuple[Path, bytes]:
+        """A recorded artifact's path and its bytes, read once and checked: a caller that runs these bytes runs
+        exactly what was checked (reading the path again could meet a file swapped in between)."""
+        p = self.artifact_path(key, verify=False)
+        data = p.read_bytes()
+        self.check_sha256(key, p, hashlib.sha256(data).hexdigest())
+        return p, data
+
+    def check_sha256(self, key: str, p: Path, actual: str) -> None:
+        entry = self.artifacts[key]
+        if actual != entry["sha256"]:
+            raise ModelIntegrityError(
+                f"{p}: sha256 mismatch with {MANIFEST_NAME} (file {actual[:12]}…, recorded "
+                f"{entry['sha256'][:12]}…); refusing a file changed after it was made. "
+                f"Re-run `edgemap {entry.get('stage', 'export')}`."
+            )
 
     def made_from_older_weights(self, key: str) -> str | None:
         """Why the exported model ``key`` does not come from the run's current weights (None when it does)."""

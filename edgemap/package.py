@@ -337,8 +337,15 @@ def _table(rows: list[dict[str, Any]], preferred: tuple[str, ...], max_cols: int
     return "\n".join(lines)
 
 
+def _known_format(fmt: Any, key: str) -> str:
+    """The artifact's format, one edgemap writes (a run from elsewhere could put anything in edgemap.json)."""
+    if fmt not in ("", "fp32", "qoperator", "qdq", "qdq_s8"):
+        raise PackageError(f"artifact '{key}': unknown format {str(fmt)[:40]!r}; re-run `edgemap export`")
+    return str(fmt)
+
+
 def _kind(info: dict[str, Any]) -> str:
-    p, f = info["precision"], info.get("format") or ""
+    p, f = _fmt(info["precision"]), _fmt(info.get("format") or "")
     return p if f in ("", p) else f"{p} {f}"
 
 
@@ -403,7 +410,7 @@ def model_card(run: RunDir | None, info: dict[str, Any], name: str, version: str
         "- decode: full decode, EXIF orientation applied, alpha composited over white, 16-bit keeps the top 8 bits",
         "", "## Model", "",
         f"- file: `{module}/{info['file']}` ({info['bytes']:,} bytes), sha256 `{info['sha256']}` (checked at load)",
-        f"- precision {info['precision']}, format {info['format']}, runtime {info['runtime']}",
+        f"- precision {_fmt(info['precision'])}, format {_fmt(info['format'])}, runtime {_fmt(info['runtime'])}",
         f"- made with: {', '.join(f'{_fmt(k)} {_fmt(v)}' for k, v in sorted(info.get('versions', {}).items()))}", "",
     ]
     return "\n".join(lines)
@@ -540,7 +547,7 @@ def package(run_dir: str | Path | None, opts: PackageOptions | None = None) -> P
             "bytes": model.stat().st_size,
             "runtime": runtime,
             "precision": precision,
-            "format": entry.get("format", meta.format or ("fp32" if precision == "fp32" else "")),
+            "format": _known_format(entry.get("format", meta.format or ("fp32" if precision == "fp32" else "")), key),
             "artifact": key,
             "classes": run.classes,
             "contract": run.contract.to_dict(),

@@ -360,3 +360,23 @@ def test_a_reference_that_cannot_run_says_why_agreement_is_blank(trained_run, tm
     assert len(res.notes) == 1 and "agreement with PyTorch not computed" in res.notes[0] and "sha256" in res.notes[0]
     r = CliRunner().invoke(app, ["eval", str(copy), "--runtime", "cpu", "--precision", "fp32"])
     assert r.exit_code == 0 and "note: agreement with PyTorch not computed" in " ".join(r.output.split())
+
+
+def test_eval_runs_the_bytes_it_checked_even_if_the_file_is_swapped(trained_run, tmp_path, monkeypatch) -> None:  # noqa: ANN001, F811
+    """open_session hashed model.onnx, then the runtime read the path again: a file swapped in between was stored as
+    an ok row under the checked sha256."""
+    import edgemap.artifacts as arts
+
+    run, _ = trained_run
+    copy = Path(shutil.copytree(run.path, tmp_path / "run"))
+    real = arts.model_run_mismatch
+
+    def swap_after_the_check(r, model, data=None):  # noqa: ANN001, ANN202 - another process, at the worst moment
+        if data is not None:  # the ONNX row: its bytes were read and checked just now
+            shutil.copyfile(copy / "model.int8.qoperator.onnx", copy / "model.onnx")
+        return real(r, model, data)
+
+    monkeypatch.setattr(arts, "model_run_mismatch", swap_after_the_check)
+    res = evaluate(copy, EvalOptions(runtimes=("torch", "cpu"), precisions=("fp32",), save=False))
+    row = next(r for r in res.rows if r.runtime == "cpu")
+    assert row.status == "ok" and row.max_abs_diff < 1e-4, row  # fp32 (the checked bytes), not the int8 file

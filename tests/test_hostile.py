@@ -348,17 +348,20 @@ def test_a_run_directory_from_elsewhere_cannot_make_edgemap_write_outside_it(odd
     victim.write_text("secret")
     (run.path / ".edgemap.lock").symlink_to(victim)
     r = CliRunner().invoke(app, ["eval", str(run.path)])
-    assert r.exit_code == 74 and ".edgemap.lock is a symlink" in " ".join(r.output.split()), r.output
+    out = " ".join(r.output.split())
+    assert r.exit_code == 74 and ".edgemap.lock is a symlink" in out and "Remove it (rm " in out, r.output
     assert victim.read_text() == "secret"
     (run.path / ".edgemap.lock").unlink()
-    os.link(victim, run.path / ".edgemap.lock")  # a hard link: the same file
-    with pytest.raises(RunNotWritableError, match="not a plain file of its own"):
-        from edgemap.manifest import run_lock
+    os.mkfifo(run.path / ".edgemap.lock")  # not a plain file: refused, not opened for writing forever
+    from edgemap.manifest import run_lock
 
-        with run_lock(run.path, "eval"):
-            pass
-    assert victim.read_text() == "secret"
+    with pytest.raises(RunNotWritableError, match="not a plain file"), run_lock(run.path, "eval"):
+        pass
     (run.path / ".edgemap.lock").unlink()
+    mask = os.umask(0)
+    os.umask(mask)
+    with run_lock(run.path, "eval"):  # a shared group-writable run: the lock is as writable as every other file
+        assert (run.path / ".edgemap.lock").stat().st_mode & 0o777 == 0o666 & ~mask
     elsewhere = odd_tmp / "elsewhere"
     elsewhere.mkdir()
     for sub in ("dist", "report"):
@@ -371,6 +374,24 @@ def test_a_run_directory_from_elsewhere_cannot_make_edgemap_write_outside_it(odd
     (elsewhere / ".keep.edgemap-tmp").write_text("mine")  # not a name edgemap makes: never deleted
     (elsewhere / ".x.onnx.0123456789ab.edgemap-tmp").write_text("left by a kill")
     assert [p.name for p in remove_stale_temps(elsewhere)] == [".x.onnx.0123456789ab.edgemap-tmp"]
+
+
+
+def test_a_symlinked_state_or_weights_folder_is_refused_before_training(odd_tmp: Path) -> None:
+    """state/ -> elsewhere: `finetune --resume` wrote its checkpoint outside the run and deleted temp-like files there."""
+    from edgemap.data.digits import write_digits
+    from edgemap.train.finetune import FinetuneOptions, finetune
+
+    data = odd_tmp / "digits"
+    write_digits(data, val_fraction=0.2, seed=0)
+    elsewhere = odd_tmp / "elsewhere"
+    elsewhere.mkdir()
+    for sub in ("state", "weights"):
+        out = _bare_run(odd_tmp / f"run-{sub}").path  # a run handed over, never trained
+        (out / sub).symlink_to(elsewhere, target_is_directory=True)
+        with pytest.raises(ManifestError, match=f"{sub}: is a symlink"):
+            finetune(data, out, FinetuneOptions(backbone="tiny", img_size=32, epochs=1, freeze_epochs=0, threads=1))
+        assert list(elsewhere.iterdir()) == []
 
 
 def test_broken_manifest_via_cli_is_one_line(odd_tmp: Path) -> None:
@@ -482,9 +503,6 @@ def test_a_wheels_model_json_with_a_bad_pixel_limit_is_one_error(odd_tmp: Path, 
 
 
 def test_hostile_numbers_in_metadata_and_environment_are_one_line(odd_tmp: Path) -> None:
-    import subprocess
-    import sys
-
     import onnx
 
     from edgemap.export.onnx_export import set_metadata
@@ -496,6 +514,14 @@ def test_hostile_numbers_in_metadata_and_environment_are_one_line(odd_tmp: Path)
         (odd_tmp / "m.onnx").write_bytes(model.SerializeToString())
         with pytest.raises(ModelFormatError):
             Classifier.from_path(odd_tmp / "m.onnx")
-    r = subprocess.run([sys.executable, "-m", "edgemap", "finetune", str(odd_tmp), "--out", str(odd_tmp / "o")],
-                       capture_output=True, text=True, env={**os.environ, "EDGEMAP_DIST_TIMEOUT": "abc"}, timeout=120)
-    assert r.returncode == 2 and "EDGEMAP_DIST_TIMEOUT='abc'" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    from edgemap.errors import TrainingError
+    from edgemap.train.distributed import collective_timeout_s
+
+    for bad in ("abc", "0", "99999999999999"):  # the last one: a timedelta overflow inside torch's rendezvous
+        os.environ["EDGEMAP_DIST_TIMEOUT"] = bad
+        try:
+            with pytest.raises(TrainingError, match=f"EDGEMAP_DIST_TIMEOUT='{bad}': must be a whole number"):
+                collective_timeout_s()
+        finally:
+            del os.environ["EDGEMAP_DIST_TIMEOUT"]
+    assert collective_timeout_s() == 300

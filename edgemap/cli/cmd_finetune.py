@@ -120,7 +120,9 @@ def register(app: typer.Typer) -> None:
         if nproc is not None and nproc < 1:
             raise TrainingError(f"--nproc {nproc}: must be >= 1 (1 trains in this process)")
         if nproc and nproc > 1:
-            from edgemap.train.distributed import launch_torchrun
+            from edgemap.train.distributed import collective_timeout_s, launch_torchrun
+
+            collective_timeout_s()  # a bad EDGEMAP_DIST_TIMEOUT: one line here, not one traceback per worker
 
             if not resume:
                 FinetuneOptions(**kwargs).validate()  # a typo fails here, before N processes import torch

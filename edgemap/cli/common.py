@@ -21,7 +21,23 @@ from rich.markup import escape
 from edgemap.errors import EdgemapError
 
 
+def visible(text: str) -> str:
+    """``text`` with control characters shown as escapes (``\\x1b``): a file, folder or class name must not drive
+    the terminal (``\\x1b]0;…``, ``\\x1b[2J``) or split a line. Newlines stay (they are edgemap's own layout)."""
+    if text.isprintable() or all(ch == "\n" or ch.isprintable() for ch in text):
+        return text
+    return "".join(ch if ch == "\n" or ch.isprintable() or ch == " " else
+                   (f"\\x{ord(ch):02x}" if ord(ch) < 256 else f"\\u{ord(ch):04x}") for ch in text)
+
+
 class _Console(Console):
+    def _render_buffer(self, buffer: Any) -> str:
+        """Every printed character goes through :func:`visible`, except rich's own control sequences."""
+        from rich.segment import Segment
+
+        return super()._render_buffer(seg if seg.control else Segment(visible(seg.text), seg.style, seg.control)
+                                      for seg in buffer)
+
     def on_broken_pipe(self) -> None:
         """The reader went away (``| head``): stop quietly with the shell's code for SIGPIPE (rich exits 1)."""
         with contextlib.suppress(OSError, ValueError):

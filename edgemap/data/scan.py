@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from edgemap.errors import DatasetError, ImageError, ManifestError
+from edgemap.runtime.onnx_meta import has_control_chars
 from edgemap.runtime.preprocess import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, is_hidden, open_image
 
 __all__ = [
@@ -600,7 +601,7 @@ def _class_name(folder: Path) -> str:
         name.encode("utf-8")
     except UnicodeEncodeError as e:
         raise DatasetError(f"{folder}: class folder name is not valid UTF-8; rename the folder") from e
-    if any(unicodedata.category(ch) == "Cc" for ch in name):  # a tab or newline forges output lines, ESC drives terminals
+    if has_control_chars(name):  # a tab or newline forges output lines, ESC drives terminals
         raise DatasetError(f"{folder.parent / repr(name)[1:-1]}: class folder name has control characters (tab, newline, "
                            "escape...); rename the folder")
     # NFC so that "café" copied from macOS (NFD) and from Linux (NFC) is one class.

@@ -58,8 +58,12 @@ def printable(text: str) -> str:
         text.encode("utf-8")
     except UnicodeEncodeError:
         text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    # control characters in a name (a file called "x\tcat\t0.99\nforged.jpg") would forge result lines
-    return "".join(f"\\x{ord(ch):02x}" if ord(ch) < 32 or ord(ch) == 127 else ch for ch in text)
+    # control characters and line separators in a name (a file "x\tcat\t0.99\nforged.jpg", U+2028, U+0085, CSI)
+    # would forge result lines or drive the terminal
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else (f"\\x{ord(ch):02x}" if ord(ch) < 256 else f"\\u{ord(ch):04x}")
+                   for ch in text)
 
 
 def build_parser(prog: str, embedded: bool, default_runtime: str = "onnxruntime",

@@ -265,7 +265,7 @@ def _json(props: dict[str, str], key: str, name: str) -> Any:
 def has_control_chars(text: str) -> bool:
     """Tab, newline, escape and the other control characters: in a class name they forge output lines and drive
     terminals (``\x1b]0;...``)."""
-    return any(unicodedata.category(ch) == "Cc" for ch in text)
+    return any(unicodedata.category(ch) in ("Cc", "Zl", "Zp") for ch in text)
 
 
 def refuse_external_data(info: OnnxInfo, name: str) -> OnnxInfo:

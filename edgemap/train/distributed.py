@@ -30,19 +30,17 @@ import torch
 from edgemap.errors import TrainingError
 
 
-#: how long a collective may wait for a rank before the job fails (a dead peer, not a slow one)
-def _timeout_from_env() -> int:
+def collective_timeout_s() -> int:
+    """How long a collective may wait for a rank (``EDGEMAP_DIST_TIMEOUT``, seconds; default 300): a dead peer, not a
+    slow one. Read when a job starts, so a bad value is the command's error, not an import failure."""
     raw = os.environ.get("EDGEMAP_DIST_TIMEOUT", "300")
     try:
         value = int(raw)
     except ValueError:
         value = 0
-    if value < 1:
-        raise TrainingError(f"EDGEMAP_DIST_TIMEOUT={raw!r}: must be a whole number of seconds >= 1")
+    if not 1 <= value <= 7 * 24 * 3600:
+        raise TrainingError(f"EDGEMAP_DIST_TIMEOUT={raw!r}: must be a whole number of seconds from 1 to 604800 (a week)")
     return value
-
-
-COLLECTIVE_TIMEOUT_S = _timeout_from_env()
 
 
 @dataclass
@@ -71,8 +69,9 @@ class Dist:
 
         backend = "nccl" if device_type == "cuda" else "gloo"
         if not tdist.is_initialized():
+            timeout = _dt.timedelta(seconds=collective_timeout_s())
             try:
-                tdist.init_process_group(backend, timeout=_dt.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+                tdist.init_process_group(backend, timeout=timeout)
             except Exception as e:  # rendezvous failures come as RuntimeError/DistNetworkError/...
                 raise TrainingError(f"could not join the torchrun job ({backend}): {e}") from e
         return cls(rank=tdist.get_rank(), world=tdist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")),

@@ -458,8 +458,11 @@ class _Trainer:
         self.resume_hint = resume_hint
         self.stop = stop
         if dist.main:
+            # a symlinked state/ or weights/ (a run from elsewhere) would have checkpoints written, and temp files
+            # cleaned, outside the run: refused before anything is written
+            folders = (run.path, run.own_folder("state"), run.own_folder("weights"))
             run.set_stage("finetune", "running", world_size=dist.world)
-            for folder in (run.path, run.path / "state", run.path / "weights"):  # left by a kill -9 mid-write
+            for folder in folders:  # left by a kill -9 mid-write
                 remove_stale_temps(folder)
         rep.phase("decode", len(scan.train) + len(scan.val))
         stopped = lambda: stop.signum is not None  # noqa: E731 - Ctrl-C/SIGTERM while decoding
