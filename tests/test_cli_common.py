@@ -188,3 +188,20 @@ def test_a_path_error_names_the_path_in_the_way_not_a_temp_file(capsys) -> None:
     assert e.value.exit_code == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "/w/a.whl: Is a directory: a file is where a folder is needed" in err and "edgemap-tmp" not in err
+
+
+def test_names_never_drive_the_terminal(tmp_path: Path) -> None:
+    """A file or folder name with ESC sequences (\\x1b]0;TITLE, \\x1b[2J) was printed raw by finetune and eval."""
+    import io
+
+    from rich.console import Console
+
+    from edgemap.cli.common import _Console, visible
+
+    buf = io.StringIO()
+    con = _Console(file=buf, force_terminal=True, color_system="standard", width=200, highlight=False)
+    con.print("[red]warning:[/] ", "bad\x1b]0;PWNED\x07\x1b[31mRED.png", "\u2028x", markup=True)
+    out = buf.getvalue()
+    assert "\x1b]0;" not in out and "\\x1b]0;PWNED" in out and "\\u2028x" in out
+    assert "\x1b[31m" in out  # edgemap's own colour (a control segment) still works
+    assert visible("é 日本 [x]") == "é 日本 [x]" and isinstance(con, Console)
