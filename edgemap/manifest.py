@@ -39,8 +39,8 @@ from edgemap.fsutil import (
     folder_lock,
     sha256_file,
 )
-from edgemap.runtime.onnx_meta import has_control_chars
 from edgemap.runtime.preprocess import DEFAULT_MAX_PIXELS, PreprocessContract
+from edgemap.runtime.text import has_control_chars
 
 MANIFEST_NAME = "edgemap.json"
 STAGE_ORDER = ("finetune", "export", "eval", "bench", "package", "report")  # each stage reads what the ones before made

@@ -22,12 +22,10 @@ from edgemap.errors import EdgemapError
 
 
 def visible(text: str) -> str:
-    """``text`` with control characters shown as escapes (``\\x1b``): a file, folder or class name must not drive
-    the terminal (``\\x1b]0;…``, ``\\x1b[2J``) or split a line. Newlines stay (they are edgemap's own layout)."""
-    if text.isprintable() or all(ch == "\n" or ch.isprintable() for ch in text):
-        return text
-    return "".join(ch if ch == "\n" or ch.isprintable() or ch == " " else
-                   (f"\\x{ord(ch):02x}" if ord(ch) < 256 else f"\\u{ord(ch):04x}") for ch in text)
+    """``text`` as :func:`edgemap.runtime.text.printable` shows it, newlines kept (they are edgemap's own layout)."""
+    from edgemap.runtime.text import printable
+
+    return printable(text, keep="\n")
 
 
 class _Console(Console):

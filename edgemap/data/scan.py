@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from edgemap.errors import DatasetError, ImageError, ManifestError
-from edgemap.runtime.onnx_meta import has_control_chars
 from edgemap.runtime.preprocess import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, is_hidden, open_image
+from edgemap.runtime.text import has_control_chars
 
 __all__ = [
     "IMAGE_EXTENSIONS",

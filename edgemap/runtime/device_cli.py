@@ -32,6 +32,7 @@ import numpy as np
 from edgemap.runtime.classifier import DEVICE_RUNTIMES, Classifier, Prediction, read_model_json, runtimes_for
 from edgemap.runtime.errors import EdgemapError, ImageError
 from edgemap.runtime.preprocess import IMAGE_EXTENSIONS, is_hidden
+from edgemap.runtime.text import printable
 
 
 def _positive(text: str) -> int:
@@ -49,21 +50,6 @@ class _Stdin(type(Path())):  # type: ignore[misc]
 
 
 STDIN = _Stdin("-")
-
-
-def printable(text: str) -> str:
-    """``text`` writable as UTF-8: bytes of a file name that is not UTF-8 (``caf\\xe9.png``, from Windows or SMB
-    shares) shown as ``\\xe9`` escapes instead of crashing the output (and losing every result)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    # control characters and line separators in a name (a file "x\tcat\t0.99\nforged.jpg", U+2028, U+0085, CSI)
-    # would forge result lines or drive the terminal
-    if text.isprintable():
-        return text
-    return "".join(ch if ch.isprintable() else (f"\\x{ord(ch):02x}" if ord(ch) < 256 else f"\\u{ord(ch):04x}")
-                   for ch in text)
 
 
 def build_parser(prog: str, embedded: bool, default_runtime: str = "onnxruntime",

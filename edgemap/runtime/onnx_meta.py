@@ -22,7 +22,6 @@ Anything that is not a well-formed protobuf (truncated, random bytes, a JPEG ren
 from __future__ import annotations
 
 import json
-import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Any
 from edgemap.runtime import metadata as K
 from edgemap.runtime.errors import ModelFormatError
 from edgemap.runtime.preprocess import DEFAULT_MAX_PIXELS, PreprocessContract
+from edgemap.runtime.text import has_control_chars
 
 # wire types
 _VARINT, _I64, _LEN, _SGROUP, _EGROUP, _I32 = 0, 1, 2, 3, 4, 5
@@ -260,12 +260,6 @@ def _json(props: dict[str, str], key: str, name: str) -> Any:
         return json.loads(props[key])
     except (ValueError, RecursionError) as e:  # ValueError: bad JSON or a 5000-digit number
         raise ModelFormatError(f"{name}: metadata '{key}' is not valid JSON ({str(e)[:200]})") from None
-
-
-def has_control_chars(text: str) -> bool:
-    """Tab, newline, escape and the other control characters: in a class name they forge output lines and drive
-    terminals (``\x1b]0;...``)."""
-    return any(unicodedata.category(ch) in ("Cc", "Zl", "Zp") for ch in text)
 
 
 def refuse_external_data(info: OnnxInfo, name: str) -> OnnxInfo:
