@@ -258,7 +258,9 @@ def normal_runtime(spec: str) -> str:
     """One name per runtime: ``openvino:cpu`` and ``openvino:CPU`` are ``openvino`` (CPU is its default device)."""
     name, colon, device = spec.strip().partition(":")
     name, device = name.lower(), device.upper()
-    return name if name == "openvino" and device in ("", "CPU") else name + colon + device
+    if not device or (name == "openvino" and device == "CPU"):  # "cpu:", "openvino:", "openvino:CPU"
+        return name
+    return name + colon + device
 
 
 def strict_failure(bad: list[tuple[str, str, str]]) -> str:

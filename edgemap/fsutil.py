@@ -189,6 +189,32 @@ def not_writable(folder: str | Path) -> str | None:
 _held: dict[Path, list[Any]] = {}  # folder -> [open lock file, depth]: re-entrant within a process
 
 
+def _open_own_lock(folder: Path, path: Path) -> int:
+    """Open ``folder``'s lock file: never through a symlink (a run directory from someone else could point it at
+    ~/.bashrc, which locking truncates), never a FIFO or device, and never an inode shared with another folder: a
+    copy made with ``cp -al`` would share the original's lock (each blocking the other), so it gets its own file."""
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(3):
+        try:
+            fd = os.open(path, flags, 0o666)
+        except OSError as e:
+            if e.errno in NOT_WRITABLE:
+                raise FolderNotWritable(folder, e.strerror or str(e)) from None
+            if e.errno == errno.ELOOP:
+                raise UnsafeLockFile(path) from None
+            raise
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):  # a FIFO or a device
+            os.close(fd)
+            raise UnsafeLockFile(path)
+        if st.st_nlink == 1:
+            return fd
+        os.close(fd)  # a hard link: replace this folder's name with a fresh file (the other folder keeps its own)
+        with atomic_path(path) as tmp:
+            tmp.touch()
+    raise UnsafeLockFile(path)
+
+
 @contextlib.contextmanager
 def folder_lock(folder: str | Path, what: str) -> Iterator[None]:
     """Hold an exclusive advisory lock on the existing ``folder`` (its ``.edgemap.lock``) or raise FolderBusy.
@@ -215,19 +241,7 @@ def folder_lock(folder: str | Path, what: str) -> Iterator[None]:
         yield
         return
     path = folder / LOCK_NAME
-    try:
-        # never through a symlink: a run directory from someone else could point its lock file at
-        # ~/.bashrc, which the truncation below would empty
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0), 0o666)
-    except OSError as e:
-        if e.errno in NOT_WRITABLE:
-            raise FolderNotWritable(folder, e.strerror or str(e)) from None
-        if e.errno == errno.ELOOP:
-            raise UnsafeLockFile(path) from None
-        raise
-    if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or a device
-        os.close(fd)
-        raise UnsafeLockFile(path)
+    fd = _open_own_lock(folder, path)
     f = os.fdopen(fd, "a+", encoding="utf-8")
     try:
         try:
@@ -235,6 +249,8 @@ def folder_lock(folder: str | Path, what: str) -> Iterator[None]:
         except BlockingIOError:
             f.seek(0)
             raise FolderBusy(folder, f.read().strip()) from None
+        if os.stat(path, follow_symlinks=False).st_ino != os.fstat(f.fileno()).st_ino:  # replaced meanwhile (a
+            raise FolderBusy(folder, "another edgemap process (it just renewed the lock file)")  # hard-linked copy)
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()} ({what}) since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")

@@ -490,6 +490,35 @@ def test_control_characters_in_class_names_never_reach_output(odd_tmp: Path) -> 
     with pytest.raises(ModelFormatError, match="control characters"):
         Classifier.from_path(odd_tmp / "m.onnx")
     assert printable("a\tb\nc\x1bd") == "a\\x09b\\x0ac\\x1bd"
+    for name in ("at 10.00.00\u202fAM.png", "👨\u200d🍳 chef", "نیم\u200cرخ", "café\u00a0menu"):  # real names stay
+        assert printable(name) == name
+    assert printable("a\tb", controls=False) == "a\tb"  # JSON escapes it itself, and gives back the real path
+
+
+def test_a_hard_linked_copy_of_a_run_has_its_own_lock(odd_tmp: Path) -> None:
+    """`cp -al run copy`: the copy shared the original's lock file, so each blocked the other."""
+    import subprocess
+    import sys
+
+    from edgemap.manifest import run_lock
+
+    run = _bare_run(odd_tmp / "run")
+    with run_lock(run.path, "eval"):
+        pass
+    copy = odd_tmp / "copy"
+    subprocess.run(["cp", "-al", str(run.path), str(copy)], check=True)
+    assert (copy / ".edgemap.lock").stat().st_nlink == 2
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom edgemap.manifest import run_lock\n"
+                               "with run_lock(sys.argv[1], 'eval'):\n    print('held', flush=True); time.sleep(60)",
+                               str(run.path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with run_lock(copy, "eval"):  # the copy is its own run directory
+            assert (copy / ".edgemap.lock").stat().st_nlink == 1
+        assert "(edgemap eval)" in (run.path / ".edgemap.lock").read_text()  # the original's holder line is intact
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 @pytest.mark.parametrize("limit", ["x", [1], 1e400, 0, True])

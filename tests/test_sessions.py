@@ -183,7 +183,8 @@ def test_openvino_virtual_devices_with_their_targets_are_available() -> None:
     for spec in ("openvino:AUTO:CPU", "openvino:HETERO:CPU", "openvino:MULTI:CPU", "openvino:cpu"):
         assert available(spec) == (True, ""), spec
     assert available("openvino:NOSUCH")[0] is False
-    assert _combos(("openvino:cpu", "openvino:CPU", "openvino"), ("fp32",)) == [("openvino", "fp32")]  # one row
+    assert _combos(("openvino:cpu", "openvino:CPU", "openvino", "openvino:"), ("fp32",)) == [("openvino", "fp32")]
+    assert _combos(("cpu:", "cpu"), ("fp32",)) == [("cpu", "fp32")]  # one row each
 
 
 @pytest.mark.parametrize("runtime", ["cpu", "openvino"])

@@ -168,8 +168,9 @@ def _write_lines(results: list[tuple[Path, Prediction | str]], prog: str) -> Non
 def _write_json(results: list[tuple[Path, Prediction | str]], prog: str) -> None:
     rows: list[dict[str, Any]] = []
     for path, r in results:
-        name = printable(str(path))
-        rows.append({"image": name, **r.to_dict()} if isinstance(r, Prediction) else {"image": name, "error": printable(r)})
+        name = printable(str(path), controls=False)  # the real path back (JSON escapes control characters itself)
+        rows.append({"image": name, **r.to_dict()} if isinstance(r, Prediction)
+                    else {"image": name, "error": printable(r, controls=False)})
     sys.stdout.write(json.dumps(rows, ensure_ascii=False, indent=1) + "\n")
     sys.stdout.flush()
     for _, r in results:
