@@ -173,6 +173,8 @@ def test_sigterm_to_the_nproc_launcher_stops_the_workers_cleanly(digits: Path, t
                         "--epochs", "2", "--nproc", "2"], capture_output=True, text=True, env=ENV, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert RunDir.load(out).stage_done("finetune")
+    # every rank opens the run to resume it; the closing block is still printed once (rank 0's)
+    assert r.stdout.count("run directory:") == 1 and r.stdout.count("best val accuracy") == 1, r.stdout
 
 
 def test_a_worker_error_under_nproc_is_one_line_with_its_exit_code(sixteen: Path, tmp_path: Path) -> None:

@@ -716,7 +716,8 @@ class _Trainer:
             run.save()
         self.dist.barrier()
         return FinetuneResult(
-            run_dir=self.run.path if self.run else Path(), best_epoch=info["best_epoch"], best_val_accuracy=info["best_acc"],
+            # every rank holds the run on --resume; only rank 0 reports it (the CLI prints once)
+            run_dir=self.run.path if self.run and self.dist.main else Path(), best_epoch=info["best_epoch"], best_val_accuracy=info["best_acc"],
             best_val_loss=info["best_loss"], epochs_run=info["epoch"], stopped_early=stopped_early,
             seconds=time.perf_counter() - t_start, images_per_second=ips, classes=self.scan.classes,
             counts=self.scan.counts(), skipped=list(self.scan.skipped), autocast=autocast_name,
