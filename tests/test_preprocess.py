@@ -253,6 +253,51 @@ def test_exif_orientation_is_the_same_for_every_input_kind(tmp_path: Path) -> No
     np.testing.assert_array_equal(from_pil, from_path)
 
 
+def _corrupt_exif_jpeg(path: Path, seed: int) -> None:
+    """A JPEG whose EXIF orientation entry claims 1,000 bytes of data: Pillow warns "Tag data larger than file"."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(
+        buf, "JPEG", exif=exif.tobytes())
+    data = bytearray(buf.getvalue())
+    tiff = data.find(b"Exif\x00\x00") + 6
+    order = "<" if data[tiff:tiff + 2] == b"II" else ">"
+    entry = tiff + 10  # IFD0 at offset 8: a 2-byte count, then 12-byte entries (tag, type, count, value)
+    data[entry + 2:entry + 8] = struct.pack(order + "HI", 2, 1000)
+    path.write_bytes(bytes(data))
+
+
+def test_pillow_warnings_name_the_image_once_each(tmp_path: Path) -> None:
+    """Pillow's "Tag data larger than file" warning named no file and was shown once per process (for the first
+    such image only); each image with one is now named, once, whichever decode meets it (scan, then training),
+    and a -W filter the user set still silences them. In a subprocess: pytest records warnings itself."""
+    import subprocess
+    import sys
+
+    for cls in ("a", "b"):
+        (tmp_path / "d" / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((8, 8, 3), 40 * i + (cls == "b") * 120, np.uint8)).save(tmp_path / "d" / cls / f"{i}.png")
+    _corrupt_exif_jpeg(tmp_path / "d" / "a" / "bad one.jpg", 1)
+    _corrupt_exif_jpeg(tmp_path / "d" / "b" / "bad two.jpg", 2)
+    code = ("import sys; from edgemap.runtime.preprocess import open_image\n"
+            "for p in sys.argv[1:] * 2: open_image(p)\n")
+    files = [str(tmp_path / "d" / "a" / "bad one.jpg"), str(tmp_path / "d" / "b" / "bad two.jpg")]
+    r = subprocess.run([sys.executable, "-c", code, *files], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.splitlines()
+    assert len(lines) == 2, r.stderr
+    for f, line in zip(files, lines):
+        assert line.startswith(f + ": Tag data larger than file") and "used as decoded" in line, r.stderr
+    r = subprocess.run([sys.executable, "-m", "edgemap", "datasets", "scan", str(tmp_path / "d")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stderr.count("bad one.jpg: Tag data") == 1, r.stdout + r.stderr
+    assert "TiffImagePlugin" not in r.stdout + r.stderr
+    r = subprocess.run([sys.executable, "-W", "ignore", "-c", code, *files], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+
+
 # ---- refusals ----------------------------------------------------------------------------------
 
 

@@ -11,6 +11,8 @@ mean/std live in the contract for the exporter, not here.
 from __future__ import annotations
 
 import io
+import logging
+import os
 import threading
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -21,6 +23,9 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from edgemap.runtime.errors import ImageError
+from edgemap.runtime.text import printable
+
+log = logging.getLogger(__name__)
 
 #: Default limit on decoded pixels (Pillow's own default, ~89 Mpx). Configurable per call.
 DEFAULT_MAX_PIXELS = int(Image.MAX_IMAGE_PIXELS or 89_478_485)
@@ -115,6 +120,16 @@ def open_image(source: str | Path | bytes, max_pixels: int | None = DEFAULT_MAX_
     ``max_pixels`` above twice Pillow's limit (where Pillow refuses on its own) is honoured,
     without changing that global.
     """
+    _decoding.name, _decoding.notes = _name(source), []
+    try:
+        return _open_checked(source, max_pixels)
+    finally:
+        notes, _decoding.name, _decoding.notes = _decoding.notes, None, []
+        if notes:
+            _report_metadata_warnings(_name(source), notes)
+
+
+def _open_checked(source: str | Path | bytes, max_pixels: int | None) -> Image.Image:
     pillow = Image.MAX_IMAGE_PIXELS
     if max_pixels is not None and pillow is not None and max_pixels > 2 * pillow:
         # over Pillow's own refusal (2 x MAX_IMAGE_PIXELS): edgemap's check (in _open_image) stands in for Pillow's,
@@ -151,6 +166,51 @@ _pillow_bomb_check = Image._decompression_bomb_check
 if not hasattr(_pillow_bomb_check, "edgemap_wrapper"):
     _bomb_check.edgemap_wrapper = True  # type: ignore[attr-defined]
     Image._decompression_bomb_check = _bomb_check  # type: ignore[assignment]
+
+
+# Pillow's warnings while an image is decoded ("Corrupt EXIF data", "Tag data larger than file. Skipping tag 274",
+# "Truncated File Read"...) name neither the image nor whether it was used: open_image reports them itself, one
+# line per image with its name (_report_metadata_warnings). Pillow's warnings are shown every time (not once per
+# process) so each image gets its line; the filter is appended, so a filter the user set (-W ignore...) still wins.
+# The decoding image is one per thread (shared by the vendored copies of this module, kept on Pillow's module).
+_decoding: threading.local = getattr(Image, "_edgemap_decoding", None) or threading.local()
+Image._edgemap_decoding = _decoding  # type: ignore[attr-defined]
+_PILLOW_DIR = os.path.dirname(Image.__file__) + os.sep
+#: at most this many images' warnings are reported per process (each image once: a scan and the training that
+#: follows decode it twice); then one line says more were left out
+_MAX_REPORTED = 20
+_reported: set[str] = set()
+_reported_lock = threading.Lock()
+
+
+def _show_warning(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+    notes = getattr(_decoding, "notes", None)
+    if getattr(_decoding, "name", None) is not None and notes is not None and str(filename).startswith(_PILLOW_DIR):
+        text = str(message)
+        if text not in notes:
+            notes.append(text)
+        return
+    _show_warning.previous(message, category, filename, lineno, file, line)  # type: ignore[attr-defined]
+
+
+def _report_metadata_warnings(name: str, notes: list[str]) -> None:
+    with _reported_lock:
+        if name in _reported or len(_reported) > _MAX_REPORTED:
+            return
+        _reported.add(name)
+        n = len(_reported)
+    if n <= _MAX_REPORTED:
+        log.warning("%s: %s (Pillow's warning; the image is used as decoded)", printable(name),
+                    printable("; ".join(notes)))
+    else:
+        log.warning("more images have Pillow warnings; not listed (%d shown)", _MAX_REPORTED)
+
+
+if not getattr(warnings.showwarning, "edgemap_wrapper", False):
+    _show_warning.previous = warnings.showwarning  # type: ignore[attr-defined]
+    _show_warning.edgemap_wrapper = True  # type: ignore[attr-defined]
+    warnings.showwarning = _show_warning
+    warnings.filterwarnings("always", category=UserWarning, module=r"PIL\.", append=True)
 
 
 def _name(source: str | Path | bytes) -> str:
