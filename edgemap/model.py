@@ -59,19 +59,19 @@ def build_classifier(
 
 def load_classifier(run_dir, which: str = "weights_best") -> ClassifierNet:  # noqa: ANN001
     """Rebuild the trained model of a run directory from its manifest and safetensors weights."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load as load_bytes
 
     from edgemap.errors import ExportError
 
     if which not in run_dir.artifacts:
         raise ExportError(f"{run_dir.path}: no trained weights ('{which}') recorded; run `edgemap finetune` to completion first")
-    path = run_dir.artifact_path(which)
+    path, data = run_dir.artifact_bytes(which)  # loaded from the very bytes whose sha256 was checked
     net = build_classifier(run_dir.backbone, len(run_dir.classes), run_dir.contract, pretrained=False,
                            dropout=float(run_dir.data.get("options", {}).get("finetune", {}).get("dropout", 0.2)))
     from edgemap.errors import ModelIntegrityError
 
     try:
-        state = load_file(str(path))  # safetensors: never unpickles
+        state = load_bytes(data)  # safetensors: never unpickles
     except Exception as e:  # SafetensorError, OSError: a corrupt file or a pickle renamed .safetensors
         raise ModelIntegrityError(f"{path}: not a valid safetensors weights file ({e}); re-run `edgemap finetune`") from e
     missing, unexpected = net.load_state_dict(state, strict=False)

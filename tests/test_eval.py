@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from test_eval_support import CLASSES, load_arrays, make_images, trained_run  # noqa: F401
 from typer.testing import CliRunner
 
@@ -360,6 +361,27 @@ def test_a_reference_that_cannot_run_says_why_agreement_is_blank(trained_run, tm
     assert len(res.notes) == 1 and "agreement with PyTorch not computed" in res.notes[0] and "sha256" in res.notes[0]
     r = CliRunner().invoke(app, ["eval", str(copy), "--runtime", "cpu", "--precision", "fp32"])
     assert r.exit_code == 0 and "note: agreement with PyTorch not computed" in " ".join(r.output.split())
+
+
+def test_the_torch_model_is_built_from_the_weight_bytes_it_checked(trained_run, tmp_path, monkeypatch) -> None:  # noqa: ANN001, F811
+    """load_classifier (export, the torch reference of eval) checked the weights' sha256, then read the path again."""
+    import edgemap.model as model_mod
+    from edgemap.manifest import RunDir
+
+    run, _ = trained_run
+    copy = Path(shutil.copytree(run.path, tmp_path / "run"))
+    weights = copy / "weights" / "best.safetensors"
+    expected = model_mod.load_classifier(RunDir.load(copy)).state_dict()
+    real = model_mod.build_classifier
+
+    def swap_after_the_check(*a, **kw):  # noqa: ANN002, ANN003, ANN202 - another process, at the worst moment
+        weights.write_bytes(b"not the weights that were checked")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(model_mod, "build_classifier", swap_after_the_check)
+    got = model_mod.load_classifier(RunDir.load(copy)).state_dict()
+    assert weights.read_bytes() == b"not the weights that were checked"
+    assert all(torch.equal(got[k], v) for k, v in expected.items())
 
 
 def test_eval_runs_the_bytes_it_checked_even_if_the_file_is_swapped(trained_run, tmp_path, monkeypatch) -> None:  # noqa: ANN001, F811
