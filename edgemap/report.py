@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from edgemap.artifacts import current_results
+from edgemap.artifacts import current_results, stored_rows
 from edgemap.errors import EdgemapError, ManifestError
 from edgemap.fsutil import NOT_WRITABLE, atomic_write_bytes, special_file
 from edgemap.manifest import RunDir, now_iso
@@ -134,13 +134,6 @@ def read_metrics(run_path: Path) -> list[dict[str, Any]]:
         if isinstance(row, dict) and isinstance(row.get("epoch"), int | float):
             rows.append(row)
     return sorted(rows, key=lambda r: r["epoch"])
-
-
-def _rows(section: Any) -> list[dict[str, Any]]:
-    """``metrics.eval`` / ``metrics.bench``: a dict with ``rows`` or a bare list of row dicts."""
-    if isinstance(section, dict):
-        section = section.get("rows")
-    return [r for r in section or [] if isinstance(r, dict)]
 
 
 def _ok(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -524,20 +517,18 @@ class _Builder:
     def __init__(self, run: RunDir, opts: ReportOptions, out_dir: Path):
         self.run, self.opts, self.out_dir = run, opts, out_dir
         self.metrics: dict[str, Any] = run.data.get("metrics") or {}
-        self.eval_rows = _rows(self.metrics.get("eval"))
-        self.bench_rows = _rows(self.metrics.get("bench"))
+        # rows of a replaced model (export or fine-tuning ran again since) are never shown as the current model's
+        self.eval_rows, old_eval = current_results(run, "eval")
+        self.bench_rows, old_bench = current_results(run, "bench")
         self.images: dict[str, Path] = {}
         self.pngs: dict[str, bytes] = {}
         self.sections: dict[str, str] = {}
         self.warnings: list[str] = []
         self.pred: _Predictions | None = None
         self.misclassified: dict[str, int] = {}
-        for stage in ("eval", "bench"):  # results measured on models replaced since (export ran again)
+        for stage, old in (("eval", old_eval), ("bench", old_bench)):
             info = run.data.get("stages", {}).get(stage, {})
-            rows = self.eval_rows if stage == "eval" else self.bench_rows
-            current, old = current_results(run, stage)
-            if old:  # rows of a replaced model: never shown as the current model's
-                rows[:] = current
+            if old:
                 self.warnings.append(f"{len(old)} {stage} result row(s) were measured on a model replaced since and are "
                                      f"left out; run `edgemap {stage} {shlex.quote(str(run.path))}` to measure the current models")
             elif info.get("status") == "outdated" and self.metrics.get(stage):
@@ -798,7 +789,7 @@ class _Builder:
                  _e(_fmt(_num(r.get("tolerance")), 3)), _pct(r.get("top1_agreement"), 1), _e(r.get("flipped")),
                  _pill(r.get("status") == "ok" if r.get("status") != "skipped" else None, "ok", str(r.get("status"))),
                  _e(r.get("provider", "")) + (f" — {_e(r['note'])}" if r.get("note") else "")]
-                for r in _rows(par)]
+                for r in stored_rows(par.get("rows"))]
         lead = f"{_pill(par.get('passed'), 'passed', 'failed')} Logits of model.onnx compared with PyTorch on validation images at batch 1 and an odd batch."
         return _section("parity", title, lead, _table(
             ["runtime", "batch", "images", "max |Δlogit|", "tolerance", "top-1 agreement", "flipped", "status", "provider"],
