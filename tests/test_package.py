@@ -591,13 +591,17 @@ def test_device_cli_survives_odd_names_empty_folders_other_files_and_stdin(tiny:
         f.write(img)
     (odd / "IMG_1.heic").write_bytes(b"not read")
     (tmp_path / "empty").mkdir()
+    (tmp_path / "empty2").mkdir()
     env = {**os.environ, "PYTHONIOENCODING": "utf-8"}  # a strict UTF-8 stdout, as on most devices
-    args = [sys.executable, "-m", "edgemap.runtime.device_cli", str(tiny["model"]), str(odd), str(tmp_path / "empty"), "-"]
+    args = [sys.executable, "-m", "edgemap.runtime.device_cli", str(tiny["model"]), str(odd), str(tmp_path / "empty"),
+            str(tmp_path / "empty2"), "-"]
     r = subprocess.run([*args, "--json"], input=img, capture_output=True, env=env, timeout=120)
-    assert r.returncode == 1, r.stderr  # one problem (the empty folder); the images still ran
+    assert r.returncode == 1, r.stderr  # two problems (the empty folders); the images still ran
     rows = json.loads(r.stdout.decode("utf-8"))  # valid UTF-8 JSON
-    assert [row["image"].rsplit("/", 1)[-1] for row in rows] == ["empty", "caf\\xe9.png", "-"]
-    assert "folder holds no image files" in rows[0]["error"] and all("label" in row for row in rows[1:])
+    # in the order of the arguments (the folders' errors came first)
+    assert [row["image"].rsplit("/", 1)[-1] for row in rows] == ["caf\\xe9.png", "empty", "empty2", "-"]
+    assert all("folder holds no image files" in rows[i]["error"] for i in (1, 2))
+    assert all("label" in rows[i] for i in (0, 3))
     err = r.stderr.decode("utf-8")
     assert "note: 1 file(s) in the folders skipped: not an image extension (.heic 1)" in err and "Traceback" not in err
     r = subprocess.run(args, input=img, capture_output=True, env=env, timeout=120)

@@ -86,7 +86,17 @@ class Listing:
 
     images: list[Path] = field(default_factory=list)
     problems: list[tuple[Path, str]] = field(default_factory=list)
+    #: where each problem falls among the images (how many images the arguments before it named): results keep the
+    #: order of the arguments
+    problem_positions: list[int] = field(default_factory=list)
     skipped: dict[str, int] = field(default_factory=dict)  # extension -> files in the folders that have it
+
+    def in_order(self, results: list[tuple[Path, Prediction | str]]) -> list[tuple[Path, Prediction | str]]:
+        """The results of :attr:`images` (in their order) with the problems put back where their arguments were."""
+        out = list(results)
+        for at, problem in reversed(list(zip(self.problem_positions, self.problems, strict=True))):
+            out.insert(at, problem)  # from the last: earlier positions stay valid
+        return out
 
     def skipped_note(self) -> str:
         """One line on the skipped files ("" if none)."""
@@ -125,6 +135,7 @@ def list_images(paths: list[Path]) -> Listing:
                 else:
                     out.skipped[ext] = out.skipped.get(ext, 0) + 1
         if not found:
+            out.problem_positions.append(len(out.images))
             out.problems.append((p, f"{p}: folder holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})"))
         out.images += found
     return out
@@ -223,7 +234,7 @@ def main(argv: list[str] | None = None, *, package_dir: str | Path | None = None
         if listing.skipped_note():
             sys.stderr.write(f"{prog}: note: {printable(listing.skipped_note())}\n")
         failed += len(listing.problems)  # folders without images: reported like unreadable images, the rest still run
-        done: list[tuple[Path, Prediction | str]] = list(listing.problems) if args.json else []
+        done: list[tuple[Path, Prediction | str]] = []
         if not args.json:
             _write_lines(listing.problems, prog)  # type: ignore[arg-type]
         for batch in classify_paths(clf, listing.images, args.top_k, args.batch_size):
@@ -233,7 +244,7 @@ def main(argv: list[str] | None = None, *, package_dir: str | Path | None = None
             else:
                 _write_lines(batch, prog)
         if args.json:
-            _write_json(done, prog)
+            _write_json(listing.in_order(done), prog)
     except EdgemapError as e:
         if os.environ.get("EDGEMAP_DEBUG"):
             raise
