@@ -78,7 +78,9 @@ class ExportError(EdgemapError):
 
 
 class ParityError(ExportError):
-    """A runtime's outputs differ from PyTorch's beyond tolerance."""
+    """A runtime's outputs differ from PyTorch's beyond tolerance: exit 3, a check failed (not a mistake in input)."""
+
+    exit_code = 3
 
 
 class QuantizationError(EdgemapError):
@@ -86,7 +88,9 @@ class QuantizationError(EdgemapError):
 
 
 class AccuracyGateError(QuantizationError):
-    """No int8 attempt stayed within ``--max-drop`` of fp32 accuracy."""
+    """No int8 attempt stayed within ``--max-drop`` of fp32 accuracy: exit 3, a check failed."""
+
+    exit_code = 3
 
     def __init__(self, message: str, attempts: list | None = None):
         super().__init__(message)

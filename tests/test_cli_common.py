@@ -55,6 +55,21 @@ def test_json_target_that_is_a_folder_or_unwritable_is_a_clear_error(tmp_path: P
         write_json_out(tmp_path / "afile" / "deeper" / "out.json", {"a": 1})
 
 
+def test_a_bad_json_target_is_refused_before_any_work(tmp_path: Path, bracket_data: Path) -> None:
+    """`export RUN --int8 --json /tmp` worked for minutes, wrote its models, then printed only "--json /tmp is a
+    folder" (hiding a failed gate's table and error too): the target is checked when the options are read."""
+    (tmp_path / "afile").write_text("x")
+    for target, message in ((tmp_path, "is a folder"), (tmp_path / "afile" / "o.json", "is a file, not a folder"),
+                            (Path("/proc/no-such/o.json"), "cannot"), (Path("/proc/o.json"), "cannot write in /proc")):
+        r = CliRunner().invoke(app, ["datasets", "scan", str(bracket_data), "--json", str(target)])
+        said = " ".join(r.output.replace("│", " ").split())  # click's box wraps long lines
+        assert r.exit_code == 2 and message in said, (target, r.output)
+        assert "classes" not in r.output and "fingerprint" not in r.output, r.output  # nothing was scanned
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # the probe left nothing behind
+    r = CliRunner().invoke(app, ["datasets", "scan", str(bracket_data), "--json", str(tmp_path / "new" / "o.json")])
+    assert r.exit_code == 0 and json.loads((tmp_path / "new" / "o.json").read_text())["classes"]
+
+
 def test_json_into_a_pipe_a_device_or_a_symlink_writes_through_it(tmp_path: Path, bracket_data: Path, capsys) -> None:  # noqa: ANN001
     """A FIFO, /dev/full or a symlink is written into, never replaced by a plain file (an atomic rename did that)."""
     import os

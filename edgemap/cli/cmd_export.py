@@ -19,6 +19,7 @@ from edgemap.cli.common import (
     next_step,
     shq,
     split_csv,
+    write_json_beside_error,
     write_json_out,
 )
 
@@ -91,14 +92,14 @@ def register(app: typer.Typer) -> None:
             except AccuracyGateError as e:
                 status.stop()
                 if getattr(e, "result", None) is not None:
-                    write_json_out(json_out, {**_result_json(e.result), "error": str(e)})  # type: ignore[attr-defined]
+                    write_json_beside_error(json_out, {**_result_json(e.result), "error": str(e)})  # type: ignore[attr-defined]
                 if json_out is None or str(json_out) != "-":
                     console.print(gate_table(e.attempts, opts.max_drop))
                 raise
             except ParityError as e:
                 status.stop()
                 rows = getattr(e, "rows", None) or []
-                write_json_out(json_out, {"parity": [r.to_dict() for r in rows], "error": str(e)})
+                write_json_beside_error(json_out, {"parity": [r.to_dict() for r in rows], "error": str(e)})
                 if rows and (json_out is None or str(json_out) != "-"):
                     console.print(parity_table(rows))
                 raise

@@ -61,7 +61,43 @@ def _json_target(value: Path | None) -> Path | None:
     owner = _run_file_owner(value) if value is not None and str(value) != "-" else None
     if owner:  # refused before any work is done
         raise typer.BadParameter(f"{value} is {owner}; the results would replace it. Give another file name")
+    if value is not None and str(value) != "-":
+        problem = json_target_problem(value)
+        if problem:  # before the work, not after it (an export of minutes, then only this line)
+            raise typer.BadParameter(problem)
     return value
+
+
+_STDERR_NAMES = ("/dev/stderr", "/dev/fd/2", "/proc/self/fd/2")
+
+
+def json_target_problem(target: Path) -> str | None:
+    """Why JSON cannot be written to ``target`` (None when it can, as far as can be known before writing):
+    a folder, a path through a file, or a folder this user cannot create files in (probed with a temp file)."""
+    import tempfile
+
+    from edgemap.fsutil import special_file
+
+    if str(target) in _STDERR_NAMES:
+        return None
+    if target.is_dir():
+        return f"{target} is a folder; give a file name (or '-' for stdout)"
+    blocked = next((p for p in target.parents if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        return f"{target}: {blocked} is a file, not a folder; give a path in a folder"
+    if special_file(target):
+        return None if os.access(target, os.W_OK) else f"{target}: cannot write it (permission denied)"
+    folder = Path(os.path.realpath(target)).parent
+    if not folder.is_dir():  # made when the results are written: the nearest folder that exists must allow it
+        folder = next((p for p in folder.parents if p.is_dir()), Path("/"))
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".edgemap-probe-")
+    except OSError as e:
+        return f"{target}: cannot write in {folder} ({e.strerror or e})"
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(probe)
+    return None
 
 
 JsonOpt = Annotated[Path | None, typer.Option("--json", callback=_json_target,
@@ -243,6 +279,15 @@ def _run_file_owner_of(real: Path) -> str | None:
     return None
 
 
+def write_json_beside_error(target: Path | None, obj: Any) -> None:
+    """write_json_out on the way out of a failed command: a JSON file that cannot be written is a warning, never
+    the error the user sees in place of the command's own (a failed gate, a parity failure)."""
+    try:
+        write_json_out(target, obj)
+    except EdgemapError as e:
+        err_console.print(f"[yellow]warning:[/] {escape(str(e))}")
+
+
 def write_json_out(target: Path | None, obj: Any) -> None:
     """Write JSON results for scripts: to a file (atomically) or stdout ('-')."""
     if target is None:
@@ -253,7 +298,7 @@ def write_json_out(target: Path | None, obj: Any) -> None:
     if str(target) == "-":
         sys.stdout.write(json_text(obj))
         return
-    if str(target) in ("/dev/stderr", "/dev/fd/2", "/proc/self/fd/2"):  # through our own stream: reopening the
+    if str(target) in _STDERR_NAMES:  # through our own stream: reopening the
         sys.stderr.flush()  # path would write over what stderr already wrote, when it is a file
         sys.stderr.write(json_text(obj))
         sys.stderr.flush()
