@@ -169,6 +169,18 @@ def validate_manifest(data: Any, where: str = MANIFEST_NAME) -> dict[str, Any]:
                                 "directory (no '..', no absolute path)")
             if not isinstance(art.get("sha256"), str) or not _SHA_RE.match(art["sha256"]):
                 problems.append(f"artifact '{name}'.sha256 must be 64 lowercase hex characters")
+            if "bytes" in art and (not isinstance(art["bytes"], int) or isinstance(art["bytes"], bool) or art["bytes"] < 0):
+                problems.append(f"artifact '{name}'.bytes must be a whole number of bytes")
+            problems += [f"artifact '{name}'.{k} must be a string" for k in ("stage", "format", "precision", "created")
+                         if k in art and not isinstance(art[k], str)]
+            if "runtimes" in art and not (isinstance(art["runtimes"], list) and all(isinstance(r, str) for r in art["runtimes"])):
+                problems.append(f"artifact '{name}'.runtimes must be a list of runtime names")
+        for stage, info in data["stages"].items():
+            if not isinstance(info, dict):
+                problems.append(f"'stages.{stage}' must be an object")
+                continue
+            problems += [f"'stages.{stage}.{k}' must be a string" for k in ("status", "reason", "updated", "wheel", "html")
+                         if k in info and not isinstance(info[k], str)]
     if problems:
         raise ManifestError(f"{where}: " + "; ".join(problems) + ". Re-create the run with `edgemap finetune`.")
     return data

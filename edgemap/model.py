@@ -61,20 +61,28 @@ def load_classifier(run_dir, which: str = "weights_best") -> ClassifierNet:  # n
     """Rebuild the trained model of a run directory from its manifest and safetensors weights."""
     from safetensors.torch import load as load_bytes
 
-    from edgemap.errors import ExportError
+    from edgemap.errors import ExportError, ManifestError, ModelIntegrityError
 
     if which not in run_dir.artifacts:
         raise ExportError(f"{run_dir.path}: no trained weights ('{which}') recorded; run `edgemap finetune` to completion first")
     path, data = run_dir.artifact_bytes(which)  # loaded from the very bytes whose sha256 was checked
+    dropout = run_dir.data.get("options", {}).get("finetune", {}).get("dropout", 0.2)
+    if not isinstance(dropout, int | float) or isinstance(dropout, bool) or not 0 <= dropout < 1:
+        raise ManifestError(f"{run_dir.manifest_path}: options.finetune.dropout {dropout!r} must be a number in [0, 1)")
     net = build_classifier(run_dir.backbone, len(run_dir.classes), run_dir.contract, pretrained=False,
-                           dropout=float(run_dir.data.get("options", {}).get("finetune", {}).get("dropout", 0.2)))
-    from edgemap.errors import ModelIntegrityError
-
+                           dropout=float(dropout))
     try:
         state = load_bytes(data)  # safetensors: never unpickles
     except Exception as e:  # SafetensorError, OSError: a corrupt file or a pickle renamed .safetensors
         raise ModelIntegrityError(f"{path}: not a valid safetensors weights file ({e}); re-run `edgemap finetune`") from e
-    missing, unexpected = net.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = net.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shapes differ: the manifest's classes or backbone are not what these weights were
+        shapes = [line.strip() for line in str(e).splitlines() if "size mismatch" in line][:2]
+        raise ManifestError(
+            f"{path}: weights do not fit the run's {len(run_dir.classes)} classes and backbone {run_dir.backbone} "
+            f"({'; '.join(shapes) or e}); was {run_dir.manifest_path} edited? Restore it, or re-run `edgemap finetune`"
+        ) from None
     if missing or unexpected:
         raise ExportError(f"{path}: weights do not fit backbone {run_dir.backbone} (missing {missing[:3]}, unexpected {unexpected[:3]})")
     return net.eval()

@@ -119,6 +119,43 @@ def test_parity_failure_lists_every_runtime_and_batch(exported, trained) -> None
     assert all(r.status == "FAIL" for r in e.value.rows)
 
 
+def test_nan_logits_are_named_as_such_in_the_parity_error(exported, trained) -> None:  # noqa: ANN001
+    """NaN logits printed "top-1 differs on 0 image(s) that are not near-ties": a failure that said nothing."""
+    import torch
+
+    from edgemap.data.scan import rescan_for_run
+    from edgemap.model import load_classifier
+
+    run, _, _ = trained
+    net = load_classifier(run)
+    with torch.no_grad():
+        net.head.bias[0] = float("nan")
+    images = load_images(rescan_for_run(run.data["dataset"]).val[:7], run.contract)
+    with pytest.raises(ParityError, match=r"PyTorch gave non-finite logits \(NaN/inf\)") as e:
+        check_parity(net, exported.onnx_path, images)
+    assert "near-ties" not in str(e.value) and all(r.status == "FAIL" for r in e.value.rows)
+
+
+def test_a_manifest_edited_against_its_weights_is_one_error(trained, tmp_path) -> None:  # noqa: ANN001
+    """Fewer classes, another backbone or a text dropout in edgemap.json gave torch's traceback (exit 1)."""
+    from edgemap.cli import app
+
+    run, _, _ = trained
+    edits = {"classes": lambda d: d.update(classes=d["classes"][:2]),
+             "backbone": lambda d: d["backbone"].update(name="efficientnet_lite0"),
+             "dropout": lambda d: d["options"].setdefault("finetune", {}).update(dropout="abc")}
+    for name, edit in edits.items():
+        copy = Path(shutil.copytree(run.path, tmp_path / name))
+        d = json.loads((copy / "edgemap.json").read_text())
+        edit(d)
+        (copy / "edgemap.json").write_text(json.dumps(d))
+        res = CliRunner().invoke(app, ["export", str(copy)])
+        said = " ".join(res.output.split())
+        assert res.exit_code == 2 and "Traceback" not in said, (name, res.output)
+        assert ("must be a number in [0, 1)" if name == "dropout" else "weights do not fit the run's") in said, said
+        assert not (copy / "model.onnx").exists()
+
+
 def test_run_without_weights_is_refused(trained, tmp_path) -> None:  # noqa: ANN001
     run, _, _ = trained
     bare = RunDir.create(tmp_path / "bare", backbone={"name": "tiny"}, classes=CLASSES, contract=run.contract,

@@ -307,6 +307,15 @@ _BROKEN = [
     ("options not objects", lambda d: d.update(options={"finetune": [1]}), "'options.finetune' must be an object"),
     ("dataset root int", lambda d: d.update(dataset={"root": 3}), "'dataset.root' must be a string"),
     ("class with escape", lambda d: d.update(classes=["a", "\x1b]0;PWNED\x07"]), "control characters"),
+    # hand edits that gave tracebacks in report and run (AttributeError, TypeError)
+    ("stage as text", lambda d: d.update(stages={"eval": "done"}), "'stages.eval' must be an object"),
+    ("stage wheel as list", lambda d: d.update(stages={"package": {"status": "done", "wheel": [1]}}),
+     "'stages.package.wheel' must be a string"),
+    ("artifact bytes as text", lambda d: d["artifacts"].update(m={"path": "m", "sha256": "0" * 64, "bytes": "x"}),
+     "artifact 'm'.bytes must be a whole number"),
+    ("artifact runtimes of numbers", lambda d: d["artifacts"].update(m={"path": "m", "sha256": "0" * 64, "runtimes": [1]}),
+     "artifact 'm'.runtimes must be a list of runtime names"),
+    ("std zero", lambda d: d["preprocess"].update(std=[0, 0, 0]), "std must be positive"),
 ]
 
 

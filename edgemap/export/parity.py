@@ -61,6 +61,11 @@ def _compare(runtime: str, batch: int, ref: np.ndarray, out: np.ndarray, atol: f
     if out.shape != ref.shape:
         return ParityRow(runtime, batch, len(ref), float("inf"), tol, 0.0, len(ref), provider, "FAIL",
                          f"output shape {out.shape} != {ref.shape}")
+    bad = [name for name, a in (("PyTorch", ref), (runtime, out)) if a.size and not np.isfinite(a).all()]
+    if bad:  # NaN/inf logits: no difference or top-1 means anything (broken weights, a zero in the normalisation)
+        return ParityRow(runtime, batch, len(ref), float("nan"), tol, 0.0, len(ref), provider, "FAIL",
+                         f"{' and '.join(bad)} gave non-finite logits (NaN/inf): the weights or the normalisation "
+                         "are broken; re-run `edgemap finetune`")
     diff = float(np.abs(out.astype(np.float64) - ref).max()) if ref.size else 0.0
     top_ref, top_out = ref.argmax(1), out.argmax(1)
     srt = np.sort(ref, axis=1)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 import threading
 import warnings
@@ -88,6 +89,12 @@ class PreprocessContract:
             raise ValueError("crop_pct must be in (0, 1]")
         if self.height < 1 or self.width < 1:
             raise ValueError("height and width must be positive")
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ValueError("mean and std must have 3 values (R, G, B)")
+        if not all(isinstance(v, int | float) and math.isfinite(v) for v in (*self.mean, *self.std)):
+            raise ValueError("mean and std must be finite numbers")
+        if not all(v > 0 for v in self.std):
+            raise ValueError("std must be positive (the graph divides by it)")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
