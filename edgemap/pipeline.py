@@ -317,7 +317,7 @@ def run_pipeline(data: str | Path, out: str | Path, opts: RunOptions = RunOption
                 # a run that started (even one stopped before its first checkpoint) continues with its own options
                 resume = (out / MANIFEST_NAME).exists() and (
                     (out / ckpt.STATE_FILE).exists() or bool(RunDir.load(out).data.get("options", {}).get("finetune")))
-                again = f"run the same `edgemap run` command again (--out {shlex.quote(str(out))}); it continues exactly where it stopped"
+                again = again_hint(out)
                 try:
                     if resume:  # the run's own options, but for what the user set now (checked above; --epochs may grow)
                         res = finetune(data, out, None, resume=True, overrides=_asked_finetune(opts),
@@ -325,31 +325,40 @@ def run_pipeline(data: str | Path, out: str | Path, opts: RunOptions = RunOption
                     else:
                         res = finetune(data, out, opts.finetune, reporter=finetune_reporter, resume_hint=again)
                 except BaseException:
-                    _remember_later_options(out, opts)
+                    _remember_later_options(out, opts, override_from=stage)
                     raise
                 status = "resumed" if resume else "done"
                 detail = f"best val accuracy {res.best_val_accuracy:.4f} (epoch {res.best_epoch})"
             elif stage == "export":
-                res = export(out, opts.export, progress=export_progress)
+                try:
+                    res = export(out, opts.export, progress=export_progress, again=again_hint(out))
+                except BaseException:
+                    _remember_later_options(out, opts, override_from=stage)
+                    raise
                 detail = f"{res.onnx_path.name}" + (f" + int8 {', '.join(res.int8)}" if res.int8 else "")
-            elif stage == "eval":
-                res = evaluate(out, opts.eval)
-                _some_ran(res.rows, "eval")
-                detail = f"{sum(r.status == 'ok' for r in res.rows)} runtime × precision rows"
-            elif stage == "bench":
-                rows = bench(out, opts.bench)
-                _some_ran(rows, "bench")
-                detail = f"{sum(r.status == 'ok' for r in rows)} rows"
-            elif stage == "package":
-                res = package(out, opts.package)
-                wheel = str(res.wheel)
-                detail = f"{res.wheel.name} ({res.wheel_bytes / 1e6:.2f} MB, {res.precision})"
-            elif stage == "report":
-                from edgemap.report import ReportOptions, report
+            else:
+                try:
+                    if stage == "eval":
+                        res = evaluate(out, opts.eval)
+                        _some_ran(res.rows, "eval")
+                        detail = f"{sum(r.status == 'ok' for r in res.rows)} runtime × precision rows"
+                    elif stage == "bench":
+                        rows = bench(out, opts.bench)
+                        _some_ran(rows, "bench")
+                        detail = f"{sum(r.status == 'ok' for r in rows)} rows"
+                    elif stage == "package":
+                        res = package(out, opts.package)
+                        wheel = str(res.wheel)
+                        detail = f"{res.wheel.name} ({res.wheel_bytes / 1e6:.2f} MB, {res.precision})"
+                    elif stage == "report":
+                        from edgemap.report import ReportOptions, report
 
-                res = report(out, ReportOptions())
-                report_path = str(res.html)
-                detail = report_path
+                        res = report(out, ReportOptions())
+                        report_path = str(res.html)
+                        detail = report_path
+                except BaseException:  # the bare re-run that continues must use this command's options
+                    _remember_later_options(out, opts, override_from=stage)
+                    raise
             run = RunDir.load(out)  # stages save the manifest themselves: reload, never overwrite theirs
             extra: dict[str, Any] = {}
             if stage == "package":
@@ -373,15 +382,26 @@ def run_pipeline(data: str | Path, out: str | Path, opts: RunOptions = RunOption
         )
 
 
-def _remember_later_options(out: Path, opts: RunOptions) -> None:
-    """Fine-tuning stopped (Ctrl-C, an error): record the later stages' options now, so that the re-run that
-    continues it (often the bare command from the message) packages with this command's --name, --runtime…"""
+def again_hint(out: Path) -> str:
+    """What to do after `edgemap run` stopped in a stage: the same command (a bare one does too) continues."""
+    return f"run the same `edgemap run` command again (--out {shlex.quote(str(out))}); it continues where it stopped"
+
+
+def _remember_later_options(out: Path, opts: RunOptions, override_from: str | None = None) -> None:
+    """A stage stopped (Ctrl-C, an error): record this command's options of the stages not done yet, so that the
+    re-run that continues (often the bare command from the message) exports with this command's --calib-size,
+    packages with its --name... Stopped in fine-tuning: only where the run recorded none (its first command);
+    stopped in ``override_from`` or later: this command's options replace the recorded ones from there on."""
+    later = STAGES[STAGES.index(override_from):] if override_from else ()
     with contextlib.suppress(Exception):  # best effort: the run may not exist yet, or be locked by another process
         with run_lock(out, "run"):
             run = RunDir.load(out)
             recorded = run.data.setdefault("options", {}).setdefault("run", {})
             for stage, value in _stage_options(opts).items():
-                recorded.setdefault(stage, value)
+                if stage in later:
+                    recorded[stage] = value
+                else:
+                    recorded.setdefault(stage, value)
             run.save()
 
 

@@ -108,6 +108,42 @@ def test_interrupted_export_continues_from_export(digits: Path, tmp_path: Path) 
     assert not list(out.rglob("*.edgemap-tmp"))
 
 
+def test_an_export_interrupted_inside_run_says_what_is_true_and_keeps_this_commands_options(
+        digits: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C in the int8 step of `run`'s first export said "the int8 models of the previous one are retired
+    (*.stale.onnx)" (there were none) and named `edgemap export`; the bare re-run then exported with the recorded
+    --calib-size, not this command's."""
+    import edgemap.export as export_mod
+    from edgemap.errors import Interrupted
+    from edgemap.train.finetune import finetune
+
+    out = tmp_path / "run"
+    base = _opts()
+    finetune(digits, out, base.finetune)
+
+    def ctrl_c(*_a, **_k):  # noqa: ANN002, ANN003, ANN202
+        raise KeyboardInterrupt("SIGINT")
+
+    monkeypatch.setattr(export_mod, "_int8", ctrl_c)
+    messages = []
+    for calib_size in (20, 24):  # stopped twice; the second command's options are the ones to continue with
+        opts = build_options(backbone="tiny", img_size=32, epochs=3, flip=False, lr=1e-2, runtime="torch,cpu,openvino",
+                             bench_seconds=0.3, max_drop=100.0, report=False, calib_size=calib_size)
+        with pytest.raises((Interrupted, KeyboardInterrupt)) as e:  # the second: model.onnx was already there
+            run_pipeline(digits, out, opts)
+        messages.append(str(e.value))
+    msg = messages[0]
+    assert "model.onnx is new and recorded; the new int8 models were not made" in msg, msg
+    assert "retired" not in msg and "stale" not in msg and "run the same `edgemap run` command again" in msg, msg
+    run = RunDir.load(out)
+    assert run.data["options"]["run"]["export"]["calib_size"] == 24
+    assert run.data["stages"]["export"]["status"] == "interrupted"
+    monkeypatch.undo()
+    res = run_pipeline(digits, out, build_options(report=False))  # the bare `edgemap run DATA --out RUN`
+    assert _statuses(res)[:2] == [("finetune", "skipped"), ("export", "done")]
+    assert RunDir.load(out).artifacts["onnx_int8_qoperator"]["calib_images"] == 24
+
+
 def _copy(finished: Path, tmp_path: Path) -> Path:
     import shutil
 

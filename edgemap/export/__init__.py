@@ -152,7 +152,8 @@ def _dataset(run: Any, dataset: Any) -> Any:
     return rescan_for_run(run.data["dataset"])
 
 
-def export(run_dir: Any, opts: ExportOptions | None = None, *, dataset: Any = None, progress: Progress | None = None) -> ExportResult:
+def export(run_dir: Any, opts: ExportOptions | None = None, *, dataset: Any = None, progress: Progress | None = None,
+           again: str | None = None) -> ExportResult:
     """Export a trained run to ONNX, check parity, and (``opts.int8``) quantize behind the gate.
 
     Args:
@@ -161,6 +162,7 @@ def export(run_dir: Any, opts: ExportOptions | None = None, *, dataset: Any = No
         dataset: override the run's recorded dataset (an object with ``.train`` and
             ``.val`` lists of samples having ``.path`` and ``.label``); default: rescan it.
         progress: called with a short text before each step (the CLI shows it).
+        again: what an interrupt's message tells to do (default: run this export again; `edgemap run` names itself).
 
     Returns:
         ExportResult with the paths written, the parity table and every gate attempt.
@@ -181,12 +183,13 @@ def export(run_dir: Any, opts: ExportOptions | None = None, *, dataset: Any = No
     plan = _check_options(opts)
     with run_lock(run_dir.path if isinstance(run_dir, RunDir) else Path(run_dir), "export"):
         run = run_dir if isinstance(run_dir, RunDir) else RunDir.load(run_dir)
-        result = _export_locked(run, opts, plan, dataset, progress or (lambda _msg: None))
+        result = _export_locked(run, opts, plan, dataset, progress or (lambda _msg: None), again)
     result.seconds = time.perf_counter() - t_start
     return result
 
 
-def _export_locked(run: Any, opts: ExportOptions, plan: dict[str, list[str]], dataset: Any, say: Progress) -> ExportResult:
+def _export_locked(run: Any, opts: ExportOptions, plan: dict[str, list[str]], dataset: Any, say: Progress,
+                   again: str | None = None) -> ExportResult:
     _remove_leftovers(run.path)
     if "weights_best" not in run.artifacts:
         raise ExportError(f"{run.path}: no trained weights ('weights_best') recorded; run `edgemap finetune` first")
@@ -231,9 +234,11 @@ def _export_locked(run: Any, opts: ExportOptions, plan: dict[str, list[str]], da
         # the new model.onnx is recorded and the old int8 models are retired: the export is half done, say so
         name = e.args[0] if e.args else "SIGINT"
         run.set_stage("export", "interrupted", save=False, reason=f"{name} during int8 quantization")
-        err = Interrupted(f"interrupted by {name} during int8 quantization: model.onnx is new and recorded, "
-                          "the int8 models of the previous one are retired (*.stale.onnx) and the new ones were not "
-                          f"made; run `edgemap export {shlex.quote(str(run.path))} --int8` again")
+        retired = (f"the int8 models of the previous one are retired ({', '.join(sorted(result.retired.values()))} → "
+                   "*.stale.onnx) and " if result.retired else "")
+        err = Interrupted(f"interrupted by {name} during int8 quantization: model.onnx is new and recorded; {retired}"
+                          "the new int8 models were not made; "
+                          + (again or f"run `edgemap export {shlex.quote(str(run.path))} --int8` again"))
         err.exit_code = 143 if name == "SIGTERM" else 130
         raise err from None
     finally:
