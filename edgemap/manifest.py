@@ -124,6 +124,29 @@ def _safe_rel_path(rel: str) -> bool:
     return all(part not in ("", ".", "..") for part in rel.split("/"))
 
 
+def _dataset_problems(ds: Any) -> list[str]:
+    """The recorded dataset's shape: what rescans, the report and the model card read from it."""
+    if ds is None:
+        return []
+    if not isinstance(ds, dict):
+        return ["'dataset' must be an object"]
+    problems = [f"'dataset.{k}' must be a string" for k in ("root", "layout", "fingerprint")
+                if k in ds and not isinstance(ds[k], str)]
+    counts = ds.get("counts", {})
+    if not (isinstance(counts, dict) and all(
+            isinstance(split, dict) and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                                            for n in split.values()) for split in counts.values())):
+        problems.append("'dataset.counts' must map each split to {class: number of images}")
+    skipped = ds.get("skipped", [])
+    if not (isinstance(skipped, list) and all(isinstance(item, list) and item and all(isinstance(x, str) for x in item)
+                                              for item in skipped)):
+        problems.append("'dataset.skipped' must list [file, reason] pairs")
+    ignored = ds.get("ignored", {})
+    if not (isinstance(ignored, dict) and all(isinstance(n, int) for n in ignored.values())):
+        problems.append("'dataset.ignored' must map file extensions to counts")
+    return problems
+
+
 def validate_manifest(data: Any, where: str = MANIFEST_NAME) -> dict[str, Any]:
     """Check types and required keys of a manifest; raise ManifestError listing every problem."""
     if not isinstance(data, dict):
@@ -156,8 +179,10 @@ def validate_manifest(data: Any, where: str = MANIFEST_NAME) -> dict[str, Any]:
             problems.append(f"'preprocess' invalid: {e}")
         problems += [f"'options.{sub}' must be an object" for sub, value in (data.get("options") or {}).items()
                      if not isinstance(value, dict)]
-        if "root" in (data.get("dataset") or {}) and not isinstance(data["dataset"]["root"], str):
-            problems.append("'dataset.root' must be a string")
+        problems += _dataset_problems(data.get("dataset"))
+        finetune = (data.get("metrics") or {}).get("finetune")
+        if finetune is not None and not (isinstance(finetune, dict) and isinstance(finetune.get("best", {}), dict)):
+            problems.append("'metrics.finetune' (and its 'best') must be an object")
         for name, art in [*data["artifacts"].items(), *data.get("pending", {}).items()]:
             if not isinstance(art, dict):
                 problems.append(f"artifact '{name}' must be an object")

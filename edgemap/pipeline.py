@@ -80,7 +80,7 @@ class RunResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "run_dir": str(self.run_dir), "seconds": round(self.seconds, 2), "did_nothing": self.did_nothing,
+            "run_dir": str(Path(self.run_dir).absolute()), "seconds": round(self.seconds, 2), "did_nothing": self.did_nothing,
             "stages": [vars(s) for s in self.stages], "summary": self.summary, "artifacts": self.artifacts,
             "wheel": self.wheel, "report": self.report, "unavailable": [list(u) for u in self.unavailable],
         }
@@ -330,6 +330,10 @@ def run_pipeline(data: str | Path, out: str | Path, opts: RunOptions = RunOption
                 status = "resumed" if resume else "done"
                 detail = f"best val accuracy {res.best_val_accuracy:.4f} (epoch {res.best_epoch})"
             elif stage == "export":
+                if export_progress and (out / MANIFEST_NAME).is_file() and RunDir.load(out).stage_done("export"):
+                    # done by hand without --int8 (or its int8 models were retired): say why it is exported again
+                    export_progress(f"the recorded export has no int8 models: exporting again with this run's "
+                                    f"options (opset {opts.export.opset}, int8)")
                 try:
                     res = export(out, opts.export, progress=export_progress, again=again_hint(out))
                 except BaseException:
@@ -444,7 +448,9 @@ def summarize(run: RunDir) -> list[dict[str, Any]]:
             row = rows.setdefault((r["runtime"], r["precision"]), {"runtime": r["runtime"], "precision": r["precision"]})
             row.update(p50_ms=r.get("p50_ms"), p99_ms=r.get("p99_ms"), throughput=r.get("throughput"),
                        provider=r.get("provider"))
-    return list(rows.values())
+    # torch first, then each runtime as eval ran them, fp32 before int8 (rows kept from an earlier eval came first)
+    runtimes = list(dict.fromkeys(["torch", *(rt for rt, _ in rows)]))
+    return [rows[k] for k in sorted(rows, key=lambda k: (runtimes.index(k[0]), k[1] != "fp32", k[1]))]
 
 
 def _artifact_rows(run: RunDir) -> list[dict[str, Any]]:

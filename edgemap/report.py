@@ -66,7 +66,7 @@ class ReportOptions:
         dpi: resolution of the PNG plots.
     """
 
-    out: Path | None = None
+    out: str | Path | None = None  # a str keeps a trailing "/" (a folder to make); Path("x/") drops it
     predict: bool = True
     max_images: int = 2000
     grid: int = 40
@@ -268,6 +268,7 @@ def plot_confusion(cm: np.ndarray, classes: list[str], title: str, dpi: int = 11
     """Row-normalised confusion matrix (colour = share of the true class), counts written in cells."""
     import matplotlib
     from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
 
     cm = np.asarray(cm, dtype=np.int64)
     k = len(classes)
@@ -282,8 +283,13 @@ def plot_confusion(cm: np.ndarray, classes: list[str], title: str, dpi: int = 11
             for i in range(k):
                 for j in range(k):
                     if cm[i, j]:
+                        dark = share[i, j] > 0.55  # white text on dark cells; a confusion there is outlined in red
                         ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8 if k <= 12 else 6,
-                                color="white" if share[i, j] > 0.55 else ("#111827" if i == j else _WARN))
+                                color="white" if dark else ("#111827" if i == j else _WARN),
+                                fontweight="bold" if i != j else "normal")
+                        if dark and i != j:
+                            ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor=_WARN,
+                                                   linewidth=2.5))
         if k <= 40:
             names = [c if len(c) <= 14 else c[:13] + "…" for c in classes]
             ax.set_xticks(range(k), names, rotation=90 if max(map(len, names)) > 3 else 0)
@@ -459,10 +465,10 @@ def _size(n: Any) -> str:
     f = _num(n)
     if f is None:
         return "—"
-    for unit in ("B", "KB", "MB", "GB"):
-        if f < 1024 or unit == "GB":
+    for unit in ("B", "kB", "MB", "GB"):  # decimal, as `edgemap run` and `package` print sizes
+        if f < 1000 or unit == "GB":
             return f"{f:.0f} {unit}" if unit == "B" else f"{f:.1f} {unit}"
-        f /= 1024
+        f /= 1000
     return "—"
 
 
@@ -508,6 +514,16 @@ def _img(data: bytes, alt: str) -> str:
 def _section(sid: str, title: str, lead: str, body: str) -> str:
     lead_html = f'<p class="lead">{lead}</p>' if lead else ""
     return f'<section id="{sid}"><h2>{_e(title)}</h2>{lead_html}{body}</section>'
+
+
+def _file_state(path: Path, recorded_bytes: Any) -> str:
+    """"" when the recorded file is there with its recorded size, else what is wrong (the sha256 is checked by the
+    commands that use the file; a size is free to check)."""
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return "missing"
+    return "changed (another size than recorded)" if isinstance(recorded_bytes, int) and size != recorded_bytes else ""
 
 
 # ---- the stage --------------------------------------------------------------------------------
@@ -671,7 +687,7 @@ class _Builder:
         lead = (f"Percentiles in ms over timed calls after warm-up, {_e(b.get('threads', '?'))} threads; throughput in "
                 "images/s; memory is the peak growth of the process's resident set.")
         return _section("bench", title, lead, _table(
-            ["runtime", "precision", "batch", "p50 ms", "p90 ms", "p99 ms", "img/s", "load ms", "mem MB", "what ran"],
+            ["runtime", "precision", "batch", "p50 ms", "p90 ms", "p99 ms", "img/s", "load ms", "mem MiB", "what ran"],
             rows, numeric={2, 3, 4, 5, 6, 7, 8}) + _not_measured(self.bench_rows))
 
     def training(self) -> str:
@@ -710,7 +726,7 @@ class _Builder:
             self.sections["confusion"] = f"not run yet: edgemap eval {self.rd}"
             return _section("confusion", "Confusion matrices", "", _missing("not run yet", f"edgemap eval {self.rd}"))
         self.sections["confusion"] = "ok" if len(blocks) == 2 else "fp32 only (no int8 model yet)"
-        lead = "Rows are the true class, columns the prediction; colour is the share of the true class, off-diagonal counts in red."
+        lead = "Rows are the true class, columns the prediction; colour is the share of the true class; mistakes (off-diagonal counts) are red, outlined in red where they are most of their row."
         note = "" if len(blocks) == 2 else _missing("no int8 matrix yet", f"edgemap export {self.rd} --int8")
         return _section("confusion", "Confusion matrices", lead, f'<div class="grid2">{"".join(blocks)}</div>{note}')
 
@@ -819,10 +835,17 @@ class _Builder:
     def artifacts(self) -> str:
         arts = self.run.artifacts
         rows = []
+        broken = 0
         for key, a in arts.items():
             meta = [a.get("precision"), a.get("format") if a.get("format") != a.get("precision") else None,
                     ", ".join(a.get("runtimes") or []) or None]
-            rows.append([_e(key), f"<code>{_e(a.get('path'))}</code>", _e(_size(a.get("bytes"))),
+            state = _file_state(self.run.path / a["path"], a.get("bytes"))
+            if state:
+                broken += 1
+                self.warnings.append(f"{a['path']} (artifact {key}) is {state}; re-run `edgemap {a.get('stage', 'export')} "
+                                     f"{shlex.quote(str(self.run.path))}{' --int8' if key.startswith('onnx_int8') else ''}`")
+            rows.append([_e(key), f"<code>{_e(a.get('path'))}</code>" + (f" {_pill(False, '', state)}" if state else ""),
+                         _e(_size(a.get("bytes"))),
                          _e(" · ".join(str(m) for m in meta if m) or "—"), _e(a.get("stage", "")),
                          f"<code>{_e(str(a.get('sha256', ''))[:12])}</code>"])
         made = ((self.run.data.get("stages") or {}).get("package") or {}).get("wheel")  # `edgemap run` records it
@@ -831,7 +854,7 @@ class _Builder:
             kind = "device package" if current in (None, whl.resolve()) else "device package (an earlier build)"
             rows.append(["wheel", f"<code>{_e(whl.relative_to(self.run.path))}</code>", _e(_size(whl.stat().st_size)),
                          kind, "package", "—"])
-        self.sections["artifacts"] = "ok" if rows else "none"
+        self.sections["artifacts"] = (f"{broken} file(s) missing or changed" if broken else "ok") if rows else "none"
         if not rows:
             return _section("artifacts", "Artifacts", "", _missing("no artifacts recorded"))
         return _section("artifacts", "Artifacts", "Every file the run recorded, with its size and sha256 (refused when it changes).",

@@ -146,6 +146,7 @@ def test_a_manifest_edited_against_its_weights_is_one_error(trained, tmp_path) -
              "dropout": lambda d: d["options"].setdefault("finetune", {}).update(dropout="abc")}
     for name, edit in edits.items():
         copy = Path(shutil.copytree(run.path, tmp_path / name))
+        before = sorted(p.name for p in copy.iterdir() if p.name != "edgemap.json")
         d = json.loads((copy / "edgemap.json").read_text())
         edit(d)
         (copy / "edgemap.json").write_text(json.dumps(d))
@@ -153,7 +154,27 @@ def test_a_manifest_edited_against_its_weights_is_one_error(trained, tmp_path) -
         said = " ".join(res.output.split())
         assert res.exit_code == 2 and "Traceback" not in said, (name, res.output)
         assert ("must be a number in [0, 1)" if name == "dropout" else "weights do not fit the run's") in said, said
-        assert not (copy / "model.onnx").exists()
+        assert sorted(p.name for p in copy.iterdir() if p.name != "edgemap.json") == before  # nothing written
+
+
+def test_a_moved_or_copied_dataset_is_given_with_data(trained, tmp_path) -> None:  # noqa: ANN001
+    """A run copied to another machine could not be exported (the dataset "is gone", no way to say where it is)."""
+    from edgemap.cli import app
+
+    run, _, root = trained
+    copy = Path(shutil.copytree(run.path, tmp_path / "run"))
+    data = Path(shutil.copytree(root / "data", tmp_path / "data elsewhere"))  # new mtimes: the content must match
+    d = json.loads((copy / "edgemap.json").read_text())
+    d["dataset"]["root"] = str(tmp_path / "gone")
+    (copy / "edgemap.json").write_text(json.dumps(d))
+    res = CliRunner().invoke(app, ["export", str(copy)])
+    assert res.exit_code == 2 and "--data DIR" in " ".join(res.output.split()), res.output
+    res = CliRunner().invoke(app, ["export", str(copy), "--data", str(data)])
+    assert res.exit_code == 0, res.output
+    assert RunDir.load(copy).data["dataset"]["root"] == str(data.resolve())  # eval and report find it there too
+    other = write_dataset(tmp_path / "other data", n_train=4, n_val=3)
+    res = CliRunner().invoke(app, ["export", str(copy), "--data", str(other)])
+    assert res.exit_code == 2 and "dataset changed since training" in " ".join(res.output.split()), res.output
 
 
 def test_run_without_weights_is_refused(trained, tmp_path) -> None:  # noqa: ANN001
@@ -286,6 +307,9 @@ def test_new_model_failing_parity_never_replaces_the_recorded_one(trained, tmp_p
         package(r.path, PackageOptions(out=tmp_path / "dist"))
     export(r.path, ExportOptions())  # passes again: recorded, parity_rejected cleared only by a new model
     assert RunDir.load(r.path).data["metrics"]["parity"]["passed"] is True
+    assert (r.path / "model.rejected.onnx").is_file()  # the recorded model passed again; the failed one stays
+    assert export(r.path, ExportOptions(opset=13)).rewritten  # a new model.onnx passes: the failed one is superseded
+    assert not (r.path / "model.rejected.onnx").exists()
 
 
 def test_cli_export_json_when_parity_fails(trained, tmp_path, monkeypatch) -> None:  # noqa: ANN001
@@ -324,6 +348,7 @@ def test_reexport_retires_int8_models_of_the_old_fp32(trained, tmp_path) -> None
     assert (r.path / "model.int8.qoperator.stale.onnx").is_file() and not (r.path / "model.int8.qoperator.onnx").exists()
     # a new model and new int8 models in one call: nothing to warn about
     export(r.path, ExportOptions(opset=13, int8=True, calib_size=16, targets=("cpu",)))
+    assert not (r.path / "model.int8.qoperator.stale.onnx").exists()  # replaced by the new int8 model: deleted
     res = export(r.path, ExportOptions(opset=14, int8=True, calib_size=16, targets=("cpu",)))
     assert res.rewritten and res.retired == {"qoperator": "model.int8.qoperator.onnx"} and not res.warnings
     # a manifest from before this check (stale int8 still recorded) is refused by package
@@ -479,6 +504,11 @@ def test_no_lock_file_outside_a_run_directory(trained, tmp_path) -> None:  # noq
 
 
 def test_int8_targets_name_each_runtime_once() -> None:
+    from edgemap.errors import QuantizationError
     from edgemap.export import _int8_plan
 
-    assert _int8_plan(("cpu", "cpu", "openvino", "openvino:GPU")) == {"qoperator": ["cpu"], "qdq": ["openvino"]}
+    assert _int8_plan(("cpu", "cpu", "openvino", "OpenVINO")) == {"qoperator": ["cpu"], "qdq": ["openvino"]}
+    # a device was dropped without a word (openvino:FOO passed, gated on the CPU); eval then refused the same name
+    for device in ("openvino:GPU", "openvino:FOO"):
+        with pytest.raises(QuantizationError, match=f"--targets {device}: name runtimes .* not devices"):
+            _int8_plan(("cpu", device))

@@ -217,6 +217,9 @@ def test_gate_failure_never_overwrites_a_good_int8_artifact(trained) -> None:  #
     # the recorded (still deployed) model keeps its passing gate entry; the failed attempt is kept beside it
     assert after.data["metrics"]["int8_gate"]["qoperator"]["passed"] is True
     assert after.data["metrics"]["int8_gate_rejected"]["qoperator"]["passed"] is False
+    assert (r.path / "model.int8.qoperator.rejected.onnx").is_file()
+    export(r.path, ExportOptions(int8=True, calib_size=30, targets=("cpu",)))  # a new attempt passes
+    assert not (r.path / "model.int8.qoperator.rejected.onnx").exists()  # the failed one is not left behind
 
 
 def test_a_full_disk_is_reported_as_a_full_disk(trained, tmp_path, monkeypatch) -> None:  # noqa: ANN001

@@ -188,6 +188,26 @@ def test_changed_model_is_refused_not_run(finished_run: RunDir, tmp_path: Path) 
     assert "misclassified" not in res.images
 
 
+def test_a_deleted_artifact_is_shown_missing_not_present(finished_run: RunDir, tmp_path: Path) -> None:
+    """The artifacts table listed a deleted model with its size and sha256, and the report said "ok"."""
+    run = _copy_run(finished_run, tmp_path / "deleted")
+    (run.path / run.artifacts["onnx_int8_qdq"]["path"]).unlink()
+    res = report(run, ReportOptions(predict=False))
+    assert res.sections["artifacts"] == "1 file(s) missing or changed", res.sections
+    assert any("model.int8.qdq.onnx (artifact onnx_int8_qdq) is missing" in w and "--int8" in w
+               for w in res.warnings), res.warnings
+    assert '<span class="pill bad">missing</span>' in res.html.read_text(encoding="utf-8")
+
+
+def test_report_out_folder_with_a_slash(finished_run: RunDir, tmp_path: Path) -> None:
+    """`report --out outs/dir/` wrote a file named dir (typer's Path drops the trailing slash)."""
+    from edgemap.cli import app
+
+    r = CliRunner().invoke(app, ["report", str(finished_run.path), "--no-predict", "--out", f"{tmp_path}/outs/dir/"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "outs" / "dir" / "report.html").is_file()
+
+
 def test_read_metrics_skips_a_cut_line(tmp_path: Path) -> None:
     (tmp_path / "metrics.jsonl").write_text('{"epoch": 2, "val_acc": 0.5}\n{"epoch": 1, "val_acc": 0.25}\n{"epoch": 3, "va',
                                             encoding="utf-8")

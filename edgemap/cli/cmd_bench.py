@@ -37,7 +37,7 @@ def _ints(value: str, option: str) -> tuple[int, ...]:
 def render(rows) -> Group:  # noqa: ANN001 - list[BenchRow], imported lazily
     """Latency table (ms), one line per runtime × precision × batch; below it what ran and why rows did not."""
     table = result_table(f"edgemap bench ({rows[0].threads if rows else '?'} threads; ms)",
-                         ["runtime", "prec", "b", "p50", "p90", "p99", "img/s", "load", "MB", "mode"], wide=(),
+                         ["runtime", "prec", "b", "p50", "p90", "p99", "img/s", "load", "MiB", "mode"], wide=(),
                          text=("runtime", "prec", "mode"))
     notes: list[tuple[str, str, str]] = []
     ran_on: dict[str, str] = {}
@@ -52,7 +52,7 @@ def render(rows) -> Group:  # noqa: ANN001 - list[BenchRow], imported lazily
             f"{r.throughput:.0f}", f"{r.load_ms:.0f}", f"{r.mem_mb:.0f}",
             escape(r.mode.replace(", static shape", "").replace("async x", "async×")),
         )
-    legend = Text("b: batch; load: session load ms; MB: memory growth", style="dim")
+    legend = Text("b: batch; p50/p90/p99: latency ms; load: session load ms; MiB: memory growth", style="dim")
     lines = [Text(f"ran on: {k} → {v}") for k, v in ran_on.items()]
     return Group(table, legend, *lines, row_notes(notes))
 

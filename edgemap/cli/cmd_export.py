@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -71,7 +72,8 @@ def register(app: typer.Typer) -> None:
         calib_size: Annotated[int | None, typer.Option("--calib-size", help="Calibration images from the training split, stratified \\[default: 300].")] = None,
         calib_method: Annotated[str | None, typer.Option("--calib-method", help="minmax | entropy | percentile \\[default: minmax].")] = None,
         max_drop: Annotated[float | None, typer.Option("--max-drop", help="Largest int8 top-1 drop allowed, in points \\[default: 1.0].")] = None,
-        targets: Annotated[str | None, typer.Option("--targets", help="Runtimes to write int8 models for, e.g. cpu,openvino \\[default: all with an int8 path].")] = None,
+        targets: Annotated[str | None, typer.Option("--targets", help="Runtimes to write int8 models for, e.g. cpu,openvino \\[default: those with an int8 path that run here; name tensorrt to add it].")] = None,
+        data: Annotated[Path | None, typer.Option("--data", help="Where the run's training dataset is now, if it moved or was copied here (the same files, checked; the new place is recorded) \\[default: where it was trained].")] = None,
         json_out: JsonOpt = None,
     ) -> None:
         """Export RUN_DIR to model.onnx (uint8 NHWC in, logits out), check parity; --int8 adds int8 models."""
@@ -88,7 +90,7 @@ def register(app: typer.Typer) -> None:
         opts = ExportOptions(int8=int8, **{k: v for k, v in given.items() if v is not None})
         with console.status("exporting…") as status:
             try:
-                result = export(run_dir, opts, progress=lambda msg: status.update(escape(msg) + "…"))
+                result = export(run_dir, opts, progress=lambda msg: status.update(escape(msg) + "…"), data=data)
             except AccuracyGateError as e:
                 status.stop()
                 if getattr(e, "result", None) is not None:

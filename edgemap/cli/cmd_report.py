@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -16,7 +15,7 @@ def register(app: typer.Typer) -> None:
     @handle_errors
     def report_cmd(
         run_dir: RunDirArg,
-        out: Annotated[Path | None, typer.Option("--out", help="HTML file (or folder) to write \\[default: RUN_DIR/report/report.html]; its plots are also saved as PNGs beside it (RUN_DIR/report/, or NAME_files/ next to --out).")] = None,
+        out: Annotated[str | None, typer.Option("--out", help="HTML file (or folder) to write \\[default: RUN_DIR/report/report.html]; its plots are also saved as PNGs beside it (RUN_DIR/report/, or NAME_files/ next to --out).")] = None,
         predict: Annotated[bool, typer.Option("--predict/--no-predict", help="Run the exported models on validation images for the misclassified grid.")] = True,
         max_images: Annotated[int | None, typer.Option("--max-images", help="At most this many validation images are predicted \\[default: 2000].")] = None,
         grid: Annotated[int | None, typer.Option("--grid", help="At most this many misclassified images shown \\[default: 40].")] = None,
@@ -31,15 +30,18 @@ def register(app: typer.Typer) -> None:
         write_json_out(json_out, r.to_dict())
         if json_out is not None and str(json_out) == "-":
             return
-        console.print(f"[green]wrote[/] {escape(str(r.html))} ({r.bytes / 1024:,.0f} KiB, {len(r.images)} plots embedded, "
+        console.print(f"[green]wrote[/] {escape(str(r.html))} ({r.bytes / 1000:,.0f} kB, {len(r.images)} plots embedded, "
                       f"{r.seconds:.1f} s)", soft_wrap=True)
         for name, status in r.sections.items():
-            if status != "ok":
+            if status != "ok" and status not in r.warnings:  # said once, as the warning below
                 console.print(f"  [yellow]{name}[/]: {escape(str(status))}", soft_wrap=True)
         for w in r.warnings:
             console.print(f"  [yellow]warning:[/] {escape(str(w))}", soft_wrap=True)
         console.print(f"open it: {r.html.resolve().as_uri()}", soft_wrap=True, markup=False)
         from edgemap.manifest import RunDir
 
-        exported = "onnx_fp32" in RunDir.load(run_dir).artifacts
-        next_step(f"edgemap package {shq(run_dir)}" if exported else f"edgemap export {shq(run_dir)} --int8")
+        run = RunDir.load(run_dir)
+        if "onnx_fp32" not in run.artifacts:
+            next_step(f"edgemap export {shq(run_dir)} --int8")
+        elif not run.stage_done("package") and not list((run.path / "dist").glob("*.whl")):  # nothing left to suggest
+            next_step(f"edgemap package {shq(run_dir)}")

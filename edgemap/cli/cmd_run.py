@@ -31,6 +31,11 @@ def _fmt(v: Any, pct: bool = False, digits: int = 2) -> str:
     return f"{100 * v:.{digits}f}" if pct else f"{v:.{digits}f}"
 
 
+def _ms(v: Any) -> str:
+    """Three significant digits, as `edgemap bench` prints latency (0.0121 and 0.0149 ms both printed 0.01)."""
+    return "" if v is None else f"{v:.3g}"
+
+
 def summary_table(result: Any) -> Table:
     """Accuracy and batch-1 latency per runtime × precision; readable at 80 columns and in pipes (as eval/bench)."""
     table = result_table(f"edgemap run: {escape(str(result.run_dir))}",
@@ -38,7 +43,7 @@ def summary_table(result: Any) -> Table:
                          text=("runtime", "prec"))
     for r in result.summary:
         table.add_row(r["runtime"], r["precision"], _fmt(r.get("accuracy"), True), _fmt(r.get("agreement"), True),
-                      _fmt(r.get("p50_ms")), _fmt(r.get("p99_ms")), _fmt(r.get("throughput"), digits=0),
+                      _ms(r.get("p50_ms")), _ms(r.get("p99_ms")), _fmt(r.get("throughput"), digits=0),
                       escape(short_provider(r.get("provider") or "")))
     return table
 

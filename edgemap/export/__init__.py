@@ -26,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import json
+import logging
 import shlex
 import shutil
 import tempfile
@@ -36,6 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from edgemap.errors import AccuracyGateError, ExportError, Interrupted, ParityError, QuantizationError
+
+log = logging.getLogger(__name__)
 
 __all__ = ["ExportOptions", "ExportResult", "export"]
 
@@ -116,6 +119,11 @@ def _int8_plan(targets: tuple[str, ...] | None) -> dict[str, list[str]]:
             raise QuantizationError(
                 f"--targets: runtime {info.name} has no int8 path (it runs fp32); choose from {', '.join(table)}"
             )
+        if t.strip().lower() != info.name:  # openvino:GPU: the device was dropped and the gate ran on the CPU
+            raise QuantizationError(
+                f"--targets {t}: name runtimes ({', '.join(table)}), not devices: an int8 model is made for a "
+                f"runtime and runs on any of its devices; choose the device when you run it "
+                f"(edgemap eval RUN_DIR --runtime {t})")
         if info.name not in plan.get(table[info.name], []):  # cpu,cpu / openvino,openvino:GPU: one target
             plan.setdefault(table[info.name], []).append(info.name)
     return plan
@@ -142,18 +150,34 @@ def _check_options(opts: ExportOptions) -> dict[str, list[str]]:
     return _int8_plan(opts.targets)
 
 
-def _dataset(run: Any, dataset: Any) -> Any:
+def _dataset(run: Any, dataset: Any, data: str | Path | None = None) -> Any:
     if dataset is not None:
         return dataset
     if not run.data.get("dataset"):
         raise ExportError(f"{run.manifest_path}: no dataset recorded; export needs the run's validation images for the parity check")
     from edgemap.data.scan import rescan_for_run
 
-    return rescan_for_run(run.data["dataset"])
+    if data is None:
+        from edgemap.errors import DatasetError
+
+        try:
+            return rescan_for_run(run.data["dataset"])
+        except DatasetError as e:
+            if "is gone" not in str(e):
+                raise
+            raise DatasetError(f"{e}, or give its new place: edgemap export {shlex.quote(str(run.path))} "
+                               "--data DIR") from None
+    # the training dataset at another place (moved, or copied to this machine): the same files, or refused
+    scan = rescan_for_run({**run.data["dataset"], "root": str(data)})
+    was = run.data["dataset"].get("root")
+    if not was or Path(was).resolve() != scan.root.resolve():
+        log.warning("--data: the dataset is now at %s (the same files as at %s); recorded", scan.root, was)
+        run.data["dataset"] = {**run.data["dataset"], "root": str(scan.root)}  # saved with the export's records
+    return scan
 
 
 def export(run_dir: Any, opts: ExportOptions | None = None, *, dataset: Any = None, progress: Progress | None = None,
-           again: str | None = None) -> ExportResult:
+           again: str | None = None, data: str | Path | None = None) -> ExportResult:
     """Export a trained run to ONNX, check parity, and (``opts.int8``) quantize behind the gate.
 
     Args:
@@ -163,6 +187,8 @@ def export(run_dir: Any, opts: ExportOptions | None = None, *, dataset: Any = No
             ``.val`` lists of samples having ``.path`` and ``.label``); default: rescan it.
         progress: called with a short text before each step (the CLI shows it).
         again: what an interrupt's message tells to do (default: run this export again; `edgemap run` names itself).
+        data: where the run's training dataset is now (moved or copied: the same files, checked by fingerprint;
+            the new place is recorded); default: where it was trained.
 
     Returns:
         ExportResult with the paths written, the parity table and every gate attempt.
@@ -183,13 +209,13 @@ def export(run_dir: Any, opts: ExportOptions | None = None, *, dataset: Any = No
     plan = _check_options(opts)
     with run_lock(run_dir.path if isinstance(run_dir, RunDir) else Path(run_dir), "export"):
         run = run_dir if isinstance(run_dir, RunDir) else RunDir.load(run_dir)
-        result = _export_locked(run, opts, plan, dataset, progress or (lambda _msg: None), again)
+        result = _export_locked(run, opts, plan, dataset, progress or (lambda _msg: None), again, data)
     result.seconds = time.perf_counter() - t_start
     return result
 
 
 def _export_locked(run: Any, opts: ExportOptions, plan: dict[str, list[str]], dataset: Any, say: Progress,
-                   again: str | None = None) -> ExportResult:
+                   again: str | None = None, data: str | Path | None = None) -> ExportResult:
     _remove_leftovers(run.path)
     if "weights_best" not in run.artifacts:
         raise ExportError(f"{run.path}: no trained weights ('weights_best') recorded; run `edgemap finetune` first")
@@ -202,7 +228,7 @@ def _export_locked(run: Any, opts: ExportOptions, plan: dict[str, list[str]], da
             f"(epoch {best.get('epoch', '?')}, val accuracy {best.get('val_accuracy', '?')}). "
             f"Finish it with `edgemap finetune DATA --out {shlex.quote(str(run.path))} --resume`, then export again"
         )
-    ds = _dataset(run, dataset)
+    ds = _dataset(run, dataset, data)
     from edgemap.export.calibration import load_images, select_calibration, stratified
 
     calib = select_calibration(list(ds.train), opts.calib_size, opts.seed) if opts.int8 else []
@@ -300,6 +326,7 @@ def _export_fp32(run: Any, net: Any, images: Any, opts: ExportOptions, say: Prog
         err.rows = getattr(e, "rows", [])  # type: ignore[attr-defined]
         raise err from None
     run.data.get("metrics", {}).pop("parity_rejected", None)
+    (run.path / "model.rejected.onnx").unlink(missing_ok=True)  # superseded: a new model.onnx passed
     _record_parity(run, rows, opts, failed=False)
     return dest, True, rows
 
@@ -512,4 +539,6 @@ def _write_int8(run: Any, src: Path, fmt: str, targets: list[str], chosen: Any, 
                                   "evaluated_on": chosen.runtime},
                             **quant) as tmp:
         onnx.save(model, str(tmp))
+    for left in (name.replace(".onnx", ".rejected.onnx"), name.replace(".onnx", ".stale.onnx")):
+        (run.path / left).unlink(missing_ok=True)  # superseded by the model just written (kept until now to inspect)
     return dest
