@@ -124,6 +124,24 @@ def test_batch_1_and_7_match_torch(trained_run, runtime: str, precision: str) ->
         sess.run(x.astype(np.float32))
 
 
+@pytest.mark.parametrize("runtime", ["cpu", "openvino"])
+def test_a_session_is_safe_to_call_from_threads(trained_run, runtime: str) -> None:  # noqa: F811
+    """One OpenVINO infer request served every thread: "Infer Request is busy", or another thread's logits returned
+    (204 wrong of 600 calls from 8 threads) - a threaded server on the device wheel gave wrong labels."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from edgemap.artifacts import key_for
+
+    run, splits = trained_run
+    x, _ = load_arrays(splits["test"][:8], run.contract)
+    sess = S.load(run.artifact_path(key_for(runtime, "fp32")), runtime, S.SessionOptions(threads=1))
+    alone = [sess.run(x[i:i + 1])[0] for i in range(len(x))]
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda j: (j % len(x), sess.run(x[j % len(x):j % len(x) + 1])[0]), range(240)))
+    for i, logits in got:
+        np.testing.assert_allclose(logits, alone[i], rtol=1e-5, atol=1e-5)
+
+
 def test_openvino_reports_the_precision_it_computes_in(trained_run) -> None:  # noqa: F811
     run, _ = trained_run
     exact = S.load(run.artifact_path("onnx_fp32"), "openvino", S.SessionOptions(threads=1, exact=True))

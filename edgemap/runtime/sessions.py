@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -362,10 +363,16 @@ def _load_openvino(path: Path, device: str, threads: int, opts: SessionOptions, 
         devices = [device]
     devices = check_ov_devices(device, devices)
     precision = ov_compute_precision(compiled)
-    request = compiled.create_infer_request()
+    # one infer request per thread: a request runs one inference at a time, and one shared by threads ("Infer
+    # Request is busy", or another thread's logits returned) broke a threaded server built on the device wheel
+    requests = threading.local()
+    requests.request = compiled.create_infer_request()  # the loading thread's, made now (fails here, not later)
     out_port = compiled.output(0)
 
     def _run(batch: np.ndarray) -> np.ndarray:
+        request = getattr(requests, "request", None)
+        if request is None:
+            request = requests.request = compiled.create_infer_request()
         # share_inputs: no copy of the (contiguous) batch; outputs are copied (share_outputs=False)
         res = request.infer({0: batch}, share_inputs=True)
         return np.asarray(res[out_port], dtype=np.float32)
