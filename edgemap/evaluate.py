@@ -295,6 +295,12 @@ def evaluate_arrays(
     Example:
         >>> res = evaluate_arrays(RunDir.load("models/digits"), x, y, EvalOptions(runtimes=("torch", "cpu")))
     """
+    # saving: hold the run directory like `evaluate` (it wrote edgemap.json while another command held it)
+    with run_lock(run.path, "eval") if opts.save else nullcontext():
+        return _evaluate_arrays(run, images, labels, opts, data)
+
+
+def _evaluate_arrays(run: RunDir, images: np.ndarray, labels: np.ndarray, opts: EvalOptions, data: str) -> EvalResult:
     from edgemap.artifacts import recorded_sha256
     from edgemap.metrics import agreement, classification_report
 
@@ -307,6 +313,9 @@ def evaluate_arrays(
     if opts.batch < 1:
         raise DatasetError("--batch must be at least 1")
     labels = np.asarray(labels, dtype=np.int64)
+    if labels.shape != (len(images),) or (len(labels) and not 0 <= labels.min() <= labels.max() < len(classes)):
+        raise DatasetError(f"{data}: labels must be {len(images)} class indices in 0..{len(classes) - 1} "
+                           f"(one per image, in the run's class order), got shape {labels.shape}")
 
     rows: list[EvalRow] = []
     ref_logits: np.ndarray | None = None

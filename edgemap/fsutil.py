@@ -10,6 +10,7 @@ import re
 import secrets
 import stat
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -186,7 +187,16 @@ def not_writable(folder: str | Path) -> str | None:
         return None  # a missing folder and the like: the command reports that itself
 
 
-_held: dict[Path, list[Any]] = {}  # folder -> [open lock file, depth]: re-entrant within a process
+# folder -> [open lock file, depth]: re-entrant within a thread. Another thread of the same process is a second
+# writer like another process (it gets FolderBusy): a per-process count let it in, and two threads' results were lost.
+_held_by_thread = threading.local()
+
+
+def _held() -> dict[Path, list[Any]]:
+    held = getattr(_held_by_thread, "folders", None)
+    if held is None:
+        held = _held_by_thread.folders = {}
+    return held
 
 
 def _open_own_lock(folder: Path, path: Path) -> int:
@@ -228,12 +238,13 @@ def folder_lock(folder: str | Path, what: str) -> Iterator[None]:
         ...     ...
     """
     folder = Path(folder).absolute()
-    if folder in _held:
-        _held[folder][1] += 1
+    held = _held()
+    if folder in held:
+        held[folder][1] += 1
         try:
             yield
         finally:
-            _held[folder][1] -= 1
+            held[folder][1] -= 1
         return
     try:
         import fcntl
@@ -248,18 +259,21 @@ def folder_lock(folder: str | Path, what: str) -> Iterator[None]:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
-            raise FolderBusy(folder, f.read().strip()) from None
+            holder = f.read().strip()
+            if holder.startswith(f"pid {os.getpid()} "):
+                holder += " — another thread of this process"
+            raise FolderBusy(folder, holder) from None
         if os.stat(path, follow_symlinks=False).st_ino != os.fstat(f.fileno()).st_ino:  # replaced meanwhile (a
             raise FolderBusy(folder, "another edgemap process (it just renewed the lock file)")  # hard-linked copy)
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()} ({what}) since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         f.flush()
-        _held[folder] = [f, 1]
+        held[folder] = [f, 1]
         try:
             yield
         finally:
-            del _held[folder]
+            del held[folder]
             f.truncate(0)
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
     finally:

@@ -70,6 +70,27 @@ def test_a_bad_json_target_is_refused_before_any_work(tmp_path: Path, bracket_da
     assert r.exit_code == 0 and json.loads((tmp_path / "new" / "o.json").read_text())["classes"]
 
 
+def test_a_json_target_the_machine_refuses_is_one_line_exit_74(tmp_path: Path, bracket_data: Path) -> None:
+    """A folder the user may not enter crashed the option check with a PermissionError traceback (exit 1); a
+    read-only folder is a refused write (exit 74, as when the results are written), not an option mistake."""
+    import subprocess
+    import sys
+
+    from test_eval import _as_unprivileged
+
+    prefix = _as_unprivileged()
+    (tmp_path / "locked").mkdir(mode=0o000)
+    (tmp_path / "ro").mkdir(mode=0o555)
+    try:
+        for target in ("locked/x.json", "locked/sub/x.json", "ro/x.json"):
+            r = subprocess.run([*prefix, sys.executable, "-m", "edgemap", "datasets", "scan", str(bracket_data),
+                                "--json", str(tmp_path / target)], capture_output=True, text=True, timeout=120)
+            assert r.returncode == 74 and "Traceback" not in r.stderr, (target, r.stderr)
+            assert r.stderr.count("error:") == 1 and "Permission denied" in r.stderr, r.stderr
+    finally:
+        (tmp_path / "locked").chmod(0o755)
+
+
 def test_json_into_a_pipe_a_device_or_a_symlink_writes_through_it(tmp_path: Path, bracket_data: Path, capsys) -> None:  # noqa: ANN001
     """A FIFO, /dev/full or a symlink is written into, never replaced by a plain file (an atomic rename did that)."""
     import os

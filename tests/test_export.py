@@ -175,6 +175,44 @@ def test_a_moved_or_copied_dataset_is_given_with_data(trained, tmp_path) -> None
     other = write_dataset(tmp_path / "other data", n_train=4, n_val=3)
     res = CliRunner().invoke(app, ["export", str(copy), "--data", str(other)])
     assert res.exit_code == 2 and "dataset changed since training" in " ".join(res.output.split()), res.output
+    # trained with --skip-bad: the skipped file is recorded under the old place; it is still skipped at the new one
+    from edgemap.data.scan import ScanOptions, scan_dataset
+
+    (data / "train" / CLASSES[0] / "junk.png").write_bytes(b"not a png")
+    run2 = RunDir.load(copy)
+    run2.data["dataset"] = scan_dataset(data, ScanOptions(skip_bad=True)).to_manifest()
+    run2.save()
+    assert run2.data["dataset"]["skipped"]
+    moved = Path(shutil.copytree(data, tmp_path / "data moved again"))
+    res = CliRunner().invoke(app, ["export", str(copy), "--data", str(moved)])
+    assert res.exit_code == 0, res.output
+    assert RunDir.load(copy).data["dataset"]["skipped"][0][0] == str(moved.resolve() / "train" / CLASSES[0] / "junk.png")
+
+
+def test_an_interrupt_between_two_int8_formats_says_which_was_made(trained, tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """Ctrl-C after the QOperator model was written and during the QDQ gate said both old models were retired and no
+    new one was made: the QOperator model was new and recorded."""
+    import edgemap.export.quantize as q
+    from edgemap.errors import Interrupted
+
+    run, state, root = trained
+    r, _ = make_run(tmp_path / "two", root / "data", state=state)
+    export(r.path, ExportOptions(int8=True, calib_size=16, targets=("cpu", "openvino")))
+    real = q.run_gate
+
+    def stop_at_qdq(fmt, *a, **k):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if fmt == "qdq":
+            raise KeyboardInterrupt("SIGINT")
+        return real(fmt, *a, **k)
+
+    monkeypatch.setattr(q, "run_gate", stop_at_qdq)
+    with pytest.raises(Interrupted) as e:
+        export(r.path, ExportOptions(opset=13, int8=True, calib_size=16, targets=("cpu", "openvino")))
+    msg = str(e.value)
+    assert "model.int8.qoperator.onnx made, the others not" in msg, msg
+    assert "retired (model.int8.qdq.onnx → *.stale.onnx)" in msg, msg
+    after = RunDir.load(r.path)
+    assert "onnx_int8_qoperator" in after.artifacts and "onnx_int8_qdq" not in after.artifacts
 
 
 def test_run_without_weights_is_refused(trained, tmp_path) -> None:  # noqa: ANN001
@@ -217,8 +255,9 @@ def test_empty_validation_split_is_refused(trained) -> None:  # noqa: ANN001
     from edgemap.data.scan import rescan_for_run
 
     ds = rescan_for_run(run.data["dataset"])
-    with pytest.raises(ParityError, match="validation split is empty"):
+    with pytest.raises(ExportError, match="validation split is empty") as e:
         export(run.path, ExportOptions(), dataset=SimpleNamespace(train=ds.train, val=[]))
+    assert e.value.exit_code == 2 and not isinstance(e.value, ParityError)  # an input problem, not a failed check
 
 
 def test_cli_export_prints_parity_and_next_step(trained, tmp_path) -> None:  # noqa: ANN001
@@ -281,6 +320,17 @@ def test_options_are_validated_before_any_work(trained) -> None:  # noqa: ANN001
     with pytest.raises(ExportError, match="parity_batch"):
         export(run.path, ExportOptions(parity_batch=8))
     assert np.isfinite(ExportOptions().max_drop)
+    # the "always on" parity check could be switched off from Python: an unknown name was skipped, () compared
+    # nothing, and both were recorded as passed (package then shipped the model)
+    for parity, pat in ((("onnxruntime",), "unknown runtime 'onnxruntime'"), ((), "must name runtimes"),
+                        ("cpu", "must name runtimes")):
+        with pytest.raises(ExportError, match=pat):
+            export(run.path, ExportOptions(parity_runtimes=parity))
+    from edgemap.model import load_classifier
+
+    x = np.zeros((1, run.contract.height, run.contract.width, 3), np.uint8)
+    with pytest.raises(ParityError, match="no runtime could run the parity check"):  # cuda: unavailable here
+        check_parity(load_classifier(run), run.path / "model.onnx", x, ("cuda",))
 
 
 def test_new_model_failing_parity_never_replaces_the_recorded_one(trained, tmp_path) -> None:  # noqa: ANN001
@@ -435,11 +485,49 @@ def test_a_second_writer_on_the_run_directory_is_refused(exported, trained) -> N
         with pytest.raises(RunBusyError):
             evaluate(run.path, EvalOptions(runtimes=("cpu",)))
         evaluate(run.path, EvalOptions(runtimes=("cpu",), save=False))  # reading is fine
+        from edgemap.evaluate import evaluate_arrays
+
+        x = np.zeros((2, run.contract.height, run.contract.width, 3), np.uint8)
+        with pytest.raises(RunBusyError):  # it saved into edgemap.json without the lock
+            evaluate_arrays(RunDir.load(run.path), x, np.array([0, 1]), EvalOptions(runtimes=("cpu",)))
     finally:
         holder.kill()
         holder.wait()
         shutil.rmtree(run.path / ".export-work-other", ignore_errors=True)
     export(run.path, ExportOptions())  # the OS released the lock with the process
+
+
+def test_another_thread_is_a_second_writer_too(trained) -> None:  # noqa: ANN001
+    """The lock counted re-entry per process: a second thread walked in (bench and eval in two threads lost the
+    results of one, or failed with a KeyError in the lock's own bookkeeping)."""
+    import threading
+
+    from edgemap.errors import RunBusyError
+    from edgemap.manifest import run_lock
+
+    run, _, _ = trained
+    held, release, seen = threading.Event(), threading.Event(), []
+
+    def holder() -> None:
+        with run_lock(run.path, "bench"), run_lock(run.path, "bench"):  # re-entrant in its own thread
+            held.set()
+            release.wait(30)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    try:
+        assert held.wait(30)
+        try:
+            with run_lock(run.path, "eval"):
+                seen.append("entered")
+        except RunBusyError as e:
+            seen.append(str(e))
+    finally:
+        release.set()
+        t.join()
+    assert len(seen) == 1 and "another thread of this process" in seen[0], seen
+    with run_lock(run.path, "eval"):  # released by the other thread: free again
+        pass
 
 
 def test_cli_refuses_int8_options_without_int8(trained) -> None:  # noqa: ANN001

@@ -296,6 +296,15 @@ def test_pillow_warnings_name_the_image_once_each(tmp_path: Path) -> None:
     assert "TiffImagePlugin" not in r.stdout + r.stderr
     r = subprocess.run([sys.executable, "-W", "ignore", "-c", code, *files], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stderr == "", r.stderr
+    # an image refused anyway (a cut TIFF: Pillow warns "Corrupt EXIF data" first) is not said to be "used"
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(
+        buf, "TIFF", compression="tiff_adobe_deflate")
+    (tmp_path / "cut.tif").write_bytes(buf.getvalue()[:200])
+    refuse = ("import sys; from edgemap.runtime.preprocess import open_image\n"
+              "try:\n    open_image(sys.argv[1])\nexcept Exception as e:\n    print(type(e).__name__)\n")
+    r = subprocess.run([sys.executable, "-c", refuse, str(tmp_path / "cut.tif")], capture_output=True, text=True, timeout=60)
+    assert r.stdout.strip() == "ImageError" and "used as decoded" not in r.stderr, r.stdout + r.stderr
 
 
 # ---- refusals ----------------------------------------------------------------------------------

@@ -62,7 +62,13 @@ def _json_target(value: Path | None) -> Path | None:
     if owner:  # refused before any work is done
         raise typer.BadParameter(f"{value} is {owner}; the results would replace it. Give another file name")
     if value is not None and str(value) != "-":
-        problem = json_target_problem(value)
+        from edgemap.errors import OutputNotWritableError
+
+        try:
+            problem = json_target_problem(value)
+        except OutputNotWritableError as e:  # the machine refused (permissions, read-only): exit 74, as at the end
+            _say("error", str(e))
+            raise typer.Exit(code=e.exit_code) from None
         if problem:  # before the work, not after it (an export of minutes, then only this line)
             raise typer.BadParameter(problem)
     return value
@@ -73,26 +79,41 @@ _STDERR_NAMES = ("/dev/stderr", "/dev/fd/2", "/proc/self/fd/2")
 
 def json_target_problem(target: Path) -> str | None:
     """Why JSON cannot be written to ``target`` (None when it can, as far as can be known before writing):
-    a folder, a path through a file, or a folder this user cannot create files in (probed with a temp file)."""
-    import tempfile
-
-    from edgemap.fsutil import special_file
+    a folder, a path through a file, or (raised as OutputNotWritableError, exit 74) a folder this user cannot
+    search or create files in (probed with a temp file), a read-only file system."""
+    from edgemap.errors import OutputNotWritableError
 
     if str(target) in _STDERR_NAMES:
         return None
+    try:
+        return _json_target_problem(target)
+    except OSError as e:
+        if e.errno not in _ENVIRONMENT_ERRNOS:
+            return f"{target}: cannot write it ({e.strerror or e})"
+        raise OutputNotWritableError(f"--json {target}: {e.strerror or e}; {_ENVIRONMENT_ERRNOS[e.errno]}") from None
+
+
+def _json_target_problem(target: Path) -> str | None:
+    import tempfile
+
+    from edgemap.fsutil import special_file
     if target.is_dir():
         return f"{target} is a folder; give a file name (or '-' for stdout)"
     blocked = next((p for p in target.parents if p.exists() and not p.is_dir()), None)
     if blocked is not None:
         return f"{target}: {blocked} is a file, not a folder; give a path in a folder"
     if special_file(target):
-        return None if os.access(target, os.W_OK) else f"{target}: cannot write it (permission denied)"
+        if not os.access(target, os.W_OK):
+            raise OSError(errno.EACCES, f"cannot write {target} (permission denied)")
+        return None
     folder = Path(os.path.realpath(target)).parent
     if not folder.is_dir():  # made when the results are written: the nearest folder that exists must allow it
         folder = next((p for p in folder.parents if p.is_dir()), Path("/"))
     try:
         fd, probe = tempfile.mkstemp(dir=folder, prefix=".edgemap-probe-")
     except OSError as e:
+        if e.errno in _ENVIRONMENT_ERRNOS:
+            raise OSError(e.errno, f"cannot write in {folder} ({e.strerror})") from None
         return f"{target}: cannot write in {folder} ({e.strerror or e})"
     os.close(fd)
     with contextlib.suppress(OSError):

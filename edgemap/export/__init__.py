@@ -135,6 +135,16 @@ def _check_options(opts: ExportOptions) -> dict[str, list[str]]:
 
     if opts.parity_batch < 2 or opts.parity_batch % 2 == 0:
         raise ExportError(f"parity_batch must be an odd number > 1, got {opts.parity_batch}")
+    from edgemap.runtime.errors import RuntimeUnavailableError
+    from edgemap.runtime.sessions import parse_runtime
+
+    if isinstance(opts.parity_runtimes, str) or not opts.parity_runtimes:
+        raise ExportError(f"parity_runtimes must name runtimes, e.g. ('cpu', 'openvino'); got {opts.parity_runtimes!r}")
+    for rt in opts.parity_runtimes:
+        try:
+            parse_runtime(rt)
+        except RuntimeUnavailableError as e:
+            raise ExportError(f"parity_runtimes: {e}") from None
     if not opts.int8:
         return {}
     if opts.opset < MIN_INT8_OPSET:
@@ -168,12 +178,29 @@ def _dataset(run: Any, dataset: Any, data: str | Path | None = None) -> Any:
             raise DatasetError(f"{e}, or give its new place: edgemap export {shlex.quote(str(run.path))} "
                                "--data DIR") from None
     # the training dataset at another place (moved, or copied to this machine): the same files, or refused
-    scan = rescan_for_run({**run.data["dataset"], "root": str(data)})
     was = run.data["dataset"].get("root")
+    moved = {**run.data["dataset"], "root": str(data), "skipped": _rebased(run.data["dataset"].get("skipped"), was, data)}
+    scan = rescan_for_run(moved)
     if not was or Path(was).resolve() != scan.root.resolve():
         log.warning("--data: the dataset is now at %s (the same files as at %s); recorded", scan.root, was)
-        run.data["dataset"] = {**run.data["dataset"], "root": str(scan.root)}  # saved with the export's records
+        moved["root"] = str(scan.root)
+        run.data["dataset"] = moved  # saved with the export's records
     return scan
+
+
+def _rebased(skipped: Any, old_root: str | None, new_root: str | Path) -> Any:
+    """The files training skipped (unreadable, --skip-bad), as paths under the dataset's new place."""
+    if not isinstance(skipped, list) or not old_root:
+        return skipped
+    out = []
+    for item in skipped:
+        try:
+            rel = Path(item[0]).relative_to(old_root)
+        except ValueError:
+            out.append(item)
+            continue
+        out.append([str(Path(new_root).resolve() / rel), *item[1:]])
+    return out
 
 
 def export(run_dir: Any, opts: ExportOptions | None = None, *, dataset: Any = None, progress: Progress | None = None,
@@ -235,8 +262,8 @@ def _export_locked(run: Any, opts: ExportOptions, plan: dict[str, list[str]], da
     if opts.int8 and len(calib) < opts.calib_size:
         warnings.append(f"calibrated on all {len(calib)} training images (--calib-size {opts.calib_size} asks for more)")
     parity_samples = stratified(list(ds.val), opts.parity_batch, opts.seed)
-    if not parity_samples:
-        raise ParityError(f"{run.path}: the validation split is empty; the parity check needs validation images")
+    if not parity_samples:  # an input problem (exit 2), not a failed check
+        raise ExportError(f"{run.path}: the validation split is empty; the parity check needs validation images")
 
     say("loading the trained model")
     from edgemap.model import load_classifier
@@ -260,11 +287,13 @@ def _export_locked(run: Any, opts: ExportOptions, plan: dict[str, list[str]], da
         # the new model.onnx is recorded and the old int8 models are retired: the export is half done, say so
         name = e.args[0] if e.args else "SIGINT"
         run.set_stage("export", "interrupted", save=False, reason=f"{name} during int8 quantization")
-        retired = (f"the int8 models of the previous one are retired ({', '.join(sorted(result.retired.values()))} → "
-                   "*.stale.onnx) and " if result.retired else "")
+        gone = sorted(name for fmt, name in result.retired.items() if fmt not in result.int8)
+        retired = (f"the int8 models of the previous one are retired ({', '.join(gone)} → *.stale.onnx); "
+                   if gone else "")
+        made = f"{', '.join(p.name for p in result.int8.values())} made, the others not" if result.int8 else \
+            "the new int8 models were not made"
         err = Interrupted(f"interrupted by {name} during int8 quantization: model.onnx is new and recorded; {retired}"
-                          "the new int8 models were not made; "
-                          + (again or f"run `edgemap export {shlex.quote(str(run.path))} --int8` again"))
+                          f"{made}; " + (again or f"run `edgemap export {shlex.quote(str(run.path))} --int8` again"))
         err.exit_code = 143 if name == "SIGTERM" else 130
         raise err from None
     finally:

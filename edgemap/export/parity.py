@@ -145,6 +145,12 @@ def check_parity(
         rows.append(_compare(rt, 1, ref, one, atol, rtol, sess.provider))
         rows.append(_compare(rt, batch, ref, many, atol, rtol, sess.provider))
     failures = [r for r in rows if r.status == "FAIL"]
+    if not failures and not any(r.status == "ok" for r in rows):  # "always on": nothing compared is not a pass
+        err = ParityError(f"{name or onnx_path}: no runtime could run the parity check ("
+                          + ("; ".join(f"{r.runtime}: {r.note}" for r in rows) or "none named")
+                          + "); it must not be deployed unchecked: compare with at least cpu (ONNX Runtime)")
+        err.rows = rows  # type: ignore[attr-defined]
+        raise err
     if failures:
         parts = [f"{r.runtime} batch {r.batch}: {_why(r)}" for r in failures]
         err = ParityError(f"{name or onnx_path}: outputs differ from PyTorch: " + "; ".join(parts)

@@ -129,11 +129,12 @@ def open_image(source: str | Path | bytes, max_pixels: int | None = DEFAULT_MAX_
     """
     _decoding.name, _decoding.notes = _name(source), []
     try:
-        return _open_checked(source, max_pixels)
-    finally:
+        im = _open_checked(source, max_pixels)
+    finally:  # an image refused anyway is named by its error; its warnings are not reported as "used"
         notes, _decoding.name, _decoding.notes = _decoding.notes, None, []
-        if notes:
-            _report_metadata_warnings(_name(source), notes)
+    if notes:
+        _report_metadata_warnings(_name(source), notes)
+    return im
 
 
 def _open_checked(source: str | Path | bytes, max_pixels: int | None) -> Image.Image:
@@ -186,8 +187,10 @@ _PILLOW_DIR = os.path.dirname(Image.__file__) + os.sep
 #: at most this many images' warnings are reported per process (each image once: a scan and the training that
 #: follows decode it twice); then one line says more were left out
 _MAX_REPORTED = 20
-_reported: set[str] = set()
-_reported_lock = threading.Lock()
+if not hasattr(Image, "_edgemap_reported"):  # shared by the vendored copies too (each image named once)
+    Image._edgemap_reported = (set(), threading.Lock())  # type: ignore[attr-defined]
+_reported: set[str]
+_reported, _reported_lock = Image._edgemap_reported  # type: ignore[attr-defined]
 
 
 def _show_warning(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
