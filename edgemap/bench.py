@@ -40,6 +40,7 @@ from edgemap.evaluate import (
     strict_failure,
 )
 from edgemap.manifest import RunDir, now_iso, run_lock
+from edgemap.options import normalize
 
 DEFAULT_ITERS = 100
 
@@ -74,6 +75,9 @@ class BenchOptions:
     save: bool = True
     seed: int = 0
     exact: bool | None = None
+
+    def __post_init__(self) -> None:
+        normalize(self, names=("runtimes", "precisions"), numbers=("batches",))
 
 
 @dataclass

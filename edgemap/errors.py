@@ -101,9 +101,13 @@ class PackageError(EdgemapError):
     """A wheel cannot be built (bad name/version, missing artifact)."""
 
 
-class Interrupted(EdgemapError):
+class Interrupted(KeyboardInterrupt):
     """The user interrupted a stage (Ctrl-C / SIGTERM); a resumable state was saved. Exit 130, or 143 for SIGTERM
-    (``signum``), as the shell reports a process those signals ended."""
+    (``signum``), as the shell reports a process those signals ended.
+
+    A KeyboardInterrupt (with the message saying how to continue), not an EdgemapError: a script's
+    ``except EdgemapError`` (or ``except Exception``) around a sweep must not swallow the user's Ctrl-C.
+    """
 
     exit_code = 130
 

@@ -28,6 +28,7 @@ import numpy as np
 
 from edgemap.errors import DatasetError, EdgemapError, ManifestError, ModelFormatError, RuntimeUnavailableError
 from edgemap.manifest import RunDir, now_iso, run_lock
+from edgemap.options import normalize
 
 REFERENCE = "torch"
 ALL_RUNTIMES = ("torch", "cpu", "cuda", "tensorrt", "openvino")
@@ -64,6 +65,9 @@ class EvalOptions:
     exact: bool | None = None
     max_pixels: int | None = None
     skip_bad: bool = False
+
+    def __post_init__(self) -> None:
+        normalize(self, names=("runtimes", "precisions"))
 
 
 @dataclass

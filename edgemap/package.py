@@ -480,11 +480,11 @@ def _check_wheel(whl: Path, module: str, model_sha: str | None) -> None:
                 raise PackageError(f"{whl.name}: the embedded model differs from the exported artifact")
 
 
-def package(run_dir: str | Path | None, opts: PackageOptions | None = None) -> PackageResult:
+def package(run_dir: str | Path | RunDir | None, opts: PackageOptions | None = None) -> PackageResult:
     """Build the device wheel of a run (or the generic ``edgemap-runtime`` wheel).
 
     Args:
-        run_dir: the run directory (ignored, and may be None, with ``runtime_only``).
+        run_dir: the run directory or its RunDir (ignored, and may be None, with ``runtime_only``).
         opts: PackageOptions.
 
     Returns:
@@ -500,6 +500,8 @@ def package(run_dir: str | Path | None, opts: PackageOptions | None = None) -> P
         'pip install models/digits/dist/digits_classifier-0.1.0-py3-none-any.whl'
     """
     opts = opts or PackageOptions()
+    if isinstance(run_dir, RunDir):  # as export, evaluate, bench and report take it
+        run_dir = run_dir.path
     runtime = (opts.runtime or "onnxruntime").strip().lower()
     if runtime not in WHEEL_RUNTIMES:
         raise PackageError(f"--runtime {opts.runtime!r}: choose {' or '.join(WHEEL_RUNTIMES)}")

@@ -74,6 +74,9 @@ class ReportOptions:
     dpi: int = 110
 
     def validate(self) -> None:
+        from edgemap.options import normalize
+
+        normalize(self)  # threads
         if self.max_images < 1:
             raise ManifestError(f"--max-images must be >= 1, got {self.max_images}")
         if self.grid < 0:

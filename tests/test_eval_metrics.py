@@ -77,3 +77,21 @@ def test_matches_sklearn_on_random_labels() -> None:
 def test_bad_inputs_raise(call) -> None:  # noqa: ANN001
     with pytest.raises(ValueError):
         call()
+
+
+def test_options_from_python_take_a_name_for_a_tuple_and_check_threads() -> None:
+    """EvalOptions(runtimes="cpu") ran runtimes 'c' and 'p' ("unknown runtime 'c'"), BenchOptions(batches=1) was a
+    TypeError, threads=-1 a raw torch RuntimeError or a ParityError blaming OpenVINO."""
+    from edgemap.bench import BenchOptions
+    from edgemap.errors import EdgemapError
+    from edgemap.evaluate import EvalOptions
+    from edgemap.export import ExportOptions
+
+    assert EvalOptions(runtimes="cpu, openvino").runtimes == ("cpu", "openvino")
+    assert EvalOptions(precisions=["int8"]).precisions == ("int8",)
+    assert BenchOptions(batches=1).batches == (1,) and BenchOptions(batches="1,8").batches == (1, 8)
+    assert ExportOptions(targets="cpu").targets == ("cpu",) and ExportOptions().targets is None
+    for make in (lambda: EvalOptions(threads=-1), lambda: BenchOptions(threads=0), lambda: ExportOptions(threads=1.5),
+                 lambda: BenchOptions(batches="one")):
+        with pytest.raises(EdgemapError, match="threads|batches"):
+            make()

@@ -260,6 +260,34 @@ def test_epochs_below_the_default_freeze_epochs_just_trains(digits: Path, tmp_pa
     assert r.exit_code == 2 and "--freeze-epochs 2 exceeds --epochs 1" in r.output  # given: still refused
 
 
+@pytest.mark.parametrize("bad", [dict(dropout=1.5), dict(label_smoothing=2.0), dict(weight_decay=-1.0),
+                                 dict(crop_scale=(0.0, 5.0)), dict(bn_momentum=0.0), dict(warmup_epochs=float("nan"))])
+def test_python_options_are_checked_before_a_run_directory_is_made(digits: Path, tmp_path: Path, bad: dict) -> None:
+    """From Python, dropout=1.5 or label_smoothing=2 failed inside torch (ValueError/RuntimeError, not an
+    EdgemapError) after the run directory was made and left "running"."""
+    from edgemap.errors import TrainingError
+    from edgemap.train.finetune import FinetuneOptions, finetune
+
+    with pytest.raises(TrainingError, match="must be"):
+        finetune(digits, tmp_path / "run", FinetuneOptions(backbone="tiny", img_size=32, epochs=1, freeze_epochs=0, **bad))
+    assert not (tmp_path / "run").exists()
+
+
+def test_finetune_gives_back_the_callers_torch_threads(digits: Path, tmp_path: Path) -> None:
+    import torch
+
+    from edgemap.train.finetune import FinetuneOptions, finetune
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        finetune(digits, tmp_path / "run", FinetuneOptions(backbone="tiny", img_size=32, epochs=1, freeze_epochs=1,
+                                                             threads=2))
+        assert torch.get_num_threads() == 1  # finetune's --threads 2 stayed set for the whole process
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_augment_keeps_shape_and_is_seeded() -> None:
     x = torch.randn(4, 3, 16, 16)
     a = augment(x, torch.Generator().manual_seed(1), (0.5, 1.0), True)
@@ -334,8 +362,14 @@ def test_a_second_ctrl_c_marks_the_run_interrupted_and_says_resume(digits: Path,
                 raise KeyboardInterrupt
 
     out = tmp_path / "twice"
+    from edgemap.errors import EdgemapError
+
     with pytest.raises(Interrupted, match="interrupted twice: stopped at once.*Resume with: .*--resume"):
-        finetune(digits, out, FinetuneOptions(**TINY), reporter=SecondCtrlC())
+        try:
+            finetune(digits, out, FinetuneOptions(**TINY), reporter=SecondCtrlC())
+        except EdgemapError:  # a script's sweep loop (`except EdgemapError: continue`) swallowed the user's Ctrl-C
+            pytest.fail("the interrupt was caught as an EdgemapError")
+    assert issubclass(Interrupted, KeyboardInterrupt) and not issubclass(Interrupted, Exception)
     assert RunDir.load(out).data["stages"]["finetune"]["status"] == "interrupted"
     assert finetune(digits, out, FinetuneOptions(**TINY), resume=True).epochs_run == 3
 

@@ -551,3 +551,16 @@ def test_contract_round_trip_and_validation() -> None:
             PreprocessContract(8, 8, **bad)
     with pytest.raises(ImageError, match="invalid preprocessing contract"):
         PreprocessContract.from_dict({"width": 8})
+
+
+def test_not_an_image_type_is_an_image_error() -> None:
+    """predict(5) / predict(None) said "'int' object has no attribute 'read'"; a dict was read as a list of paths."""
+    from edgemap.runtime import Classifier  # importable from the package, as the device wheel has it
+    from edgemap.runtime.classifier import _as_list
+
+    assert Classifier.__name__ == "Classifier"
+    for bad in (5, None, 2.5):
+        with pytest.raises(ImageError, match="is not an image"):
+            preprocess(bad, PreprocessContract(8, 8))  # type: ignore[arg-type]
+    with pytest.raises(ImageError, match="a dict is not an image"):
+        _as_list({"a.jpg": 1})  # type: ignore[arg-type]

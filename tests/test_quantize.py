@@ -161,6 +161,32 @@ def test_calibration_set_empty_or_too_small_is_a_clear_error(trained) -> None:  
         export(run.path, ExportOptions(int8=True, calib_size=4))
 
 
+def test_quantizing_silences_the_quantizer_only(capsys) -> None:  # noqa: ANN001
+    """export --int8 from a script: the quantizer's root-logger warning installed a root handler (the caller's
+    logging.basicConfig then did nothing), and stdout was swapped for every thread (a server's prints vanished)."""
+    import logging
+    import threading
+
+    from edgemap.export.calibration import quiet
+
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    root.handlers.clear()  # a script that has not configured logging (pytest installs its own handlers)
+    try:
+        with quiet():
+            print("from the quantizer")
+            t = threading.Thread(target=lambda: print("from another thread"))
+            t.start()
+            t.join()
+            logging.warning("a root warning")  # what onnxruntime.quantization calls; basicConfig when no handler
+            logging.getLogger("onnxruntime.quantization.base").warning("noise")
+        assert root.handlers == []  # the application can still configure logging
+    finally:
+        root.handlers[:] = saved
+    out = capsys.readouterr().out
+    assert "from another thread" in out and "from the quantizer" not in out
+
+
 def test_gate_failure_exits_nonzero_with_table_and_leaves_artifacts_untouched(trained) -> None:  # noqa: ANN001
     """Flat-grey calibration images + --max-drop 0: every fallback fails; nothing good is overwritten."""
     from edgemap.cli import app

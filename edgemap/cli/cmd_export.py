@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -53,15 +52,6 @@ def gate_table(attempts: list[Any], max_drop: float) -> Table:
     return table
 
 
-def _result_json(result: Any) -> dict[str, Any]:
-    return {
-        "onnx": str(result.onnx_path), "rewritten": result.rewritten,
-        "parity": [r.to_dict() for r in result.parity],
-        "int8": {k: str(v) for k, v in result.int8.items()},
-        "gate": [dataclasses.asdict(a) for a in result.gate], "warnings": result.warnings,
-    }
-
-
 def register(app: typer.Typer) -> None:
     @app.command("export")
     @handle_errors
@@ -94,7 +84,7 @@ def register(app: typer.Typer) -> None:
             except AccuracyGateError as e:
                 status.stop()
                 if getattr(e, "result", None) is not None:
-                    write_json_beside_error(json_out, {**_result_json(e.result), "error": str(e)})  # type: ignore[attr-defined]
+                    write_json_beside_error(json_out, {**e.result.to_dict(), "error": str(e)})  # type: ignore[attr-defined]
                 if json_out is None or str(json_out) != "-":
                     console.print(gate_table(e.attempts, opts.max_drop))
                 raise
@@ -105,7 +95,7 @@ def register(app: typer.Typer) -> None:
                 if rows and (json_out is None or str(json_out) != "-"):
                     console.print(parity_table(rows))
                 raise
-        write_json_out(json_out, _result_json(result))
+        write_json_out(json_out, result.to_dict())
         for note in result.warnings:
             err_console.print(f"[yellow]warning:[/] {escape(note)}")
         if json_out is not None and str(json_out) == "-":

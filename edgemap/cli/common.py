@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from edgemap.errors import EdgemapError
+from edgemap.errors import EdgemapError, Interrupted
 
 
 def visible(text: str) -> str:
@@ -150,6 +150,11 @@ def handle_errors(fn: F) -> F:
                 sys.stdout.flush()  # a reader that went away (| head) is found here, not in click's exit (exit 1)
                 return result
         except EdgemapError as e:
+            if os.environ.get("EDGEMAP_DEBUG"):
+                raise
+            _say("error", str(e))
+            raise typer.Exit(code=e.exit_code) from None
+        except Interrupted as e:  # a stage that saved its state: its message says how to continue
             if os.environ.get("EDGEMAP_DEBUG"):
                 raise
             _say("error", str(e))

@@ -81,6 +81,11 @@ class ExportOptions:
     threads: int | None = None
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        from edgemap.options import normalize
+
+        normalize(self, names=("targets", "parity_runtimes"))
+
 
 @dataclass
 class ExportResult:
@@ -95,6 +100,18 @@ class ExportResult:
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)  # things the user should know (the CLI prints them)
     retired: dict[str, str] = field(default_factory=dict)  # format -> int8 file of the previous model.onnx, now *.stale.onnx
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able, as ``edgemap export --json`` writes it."""
+        from dataclasses import asdict
+
+        return {
+            "onnx": str(self.onnx_path), "rewritten": self.rewritten,
+            "parity": [r.to_dict() for r in self.parity],
+            "int8": {k: str(v) for k, v in self.int8.items()},
+            "gate": [asdict(a) for a in self.gate], "warnings": self.warnings,
+            "retired": dict(self.retired), "seconds": round(self.seconds, 3),
+        }
 
 
 def _int8_plan(targets: tuple[str, ...] | None) -> dict[str, list[str]]:
@@ -138,7 +155,7 @@ def _check_options(opts: ExportOptions) -> dict[str, list[str]]:
     from edgemap.runtime.errors import RuntimeUnavailableError
     from edgemap.runtime.sessions import parse_runtime
 
-    if isinstance(opts.parity_runtimes, str) or not opts.parity_runtimes:
+    if not opts.parity_runtimes:
         raise ExportError(f"parity_runtimes must name runtimes, e.g. ('cpu', 'openvino'); got {opts.parity_runtimes!r}")
     for rt in opts.parity_runtimes:
         try:

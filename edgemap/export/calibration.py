@@ -14,6 +14,8 @@ import contextlib
 import io
 import logging
 import random
+import sys
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -105,17 +107,54 @@ class ImageReader:
         self._it = iter(self.paths)
 
 
+class _MutedInThisThread(io.TextIOBase):
+    """sys.stdout while quantizing: this thread's prints (onnxruntime.quantization's) are dropped, every other
+    thread's go to the real stdout (contextlib.redirect_stdout dropped a whole application's output)."""
+
+    def __init__(self, real: Any):
+        super().__init__()
+        self.real, self.thread = real, threading.get_ident()
+
+    def write(self, text: str) -> int:
+        return len(text) if threading.get_ident() == self.thread else self.real.write(text)
+
+    def flush(self) -> None:
+        self.real.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+class _FromQuantizer(logging.Filter):
+    """Drops the records onnxruntime.quantization logs on the root logger (``logging.warning(...)``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "onnxruntime" not in record.pathname.replace("\\", "/").split("/")
+
+
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
-    """Silence onnxruntime.quantization's prints and root-logger warnings."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
+    """Silence onnxruntime.quantization's prints and log warnings, and nothing else: the caller's logging keeps its
+    level and handlers (the quantizer's ``logging.warning`` would add a root handler when there is none, after which
+    an application's ``logging.basicConfig`` did nothing), and other threads keep their stdout."""
+    root, ort = logging.getLogger(), logging.getLogger("onnxruntime")
+    level = ort.level
+    guard = logging.NullHandler() if not root.handlers else None  # no handlers: logging.warning() calls basicConfig
+    drop = _FromQuantizer()
+    if guard:
+        root.addHandler(guard)
+    root.addFilter(drop)
+    ort.setLevel(logging.ERROR)
+    stdout = sys.stdout
+    sys.stdout = _MutedInThisThread(stdout)
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield
+        yield
     finally:
-        root.setLevel(level)
+        sys.stdout = stdout
+        ort.setLevel(level)
+        root.removeFilter(drop)
+        if guard:
+            root.removeHandler(guard)
 
 
 def calibrate(

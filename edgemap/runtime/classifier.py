@@ -90,6 +90,9 @@ def _as_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
         return list(images)  # an (N, H, W, C) batch
     if isinstance(images, (list, tuple)):
         return list(images)
+    if isinstance(images, dict):  # its keys are not a list of images
+        raise ImageError("a dict is not an image or a sequence of images: give a path, bytes, a PIL image, an array, "
+                         "or a list of them")
     if isinstance(images, (str, bytes, bytearray, memoryview, Path, np.ndarray)) or hasattr(images, "getpixel") \
             or hasattr(images, "read") \
             or not isinstance(images, Iterable):

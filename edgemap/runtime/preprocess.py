@@ -342,8 +342,11 @@ def preprocess(
         except (OSError, ValueError, SyntaxError, EOFError) as e:
             name = getattr(image, "filename", "") or "<PIL image>"
             raise ImageError(f"{name}: not a readable image ({type(e).__name__}: {e})") from e
-    else:
+    elif isinstance(image, (str, os.PathLike, bytes, bytearray, memoryview)) or hasattr(image, "read"):
         im = open_image(bytes(image) if isinstance(image, (bytearray, memoryview)) else image, max_pixels=max_pixels)
+    else:  # 5, None, a dict: said as such, not "'int' object has no attribute 'read'"
+        raise ImageError(f"{type(image).__name__} is not an image: give a path, bytes, a file object, a PIL image "
+                         "or a uint8 array")
     return resize_crop(im, contract)
 
 

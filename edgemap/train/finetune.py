@@ -124,7 +124,24 @@ class FinetuneOptions:
         if self.seed >= 2**63:
             raise TrainingError(f"--seed {self.seed}: must be < 2**63")
         if self.freeze_epochs > self.epochs:
-            raise TrainingError(f"--freeze-epochs {self.freeze_epochs} exceeds --epochs {self.epochs}")
+            raise TrainingError(f"--freeze-epochs {self.freeze_epochs} exceeds --epochs {self.epochs}: give "
+                                f"--freeze-epochs (freeze_epochs=) {self.epochs} or less")
+        for name, val, ok, rule in (
+            ("dropout", self.dropout, 0 <= self.dropout < 1, "in [0, 1)"),
+            ("label-smoothing", self.label_smoothing, 0 <= self.label_smoothing < 1, "in [0, 1)"),
+            ("weight-decay", self.weight_decay, self.weight_decay >= 0, ">= 0"),
+            ("backbone-lr-mult", self.backbone_lr_mult, self.backbone_lr_mult >= 0, ">= 0"),
+            ("bn-momentum", self.bn_momentum, 0 < self.bn_momentum <= 1, "in (0, 1]"),
+            ("warmup-epochs", self.warmup_epochs, self.warmup_epochs >= 0, ">= 0"),
+            ("crop-pct", self.crop_pct, 0 < self.crop_pct <= 1, "in (0, 1]"),
+            ("checkpoint-seconds", self.checkpoint_seconds, self.checkpoint_seconds > 0, "> 0"),
+            ("checkpoint-every", self.checkpoint_every, self.checkpoint_every >= 0, ">= 0"),
+        ):
+            if not (ok and math.isfinite(val)):  # torch's own error came after the run directory was made
+                raise TrainingError(f"{name} {val}: must be {rule}")
+        lo_hi = tuple(self.crop_scale) if isinstance(self.crop_scale, list | tuple) else ()
+        if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1] <= 1:
+            raise TrainingError(f"crop_scale {self.crop_scale!r}: must be (low, high) with 0 < low <= high <= 1")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise TrainingError(f"--lr {self.lr}: must be a positive number")
         if not 0.0 < self.val_split < 1.0:
@@ -345,6 +362,7 @@ def finetune(data: str | Path, out: str | Path, opts: FinetuneOptions | None = N
     if dist.active and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)
+    caller_threads = torch.get_num_threads()  # the caller's, given back when done (a notebook's later torch work)
     torch.set_num_threads(opts.threads or max(1, physical_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
     rep = (reporter or _Reporter()) if dist.main else _Reporter()
     try:
@@ -382,6 +400,8 @@ def finetune(data: str | Path, out: str | Path, opts: FinetuneOptions | None = N
             try:
                 trainer = _Trainer(run, scan, opts, contract, device, dist, rep, hint, stop)
                 return trainer.fit(state, t_start)
+            except Interrupted:  # the first Ctrl-C, state saved: said as it is
+                raise
             except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, the last saved state is what resumes
                 if not dist.main or run is None:
                     raise
@@ -394,6 +414,7 @@ def finetune(data: str | Path, out: str | Path, opts: FinetuneOptions | None = N
                                   "(without --resume)") from None
     finally:
         dist.close()
+        torch.set_num_threads(caller_threads)
 
 
 def _resume_hint(data: str | Path, out: Path, dist: Any) -> str:
