@@ -25,8 +25,9 @@ def normalize(obj: Any, names: tuple[str, ...] = (), numbers: tuple[str, ...] = 
         try:
             value = tuple(int(v) for v in value)
         except (TypeError, ValueError):
-            raise EdgemapError(f"{name} {getattr(obj, name)!r}: must be whole numbers, e.g. (1, 8)") from None
+            flag = {"batches": "batch"}.get(name, name)  # as the CLI option is spelled
+            raise EdgemapError(f"--{flag} {getattr(obj, name)!r}: must be whole numbers, e.g. 1,8") from None
         object.__setattr__(obj, name, value)
     threads = getattr(obj, "threads", None)
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
-        raise EdgemapError(f"threads {threads!r}: must be a positive whole number (or None for the physical cores)")
+        raise EdgemapError(f"--threads {threads!r}: must be a positive whole number (leave it out for the physical cores)")

@@ -78,9 +78,13 @@ def test_seconds_mode_and_option_checks(trained_run) -> None:  # noqa: F811
                                    save=False))
     assert rows[0].status == "ok" and rows[0].iters >= 1 and rows[0].batch == 2
     for bad in (BenchOptions(iters=5, seconds=1.0), BenchOptions(iters=0), BenchOptions(batches=(0,)),
-                BenchOptions(threads=0), BenchOptions(warmup=-1)):
+                BenchOptions(warmup=-1)):
         with pytest.raises(RuntimeUnavailableError):
             bench(run, bad)
+    from edgemap.errors import EdgemapError
+
+    with pytest.raises(EdgemapError, match="--threads 0: must be a positive whole number"):  # when the options are made
+        BenchOptions(threads=0)
     with pytest.raises(RuntimeUnavailableError, match="--strict") as e:
         bench(run, BenchOptions(runtimes=("openvino:NOSUCH",), precisions=("fp32",), batches=(1, 2), iters=1,
                                 strict=True, save=False))
