@@ -589,6 +589,8 @@ class _Trainer:
         # epoch's metrics.jsonl line counts the steps before the interruption too
         sums = list(info.get("epoch_sums") or [0.0, 0.0, 0.0]) if info["step"] else [0.0, 0.0, 0.0]
         t_epoch = time.perf_counter()
+        t_shown, n_shown = t_epoch, 0.0  # the bar's img/s: this process's images and time in this epoch (the sums
+        # also hold the steps before a resume, and t_epoch restarts at each mid-epoch checkpoint: ~200x too high)
         net.train()
         if head_only:
             net.backbone.eval()
@@ -617,8 +619,9 @@ class _Trainer:
             info["step"] += 1
             info["global_step"] += 1
             info["images_seen"] += int(red[2])
-            elapsed = time.perf_counter() - t_epoch
-            self.rep.advance(1, loss=sums[0] / sums[2], acc=sums[1] / sums[2], ips=sums[2] / max(elapsed, 1e-9))
+            n_shown += red[2]
+            self.rep.advance(1, loss=sums[0] / sums[2], acc=sums[1] / sums[2],
+                             ips=n_shown / max(time.perf_counter() - t_shown, 1e-9))
             due = opts.checkpoint_every and info["global_step"] % opts.checkpoint_every == 0
             if due or time.monotonic() - self.last_save > opts.checkpoint_seconds:
                 info["train_seconds"] += time.perf_counter() - t_epoch
