@@ -107,10 +107,11 @@ class EvalResult:
     data: str
     n: int
     notes: list[str] = field(default_factory=list)  # e.g. why agreement is blank
+    own_data: bool = False  # measured on the run's own held-out split (not a --data folder)
 
     def to_dict(self) -> dict[str, Any]:
         return {"data": self.data, "n": self.n, "classes": self.classes, "rows": [r.to_dict() for r in self.rows],
-                "notes": list(self.notes)}
+                "notes": list(self.notes), "own_data": self.own_data}
 
 
 # ---- torch reference runtime ------------------------------------------------------------
@@ -292,7 +293,8 @@ def _within(precision: str, n: int, agreement: float, acc: float, ref_acc: float
 
 
 def evaluate_arrays(
-    run: RunDir, images: np.ndarray, labels: np.ndarray, opts: EvalOptions = EvalOptions(), data: str = "<arrays>"
+    run: RunDir, images: np.ndarray, labels: np.ndarray, opts: EvalOptions = EvalOptions(), data: str = "<arrays>",
+    own_data: bool = False,
 ) -> EvalResult:
     """Evaluate already-preprocessed uint8 (N, H, W, 3) images with labels in the run's class order.
 
@@ -301,10 +303,11 @@ def evaluate_arrays(
     """
     # saving: hold the run directory like `evaluate` (it wrote edgemap.json while another command held it)
     with run_lock(run.path, "eval") if opts.save else nullcontext():
-        return _evaluate_arrays(run, images, labels, opts, data)
+        return _evaluate_arrays(run, images, labels, opts, data, own_data)
 
 
-def _evaluate_arrays(run: RunDir, images: np.ndarray, labels: np.ndarray, opts: EvalOptions, data: str) -> EvalResult:
+def _evaluate_arrays(run: RunDir, images: np.ndarray, labels: np.ndarray, opts: EvalOptions, data: str,
+                     own_data: bool = False) -> EvalResult:
     from edgemap.artifacts import recorded_sha256
     from edgemap.metrics import agreement, classification_report
 
@@ -369,8 +372,14 @@ def _evaluate_arrays(run: RunDir, images: np.ndarray, labels: np.ndarray, opts: 
         bad = [r for r in rows if r.status != "ok"]
         if bad:
             raise RuntimeUnavailableError(strict_failure([(f"{r.runtime}/{r.precision}", r.status, r.reason) for r in bad]))
-    result = EvalResult(rows=rows, classes=classes, data=data, n=int(len(images)), notes=notes)
+    result = EvalResult(rows=rows, classes=classes, data=data, n=int(len(images)), notes=notes, own_data=own_data)
     if opts.save and not nothing_ran([r.status for r in rows], "eval"):
+        before = run.data.get("metrics", {}).get("eval")
+        if isinstance(before, dict) and before.get("data") not in (None, data):  # the card and report show the latest
+            result.notes.append(
+                f"the stored results on {before['data']} were replaced by these; the model card, the report and "
+                "`edgemap run` show these now" + ("" if own_data else
+                f" (`edgemap eval {shlex.quote(str(run.path))}` measures the run's own held-out split again)"))
         stored = result.to_dict()
         stored["rows"] = merged_rows(kept_rows(run.data.get("metrics", {}).get("eval"), stored, ("runtime", "precision"),
                                                same=("data", "n")), stored["rows"])
@@ -468,4 +477,4 @@ def evaluate(run_dir: str | Path | RunDir, opts: EvalOptions = EvalOptions()) ->
         paths, labels, where = load_samples(run, opts.data, opts.max_pixels, opts.skip_bad)
         limit = opts.max_pixels if opts.max_pixels is not None else run.max_pixels
         images = preprocess_batch(paths, run.contract, limit)  # once, reused by every runtime
-        return evaluate_arrays(run, images, labels, opts, data=where)
+        return evaluate_arrays(run, images, labels, opts, data=where, own_data=opts.data is None)

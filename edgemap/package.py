@@ -106,7 +106,9 @@ class PackageResult:
 
     @property
     def pip_install(self) -> str:
-        return f"pip install {shlex.quote(str(self.wheel))}"
+        """The install command; with --force-reinstall when this build replaced a same-version wheel of other
+        contents (pip keeps a version it already installed)."""
+        return f"pip install {'--force-reinstall ' if self.replaced else ''}{shlex.quote(str(self.wheel))}"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -312,7 +314,7 @@ _MD_SPECIAL = re.compile(r"([\\`*_\[\]<>#|!&{}()~])")
 def _fmt(v: Any) -> str:
     """A value as literal markdown text (one line, markdown/HTML characters escaped)."""
     if isinstance(v, float):
-        return f"{v:.4g}"
+        return f"{v:.0f}" if abs(v) >= 1e4 else f"{v:.4g}"  # 33450 img/s, not 3.345e+04
     if v is None:
         return "—"
     if isinstance(v, (bool, int)):
@@ -335,6 +337,20 @@ def _table(rows: list[dict[str, Any]], preferred: tuple[str, ...], max_cols: int
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(r.get(k)) for k in cols) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def _as_percent(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Eval rows as the CLI and the report show them: percentages, and ✗ where agreement left the tolerance."""
+    out = []
+    for r in rows:
+        row = dict(r)
+        for key in ("accuracy", "top5", "agreement"):
+            v = r.get(key)
+            row[f"{key} %"] = round(100 * v, 2) if isinstance(v, int | float) and not isinstance(v, bool) else v
+        if r.get("within_tolerance") is False:
+            row["agreement %"] = f"{row['agreement %']} ✗"
+        out.append(row)
+    return out
 
 
 def _known_format(fmt: Any, key: str) -> str:
@@ -391,15 +407,19 @@ def model_card(run: RunDir | None, info: dict[str, Any], name: str, version: str
                         for r in ev if r.get("per_class")), None)
         part = f", {covered} of {len(info['classes'])} classes" if covered and covered < len(info["classes"]) else ""
         lines += [f"Measured on {_fmt(_data_name(str(where)))}{part}.", ""]
-    lines += [_table(ev, ("runtime", "precision", "n", "accuracy", "top5", "macro_f1", "agreement", "provider", "status")) if ev
+    lines += [_table(_as_percent(ev), ("runtime", "precision", "n", "accuracy %", "top5 %", "macro_f1",
+                                       "agreement %", "provider", "status")) if ev
               else "not measured (run `edgemap eval RUN_DIR` before packaging)"]
+    if any(r.get("within_tolerance") is False for r in ev):
+        lines += ["", "✗: predictions agree with the PyTorch reference less than edgemap's tolerance allows "
+                      "(see edgemap's README, Eval tolerances)."]
     lines += _left_out(ev_old, "eval")
     lines += ["", "## Latency (`edgemap bench`)", ""]
     threads = (metrics.get("bench") or {}).get("threads") if isinstance(metrics.get("bench"), dict) else None
     if bench and threads:
         lines += [f"{threads} intra-op thread(s), on the machine that ran `edgemap bench`.", ""]
     lines += [_table(bench, ("runtime", "precision", "inference_precision", "batch", "p50_ms", "p90_ms", "p99_ms",
-                             "throughput", "provider", "status"), max_cols=10)
+                             "throughput", "mode", "provider", "status"), max_cols=11)
               if bench else "not measured (run `edgemap bench RUN_DIR` before packaging)"]
     lines += _left_out(bench_old, "bench")
     lines += [

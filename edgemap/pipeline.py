@@ -73,6 +73,8 @@ class RunResult:
     report: str | None
     seconds: float
     unavailable: list[tuple[str, str]] = field(default_factory=list)  # runtimes eval could not run, and why
+    eval_data: str | None = None  # what the accuracies were measured on (folder, split, images)
+    wheel_replaced: bool = False  # this run rebuilt a same-version wheel with other contents
 
     @property
     def did_nothing(self) -> bool:
@@ -83,6 +85,7 @@ class RunResult:
             "run_dir": str(Path(self.run_dir).absolute()), "seconds": round(self.seconds, 2), "did_nothing": self.did_nothing,
             "stages": [vars(s) for s in self.stages], "summary": self.summary, "artifacts": self.artifacts,
             "wheel": self.wheel, "report": self.report, "unavailable": [list(u) for u in self.unavailable],
+            "eval_data": self.eval_data,
         }
 
 
@@ -102,6 +105,10 @@ def _finished(run_path: Path, stage: str, opts: RunOptions) -> bool:
             return False  # exported by hand without --int8 (or its int8 models were retired)
         for key in int8:
             run.artifact_path(key)
+    if stage == "eval" and opts.eval.data is None:
+        stored = (run.data.get("metrics") or {}).get("eval")
+        if isinstance(stored, dict) and stored.get("own_data") is False:
+            return False  # an `edgemap eval --data OTHER` replaced the run's own results: measure them again
     if stage in ("package", "report"):
         made = info.get("wheel" if stage == "package" else "html")
         if not made or not _resolve(run_path, made).is_file():
@@ -278,6 +285,7 @@ def run_pipeline(data: str | Path, out: str | Path, opts: RunOptions = RunOption
     t0 = time.perf_counter()
     outcomes: list[StageOutcome] = []
     wheel = report_path = None
+    wheel_replaced = False
     with contextlib.ExitStack() as held:
         # one writer per run directory (manifest.run_lock); the stages' own locks nest inside this one
         held_lock = (out / MANIFEST_NAME).is_file()
@@ -352,7 +360,7 @@ def run_pipeline(data: str | Path, out: str | Path, opts: RunOptions = RunOption
                         detail = f"{sum(r.status == 'ok' for r in rows)} rows"
                     elif stage == "package":
                         res = package(out, opts.package)
-                        wheel = str(res.wheel)
+                        wheel, wheel_replaced = str(res.wheel), res.replaced
                         detail = f"{res.wheel.name} ({res.wheel_bytes / 1e6:.2f} MB, {res.precision})"
                     elif stage == "report":
                         from edgemap.report import ReportOptions, report
@@ -383,6 +391,7 @@ def run_pipeline(data: str | Path, out: str | Path, opts: RunOptions = RunOption
         return RunResult(
             run_dir=out, stages=outcomes, summary=summarize(run), artifacts=_artifact_rows(run), wheel=wheel,
             report=report_path, seconds=time.perf_counter() - t0, unavailable=_unavailable(run),
+            eval_data=((run.data.get("metrics") or {}).get("eval") or {}).get("data"), wheel_replaced=wheel_replaced,
         )
 
 
@@ -441,7 +450,7 @@ def summarize(run: RunDir) -> list[dict[str, Any]]:
         if isinstance(r, dict) and r.get("status", "ok") == "ok":
             rows[(r["runtime"], r["precision"])] = {
                 "runtime": r["runtime"], "precision": r["precision"], "accuracy": r.get("accuracy"),
-                "agreement": r.get("agreement"), "n": r.get("n"),
+                "agreement": r.get("agreement"), "n": r.get("n"), "within_tolerance": r.get("within_tolerance"),
             }
     for r in bench_rows or []:
         if isinstance(r, dict) and r.get("status", "ok") == "ok" and r.get("batch") == 1:

@@ -70,8 +70,11 @@ def test_registry_lists_all_and_cli_table() -> None:
     r = CliRunner().invoke(app, ["backbones"], env={"COLUMNS": "200"})
     assert r.exit_code == 0
     assert "efficientnet_lite0" in r.output and "224px" in r.output
-    # the ImageNet crop is labelled as such; fine-tuned runs resize the whole image (the run records crop 1.0)
-    assert "ImageNet preprocessing" in r.output and "resize the whole image (crop 1.0)" in " ".join(r.output.split())
+    # the ImageNet crop is labelled as such; fine-tuned runs keep no crop margin (crop 1.0) but still center-crop the
+    # longer side to a square (the note said "your photos' edges stay in": a 16:9 photo loses 44 % of its width)
+    said = " ".join(r.output.split())
+    assert "ImageNet preprocessing" in r.output and "crop margin (crop 1.0)" in said
+    assert "longer side is center-cropped" in said and "edges stay in" not in said
     r = CliRunner().invoke(app, ["backbones", "--json", "-"])
     rows = {row["name"]: row for row in json.loads(r.stdout)}
     assert rows["efficientnet_lite0"]["crop_pct"] == 0.875 and rows["efficientnet_lite0"]["finetune_crop_pct"] == 1.0

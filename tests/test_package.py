@@ -317,6 +317,9 @@ def test_wheel_contents_size_and_card(exported: dict) -> None:
     assert "| torch | fp32 |" in acc and "| cpu | int8 |" in acc and "| cpu | fp32 |" in acc
     assert "| cpu | int8 | int8 | 1 |" in lat and "not measured" not in card  # runtime, precision, computed in, batch
     assert "Measured on " in acc and ("(test, " in acc or "(val, " in acc)  # which images the accuracy is of
+    # percent, as `edgemap eval` and the report print it ("accuracy 1" read as 1 %), and latency rows say their mode
+    assert "| accuracy % |" in acc and "| agreement % |" in acc and "| mode |" in lat
+    assert "e+0" not in card  # 33450 img/s, not 3.345e+04
     assert f"(N, {run.contract.height}, {run.contract.width}, 3)" in card
     assert exported["runtime"].name == "edgemap-runtime" and exported["runtime"].model_bytes is None
 
@@ -643,3 +646,4 @@ def test_rebuilding_a_wheel_warns_only_when_its_contents_change(exported: dict, 
     assert not first.replaced and not again.replaced  # the same contents (only zip timestamps differ)
     other = package(run.path, PackageOptions(name="same-clf", out=tmp_path, runtime="openvino"))
     assert other.replaced and other.wheel == first.wheel and other.to_dict()["replaced"] is True
+    assert other.pip_install.startswith("pip install --force-reinstall ") and "--force" not in first.pip_install

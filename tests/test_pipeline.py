@@ -18,7 +18,7 @@ from edgemap.cli import app
 from edgemap.cli.cmd_run import build_options
 from edgemap.data.digits import write_digits
 from edgemap.manifest import RunDir
-from edgemap.pipeline import run_pipeline
+from edgemap.pipeline import STAGES, run_pipeline
 
 pytestmark = pytest.mark.slow
 
@@ -55,6 +55,30 @@ def test_every_stage_runs_and_is_recorded(finished: Path) -> None:
     for key in (("torch", "fp32"), ("cpu", "fp32"), ("cpu", "int8"), ("openvino", "fp32"), ("openvino", "int8")):
         assert rows[key]["accuracy"] is not None and rows[key]["p50_ms"] > 0, key
     assert rows[("cpu", "fp32")]["accuracy"] == pytest.approx(rows[("torch", "fp32")]["accuracy"], abs=0.01)
+
+
+def test_an_eval_on_another_folder_is_said_and_run_measures_its_own_split_again(digits: Path, finished: Path,
+                                                                                tmp_path: Path) -> None:
+    """`edgemap eval RUN --data five_images` silently replaced the stored results; `edgemap run` then called eval
+    "already done" and packaged a model card measured on those 5 images."""
+    import shutil
+
+    from edgemap.evaluate import EvalOptions, evaluate
+
+    copy = _copy(finished, tmp_path)
+    few = tmp_path / "few"
+    for cls in sorted(p.name for p in (digits / "val").iterdir() if p.is_dir())[:2]:
+        (few / cls).mkdir(parents=True)
+        for f in sorted((digits / "val" / cls).iterdir())[:3]:
+            shutil.copy(f, few / cls / f.name)
+    res = evaluate(copy, EvalOptions(data=few, runtimes=("cpu",), precisions=("int8",)))
+    assert any("were replaced by these" in n and "measures the run's own held-out split again" in n
+               for n in res.notes), res.notes
+    assert RunDir.load(copy).data["metrics"]["eval"]["own_data"] is False
+    out = run_pipeline(digits, copy, _opts())
+    assert dict(_statuses(out))["eval"] == "done" and dict(_statuses(out))["package"] == "done", _statuses(out)
+    stored = RunDir.load(copy).data["metrics"]["eval"]
+    assert stored["own_data"] is True and "few" not in stored["data"]
 
 
 def test_rerun_on_finished_run_does_nothing_and_says_so(digits: Path, finished: Path) -> None:
@@ -311,7 +335,9 @@ def test_run_summary_is_readable_at_80_columns_and_its_next_commands_paste(digit
     r = CliRunner().invoke(app, ["run", str(digits), "--out", str(finished)], env={"COLUMNS": "80"})
     assert r.exit_code == 0, r.output
     lines = r.output.splitlines()
-    assert max(len(line) for line in lines if not line.startswith(("cuda:", "install on", "next:", "also:"))) <= 80
+    # tables fit; message lines holding paths are not cut by rich (the terminal wraps them, a log keeps them whole)
+    said = ("cuda:", "install on", "next:", "also:", "nothing to do", *(f"  {s:9s}" for s in STAGES))
+    assert max(len(line) for line in lines if not line.startswith(said)) <= 80
     rows = [line.split() for line in lines if line.strip().startswith(("cpu ", "openvino "))]
     assert rows and all(row[-2:] in (["ORT", "CPU"], ["OV", "CPU"]) for row in rows), rows
     nxt = next(line for line in lines if line.startswith("next:"))

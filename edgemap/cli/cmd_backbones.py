@@ -41,6 +41,7 @@ def register(app: typer.Typer) -> None:
             return
         console.print(table)
         console.print("params exclude the ImageNet head, which finetune replaces. Fine-tuned runs keep the "
-                      f"interpolation and mean/std but resize the whole image (crop {FinetuneOptions.crop_pct}): "
-                      "your photos' edges stay in.")
+                      f"interpolation and mean/std but not ImageNet's crop margin (crop {FinetuneOptions.crop_pct}): "
+                      "the shorter side fills the input and the longer side is center-cropped to a square, in "
+                      "training and on the device alike.", soft_wrap=True)
         next_step("edgemap datasets digits data/digits && edgemap finetune data/digits --img-size 64 --no-flip")

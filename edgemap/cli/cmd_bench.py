@@ -98,7 +98,7 @@ def register(app: typer.Typer) -> None:
         if json_out is not None and str(json_out) == "-":
             return
         if read_only:
-            console.print(f"[yellow]not stored[/]: the run directory is not writable ({escape(read_only)})")
+            console.print(f"[yellow]not stored[/]: the run directory is not writable ({escape(read_only)})", soft_wrap=True)
             return
         console.print("stored in edgemap.json → metrics.bench")
         next_step(f"edgemap package {shq(run_dir)}")

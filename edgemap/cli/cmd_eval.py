@@ -118,11 +118,12 @@ def register(app: typer.Typer) -> None:
                 if r.status == "ok":
                     for t in render_details(r, result.classes):
                         console.print(t)
-        if any(r.within_tolerance is False and "bf16" in r.provider for r in result.rows):
+        if bf16 and any(r.within_tolerance is False and r.precision == "fp32" and "bf16" in r.provider
+                        for r in result.rows):  # int8 models always run u8+bf16 here: not what --bf16 changes
             console.print("[yellow]OpenVINO computed in bf16 (--bf16) and left the tolerance; "
                           "without --bf16 it computes in f32, as the packaged wheel does.[/]")
         if read_only:
-            console.print(f"[yellow]not stored[/]: the run directory is not writable ({escape(read_only)})")
+            console.print(f"[yellow]not stored[/]: the run directory is not writable ({escape(read_only)})", soft_wrap=True)
             return
         console.print("stored in edgemap.json → metrics.eval (per-class rows and confusion matrices included)")
         next_step(f"edgemap bench {shq(run_dir)}")

@@ -97,15 +97,15 @@ def register(app: typer.Typer) -> None:
                 raise
         write_json_out(json_out, result.to_dict())
         for note in result.warnings:
-            err_console.print(f"[yellow]warning:[/] {escape(note)}")
+            err_console.print(f"[yellow]warning:[/] {escape(note)}", soft_wrap=True)
         if json_out is not None and str(json_out) == "-":
             return
         console.print(parity_table(result.parity))
         if result.gate:
             console.print(gate_table(result.gate, opts.max_drop))
-        console.print(f"wrote {result.onnx_path}" + ("" if result.rewritten else " (unchanged)"), markup=False)
+        console.print(f"wrote {result.onnx_path}" + ("" if result.rewritten else " (unchanged)"), markup=False, soft_wrap=True)
         for fmt, path in result.int8.items():
-            console.print(f"wrote {path} ({fmt})", markup=False)
+            console.print(f"wrote {path} ({fmt})", markup=False, soft_wrap=True)
         console.print(f"{result.seconds:.1f} s; recorded in edgemap.json (artifacts, metrics.parity"
                       + (", metrics.int8_gate)" if result.gate else ")"))
         next_step(f"edgemap eval {shq(run_dir)}")

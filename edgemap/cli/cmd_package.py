@@ -33,14 +33,14 @@ def register(app: typer.Typer) -> None:
         write_json_out(json_out, r.to_dict())
         if json_out is not None and str(json_out) == "-":
             return
-        console.print(f"[green]built[/] {escape(str(r.wheel))}")
+        console.print(f"[green]built[/] {escape(str(r.wheel))}", soft_wrap=True)
         size = f"{r.wheel_bytes / 1024:,.1f} KiB"
         if r.model_bytes is not None:
             console.print(f"  {r.name} {r.version}: {r.precision} model for {r.runtime}, sha256 {r.model_sha256[:16]}…", markup=False)
             size += f" (model {r.model_bytes / 1024:,.1f} KiB; wheel − model = {r.overhead_bytes / 1024:+,.1f} KiB)"
         console.print(f"  wheel {size}; depends on {', '.join(r.requirements)}")
         for note in r.warnings:
-            err_console.print(f"[yellow]warning:[/] {escape(note)}")
+            err_console.print(f"[yellow]warning:[/] {escape(note)}", soft_wrap=True)
         if r.replaced:
             err_console.print(f"[yellow]warning:[/] replaced an earlier {escape(r.wheel.name)} with other contents; pip "
                               "keeps a version it already installed, so on a device use `pip install --force-reinstall "

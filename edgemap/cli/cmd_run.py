@@ -42,9 +42,17 @@ def summary_table(result: Any) -> Table:
                          ["runtime", "prec", "acc %", "agree %", "p50 ms", "p99 ms", "img/s", "ran on"],
                          text=("runtime", "prec"))
     for r in result.summary:
-        table.add_row(r["runtime"], r["precision"], _fmt(r.get("accuracy"), True), _fmt(r.get("agreement"), True),
+        agree = _fmt(r.get("agreement"), True)
+        table.add_row(r["runtime"], r["precision"], _fmt(r.get("accuracy"), True),
+                      f"[red]{agree} ✗[/]" if r.get("within_tolerance") is False else agree,
                       _ms(r.get("p50_ms")), _ms(r.get("p99_ms")), _fmt(r.get("throughput"), digits=0),
                       escape(short_provider(r.get("provider") or "")))
+    notes = []
+    if getattr(result, "eval_data", None):
+        notes.append(f"accuracy on {result.eval_data}")
+    if any(r.get("within_tolerance") is False for r in result.summary):
+        notes.append("✗ outside the agreement tolerance (README: Eval tolerances)")
+    table.caption = escape("; ".join(notes)) if notes else None
     return table
 
 
@@ -84,17 +92,30 @@ def run_and_show(data: Path, out: Path, opts: Any, json_out: Path | None) -> Non
     if quiet:
         return
     if result.did_nothing:
-        console.print(f"[green]nothing to do[/]: every stage of {escape(str(out))} is already done (its weights and models verified by sha256)")
+        console.print(f"[green]nothing to do[/]: every stage of {escape(str(out))} is already done (its weights and models verified by sha256)", soft_wrap=True)
     for s in result.stages:
-        console.print(f"  {s.stage:9s} {s.status:8s} {s.seconds:6.1f} s  {s.detail}", markup=False)
+        console.print(f"  {s.stage:9s} {s.status:8s} {s.seconds:6.1f} s  {s.detail}", markup=False, soft_wrap=True)
+    from edgemap.manifest import RunDir
+    from edgemap.runtime.text import printable
+
+    trained = any(s.stage == "finetune" and s.status != "skipped" for s in result.stages)
+    skipped = ((RunDir.load(out).data.get("dataset") or {}).get("skipped") or []) if trained else []
+    if skipped:  # --skip-bad: named here as finetune and `datasets scan` name them
+        names = ", ".join(printable(str(item[0])) for item in skipped[:3]) + (" …" if len(skipped) > 3 else "")
+        console.print(f"[yellow]skipped {len(skipped)} unreadable file(s)[/]: {escape(names)} (all in "
+                      f"{escape(str(out))}/edgemap.json → dataset.skipped)", soft_wrap=True)
     console.print(summary_table(result))
     for runtime, reason in result.unavailable:
         console.print(f"[yellow]{runtime}[/]: {escape(reason)}", soft_wrap=True)
     console.print(artifact_table(result))
     console.print(f"total {result.seconds:.0f} s")
     if result.wheel:
-        console.print(f"\ninstall on a device: pip install {shq(result.wheel)}", markup=False, soft_wrap=True)
-    next_step(f"edgemap report {shq(out)}")  # one command per line: each can be pasted as it is
+        force = "--force-reinstall " if result.wheel_replaced else ""  # same version, other contents: pip keeps the old
+        console.print(f"\ninstall on a device: pip install {force}{shq(result.wheel)}", markup=False, soft_wrap=True)
+    if result.report:  # made by this run: where to open it, not a command that makes it again
+        console.print(f"report: {Path(result.report).resolve().as_uri()}", markup=False, soft_wrap=True)
+    else:
+        next_step(f"edgemap report {shq(out)}")  # one command per line: each can be pasted as it is
     console.print(f"also: edgemap bench {shq(out)} --batch 1,8\n      edgemap eval {shq(out)} --details", soft_wrap=True,
                   markup=False)
 

@@ -311,7 +311,7 @@ def write_json_beside_error(target: Path | None, obj: Any) -> None:
     try:
         write_json_out(target, obj)
     except EdgemapError as e:
-        err_console.print(f"[yellow]warning:[/] {escape(str(e))}")
+        err_console.print(f"[yellow]warning:[/] {escape(str(e))}", soft_wrap=True)
 
 
 def write_json_out(target: Path | None, obj: Any) -> None:

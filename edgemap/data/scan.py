@@ -52,6 +52,12 @@ _TRAIN_NAMES = ("train",)
 _VAL_NAMES = ("val", "validation", "valid")
 _TEST_NAMES = ("test",)
 _ROOT_KEY = "."  # key in `ignored` for files lying directly in a split folder, outside any class
+
+
+def _ignored_text(ignored: dict[str, int]) -> str:
+    """``{".": 1, "x": 2}`` → "1 outside the class folders, 2 in x" (a bare "." said nothing)."""
+    return ", ".join(f"{v} outside the class folders" if k == _ROOT_KEY else f"{v} in {k}"
+                     for k, v in sorted(ignored.items()))
 _MAX_LISTED = 5  # bad files named in one error message
 _PROGRESS_MIN = 200  # show a progress bar from this many files on (TTY only)
 
@@ -304,7 +310,7 @@ def scan_labelled(root: str | Path, opts: ScanOptions = ScanOptions()) -> Labell
         log.warning("%s: class folder(s) without images skipped: %s", lst.folder, ", ".join(empty))
     if lst.ignored:  # as training says it
         log.warning("%s: ignored %d non-image file(s) (%s)", lst.folder, sum(lst.ignored.values()),
-                    ", ".join(f"{k}: {v}" for k, v in sorted(lst.ignored.items())))
+                    _ignored_text(lst.ignored))
     files = [p for paths in lst.images.values() for p in paths]
     if not files and not lst.broken:
         raise DatasetError(f"{lst.folder}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in its class folders")
@@ -493,7 +499,7 @@ def _scan(root: str | Path, opts: ScanOptions, *, decode_check: bool, known_bad:
             "%s: ignored %d non-image file(s) (%s)",
             root,
             sum(ignored.values()),
-            ", ".join(f"{k}: {v}" for k, v in sorted(ignored.items())),
+            _ignored_text(ignored),
         )
     return DatasetScan(
         root=root,
