@@ -377,9 +377,10 @@ def _evaluate_arrays(run: RunDir, images: np.ndarray, labels: np.ndarray, opts: 
         before = run.data.get("metrics", {}).get("eval")
         if isinstance(before, dict) and before.get("data") not in (None, data):  # the card and report show the latest
             result.notes.append(
-                f"the stored results on {before['data']} were replaced by these; the model card, the report and "
-                "`edgemap run` show these now" + ("" if own_data else
-                f" (`edgemap eval {shlex.quote(str(run.path))}` measures the run's own held-out split again)"))
+                f"the stored results on {before['data']} were replaced by these; `edgemap package` and `edgemap "
+                "report` show these now" + ("" if own_data else
+                f" (`edgemap run` measures the run's own held-out split again before it packages; so does "
+                f"`edgemap eval {shlex.quote(str(run.path))}`)"))
         stored = result.to_dict()
         stored["rows"] = merged_rows(kept_rows(run.data.get("metrics", {}).get("eval"), stored, ("runtime", "precision"),
                                                same=("data", "n")), stored["rows"])

@@ -3,6 +3,7 @@ checked when the options are made (an int where a tuple goes was split into lett
 
 from __future__ import annotations
 
+from numbers import Integral
 from typing import Any
 
 from edgemap.errors import EdgemapError
@@ -20,8 +21,8 @@ def normalize(obj: Any, names: tuple[str, ...] = (), numbers: tuple[str, ...] = 
         object.__setattr__(obj, name, value)
     for name in numbers:
         value = getattr(obj, name)
-        if isinstance(value, int | str):
-            value = (value,) if isinstance(value, int) else tuple(v.strip() for v in value.split(",") if v.strip())
+        if isinstance(value, Integral | str):
+            value = (value,) if isinstance(value, Integral) else tuple(v.strip() for v in value.split(",") if v.strip())
         try:
             value = tuple(int(v) for v in value)
         except (TypeError, ValueError):
@@ -29,5 +30,8 @@ def normalize(obj: Any, names: tuple[str, ...] = (), numbers: tuple[str, ...] = 
             raise EdgemapError(f"--{flag} {getattr(obj, name)!r}: must be whole numbers, e.g. 1,8") from None
         object.__setattr__(obj, name, value)
     threads = getattr(obj, "threads", None)
+    if isinstance(threads, Integral) and not isinstance(threads, bool):
+        threads = int(threads)  # np.int64 from a sweep over np.arange
+        object.__setattr__(obj, "threads", threads)
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
         raise EdgemapError(f"--threads {threads!r}: must be a positive whole number (leave it out for the physical cores)")

@@ -106,9 +106,9 @@ class PackageResult:
 
     @property
     def pip_install(self) -> str:
-        """The install command; with --force-reinstall when this build replaced a same-version wheel of other
-        contents (pip keeps a version it already installed)."""
-        return f"pip install {'--force-reinstall ' if self.replaced else ''}{shlex.quote(str(self.wheel))}"
+        """The install command; with --force-reinstall --no-deps when this build replaced a same-version wheel of other
+        contents (pip keeps a version it already installed; its dependencies need no reinstall)."""
+        return f"pip install {'--force-reinstall --no-deps ' if self.replaced else ''}{shlex.quote(str(self.wheel))}"
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -241,3 +241,37 @@ def test_names_never_drive_the_terminal(tmp_path: Path) -> None:
     assert "\x1b]0;" not in out and "\\x1b]0;PWNED" in out and "\\u2028x" in out
     assert "\x1b[31m" in out  # edgemap's own colour (a control segment) still works
     assert visible("é 日本 [x]") == "é 日本 [x]" and isinstance(con, Console)
+
+
+def test_an_interrupt_says_how_to_continue_also_in_debug_mode_and_inside_another_error(capsys, monkeypatch) -> None:  # noqa: ANN001
+    """Interrupted became a KeyboardInterrupt: with EDGEMAP_DEBUG=1 click turned it into a silent exit 130 (no
+    traceback, no resume command, 130 for a SIGTERM); found inside a failing cleanup it printed "interrupted by
+    interrupted by SIGTERM; ..." and 130."""
+    import typer
+
+    from edgemap.errors import Interrupted
+
+    @handle_errors
+    def stopped() -> None:
+        raise Interrupted("interrupted by SIGTERM; state saved. Resume with: edgemap finetune d --out r --resume", 15)
+
+    @handle_errors
+    def stopped_then_cleanup_failed() -> None:
+        try:
+            raise Interrupted("interrupted by SIGTERM; state saved. Resume with: X --resume", 15)
+        finally:
+            raise RuntimeError("closing the process group failed")
+
+    for debug in ("", "1"):
+        monkeypatch.setenv("EDGEMAP_DEBUG", debug)
+        with pytest.raises(typer.Exit) as e:
+            stopped()
+        err = capsys.readouterr().err
+        assert e.value.exit_code == 143 and err.count("error: interrupted by SIGTERM; state saved. Resume with: "
+                                                      "edgemap finetune d --out r --resume") == 1, err
+        assert ("Traceback" in err) == bool(debug), err
+    monkeypatch.setenv("EDGEMAP_DEBUG", "")
+    with pytest.raises(typer.Exit) as e:
+        stopped_then_cleanup_failed()
+    err = capsys.readouterr().err
+    assert e.value.exit_code == 143 and "Resume with: X --resume" in err and "interrupted by interrupted" not in err

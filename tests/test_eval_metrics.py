@@ -91,7 +91,8 @@ def test_options_from_python_take_a_name_for_a_tuple_and_check_threads() -> None
     assert EvalOptions(precisions=["int8"]).precisions == ("int8",)
     assert BenchOptions(batches=1).batches == (1,) and BenchOptions(batches="1,8").batches == (1, 8)
     assert ExportOptions(targets="cpu").targets == ("cpu",) and ExportOptions().targets is None
+    assert BenchOptions(threads=np.int64(2)).threads == 2  # a sweep over np.arange
     for make in (lambda: EvalOptions(threads=-1), lambda: BenchOptions(threads=0), lambda: ExportOptions(threads=1.5),
                  lambda: BenchOptions(batches="one")):
-        with pytest.raises(EdgemapError, match="threads|batches"):
+        with pytest.raises(EdgemapError, match="--threads|--batch"):
             make()

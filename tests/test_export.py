@@ -153,7 +153,7 @@ def test_a_manifest_edited_against_its_weights_is_one_error(trained, tmp_path) -
         res = CliRunner().invoke(app, ["export", str(copy)])
         said = " ".join(res.output.split())
         assert res.exit_code == 2 and "Traceback" not in said, (name, res.output)
-        assert ("must be a number in [0, 1)" if name == "dropout" else "weights do not fit the run's") in said, said
+        assert ("must be a number in [0, 1]" if name == "dropout" else "weights do not fit the run's") in said, said
         assert sorted(p.name for p in copy.iterdir() if p.name != "edgemap.json") == before  # nothing written
 
 

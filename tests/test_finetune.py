@@ -261,7 +261,8 @@ def test_epochs_below_the_default_freeze_epochs_just_trains(digits: Path, tmp_pa
 
 
 @pytest.mark.parametrize("bad", [dict(dropout=1.5), dict(label_smoothing=2.0), dict(weight_decay=-1.0),
-                                 dict(crop_scale=(0.0, 5.0)), dict(bn_momentum=0.0), dict(warmup_epochs=float("nan"))])
+                                 dict(crop_scale=(0.0, 5.0)), dict(bn_momentum=-0.1), dict(warmup_epochs=float("nan")),
+                                 dict(dropout="abc"), dict(dropout=None)])
 def test_python_options_are_checked_before_a_run_directory_is_made(digits: Path, tmp_path: Path, bad: dict) -> None:
     """From Python, dropout=1.5 or label_smoothing=2 failed inside torch (ValueError/RuntimeError, not an
     EdgemapError) after the run directory was made and left "running"."""
@@ -271,6 +272,8 @@ def test_python_options_are_checked_before_a_run_directory_is_made(digits: Path,
     with pytest.raises(TrainingError, match="must be"):
         finetune(digits, tmp_path / "run", FinetuneOptions(backbone="tiny", img_size=32, epochs=1, freeze_epochs=0, **bad))
     assert not (tmp_path / "run").exists()
+    # what torch accepts stays accepted: an earlier run recorded checkpoint_seconds inf (time checkpoints off)
+    FinetuneOptions(backbone="tiny", checkpoint_seconds=float("inf"), label_smoothing=1.0, dropout=1.0).validate()
 
 
 def test_finetune_gives_back_the_callers_torch_threads(digits: Path, tmp_path: Path) -> None:

@@ -646,4 +646,4 @@ def test_rebuilding_a_wheel_warns_only_when_its_contents_change(exported: dict, 
     assert not first.replaced and not again.replaced  # the same contents (only zip timestamps differ)
     other = package(run.path, PackageOptions(name="same-clf", out=tmp_path, runtime="openvino"))
     assert other.replaced and other.wheel == first.wheel and other.to_dict()["replaced"] is True
-    assert other.pip_install.startswith("pip install --force-reinstall ") and "--force" not in first.pip_install
+    assert other.pip_install.startswith("pip install --force-reinstall --no-deps ") and "--force" not in first.pip_install

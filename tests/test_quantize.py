@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -185,6 +186,25 @@ def test_quantizing_silences_the_quantizer_only(capsys) -> None:  # noqa: ANN001
         root.handlers[:] = saved
     out = capsys.readouterr().out
     assert "from another thread" in out and "from the quantizer" not in out
+    # two threads quantizing at once, leaving in another order than they came: stdout is given back, not left muted
+    real = sys.stdout
+    inside, leave = threading.Event(), threading.Event()
+
+    def worker() -> None:
+        with quiet():
+            inside.set()
+            leave.wait(10)
+
+    with quiet():
+        t = threading.Thread(target=worker)
+        t.start()
+        assert inside.wait(10)
+        assert sys.stdout.encoding == real.encoding and sys.stdout.isatty() == real.isatty()  # the real stream's
+    leave.set()
+    t.join()
+    assert sys.stdout is real
+    print("after both")
+    assert "after both" in capsys.readouterr().out
 
 
 def test_gate_failure_exits_nonzero_with_table_and_leaves_artifacts_untouched(trained) -> None:  # noqa: ANN001

@@ -44,6 +44,6 @@ def register(app: typer.Typer) -> None:
         if r.replaced:
             err_console.print(f"[yellow]warning:[/] replaced an earlier {escape(r.wheel.name)} with other contents; pip "
                               "keeps a version it already installed, so on a device use `pip install --force-reinstall "
-                              "…`, or give this build its own --version")
+                              "--no-deps …`, or give this build its own --version")
         usage = f"{r.command} MODEL.onnx IMAGE..." if runtime_only else f"{r.command} IMAGE... --top-k 3"
         next_step(f"{r.pip_install} && {usage}")

@@ -155,10 +155,7 @@ def handle_errors(fn: F) -> F:
             _say("error", str(e))
             raise typer.Exit(code=e.exit_code) from None
         except Interrupted as e:  # a stage that saved its state: its message says how to continue
-            if os.environ.get("EDGEMAP_DEBUG"):
-                raise
-            _say("error", str(e))
-            raise typer.Exit(code=e.exit_code) from None
+            _said_interrupted(e)
         except KeyboardInterrupt as e:
             _interrupted(e)
         except OSError as e:
@@ -214,7 +211,20 @@ def show_message(kind: str, text: str) -> None:
         err_console.print(f"[bold red]error:[/] {escape(text)}", soft_wrap=True)
 
 
+def _said_interrupted(e: Interrupted) -> None:
+    """Its message (how to continue) and its exit code (130, 143 for SIGTERM), also with EDGEMAP_DEBUG=1 (then with
+    the traceback): a KeyboardInterrupt re-raised into click became a silent exit 130."""
+    if os.environ.get("EDGEMAP_DEBUG"):
+        import traceback
+
+        traceback.print_exc()
+    _say("error", str(e))
+    raise typer.Exit(code=e.exit_code) from None
+
+
 def _interrupted(e: KeyboardInterrupt) -> None:
+    if isinstance(e, Interrupted):  # found inside another exception (a cleanup that failed after it)
+        _said_interrupted(e)
     name = e.args[0] if e.args else "SIGINT"
     _say("interrupted", str(name))
     raise typer.Exit(code=143 if name == "SIGTERM" else 130) from None

@@ -11,7 +11,6 @@ the whole set at once would need memory proportional to ``calib_size``.
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import random
 import sys
@@ -107,22 +106,54 @@ class ImageReader:
         self._it = iter(self.paths)
 
 
-class _MutedInThisThread(io.TextIOBase):
-    """sys.stdout while quantizing: this thread's prints (onnxruntime.quantization's) are dropped, every other
-    thread's go to the real stdout (contextlib.redirect_stdout dropped a whole application's output)."""
+class _QuietThreads:
+    """sys.stdout while some threads quantize: their prints (onnxruntime.quantization's) are dropped, every other
+    thread's go to the real stream, which it otherwise is in every respect (encoding, isatty, fileno...).
+
+    One per process, installed while any thread is inside :func:`quiet` (contextlib.redirect_stdout dropped a whole
+    application's output, and per-call wrappers restored in the wrong order when two threads quantized at once).
+    """
+
+    _lock = threading.Lock()
+    _active: _QuietThreads | None = None
 
     def __init__(self, real: Any):
-        super().__init__()
-        self.real, self.thread = real, threading.get_ident()
+        self.real = real
+        self.muted: dict[int, int] = {}  # thread id -> depth (quiet() nests)
 
     def write(self, text: str) -> int:
-        return len(text) if threading.get_ident() == self.thread else self.real.write(text)
+        return len(text) if threading.get_ident() in self.muted else self.real.write(text)
 
-    def flush(self) -> None:
-        self.real.flush()
+    def writelines(self, lines: Any) -> None:
+        for line in lines:
+            self.write(line)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.real, name)
+
+    @classmethod
+    def enter(cls) -> None:
+        with cls._lock:
+            if cls._active is None or sys.stdout is not cls._active:
+                cls._active = _QuietThreads(sys.stdout)
+                sys.stdout = cls._active  # type: ignore[assignment]
+            me = threading.get_ident()
+            cls._active.muted[me] = cls._active.muted.get(me, 0) + 1
+
+    @classmethod
+    def leave(cls) -> None:
+        with cls._lock:
+            active = cls._active
+            if active is None:
+                return
+            me = threading.get_ident()
+            depth = active.muted.pop(me, 1) - 1
+            if depth > 0:
+                active.muted[me] = depth
+            if not active.muted:  # the last quiet thread left: the real stream back (unless replaced since)
+                if sys.stdout is active:
+                    sys.stdout = active.real
+                cls._active = None
 
 
 class _FromQuantizer(logging.Filter):
@@ -132,29 +163,39 @@ class _FromQuantizer(logging.Filter):
         return "onnxruntime" not in record.pathname.replace("\\", "/").split("/")
 
 
+_FILTER = _FromQuantizer()
+_GUARD = logging.NullHandler()
+_quiet_lock = threading.Lock()
+_quiet_depth = [0, None]  # threads inside quiet(); the onnxruntime logger level to give back
+
+
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
     """Silence onnxruntime.quantization's prints and log warnings, and nothing else: the caller's logging keeps its
     level and handlers (the quantizer's ``logging.warning`` would add a root handler when there is none, after which
-    an application's ``logging.basicConfig`` did nothing), and other threads keep their stdout."""
+    an application's ``logging.basicConfig`` did nothing), and other threads keep their stdout. Thread-safe and
+    re-entrant: the process-wide pieces are installed by the first thread in and removed by the last one out."""
     root, ort = logging.getLogger(), logging.getLogger("onnxruntime")
-    level = ort.level
-    guard = logging.NullHandler() if not root.handlers else None  # no handlers: logging.warning() calls basicConfig
-    drop = _FromQuantizer()
-    if guard:
-        root.addHandler(guard)
-    root.addFilter(drop)
-    ort.setLevel(logging.ERROR)
-    stdout = sys.stdout
-    sys.stdout = _MutedInThisThread(stdout)
+    with _quiet_lock:
+        if _quiet_depth[0] == 0:
+            _quiet_depth[1] = ort.level
+            ort.setLevel(logging.ERROR)
+            root.addFilter(_FILTER)
+            if not root.handlers:  # no handlers: logging.warning() would call basicConfig
+                root.addHandler(_GUARD)
+        _quiet_depth[0] += 1
+    _QuietThreads.enter()
     try:
         yield
     finally:
-        sys.stdout = stdout
-        ort.setLevel(level)
-        root.removeFilter(drop)
-        if guard:
-            root.removeHandler(guard)
+        _QuietThreads.leave()
+        with _quiet_lock:
+            _quiet_depth[0] -= 1
+            if _quiet_depth[0] == 0:
+                ort.setLevel(_quiet_depth[1])
+                root.removeFilter(_FILTER)
+                if _GUARD in root.handlers:
+                    root.removeHandler(_GUARD)
 
 
 def calibrate(

@@ -126,21 +126,25 @@ class FinetuneOptions:
         if self.freeze_epochs > self.epochs:
             raise TrainingError(f"--freeze-epochs {self.freeze_epochs} exceeds --epochs {self.epochs}: give "
                                 f"--freeze-epochs (freeze_epochs=) {self.epochs} or less")
-        for name, val, ok, rule in (
-            ("dropout", self.dropout, 0 <= self.dropout < 1, "in [0, 1)"),
-            ("label-smoothing", self.label_smoothing, 0 <= self.label_smoothing < 1, "in [0, 1)"),
-            ("weight-decay", self.weight_decay, self.weight_decay >= 0, ">= 0"),
-            ("backbone-lr-mult", self.backbone_lr_mult, self.backbone_lr_mult >= 0, ">= 0"),
-            ("bn-momentum", self.bn_momentum, 0 < self.bn_momentum <= 1, "in (0, 1]"),
-            ("warmup-epochs", self.warmup_epochs, self.warmup_epochs >= 0, ">= 0"),
-            ("crop-pct", self.crop_pct, 0 < self.crop_pct <= 1, "in (0, 1]"),
-            ("checkpoint-seconds", self.checkpoint_seconds, self.checkpoint_seconds > 0, "> 0"),
-            ("checkpoint-every", self.checkpoint_every, self.checkpoint_every >= 0, ">= 0"),
+        # what torch would refuse only after the run directory was made (a ValueError, not one line); the bounds are
+        # torch's own, so values an earlier run recorded (checkpoint_seconds inf: time checkpoints off) still resume
+        for name, val, lo, hi, rule in (
+            ("dropout", self.dropout, 0, 1, "in [0, 1]"),
+            ("label-smoothing", self.label_smoothing, 0, 1, "in [0, 1]"),
+            ("weight-decay", self.weight_decay, 0, None, ">= 0"),
+            ("backbone-lr-mult", self.backbone_lr_mult, 0, None, ">= 0"),
+            ("bn-momentum", self.bn_momentum, 0, None, ">= 0"),
+            ("warmup-epochs", self.warmup_epochs, 0, None, ">= 0"),
+            ("crop-pct", self.crop_pct, 0, 1, "in (0, 1]"),
+            ("checkpoint-seconds", self.checkpoint_seconds, 0, math.inf, "> 0 (inf: no time-based checkpoints)"),
+            ("checkpoint-every", self.checkpoint_every, 0, None, ">= 0"),
         ):
-            if not (ok and math.isfinite(val)):  # torch's own error came after the run directory was made
-                raise TrainingError(f"{name} {val}: must be {rule}")
+            number = isinstance(val, int | float) and not isinstance(val, bool)
+            if not number or math.isnan(val) or val < lo or (hi is None and math.isinf(val)) or \
+                    (hi is not None and val > hi) or (name in ("crop-pct", "checkpoint-seconds") and val == 0):
+                raise TrainingError(f"{name} {val!r}: must be a number {rule}")
         lo_hi = tuple(self.crop_scale) if isinstance(self.crop_scale, list | tuple) else ()
-        if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1] <= 1:
+        if len(lo_hi) != 2 or not all(isinstance(v, int | float) for v in lo_hi) or not 0 < lo_hi[0] <= lo_hi[1] <= 1:
             raise TrainingError(f"crop_scale {self.crop_scale!r}: must be (low, high) with 0 < low <= high <= 1")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise TrainingError(f"--lr {self.lr}: must be a positive number")
