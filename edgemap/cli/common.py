@@ -339,14 +339,12 @@ def write_json_out(target: Path | None, obj: Any) -> None:
         sys.stderr.write(json_text(obj))
         sys.stderr.flush()
         return
-    if target.is_dir():
-        raise EdgemapError(f"--json {target} is a folder; give a file name (or '-' for stdout)")
+    problem = json_target_problem(target)  # as when the option was read (the place may have changed since)
+    if problem:
+        raise EdgemapError(f"--json {problem}")
     owner = _run_file_owner(target)
     if owner:
         raise EdgemapError(f"--json {target}: that is {owner}; the results would replace it. Give another file name")
-    blocked = next((p for p in target.parents if p.exists() and not p.is_dir()), None)
-    if blocked is not None:
-        raise EdgemapError(f"--json {target}: {blocked} is a file, not a folder; give a path in a folder")
     try:
         write_user_file(target, json_text(obj).encode("utf-8"))
     except OSError as e:
