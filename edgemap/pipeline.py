@@ -274,13 +274,6 @@ def run_pipeline(data: str | Path, out: str | Path, opts: RunOptions = RunOption
         >>> res = run_pipeline("data/digits", "models/digits", RunOptions(finetune=FinetuneOptions(img_size=64)))
         >>> res.summary[0]["accuracy"], res.wheel
     """
-    from edgemap.bench import bench
-    from edgemap.evaluate import evaluate
-    from edgemap.export import export
-    from edgemap.package import package
-    from edgemap.train import checkpoint as ckpt
-    from edgemap.train.finetune import finetune
-
     out, data = Path(out), Path(data)
     t0 = time.perf_counter()
     outcomes: list[StageOutcome] = []
@@ -320,57 +313,15 @@ def run_pipeline(data: str | Path, out: str | Path, opts: RunOptions = RunOption
             if on_stage:
                 on_stage(stage)
             ts = time.perf_counter()
-            status, detail = "done", ""
-            if stage == "finetune":
-                # a run that started (even one stopped before its first checkpoint) continues with its own options
-                resume = (out / MANIFEST_NAME).exists() and (
-                    (out / ckpt.STATE_FILE).exists() or bool(RunDir.load(out).data.get("options", {}).get("finetune")))
-                again = again_hint(out)
-                try:
-                    if resume:  # the run's own options, but for what the user set now (checked above; --epochs may grow)
-                        res = finetune(data, out, None, resume=True, overrides=_asked_finetune(opts),
-                                       reporter=finetune_reporter, resume_hint=again)
-                    else:
-                        res = finetune(data, out, opts.finetune, reporter=finetune_reporter, resume_hint=again)
-                except BaseException:
-                    _remember_later_options(out, opts, override_from=stage)
-                    raise
-                status = "resumed" if resume else "done"
-                detail = f"best val accuracy {res.best_val_accuracy:.4f} (epoch {res.best_epoch})"
-            elif stage == "export":
-                if export_progress and (out / MANIFEST_NAME).is_file() and RunDir.load(out).stage_done("export"):
-                    # done by hand without --int8 (or its int8 models were retired): say why it is exported again
-                    export_progress(f"the recorded export has no int8 models: exporting again with this run's "
-                                    f"options (opset {opts.export.opset}, int8)")
-                try:
-                    res = export(out, opts.export, progress=export_progress, again=again_hint(out))
-                except BaseException:
-                    _remember_later_options(out, opts, override_from=stage)
-                    raise
-                detail = f"{res.onnx_path.name}" + (f" + int8 {', '.join(res.int8)}" if res.int8 else "")
-            else:
-                try:
-                    if stage == "eval":
-                        res = evaluate(out, opts.eval)
-                        _some_ran(res.rows, "eval")
-                        detail = f"{sum(r.status == 'ok' for r in res.rows)} runtime × precision rows"
-                    elif stage == "bench":
-                        rows = bench(out, opts.bench)
-                        _some_ran(rows, "bench")
-                        detail = f"{sum(r.status == 'ok' for r in rows)} rows"
-                    elif stage == "package":
-                        res = package(out, opts.package)
-                        wheel, wheel_replaced = str(res.wheel), res.replaced
-                        detail = f"{res.wheel.name} ({res.wheel_bytes / 1e6:.2f} MB, {res.precision})"
-                    elif stage == "report":
-                        from edgemap.report import ReportOptions, report
-
-                        res = report(out, ReportOptions())
-                        report_path = str(res.html)
-                        detail = report_path
-                except BaseException:  # the bare re-run that continues must use this command's options
-                    _remember_later_options(out, opts, override_from=stage)
-                    raise
+            try:
+                status, detail, made = _run_stage(stage, data, out, opts, finetune_reporter, export_progress)
+            except BaseException:  # the bare re-run that continues (often the command in the message) must use
+                _remember_options(out, opts)  # this command's options: its --calib-size, --runtime, --name...
+                raise
+            if stage == "package":
+                wheel, wheel_replaced = made
+            elif stage == "report":
+                report_path = made
             run = RunDir.load(out)  # stages save the manifest themselves: reload, never overwrite theirs
             extra: dict[str, Any] = {}
             if stage == "package":
@@ -395,26 +346,63 @@ def run_pipeline(data: str | Path, out: str | Path, opts: RunOptions = RunOption
         )
 
 
+def _run_stage(stage: str, data: Path, out: Path, opts: RunOptions, finetune_reporter: Any,
+               export_progress: Callable[[str], None] | None) -> tuple[str, str, Any]:
+    """Run one stage; (status, detail, what it made: (wheel, replaced) for package, the HTML path for report)."""
+    from edgemap.bench import bench
+    from edgemap.evaluate import evaluate
+    from edgemap.export import export
+    from edgemap.package import package
+    from edgemap.train import checkpoint as ckpt
+    from edgemap.train.finetune import finetune
+
+    if stage == "finetune":
+        # a run that started (even one stopped before its first checkpoint) continues with its own options
+        resume = (out / MANIFEST_NAME).exists() and (
+            (out / ckpt.STATE_FILE).exists() or bool(RunDir.load(out).data.get("options", {}).get("finetune")))
+        if resume:  # the run's own options, but for what the user set now (checked above; --epochs may grow)
+            res = finetune(data, out, None, resume=True, overrides=_asked_finetune(opts), reporter=finetune_reporter,
+                           resume_hint=again_hint(out))
+        else:
+            res = finetune(data, out, opts.finetune, reporter=finetune_reporter, resume_hint=again_hint(out))
+        return ("resumed" if resume else "done"), f"best val accuracy {res.best_val_accuracy:.4f} (epoch {res.best_epoch})", None
+    if stage == "export":
+        if export_progress and (out / MANIFEST_NAME).is_file() and RunDir.load(out).stage_done("export"):
+            # done by hand without --int8 (or its int8 models were retired): say why it is exported again
+            export_progress(f"the recorded export has no int8 models: exporting again with this run's "
+                            f"options (opset {opts.export.opset}, int8)")
+        res = export(out, opts.export, progress=export_progress, again=again_hint(out))
+        return "done", f"{res.onnx_path.name}" + (f" + int8 {', '.join(res.int8)}" if res.int8 else ""), None
+    if stage == "eval":
+        res = evaluate(out, opts.eval)
+        _some_ran(res.rows, "eval")
+        return "done", f"{sum(r.status == 'ok' for r in res.rows)} runtime × precision rows", None
+    if stage == "bench":
+        rows = bench(out, opts.bench)
+        _some_ran(rows, "bench")
+        return "done", f"{sum(r.status == 'ok' for r in rows)} rows", None
+    if stage == "package":
+        res = package(out, opts.package)
+        return "done", f"{res.wheel.name} ({res.wheel_bytes / 1e6:.2f} MB, {res.precision})", (str(res.wheel), res.replaced)
+    from edgemap.report import ReportOptions, report
+
+    res = report(out, ReportOptions())
+    return "done", str(res.html), str(res.html)
+
+
 def again_hint(out: Path) -> str:
     """What to do after `edgemap run` stopped in a stage: the same command (a bare one does too) continues."""
     return f"run the same `edgemap run` command again (--out {shlex.quote(str(out))}); it continues where it stopped"
 
 
-def _remember_later_options(out: Path, opts: RunOptions, override_from: str | None = None) -> None:
-    """A stage stopped (Ctrl-C, an error): record this command's options of the stages not done yet, so that the
-    re-run that continues (often the bare command from the message) exports with this command's --calib-size,
-    packages with its --name... Stopped in fine-tuning: only where the run recorded none (its first command);
-    stopped in ``override_from`` or later: this command's options replace the recorded ones from there on."""
-    later = STAGES[STAGES.index(override_from):] if override_from else ()
+def _remember_options(out: Path, opts: RunOptions) -> None:
+    """A stage stopped (Ctrl-C, an error): record this command's options of the later stages now, so that the re-run
+    that continues (often the bare command from the message) exports with this command's --calib-size, packages
+    with its --name... (``opts`` already holds the run's recorded options for what this command did not set)."""
     with contextlib.suppress(Exception):  # best effort: the run may not exist yet, or be locked by another process
         with run_lock(out, "run"):
             run = RunDir.load(out)
-            recorded = run.data.setdefault("options", {}).setdefault("run", {})
-            for stage, value in _stage_options(opts).items():
-                if stage in later:
-                    recorded[stage] = value
-                else:
-                    recorded.setdefault(stage, value)
+            run.data.setdefault("options", {})["run"] = {**run.data["options"].get("run", {}), **_stage_options(opts)}
             run.save()
 
 
