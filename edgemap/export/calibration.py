@@ -106,20 +106,31 @@ class ImageReader:
         self._it = iter(self.paths)
 
 
+class _FromQuantizer(logging.Filter):
+    """Drops the records onnxruntime.quantization logs on the root logger (``logging.warning(...)``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "onnxruntime" not in record.pathname.replace("\\", "/").split("/")
+
+
 class _QuietThreads:
     """sys.stdout while some threads quantize: their prints (onnxruntime.quantization's) are dropped, every other
     thread's go to the real stream, which it otherwise is in every respect (encoding, isatty, fileno...).
 
-    One per process, installed while any thread is inside :func:`quiet` (contextlib.redirect_stdout dropped a whole
-    application's output, and per-call wrappers restored in the wrong order when two threads quantized at once).
+    One per process, installed with the logging filters by the first thread into :func:`quiet` and removed by the
+    last one out (contextlib.redirect_stdout dropped a whole application's output, and per-call wrappers restored
+    in the wrong order when two threads quantized at once).
     """
 
     _lock = threading.Lock()
     _active: _QuietThreads | None = None
+    _filter = _FromQuantizer()
+    _guard = logging.NullHandler()
 
     def __init__(self, real: Any):
         self.real = real
         self.muted: dict[int, int] = {}  # thread id -> depth (quiet() nests)
+        self.ort_level = logging.getLogger("onnxruntime").level
 
     def write(self, text: str) -> int:
         return len(text) if threading.get_ident() in self.muted else self.real.write(text)
@@ -134,9 +145,14 @@ class _QuietThreads:
     @classmethod
     def enter(cls) -> None:
         with cls._lock:
-            if cls._active is None or sys.stdout is not cls._active:
-                cls._active = _QuietThreads(sys.stdout)
-                sys.stdout = cls._active  # type: ignore[assignment]
+            if cls._active is None:  # the first thread in: the quantizer's loggers quiet, stdout filtered
+                cls._active = active = _QuietThreads(sys.stdout)
+                sys.stdout = active  # type: ignore[assignment]
+                logging.getLogger("onnxruntime").setLevel(logging.ERROR)
+                root = logging.getLogger()
+                root.addFilter(cls._filter)
+                if not root.handlers:  # no handlers: the quantizer's logging.warning() would call basicConfig
+                    root.addHandler(cls._guard)
             me = threading.get_ident()
             cls._active.muted[me] = cls._active.muted.get(me, 0) + 1
 
@@ -150,23 +166,16 @@ class _QuietThreads:
             depth = active.muted.pop(me, 1) - 1
             if depth > 0:
                 active.muted[me] = depth
-            if not active.muted:  # the last quiet thread left: the real stream back (unless replaced since)
-                if sys.stdout is active:
-                    sys.stdout = active.real
-                cls._active = None
-
-
-class _FromQuantizer(logging.Filter):
-    """Drops the records onnxruntime.quantization logs on the root logger (``logging.warning(...)``)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "onnxruntime" not in record.pathname.replace("\\", "/").split("/")
-
-
-_FILTER = _FromQuantizer()
-_GUARD = logging.NullHandler()
-_quiet_lock = threading.Lock()
-_quiet_depth = [0, None]  # threads inside quiet(); the onnxruntime logger level to give back
+            if active.muted:
+                return
+            if sys.stdout is active:  # the last thread out: everything as it was (stdout unless replaced since)
+                sys.stdout = active.real
+            logging.getLogger("onnxruntime").setLevel(active.ort_level)
+            root = logging.getLogger()
+            root.removeFilter(cls._filter)
+            if cls._guard in root.handlers:
+                root.removeHandler(cls._guard)
+            cls._active = None
 
 
 @contextlib.contextmanager
@@ -174,28 +183,12 @@ def quiet() -> Iterator[None]:
     """Silence onnxruntime.quantization's prints and log warnings, and nothing else: the caller's logging keeps its
     level and handlers (the quantizer's ``logging.warning`` would add a root handler when there is none, after which
     an application's ``logging.basicConfig`` did nothing), and other threads keep their stdout. Thread-safe and
-    re-entrant: the process-wide pieces are installed by the first thread in and removed by the last one out."""
-    root, ort = logging.getLogger(), logging.getLogger("onnxruntime")
-    with _quiet_lock:
-        if _quiet_depth[0] == 0:
-            _quiet_depth[1] = ort.level
-            ort.setLevel(logging.ERROR)
-            root.addFilter(_FILTER)
-            if not root.handlers:  # no handlers: logging.warning() would call basicConfig
-                root.addHandler(_GUARD)
-        _quiet_depth[0] += 1
+    re-entrant (:class:`_QuietThreads`)."""
     _QuietThreads.enter()
     try:
         yield
     finally:
         _QuietThreads.leave()
-        with _quiet_lock:
-            _quiet_depth[0] -= 1
-            if _quiet_depth[0] == 0:
-                ort.setLevel(_quiet_depth[1])
-                root.removeFilter(_FILTER)
-                if _GUARD in root.handlers:
-                    root.removeHandler(_GUARD)
 
 
 def calibrate(
