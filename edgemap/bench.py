@@ -316,8 +316,6 @@ def bench(run_dir: str | Path | RunDir, opts: BenchOptions = BenchOptions(), *, 
         raise RuntimeUnavailableError("--warmup must be >= 0")
     if not opts.batches or any(b < 1 for b in opts.batches):
         raise RuntimeUnavailableError(f"--batch needs positive sizes, got {list(opts.batches)}")
-    if opts.threads is not None and opts.threads < 1:
-        raise RuntimeUnavailableError("--threads must be >= 1")
     guard = run_lock(run_dir.path if isinstance(run_dir, RunDir) else Path(run_dir), "bench") if opts.save else nullcontext()
     with guard:
         run = run_dir if isinstance(run_dir, RunDir) else RunDir.load(run_dir)

@@ -9,20 +9,25 @@ from typing import Any
 from edgemap.errors import EdgemapError
 
 
+def split_csv(value: str | None) -> list[str]:
+    """"cpu, openvino" → ["cpu", "openvino"] (empty items dropped)."""
+    return [v.strip() for v in value.split(",") if v.strip()] if value else []
+
+
 def normalize(obj: Any, names: tuple[str, ...] = (), numbers: tuple[str, ...] = ()) -> None:
     """In a frozen dataclass's ``__post_init__``: comma-separated strings and lists become tuples of names
     (``names``) or of whole numbers (``numbers``); ``threads`` must be a positive whole number or None."""
     for name in names:
         value = getattr(obj, name)
         if isinstance(value, str):
-            value = tuple(v.strip() for v in value.split(",") if v.strip())
+            value = tuple(split_csv(value))
         elif value is not None and not isinstance(value, tuple):
             value = tuple(value)
         object.__setattr__(obj, name, value)
     for name in numbers:
         value = getattr(obj, name)
         if isinstance(value, Integral | str):
-            value = (value,) if isinstance(value, Integral) else tuple(v.strip() for v in value.split(",") if v.strip())
+            value = (value,) if isinstance(value, Integral) else tuple(split_csv(value))
         try:
             value = tuple(int(v) for v in value)
         except (TypeError, ValueError):

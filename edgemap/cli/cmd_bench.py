@@ -24,14 +24,6 @@ from edgemap.cli.common import (
     split_csv,
     write_json_out,
 )
-from edgemap.errors import EdgemapError
-
-
-def _ints(value: str, option: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in split_csv(value))
-    except ValueError as e:
-        raise EdgemapError(f"{option} takes comma-separated integers, got {value!r}") from e
 
 
 def render(rows) -> Group:  # noqa: ANN001 - list[BenchRow], imported lazily
@@ -83,7 +75,7 @@ def register(app: typer.Typer) -> None:
         given = {"threads": threads, "warmup": warmup, "iters": iters, "seconds": seconds}
         opts = BenchOptions(
             runtimes=tuple(split_csv(runtime)), precisions=tuple(split_csv(precision)),
-            batches=_ints(batch, "--batch"), strict=strict, exact=False if bf16 else None, save=read_only is None,
+            batches=batch, strict=strict, exact=False if bf16 else None, save=read_only is None,
             **{k: v for k, v in given.items() if v is not None},
         )
         with console.status("benchmarking…") as status:

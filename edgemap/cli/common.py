@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from edgemap.errors import EdgemapError, Interrupted
+from edgemap.options import split_csv  # noqa: F401 - the commands import it from here
 
 
 def visible(text: str) -> str:
@@ -269,10 +270,6 @@ def shq(path: Any) -> str:
 def next_step(cmd: str) -> None:
     """Print the exact next command to run."""
     console.print(f"\n[bold]next:[/] {escape(cmd)}", soft_wrap=True)  # one line: copy-pasteable
-
-
-def split_csv(value: str | None) -> list[str]:
-    return [v.strip() for v in value.split(",") if v.strip()] if value else []
 
 
 def default_out(data: str | Path) -> Path:
