@@ -468,7 +468,7 @@ def _size(n: Any) -> str:
     f = _num(n)
     if f is None:
         return "—"
-    for unit in ("B", "kB", "MB", "GB"):  # decimal, as `edgemap run` and `package` print sizes
+    for unit in ("B", "kB", "MB", "GB"):  # decimal, as `edgemap run`'s artifact table (and so labelled)
         if f < 1000 or unit == "GB":
             return f"{f:.0f} {unit}" if unit == "B" else f"{f:.1f} {unit}"
         f /= 1000

@@ -12,8 +12,10 @@ from rich.table import Table
 from rich.text import Text
 
 from edgemap.cli.common import (
+    TOLERANCE_NOTE,
     JsonOpt,
     RunDirArg,
+    agreement_cell,
     console,
     handle_errors,
     next_step,
@@ -44,17 +46,15 @@ def render(result) -> Group:  # noqa: ANN001 - EvalResult, imported lazily
             table.add_row(r.runtime, r.precision, "", "", "", "", "",
                           note_cell(notes, f"{r.runtime} {r.precision}", r.status, r.reason))
             continue
-        agree = _pct(r.agreement)
-        if r.within_tolerance is False:
-            agree = f"[red]{agree} ✗[/]"
         table.add_row(
-            r.runtime, r.precision, _pct(r.accuracy), _pct(r.top5), f"{r.macro_f1:.3f}", agree,
+            r.runtime, r.precision, _pct(r.accuracy), _pct(r.top5), f"{r.macro_f1:.3f}",
+            agreement_cell(_pct(r.agreement), r.within_tolerance),
             "" if r.max_abs_diff is None else f"{r.max_abs_diff:.2g}", escape(short_provider(r.provider)),
         )
     parts: list[Any] = [table, row_notes(notes)]
     parts += [Text(f"note: {n}", style="yellow") for n in getattr(result, "notes", [])]
     if any(r.within_tolerance is False for r in result.rows):
-        parts.append(Text("✗ outside the agreement tolerance (README: Eval tolerances)", style="red"))
+        parts.append(Text(TOLERANCE_NOTE, style="red"))
     return Group(*parts)
 
 

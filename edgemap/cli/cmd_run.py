@@ -11,8 +11,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from edgemap.cli.common import (
+    TOLERANCE_NOTE,
     DataArg,
     JsonOpt,
+    agreement_cell,
     console,
     default_out,
     handle_errors,
@@ -42,16 +44,15 @@ def summary_table(result: Any) -> Table:
                          ["runtime", "prec", "acc %", "agree %", "p50 ms", "p99 ms", "img/s", "ran on"],
                          text=("runtime", "prec"))
     for r in result.summary:
-        agree = _fmt(r.get("agreement"), True)
         table.add_row(r["runtime"], r["precision"], _fmt(r.get("accuracy"), True),
-                      f"[red]{agree} ✗[/]" if r.get("within_tolerance") is False else agree,
+                      agreement_cell(_fmt(r.get("agreement"), True), r.get("within_tolerance")),
                       _ms(r.get("p50_ms")), _ms(r.get("p99_ms")), _fmt(r.get("throughput"), digits=0),
                       escape(short_provider(r.get("provider") or "")))
     notes = []
     if getattr(result, "eval_data", None):
         notes.append(f"accuracy on {result.eval_data}")
     if any(r.get("within_tolerance") is False for r in result.summary):
-        notes.append("✗ outside the agreement tolerance (README: Eval tolerances)")
+        notes.append(TOLERANCE_NOTE)
     table.caption = escape("; ".join(notes)) if notes else None
     return table
 

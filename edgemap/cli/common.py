@@ -155,9 +155,7 @@ def handle_errors(fn: F) -> F:
                 raise
             _say("error", str(e))
             raise typer.Exit(code=e.exit_code) from None
-        except Interrupted as e:  # a stage that saved its state: its message says how to continue
-            _said_interrupted(e)
-        except KeyboardInterrupt as e:
+        except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM, or Interrupted (a stage that saved its state)
             _interrupted(e)
         except OSError as e:
             if e.errno == errno.EPIPE:  # the reader went away (| head): stop quietly, as the shell's tools do
@@ -270,6 +268,15 @@ def shq(path: Any) -> str:
 def next_step(cmd: str) -> None:
     """Print the exact next command to run."""
     console.print(f"\n[bold]next:[/] {escape(cmd)}", soft_wrap=True)  # one line: copy-pasteable
+
+
+#: the legend under eval's and run's tables when a row's agreement with PyTorch left the tolerance
+TOLERANCE_NOTE = "✗ outside the agreement tolerance (README: Eval tolerances)"
+
+
+def agreement_cell(text: str, within: bool | None) -> str:
+    """An agreement figure, red with ✗ when it left the tolerance (markup for a rich table cell)."""
+    return f"[red]{text} ✗[/]" if within is False else text
 
 
 def default_out(data: str | Path) -> Path:

@@ -187,13 +187,12 @@ def _dataset(run: Any, dataset: Any, data: str | Path | None = None) -> Any:
     if data is None:
         from edgemap.errors import DatasetError
 
-        try:
-            return rescan_for_run(run.data["dataset"])
-        except DatasetError as e:
-            if "is gone" not in str(e):
-                raise
-            raise DatasetError(f"{e}, or give its new place: edgemap export {shlex.quote(str(run.path))} "
-                               "--data DIR") from None
+        root = run.data["dataset"].get("root")
+        if isinstance(root, str) and not Path(root).is_dir():  # moved, or the run was copied to another machine
+            raise DatasetError(f"{root}: the dataset this run was trained on is gone; restore it there (same files) "
+                               f"to continue, or give its new place: edgemap export {shlex.quote(str(run.path))} "
+                               "--data DIR")
+        return rescan_for_run(run.data["dataset"])
     # the training dataset at another place (moved, or copied to this machine): the same files, or refused
     was = run.data["dataset"].get("root")
     moved = {**run.data["dataset"], "root": str(data), "skipped": _rebased(run.data["dataset"].get("skipped"), was, data)}

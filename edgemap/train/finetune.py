@@ -593,8 +593,8 @@ class _Trainer:
         # epoch's metrics.jsonl line counts the steps before the interruption too
         sums = list(info.get("epoch_sums") or [0.0, 0.0, 0.0]) if info["step"] else [0.0, 0.0, 0.0]
         t_epoch = time.perf_counter()
-        t_shown, n_shown = t_epoch, 0.0  # the bar's img/s: this process's images and time in this epoch (the sums
-        # also hold the steps before a resume, and t_epoch restarts at each mid-epoch checkpoint: ~200x too high)
+        t_shown, n_shown = t_epoch, 0.0  # the bar's img/s: images (all ranks) since this process began the epoch
+        # (the sums also hold the steps before a resume, and t_epoch restarts at each mid-epoch checkpoint: ~200x)
         net.train()
         if head_only:
             net.backbone.eval()
