@@ -179,6 +179,10 @@ def validate_manifest(data: Any, where: str = MANIFEST_NAME) -> dict[str, Any]:
             problems.append(f"'preprocess' invalid: {e}")
         problems += [f"'options.{sub}' must be an object" for sub, value in (data.get("options") or {}).items()
                      if not isinstance(value, dict)]
+        ft_options = (data.get("options") or {}).get("finetune")
+        dropout = ft_options.get("dropout", 0.2) if isinstance(ft_options, dict) else 0.2  # the model is built with it
+        if not (isinstance(dropout, int | float) and not isinstance(dropout, bool) and 0 <= dropout <= 1):
+            problems.append(f"'options.finetune.dropout' {str(dropout)[:20]!r} must be a number in [0, 1]")
         problems += _dataset_problems(data.get("dataset"))
         finetune = (data.get("metrics") or {}).get("finetune")
         if finetune is not None and not (isinstance(finetune, dict) and isinstance(finetune.get("best", {}), dict)):

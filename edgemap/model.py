@@ -66,9 +66,7 @@ def load_classifier(run_dir, which: str = "weights_best") -> ClassifierNet:  # n
     if which not in run_dir.artifacts:
         raise ExportError(f"{run_dir.path}: no trained weights ('{which}') recorded; run `edgemap finetune` to completion first")
     path, data = run_dir.artifact_bytes(which)  # loaded from the very bytes whose sha256 was checked
-    dropout = run_dir.data.get("options", {}).get("finetune", {}).get("dropout", 0.2)
-    if not isinstance(dropout, int | float) or isinstance(dropout, bool) or not 0 <= dropout <= 1:
-        raise ManifestError(f"{run_dir.manifest_path}: options.finetune.dropout {dropout!r} must be a number in [0, 1]")
+    dropout = run_dir.data.get("options", {}).get("finetune", {}).get("dropout", 0.2)  # checked by validate_manifest
     net = build_classifier(run_dir.backbone, len(run_dir.classes), run_dir.contract, pretrained=False,
                            dropout=float(dropout))
     try:
