@@ -477,6 +477,14 @@ def test_installed_refuses_tampered_model_and_bad_images(venv: Path, exported: d
     model_file = str(exported["run"].artifact_path("onnx_fp32"))
     r = _run(venv, str(venv.parent / "edgemap-runtime"), model_file, good_img, "--sha256", "0" * 64)
     assert r.returncode == 2 and "sha256" in r.stderr
+    import hashlib
+
+    right = hashlib.sha256(Path(model_file).read_bytes()).hexdigest()
+    near = right[:63] + ("0" if right[63] != "0" else "1")  # differs in the last character only
+    r = _run(venv, str(venv.parent / "edgemap-runtime"), model_file, good_img, "--sha256", near)
+    assert r.returncode == 2 and f"sha256 {right} is not the expected {near}" in r.stderr, r.stderr  # in full
+    r = _run(venv, str(venv.parent / "edgemap-runtime"), model_file, good_img, "--sha256", f"{right}  {model_file}")
+    assert r.returncode == 0, r.stderr  # a pasted `sha256sum` line
 
 
 
@@ -579,6 +587,32 @@ def test_device_cli_streams_lists_folders_like_training_and_stops_on_a_closed_pi
     err = proc.stderr.read()
     assert proc.wait(timeout=120) == 141 and first.count("\t") >= 2, (first, err)
     assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_device_cli_json_under_any_locale_and_warnings_made_errors(tiny: dict, tmp_path: Path) -> None:
+    """--json under an ascii/cp1252 stdout wrote Python escapes ("\\xe9"), invalid JSON; garbage on stdin was named
+    "<bytes>" with an object address; with PYTHONWARNINGS=error a corrupt-EXIF image took the whole batch down."""
+    import os
+    import sys
+
+    from test_preprocess import _corrupt_exif_jpeg
+
+    img = tiny["val"][0].read_bytes()
+    (tmp_path / "café.png").write_bytes(img)
+    _corrupt_exif_jpeg(tmp_path / "exif.jpg", 3)
+    base = [sys.executable, "-m", "edgemap.runtime.device_cli", str(tiny["model"])]
+    for enc in ("ascii", "cp1252"):
+        r = subprocess.run([*base, str(tmp_path / "café.png"), "--json"], capture_output=True, timeout=120,
+                           env={**os.environ, "PYTHONIOENCODING": enc})
+        assert r.returncode == 0 and json.loads(r.stdout)[0]["image"].endswith("café.png"), r.stdout
+    r = subprocess.run([*base, "-"], input=b"\x00garbage" * 10, capture_output=True, timeout=120)
+    err = r.stderr.decode()
+    assert r.returncode == 1 and "error: -: not a readable image" in err and "0x" not in err, err
+    r = subprocess.run([*base, str(tmp_path / "exif.jpg"), str(tmp_path / "café.png")], capture_output=True,
+                       timeout=120, env={**os.environ, "PYTHONWARNINGS": "error", "PYTHONIOENCODING": "utf-8"})
+    out, err = r.stdout.decode(), r.stderr.decode()
+    assert r.returncode == 1 and "exif.jpg: refused: Pillow warned" in err and "Traceback" not in err, err
+    assert "café.png" in out  # the other image still classified
 
 
 def test_device_cli_survives_odd_names_empty_folders_other_files_and_stdin(tiny: dict, tmp_path: Path) -> None:

@@ -564,3 +564,5 @@ def test_not_an_image_type_is_an_image_error() -> None:
             preprocess(bad, PreprocessContract(8, 8))  # type: ignore[arg-type]
     with pytest.raises(ImageError, match="a dict is not an image"):
         _as_list({"a.jpg": 1})  # type: ignore[arg-type]
+    with pytest.raises(ImageError, match="a set is not an image"):  # no order: results could not follow the inputs
+        _as_list({"a.jpg", "b.jpg"})  # type: ignore[arg-type]

@@ -90,9 +90,9 @@ def _as_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
         return list(images)  # an (N, H, W, C) batch
     if isinstance(images, (list, tuple)):
         return list(images)
-    if isinstance(images, dict):  # its keys are not a list of images
-        raise ImageError("a dict is not an image or a sequence of images: give a path, bytes, a PIL image, an array, "
-                         "or a list of them")
+    if isinstance(images, dict | set | frozenset):  # keys / no order: results could not be "one per input, in order"
+        raise ImageError(f"a {type(images).__name__} is not an image or a sequence of images: give a path, bytes, a "
+                         "PIL image, an array, or a list of them")
     if isinstance(images, (str, bytes, bytearray, memoryview, Path, np.ndarray)) or hasattr(images, "getpixel") \
             or hasattr(images, "read") \
             or not isinstance(images, Iterable):
@@ -151,14 +151,14 @@ class Classifier:
 
         actual = hashlib.sha256(data).hexdigest()
         if expected_sha256 is not None:
-            expected = expected_sha256.strip().lower()
+            expected = (expected_sha256.split() or [""])[0].lower()  # also a pasted `sha256sum` line "HASH  FILE"
             if not _SHA_RE.match(expected):
                 raise ModelIntegrityError(f"{path}: expected sha256 {expected_sha256!r} is not 64 hex characters")
-            if actual != expected:
+            if actual != expected:  # in full: two 16-character prefixes could be equal and still "not match"
                 raise ModelIntegrityError(
-                    f"{path}: sha256 {actual[:16]}… does not match the recorded {expected[:16]}…; "
-                    "the model was changed or corrupted since that sha256 was recorded. Use the original file "
-                    "(reinstall the package, or re-run `edgemap package`) instead of editing the model by hand."
+                    f"{path}: sha256 {actual} is not the expected {expected}: this is not the file that sha256 was "
+                    "taken of (changed, corrupted or another model), or the expected value is mistyped. Use the "
+                    "original model file (for a model package: reinstall it)."
                 )
         meta = model_meta(parse_model_bytes(data, str(path)), str(path))
         spec = runtime_spec(runtime)

@@ -158,8 +158,8 @@ def classify_paths(clf: Classifier, paths: list[Path], top_k: int, batch_size: i
             try:
                 arrays.append(clf.preprocess([sys.stdin.buffer.read() if path is STDIN else path])[0])
                 good.append(j)
-            except ImageError as e:
-                slots[j] = str(e)
+            except ImageError as e:  # stdin is "-" in the error too, as in the result line
+                slots[j] = str(e).replace("<bytes>", "-", 1) if path is STDIN else str(e)
         if arrays:
             preds = clf.decode(clf.probabilities(np.stack(arrays)), top_k)
             for j, pred in zip(good, preds, strict=False):
@@ -182,7 +182,10 @@ def _write_json(results: list[tuple[Path, Prediction | str]], prog: str) -> None
         name = printable(str(path), controls=False)  # the real path back (JSON escapes control characters itself)
         rows.append({"image": name, **r.to_dict()} if isinstance(r, Prediction)
                     else {"image": name, "error": printable(r, controls=False)})
-    sys.stdout.write(json.dumps(rows, ensure_ascii=False, indent=1) + "\n")
+    # \u escapes where stdout cannot hold a character (a cp1252 Windows pipe, an ascii locale): backslashreplace
+    # made Python-style "\xe9" there, which is not JSON
+    utf = (getattr(sys.stdout, "encoding", "") or "").lower().replace("-", "").replace("_", "") in ("utf8", "utf8sig")
+    sys.stdout.write(json.dumps(rows, ensure_ascii=not utf, indent=1) + "\n")
     sys.stdout.flush()
     for _, r in results:
         if not isinstance(r, Prediction):

@@ -24,7 +24,7 @@ def verify_sha256(path: str | Path, expected: str) -> None:
     actual = sha256_file(path)
     if actual != expected:
         raise ModelIntegrityError(
-            f"{path}: sha256 {actual[:16]}… does not match the recorded {expected[:16]}…; "
+            f"{path}: sha256 {actual} does not match the recorded {expected}; "
             "the file changed after it was made. Re-run the stage that wrote it "
             "(e.g. `edgemap export RUN_DIR`) instead of editing artifacts by hand."
         )

@@ -14,6 +14,7 @@ import io
 import logging
 import math
 import os
+import re
 import threading
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -207,7 +208,8 @@ def _report_metadata_warnings(name: str, notes: list[str]) -> None:
     with _reported_lock:
         if name in _reported or len(_reported) > _MAX_REPORTED:
             return
-        _reported.add(name)
+        # a file once; every image given as bytes (no name to tell them apart) counts on its own
+        _reported.add(name if name != "<bytes>" else f"<bytes {len(_reported)}>")
         n = len(_reported)
     if n <= _MAX_REPORTED:
         log.warning("%s: %s (Pillow's warning; the image is used as decoded)", printable(name),
@@ -251,7 +253,11 @@ def _open_image(source: str | Path | bytes, max_pixels: int | None) -> Image.Ima
     except FileNotFoundError as e:
         raise ImageError(f"{name}: file not found") from e
     except (OSError, ValueError, SyntaxError, EOFError, Image.UnidentifiedImageError) as e:
-        raise ImageError(f"{name}: not a readable image ({type(e).__name__}: {e})") from e
+        why = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "(bytes)", str(e))  # no object address in the message
+        raise ImageError(f"{name}: not a readable image ({type(e).__name__}: {why})") from e
+    except Warning as e:  # a Pillow warning the user's filters turn into an error (-W error): this image only
+        raise ImageError(f"{name}: refused: Pillow warned ({type(e).__name__}: {e}) and the warning filters make "
+                         "warnings errors") from e
 
 
 def to_rgb(im: Image.Image, name: str = "<image>") -> Image.Image:
