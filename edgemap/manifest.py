@@ -202,6 +202,8 @@ def validate_manifest(data: Any, where: str = MANIFEST_NAME) -> dict[str, Any]:
                 problems.append(f"artifact '{name}'.bytes must be a whole number of bytes")
             problems += [f"artifact '{name}'.{k} must be a string" for k in ("stage", "format", "precision", "created")
                          if k in art and not isinstance(art[k], str)]
+            if isinstance(art.get("stage"), str) and art["stage"] not in STAGE_ORDER:  # printed in commands to run
+                problems.append(f"artifact '{name}'.stage {art['stage'][:40]!r} is not one of {', '.join(STAGE_ORDER)}")
             if "runtimes" in art and not (isinstance(art["runtimes"], list) and all(isinstance(r, str) for r in art["runtimes"])):
                 problems.append(f"artifact '{name}'.runtimes must be a list of runtime names")
         for stage, info in data["stages"].items():

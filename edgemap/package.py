@@ -345,8 +345,9 @@ def _as_percent(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for r in rows:
         row = dict(r)
         for key in ("accuracy", "top5", "agreement"):
-            v = r.get(key)
-            row[f"{key} %"] = round(100 * v, 2) if isinstance(v, int | float) and not isinstance(v, bool) else v
+            v = r.get(key)  # a fraction; anything else (a hand-edited 4,000-digit number...) is shown as missing
+            fraction = isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v <= 1
+            row[f"{key} %"] = round(100 * v, 2) if fraction else None
         if r.get("within_tolerance") is False:
             row["agreement %"] = f"{row['agreement %']} ✗"
         out.append(row)

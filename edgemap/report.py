@@ -40,7 +40,8 @@ import numpy as np
 from edgemap.artifacts import current_results, stored_rows
 from edgemap.errors import EdgemapError, ManifestError
 from edgemap.fsutil import NOT_WRITABLE, atomic_write_bytes, special_file
-from edgemap.manifest import RunDir, now_iso
+from edgemap.manifest import STAGE_ORDER, RunDir, now_iso
+from edgemap.runtime.text import printable
 
 REPORT_DIR = "report"
 REPORT_FILE = "report.html"
@@ -144,7 +145,13 @@ def _ok(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _num(v: Any) -> float | None:
-    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) else None
+    if not isinstance(v, int | float) or isinstance(v, bool):
+        return None
+    try:
+        f = float(v)  # a 4,000-digit integer from a hand-edited manifest: OverflowError
+    except OverflowError:
+        return None
+    return f if math.isfinite(f) else None
 
 
 def _pick_eval(rows: list[dict[str, Any]], precision: str) -> dict[str, Any] | None:
@@ -522,9 +529,9 @@ def _section(sid: str, title: str, lead: str, body: str) -> str:
 def _remake(key: str, entry: dict[str, Any], run: RunDir) -> str:
     """The command that makes a recorded artifact again (fine-tuning needs its dataset, not the run, as DATA)."""
     rd = shlex.quote(str(run.path))
-    stage = entry.get("stage", "export")
+    stage = entry.get("stage") if entry.get("stage") in STAGE_ORDER else "export"  # never a manifest's free text
     if stage == "finetune":
-        data = shlex.quote(str((run.data.get("dataset") or {}).get("root", "DATA")))
+        data = shlex.quote(printable(str((run.data.get("dataset") or {}).get("root", "DATA"))))
         return f"restore it from a copy of the run, or fine-tune again into a new folder: `edgemap finetune {data} --out NEW_RUN`"
     return f"re-run `edgemap {stage} {rd}{' --int8' if key.startswith('onnx_int8') else ''}`"
 

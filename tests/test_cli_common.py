@@ -275,3 +275,20 @@ def test_an_interrupt_says_how_to_continue_also_in_debug_mode_and_inside_another
         stopped_then_cleanup_failed()
     err = capsys.readouterr().err
     assert e.value.exit_code == 143 and "Resume with: X --resume" in err and "interrupted by interrupted" not in err
+
+
+def test_log_warnings_naming_files_never_drive_the_terminal(tmp_path: Path, bracket_data: Path) -> None:
+    """edgemap's log warnings went out through Python's last-resort handler as they were: a folder named with an
+    escape sequence (or a newline and "error: ...") drove the terminal or forged a line."""
+    import shutil
+    import subprocess
+    import sys
+
+    data = tmp_path / "d"
+    shutil.copytree(bracket_data, data)
+    (data / "x\x1b]0;PWNED\x07\nerror: forged").mkdir()  # beside train/ and val/: warned about, then ignored
+    r = subprocess.run([sys.executable, "-m", "edgemap", "datasets", "scan", str(data)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "\x1b" not in r.stderr and "\x07" not in r.stderr and "\nerror: forged" not in r.stderr, r.stderr
+    assert "ignoring folders x\\x1b]0;PWNED\\x07\\x0aerror: forged" in r.stderr, r.stderr

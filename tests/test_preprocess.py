@@ -307,6 +307,31 @@ def test_pillow_warnings_name_the_image_once_each(tmp_path: Path) -> None:
     assert r.stdout.strip() == "ImageError" and "used as decoded" not in r.stderr, r.stdout + r.stderr
 
 
+def test_a_flood_of_pillow_warnings_is_bounded(tmp_path: Path) -> None:
+    """A 16x16 PNG whose EXIF holds 2,000 bad tags: every tag warned; de-duplicating them in a list was quadratic
+    (65,535 tags: 14 s per decode) and the image's line grew to megabytes. At most a few, each cut short."""
+    import subprocess
+    import sys
+
+    n = 2000
+    ifd = struct.pack("<H", n) + b"".join(struct.pack("<HHLL", t, 4, 100000, 8) for t in range(1, n + 1))
+    exif = b"II*\x00" + struct.pack("<L", 8) + ifd + struct.pack("<L", 0)
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (1, 2, 3)).save(buf, "PNG")
+    png = buf.getvalue()
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">L", len(data)) + kind + data + struct.pack(">L", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    (tmp_path / "flood.png").write_bytes(png[:33] + chunk(b"eXIf", exif) + png[33:])
+    code = "import sys; from edgemap.runtime.preprocess import open_image\nopen_image(sys.argv[1])\n"
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "flood.png")], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and len(lines[0]) < 2000 and "… (more warnings)" in lines[0], r.stderr[:500]
+
+
 # ---- refusals ----------------------------------------------------------------------------------
 
 

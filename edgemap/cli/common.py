@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import logging
 import os
 import shlex
 import signal
@@ -140,11 +141,34 @@ _ENVIRONMENT_ERRNOS = {
 _PATH_ERRNOS = {errno.EEXIST, errno.ENOTDIR, errno.EISDIR}
 
 
+class _VisibleLog(logging.Handler):
+    """edgemap's log warnings on stderr as Python's last-resort handler prints them, but with control characters
+    escaped: they name files and folders from datasets and run directories of others (an escape sequence in a
+    folder name drove the terminal, a newline forged an ``error:`` line)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from edgemap.runtime.text import printable
+
+            sys.stderr.write(printable(self.format(record)) + "\n")
+        except Exception:  # noqa: BLE001 - logging must never take the command down
+            self.handleError(record)
+
+
+def _log_visibly() -> None:
+    """Once per process, for the CLI only (a library caller's logging is theirs)."""
+    log = logging.getLogger("edgemap")
+    if not any(isinstance(h, _VisibleLog) for h in log.handlers):
+        handler = _VisibleLog(logging.WARNING)
+        log.addHandler(handler)
+
+
 def handle_errors(fn: F) -> F:
     """Turn EdgemapError into one red line and a non-zero exit (EDGEMAP_DEBUG=1: traceback)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        _log_visibly()
         try:
             with _sigterm_as_interrupt():
                 result = fn(*args, **kwargs)

@@ -25,8 +25,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import shlex
 import shutil
 import tempfile
@@ -37,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from edgemap.errors import AccuracyGateError, ExportError, Interrupted, ParityError, QuantizationError
+from edgemap.runtime.text import printable
 
 log = logging.getLogger(__name__)
 
@@ -197,8 +200,9 @@ def _dataset(run: Any, dataset: Any, data: str | Path | None = None) -> Any:
     was = run.data["dataset"].get("root")
     moved = {**run.data["dataset"], "root": str(data), "skipped": _rebased(run.data["dataset"].get("skipped"), was, data)}
     scan = rescan_for_run(moved)
-    if not was or Path(was).resolve() != scan.root.resolve():
-        log.warning("--data: the dataset is now at %s (the same files as at %s); recorded", scan.root, was)
+    if not was or os.path.realpath(was) != os.path.realpath(scan.root):  # realpath: no error on a symlink loop
+        log.warning("--data: the dataset is now at %s (the same files as at %s); recorded", printable(str(scan.root)),
+                    printable(str(was)))
         moved["root"] = str(scan.root)
         run.data["dataset"] = moved  # saved with the export's records
     return scan
@@ -215,7 +219,7 @@ def _rebased(skipped: Any, old_root: str | None, new_root: str | Path) -> Any:
         except ValueError:
             out.append(item)
             continue
-        out.append([str(Path(new_root).resolve() / rel), *item[1:]])
+        out.append([os.path.join(os.path.abspath(new_root), rel), *item[1:]])  # as the scan spells paths (abspath)
     return out
 
 
@@ -371,7 +375,7 @@ def _export_fp32(run: Any, net: Any, images: Any, opts: ExportOptions, say: Prog
         err.rows = getattr(e, "rows", [])  # type: ignore[attr-defined]
         raise err from None
     run.data.get("metrics", {}).pop("parity_rejected", None)
-    (run.path / "model.rejected.onnx").unlink(missing_ok=True)  # superseded: a new model.onnx passed
+    _remove_superseded(run.path / "model.rejected.onnx")  # superseded: a new model.onnx passed
     _record_parity(run, rows, opts, failed=False)
     return dest, True, rows
 
@@ -430,6 +434,13 @@ def _record_parity(run: Any, rows: list[Any], opts: ExportOptions, failed: bool,
     run.save()
 
 
+def _remove_superseded(path: Path) -> None:
+    """Delete a kept ``*.rejected.onnx``/``*.stale.onnx`` (a link: the link only); anything else there is left."""
+    if path.is_symlink() or path.is_file():
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
 def _retire_stale_int8(run: Any, onnx_path: Path) -> dict[str, str]:
     """int8 models quantized from an earlier model.onnx: unrecord them, rename them ``*.stale.onnx``.
 
@@ -443,8 +454,8 @@ def _retire_stale_int8(run: Any, onnx_path: Path) -> dict[str, str]:
         entry = run.artifacts[key]
         if entry.get("source_sha256") == sha:
             continue
+        old = run._inside(entry["path"])  # refused when a symlinked folder leads outside the run directory
         del run.artifacts[key]
-        old = run.path / entry["path"]
         if old.is_file():
             old.replace(old.with_name(old.name.removesuffix(".onnx") + ".stale.onnx"))
         retired[entry.get("format", key.removeprefix("onnx_int8_"))] = entry["path"]
@@ -585,5 +596,5 @@ def _write_int8(run: Any, src: Path, fmt: str, targets: list[str], chosen: Any, 
                             **quant) as tmp:
         onnx.save(model, str(tmp))
     for left in (name.replace(".onnx", ".rejected.onnx"), name.replace(".onnx", ".stale.onnx")):
-        (run.path / left).unlink(missing_ok=True)  # superseded by the model just written (kept until now to inspect)
+        _remove_superseded(run.path / left)  # superseded by the model just written (kept until now to inspect)
     return dest

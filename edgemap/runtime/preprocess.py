@@ -194,12 +194,20 @@ _reported: set[str]
 _reported, _reported_lock = Image._edgemap_reported  # type: ignore[attr-defined]
 
 
+#: per image: at most this many distinct warnings, each cut to this length (a PNG with 65,535 bad EXIF tags made
+#: 65,535 warnings: a quadratic de-duplication took 14 s per decode and printed a 3 MB line)
+_MAX_NOTES, _NOTE_CHARS = 5, 200
+
+
 def _show_warning(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
     notes = getattr(_decoding, "notes", None)
     if getattr(_decoding, "name", None) is not None and notes is not None and str(filename).startswith(_PILLOW_DIR):
-        text = str(message)
-        if text not in notes:
-            notes.append(text)
+        if len(notes) <= _MAX_NOTES:  # one more slot says "…": the rest of this image's warnings are dropped
+            text = str(message)[:_NOTE_CHARS]
+            if len(notes) == _MAX_NOTES:
+                notes.append("… (more warnings)")
+            elif text not in notes:
+                notes.append(text)
         return
     _show_warning.previous(message, category, filename, lineno, file, line)  # type: ignore[attr-defined]
 
