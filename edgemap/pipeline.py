@@ -340,7 +340,9 @@ def run_pipeline(data: str | Path, out: str | Path, opts: RunOptions = RunOption
                 held_lock = True
         run = RunDir.load(out)
         return RunResult(
-            run_dir=out, stages=outcomes, summary=summarize(run), artifacts=_artifact_rows(run), wheel=wheel,
+            run_dir=out, stages=outcomes, artifacts=_artifact_rows(run), wheel=wheel,
+            # the precisions this command measures (`run --no-int8` on a run with int8 models: fp32 rows only)
+            summary=[r for r in summarize(run) if r["precision"] in opts.eval.precisions],
             report=report_path, seconds=time.perf_counter() - t0, unavailable=_unavailable(run),
             eval_data=((run.data.get("metrics") or {}).get("eval") or {}).get("data"), wheel_replaced=wheel_replaced,
         )

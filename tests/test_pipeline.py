@@ -371,6 +371,13 @@ def test_no_int8_keeps_the_whole_run_fp32(digits: Path, tmp_path: Path) -> None:
     assert run_pipeline(digits, out, build_options()).did_nothing  # the run keeps its choice
 
 
+def test_no_int8_on_a_run_with_int8_models_summarises_fp32(digits: Path, finished: Path, tmp_path: Path) -> None:
+    """`run --no-int8` on a run that had int8 models still listed their int8 rows, above the fp32 ones."""
+    copy = _copy(finished, tmp_path)
+    res = run_pipeline(digits, copy, build_options(report=False, int8=False))
+    assert res.summary and {r["precision"] for r in res.summary} == {"fp32"}, res.summary
+
+
 def test_the_summary_never_shows_rows_of_a_replaced_model(finished: Path, tmp_path: Path) -> None:
     """After a narrower re-run (new int8 models, eval/bench of torch,cpu only) the summary listed the old openvino int8
     row as current, above the torch reference, and a cuda row nobody asked for."""
