@@ -292,3 +292,22 @@ def test_log_warnings_naming_files_never_drive_the_terminal(tmp_path: Path, brac
     assert r.returncode == 0, r.stderr
     assert "\x1b" not in r.stderr and "\x07" not in r.stderr and "\nerror: forged" not in r.stderr, r.stderr
     assert "ignoring folders x\\x1b]0;PWNED\\x07\\x0aerror: forged" in r.stderr, r.stderr
+
+
+def test_an_applications_own_logging_gets_each_warning_once(tmp_path: Path, bracket_data: Path) -> None:
+    """The CLI's escaping log handler printed every edgemap warning a second time in a program that configured its
+    own logging and ran a command in-process (and in every later library call)."""
+    import shutil
+    import subprocess
+    import sys
+
+    data = tmp_path / "d"
+    shutil.copytree(bracket_data, data)
+    (data / "extra").mkdir()  # beside train/ and val/: "ignoring folders extra"
+    code = ("import logging, sys; logging.basicConfig(format='APP %(message)s')\n"
+            "from typer.testing import CliRunner; from edgemap.cli import app\n"
+            "CliRunner().invoke(app, ['datasets', 'scan', sys.argv[1]])\n"
+            "from edgemap.data.scan import scan_dataset; scan_dataset(sys.argv[1])\n")
+    r = subprocess.run([sys.executable, "-c", code, str(data)], capture_output=True, text=True, timeout=120)
+    lines = [line for line in r.stderr.splitlines() if "ignoring folders extra" in line]
+    assert lines and all(line.startswith("APP ") for line in lines) and len(lines) == 2, r.stderr  # one per call

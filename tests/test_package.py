@@ -485,6 +485,8 @@ def test_installed_refuses_tampered_model_and_bad_images(venv: Path, exported: d
     assert r.returncode == 2 and f"sha256 {right} is not the expected {near}" in r.stderr, r.stderr  # in full
     r = _run(venv, str(venv.parent / "edgemap-runtime"), model_file, good_img, "--sha256", f"{right}  {model_file}")
     assert r.returncode == 0, r.stderr  # a pasted `sha256sum` line
+    r = _run(venv, str(venv.parent / "edgemap-runtime"), model_file, good_img, "--sha256", f"\\{right}  m\\\\x.onnx")
+    assert r.returncode == 0, r.stderr  # sha256sum's line for a file name holding a backslash starts with one
 
 
 

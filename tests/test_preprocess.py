@@ -591,3 +591,4 @@ def test_not_an_image_type_is_an_image_error() -> None:
         _as_list({"a.jpg": 1})  # type: ignore[arg-type]
     with pytest.raises(ImageError, match="a set is not an image"):  # no order: results could not follow the inputs
         _as_list({"a.jpg", "b.jpg"})  # type: ignore[arg-type]
+    assert _as_list(frozenset({"a.jpg"})) == ["a.jpg"]  # one item has its order

@@ -147,12 +147,24 @@ class _VisibleLog(logging.Handler):
     folder name drove the terminal, a newline forged an ``error:`` line)."""
 
     def emit(self, record: logging.LogRecord) -> None:
+        if _other_handlers():  # as the last-resort handler: only where no handler of the caller's would print it
+            return
         try:
             from edgemap.runtime.text import printable
 
             sys.stderr.write(printable(self.format(record)) + "\n")
         except Exception:  # noqa: BLE001 - logging must never take the command down
             self.handleError(record)
+
+
+def _other_handlers() -> bool:
+    """Whether a handler other than ours would get edgemap's records (an application's logging.basicConfig...)."""
+    logger: logging.Logger | None = logging.getLogger("edgemap")
+    while logger is not None:
+        if any(not isinstance(h, _VisibleLog) for h in logger.handlers):
+            return True
+        logger = logger.parent if logger.propagate else None
+    return False
 
 
 def _log_visibly() -> None:

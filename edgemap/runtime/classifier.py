@@ -90,7 +90,8 @@ def _as_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
         return list(images)  # an (N, H, W, C) batch
     if isinstance(images, (list, tuple)):
         return list(images)
-    if isinstance(images, dict | set | frozenset):  # keys / no order: results could not be "one per input, in order"
+    if isinstance(images, dict) or (isinstance(images, set | frozenset) and len(images) > 1):  # keys / no order:
+        # results could not be "one per input, in order"
         raise ImageError(f"a {type(images).__name__} is not an image or a sequence of images: give a path, bytes, a "
                          "PIL image, an array, or a list of them")
     if isinstance(images, (str, bytes, bytearray, memoryview, Path, np.ndarray)) or hasattr(images, "getpixel") \
@@ -151,7 +152,8 @@ class Classifier:
 
         actual = hashlib.sha256(data).hexdigest()
         if expected_sha256 is not None:
-            expected = (expected_sha256.split() or [""])[0].lower()  # also a pasted `sha256sum` line "HASH  FILE"
+            # also a pasted `sha256sum` line "HASH  FILE" ("\\HASH  FILE" when the file name holds a backslash)
+            expected = (expected_sha256.split() or [""])[0].removeprefix("\\").lower()
             if not _SHA_RE.match(expected):
                 raise ModelIntegrityError(f"{path}: expected sha256 {expected_sha256!r} is not 64 hex characters")
             if actual != expected:  # in full: two 16-character prefixes could be equal and still "not match"
