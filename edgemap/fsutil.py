@@ -178,13 +178,19 @@ def not_writable(folder: str | Path) -> str | None:
     Tried for real (a temporary file), since permission bits do not tell: root ignores them,
     a read-only mount or a dropped capability does not.
     """
+    e = write_probe(folder)
+    if e is not None and e.errno in NOT_WRITABLE:
+        return e.strerror or str(e)
+    return None  # writable, or a missing folder and the like: the command reports that itself
+
+
+def write_probe(folder: str | Path) -> OSError | None:
+    """The OSError that creating a (temporary, at once removed) file in ``folder`` raises, else None."""
     try:
         with tempfile.TemporaryFile(dir=folder):
             return None
     except OSError as e:
-        if e.errno in NOT_WRITABLE:
-            return e.strerror or str(e)
-        return None  # a missing folder and the like: the command reports that itself
+        return e
 
 
 # folder -> [open lock file, depth]: re-entrant within a thread. Another thread of the same process is a second

@@ -96,9 +96,7 @@ def json_target_problem(target: Path) -> str | None:
 
 
 def _json_target_problem(target: Path) -> str | None:
-    import tempfile
-
-    from edgemap.fsutil import special_file
+    from edgemap.fsutil import special_file, write_probe
     if target.is_dir():
         return f"{target} is a folder; give a file name (or '-' for stdout)"
     blocked = next((p for p in target.parents if p.exists() and not p.is_dir()), None)
@@ -111,16 +109,12 @@ def _json_target_problem(target: Path) -> str | None:
     folder = Path(os.path.realpath(target)).parent
     if not folder.is_dir():  # made when the results are written: the nearest folder that exists must allow it
         folder = next((p for p in folder.parents if p.is_dir()), Path("/"))
-    try:
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".edgemap-probe-")
-    except OSError as e:
-        if e.errno in _ENVIRONMENT_ERRNOS:
-            raise OSError(e.errno, f"cannot write in {folder} ({e.strerror})") from None
-        return f"{target}: cannot write in {folder} ({e.strerror or e})"
-    os.close(fd)
-    with contextlib.suppress(OSError):
-        os.unlink(probe)
-    return None
+    e = write_probe(folder)
+    if e is None:
+        return None
+    if e.errno in _ENVIRONMENT_ERRNOS:
+        raise OSError(e.errno, f"cannot write in {folder} ({e.strerror})") from None
+    return f"{target}: cannot write in {folder} ({e.strerror or e})"
 
 
 JsonOpt = Annotated[Path | None, typer.Option("--json", callback=_json_target,
