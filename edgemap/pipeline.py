@@ -75,6 +75,7 @@ class RunResult:
     unavailable: list[tuple[str, str]] = field(default_factory=list)  # runtimes eval could not run, and why
     eval_data: str | None = None  # what the accuracies were measured on (folder, split, images)
     wheel_replaced: bool = False  # this run rebuilt a same-version wheel with other contents
+    skipped: list[str] = field(default_factory=list)  # unreadable files this command's fine-tuning skipped (--skip-bad)
 
     @property
     def did_nothing(self) -> bool:
@@ -85,7 +86,7 @@ class RunResult:
             "run_dir": str(Path(self.run_dir).absolute()), "seconds": round(self.seconds, 2), "did_nothing": self.did_nothing,
             "stages": [vars(s) for s in self.stages], "summary": self.summary, "artifacts": self.artifacts,
             "wheel": self.wheel, "report": self.report, "unavailable": [list(u) for u in self.unavailable],
-            "eval_data": self.eval_data,
+            "eval_data": self.eval_data, "skipped": self.skipped,
         }
 
 
@@ -339,7 +340,9 @@ def run_pipeline(data: str | Path, out: str | Path, opts: RunOptions = RunOption
                 held.enter_context(run_lock(out, "run"))
                 held_lock = True
         run = RunDir.load(out)
+        trained = any(s.stage == "finetune" and s.status != "skipped" for s in outcomes)
         return RunResult(
+            skipped=[str(item[0]) for item in (run.data.get("dataset") or {}).get("skipped") or []] if trained else [],
             run_dir=out, stages=outcomes, artifacts=_artifact_rows(run), wheel=wheel,
             # the precisions this command measures (`run --no-int8` on a run with int8 models: fp32 rows only)
             summary=[r for r in summarize(run) if r["precision"] in opts.eval.precisions],

@@ -392,3 +392,21 @@ def test_the_summary_never_shows_rows_of_a_replaced_model(finished: Path, tmp_pa
     assert [(r["runtime"], r["precision"]) for r in rows][0] == ("torch", "fp32")  # the reference first
     assert ("openvino", "int8") not in {(r["runtime"], r["precision"]) for r in rows}  # its model was replaced
     assert ("openvino", "fp32") in {(r["runtime"], r["precision"]) for r in rows}  # model.onnx is unchanged: kept
+
+
+def test_run_names_the_files_its_finetune_skipped(digits: Path, tmp_path: Path) -> None:
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(digits, data)
+    (data / "train" / "3" / "broken é.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    out = tmp_path / "run"
+    args = ["run", str(data), "--out", str(out), "--backbone", "tiny", "--img-size", "32", "--epochs", "1",
+            "--freeze-epochs", "0", "--no-int8", "--runtime", "cpu", "--bench-seconds", "0.2", "--no-report"]
+    r = CliRunner().invoke(app, [*args, "--skip-bad", "--json", str(tmp_path / "r.json")], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    bad = str(data / "train" / "3" / "broken é.png")
+    assert f"skipped 1 unreadable file(s): {bad} (all in {out}/edgemap.json" in r.output, r.output
+    assert json.loads((tmp_path / "r.json").read_text())["skipped"] == [bad]
+    again = CliRunner().invoke(app, [*args, "--skip-bad"], env={"COLUMNS": "200"})  # nothing trained now: not said again
+    assert again.exit_code == 0 and "unreadable" not in again.output, again.output

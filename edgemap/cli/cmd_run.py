@@ -96,13 +96,11 @@ def run_and_show(data: Path, out: Path, opts: Any, json_out: Path | None) -> Non
         console.print(f"[green]nothing to do[/]: every stage of {escape(str(out))} is already done (its weights and models verified by sha256)", soft_wrap=True)
     for s in result.stages:
         console.print(f"  {s.stage:9s} {s.status:8s} {s.seconds:6.1f} s  {s.detail}", markup=False, soft_wrap=True)
-    from edgemap.manifest import RunDir
     from edgemap.runtime.text import printable
 
-    trained = any(s.stage == "finetune" and s.status != "skipped" for s in result.stages)
-    skipped = ((RunDir.load(out).data.get("dataset") or {}).get("skipped") or []) if trained else []
+    skipped = result.skipped
     if skipped:  # --skip-bad: named here as finetune and `datasets scan` name them
-        names = ", ".join(printable(str(item[0])) for item in skipped[:3]) + (" …" if len(skipped) > 3 else "")
+        names = ", ".join(printable(name) for name in skipped[:3]) + (" …" if len(skipped) > 3 else "")
         console.print(f"[yellow]skipped {len(skipped)} unreadable file(s)[/]: {escape(names)} (all in "
                       f"{escape(str(out))}/edgemap.json → dataset.skipped)", soft_wrap=True)
     console.print(summary_table(result))
