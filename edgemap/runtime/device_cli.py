@@ -85,16 +85,20 @@ class Listing:
     """What the IMAGE arguments name: the images, folders without any, and files skipped for their extension."""
 
     images: list[Path] = field(default_factory=list)
-    problems: list[tuple[Path, str]] = field(default_factory=list)
-    #: where each problem falls among the images (how many images the arguments before it named): results keep the
-    #: order of the arguments
-    problem_positions: list[int] = field(default_factory=list)
+    #: (where it falls among the images: how many images the arguments before it named, (path, message)), so that
+    #: results keep the order of the arguments
+    placed_problems: list[tuple[int, tuple[Path, str]]] = field(default_factory=list)
     skipped: dict[str, int] = field(default_factory=dict)  # extension -> files in the folders that have it
+
+    @property
+    def problems(self) -> list[tuple[Path, str]]:
+        """(path, message) of each argument that names no image."""
+        return [problem for _, problem in self.placed_problems]
 
     def in_order(self, results: list[tuple[Path, Prediction | str]]) -> list[tuple[Path, Prediction | str]]:
         """The results of :attr:`images` (in their order) with the problems put back where their arguments were."""
         out = list(results)
-        for at, problem in reversed(list(zip(self.problem_positions, self.problems, strict=True))):
+        for at, problem in reversed(self.placed_problems):
             out.insert(at, problem)  # from the last: earlier positions stay valid
         return out
 
@@ -135,8 +139,8 @@ def list_images(paths: list[Path]) -> Listing:
                 else:
                     out.skipped[ext] = out.skipped.get(ext, 0) + 1
         if not found:
-            out.problem_positions.append(len(out.images))
-            out.problems.append((p, f"{p}: folder holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})"))
+            out.placed_problems.append(
+                (len(out.images), (p, f"{p}: folder holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")))
         out.images += found
     return out
 
