@@ -40,7 +40,7 @@ from edgemap.fsutil import (
     sha256_file,
 )
 from edgemap.runtime.preprocess import DEFAULT_MAX_PIXELS, PreprocessContract
-from edgemap.runtime.text import has_control_chars
+from edgemap.runtime.text import has_control_chars, printable
 
 MANIFEST_NAME = "edgemap.json"
 STAGE_ORDER = ("finetune", "export", "eval", "bench", "package", "report")  # each stage reads what the ones before made
@@ -403,7 +403,7 @@ class RunDir:
         entry = self.artifacts[key]
         p = self._inside(entry["path"])
         if not p.is_file():
-            raise ManifestError(f"{p}: recorded as artifact '{key}' but missing; re-run the stage '{entry.get('stage')}'")
+            raise ManifestError(f"{p}: recorded as artifact '{key}' but missing; {self.remake_hint(key)}")
         older = self.made_from_older_weights(key)
         if older:
             raise ManifestError(f"{p}: {older}; its results would not be this run's model. Export again: "
@@ -425,9 +425,18 @@ class RunDir:
         if actual != entry["sha256"]:
             raise ModelIntegrityError(
                 f"{p}: sha256 mismatch with {MANIFEST_NAME} (file {actual[:12]}…, recorded "
-                f"{entry['sha256'][:12]}…); refusing a file changed after it was made. "
-                f"Re-run `edgemap {entry.get('stage', 'export')}`."
+                f"{entry['sha256'][:12]}…); refusing a file changed after it was made: {self.remake_hint(key)}"
             )
+
+    def remake_hint(self, key: str) -> str:
+        """What makes a recorded artifact again, as a user types it (fine-tuning needs its dataset as DATA, and a new
+        folder); the stage is never a manifest's free text."""
+        entry = self.artifacts.get(key) or {}
+        stage = entry.get("stage") if entry.get("stage") in STAGE_ORDER else "export"
+        if stage == "finetune":
+            data = shlex.quote(printable(str((self.data.get("dataset") or {}).get("root", "DATA"))))
+            return f"restore it from a copy of the run, or fine-tune again into a new folder: `edgemap finetune {data} --out NEW_RUN`"
+        return f"re-run `edgemap {stage} {shlex.quote(str(self.path))}{' --int8' if key.startswith('onnx_int8') else ''}`"
 
     def made_from_older_weights(self, key: str) -> str | None:
         """Why the exported model ``key`` does not come from the run's current weights (None when it does)."""

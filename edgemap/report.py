@@ -40,8 +40,7 @@ import numpy as np
 from edgemap.artifacts import current_results, stored_rows
 from edgemap.errors import EdgemapError, ManifestError
 from edgemap.fsutil import NOT_WRITABLE, atomic_write_bytes, special_file
-from edgemap.manifest import STAGE_ORDER, RunDir, now_iso
-from edgemap.runtime.text import printable
+from edgemap.manifest import RunDir, now_iso
 
 REPORT_DIR = "report"
 REPORT_FILE = "report.html"
@@ -526,16 +525,6 @@ def _section(sid: str, title: str, lead: str, body: str) -> str:
     return f'<section id="{sid}"><h2>{_e(title)}</h2>{lead_html}{body}</section>'
 
 
-def _remake(key: str, entry: dict[str, Any], run: RunDir) -> str:
-    """The command that makes a recorded artifact again (fine-tuning needs its dataset, not the run, as DATA)."""
-    rd = shlex.quote(str(run.path))
-    stage = entry.get("stage") if entry.get("stage") in STAGE_ORDER else "export"  # never a manifest's free text
-    if stage == "finetune":
-        data = shlex.quote(printable(str((run.data.get("dataset") or {}).get("root", "DATA"))))
-        return f"restore it from a copy of the run, or fine-tune again into a new folder: `edgemap finetune {data} --out NEW_RUN`"
-    return f"re-run `edgemap {stage} {rd}{' --int8' if key.startswith('onnx_int8') else ''}`"
-
-
 def _file_state(path: Path, recorded_bytes: Any) -> str:
     """"" when the recorded file is there with its recorded size, else what is wrong (the sha256 is checked by the
     commands that use the file; a size is free to check)."""
@@ -862,7 +851,7 @@ class _Builder:
             state = _file_state(self.run.path / a["path"], a.get("bytes"))
             if state:
                 broken += 1
-                self.warnings.append(f"{a['path']} (artifact {key}) is {state}; {_remake(key, a, self.run)}")
+                self.warnings.append(f"{a['path']} (artifact {key}) is {state}; {self.run.remake_hint(key)}")
             rows.append([_e(key), f"<code>{_e(a.get('path'))}</code>" + (f" {_pill(False, '', state)}" if state else ""),
                          _e(_size(a.get("bytes"))),
                          _e(" · ".join(str(m) for m in meta if m) or "—"), _e(a.get("stage", "")),

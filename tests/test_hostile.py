@@ -12,6 +12,7 @@ import json
 import os
 import pickle
 import re
+import shlex
 import struct
 import zlib
 from pathlib import Path
@@ -252,8 +253,13 @@ def test_changed_model_is_refused_everywhere(odd_tmp: Path) -> None:
     data[-1] ^= 1  # one bit in the metadata
     model.write_bytes(bytes(data))
     run = RunDir.load(out)
-    with pytest.raises(ModelIntegrityError, match=r"model\.onnx: sha256 mismatch with edgemap\.json"):
+    with pytest.raises(ModelIntegrityError, match=r"model\.onnx: sha256 mismatch with edgemap\.json") as e:
         run.artifact_path("onnx_fp32")
+    assert str(e.value).endswith(f"re-run `edgemap export {shlex.quote(str(out))}`")  # a command that pastes
+    model.rename(out / "gone.onnx")
+    with pytest.raises(ManifestError, match=r"recorded as artifact 'onnx_fp32' but missing; re-run `edgemap export "):
+        RunDir.load(out).artifact_path("onnx_fp32")
+    (out / "gone.onnx").rename(model)
     with pytest.raises(ModelIntegrityError, match="sha256 mismatch"):
         open_session(run, "cpu", "fp32", 1)
     with pytest.raises(ModelIntegrityError, match="sha256 mismatch"):
