@@ -77,7 +77,8 @@ class BenchOptions:
     exact: bool | None = None
 
     def __post_init__(self) -> None:
-        normalize(self, names=("runtimes", "precisions"), numbers=("batches",))
+        normalize(self, names=("runtimes", "precisions"), numbers=("batches",), counts={"warmup": 0, "iters": 1},
+                  seconds=("seconds",))
 
 
 @dataclass
@@ -310,10 +311,6 @@ def bench(run_dir: str | Path | RunDir, opts: BenchOptions = BenchOptions(), *, 
 
     if opts.iters is not None and opts.seconds is not None:
         raise RuntimeUnavailableError("give either --iters or --seconds, not both")
-    if opts.iters is not None and opts.iters < 1 or opts.seconds is not None and opts.seconds <= 0:
-        raise RuntimeUnavailableError("--iters must be >= 1 and --seconds > 0")
-    if opts.warmup < 0:
-        raise RuntimeUnavailableError("--warmup must be >= 0")
     if not opts.batches or any(b < 1 for b in opts.batches):
         raise RuntimeUnavailableError(f"--batch needs positive sizes, got {list(opts.batches)}")
     guard = run_lock(run_dir.path if isinstance(run_dir, RunDir) else Path(run_dir), "bench") if opts.save else nullcontext()

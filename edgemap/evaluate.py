@@ -67,7 +67,8 @@ class EvalOptions:
     skip_bad: bool = False
 
     def __post_init__(self) -> None:
-        normalize(self, names=("runtimes", "precisions"))
+        normalize(self, names=("runtimes", "precisions"), counts={"batch": 1, "max_pixels": 1},
+                  flags={"batch": "EvalOptions.batch"})
 
 
 @dataclass
@@ -317,8 +318,6 @@ def _evaluate_arrays(run: RunDir, images: np.ndarray, labels: np.ndarray, opts: 
         raise DatasetError(f"images must be uint8 (N, {c.height}, {c.width}, 3), got {images.dtype} {images.shape}")
     if len(images) == 0:
         raise DatasetError(f"{data}: no images to evaluate")
-    if opts.batch < 1:
-        raise DatasetError("--batch must be at least 1")
     labels = np.asarray(labels, dtype=np.int64)
     if labels.shape != (len(images),) or (len(labels) and not 0 <= labels.min() <= labels.max() < len(classes)):
         raise DatasetError(f"{data}: labels must be {len(images)} class indices in 0..{len(classes) - 1} "
@@ -468,8 +467,6 @@ def evaluate(run_dir: str | Path | RunDir, opts: EvalOptions = EvalOptions()) ->
     """
     from edgemap.runtime.preprocess import preprocess_batch
 
-    if opts.max_pixels is not None and opts.max_pixels < 1:  # every image would "exceed the limit of -5"
-        raise DatasetError(f"--max-pixels {opts.max_pixels}: must be positive")
     # saving results into edgemap.json: hold the run directory (see manifest.run_lock)
     guard = run_lock(run_dir.path if isinstance(run_dir, RunDir) else Path(run_dir), "eval") if opts.save else nullcontext()
     with guard:

@@ -3,7 +3,8 @@ checked when the options are made (an int where a tuple goes was split into lett
 
 from __future__ import annotations
 
-from numbers import Integral
+import math
+from numbers import Integral, Real
 from typing import Any
 
 from edgemap.errors import EdgemapError
@@ -14,29 +15,80 @@ def split_csv(value: str | None) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()] if value else []
 
 
-def normalize(obj: Any, names: tuple[str, ...] = (), numbers: tuple[str, ...] = ()) -> None:
+#: more intra-op threads than this is a typo (ONNX Runtime's binding raised a bare TypeError past the int range)
+MAX_THREADS = 1024
+
+
+def _default(obj: Any, name: str) -> Any:
+    import dataclasses
+
+    f = next((f for f in dataclasses.fields(obj) if f.name == name), None)
+    return f.default if f is not None else dataclasses.MISSING
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def normalize(obj: Any, names: tuple[str, ...] = (), numbers: tuple[str, ...] = (), counts: dict[str, int] | None = None,
+              seconds: tuple[str, ...] = (), flags: dict[str, str] | None = None) -> None:
     """In a frozen dataclass's ``__post_init__``: comma-separated strings and lists become tuples of names
-    (``names``) or of whole numbers (``numbers``); ``threads`` must be a positive whole number or None."""
+    (``names``) or of whole numbers (``numbers``); ``counts`` (name → minimum) are whole numbers, ``seconds`` finite
+    numbers > 0; ``threads`` must be a whole number in 1..MAX_THREADS. None passes where it is the field's default.
+    Messages name the option as the CLI spells it (``flags`` where that is not ``--<name>``)."""
+    spelled = {"batches": "--batch", **(flags or {})}
+
+    def flag(name: str) -> str:
+        return spelled.get(name, "--" + name.replace("_", "-"))
+
+    def unset(name: str, value: Any) -> bool:
+        if value is not None:
+            return False
+        if _default(obj, name) is None:
+            return True
+        raise EdgemapError(f"{flag(name)} None: give a value (leave it out for the default, {_default(obj, name)!r})")
+
     for name in names:
         value = getattr(obj, name)
+        if unset(name, value):
+            continue
         if isinstance(value, str):
             value = tuple(split_csv(value))
-        elif value is not None and not isinstance(value, tuple):
+        elif not isinstance(value, tuple):
             value = tuple(value)
         object.__setattr__(obj, name, value)
     for name in numbers:
         value = getattr(obj, name)
-        if isinstance(value, Integral | str):
-            value = (value,) if isinstance(value, Integral) else tuple(split_csv(value))
-        try:
-            value = tuple(int(v) for v in value)
+        if unset(name, value):
+            continue
+        items = (value,) if _whole(value) else tuple(split_csv(value)) if isinstance(value, str) else value
+        try:  # "8" from a CSV and numpy integers: yes; 2.7 (was cut to 2) and True (was 1): no
+            value = tuple(int(v) if _whole(v) or isinstance(v, str) else _refuse() for v in items)
         except (TypeError, ValueError):
-            flag = {"batches": "batch"}.get(name, name)  # as the CLI option is spelled
-            raise EdgemapError(f"--{flag} {getattr(obj, name)!r}: must be whole numbers, e.g. 1,8") from None
+            raise EdgemapError(f"{flag(name)} {getattr(obj, name)!r}: must be whole numbers, e.g. 1,8") from None
         object.__setattr__(obj, name, value)
+    for name, minimum in (counts or {}).items():
+        value = getattr(obj, name)
+        if unset(name, value):
+            continue
+        if not _whole(value) or value < minimum:
+            raise EdgemapError(f"{flag(name)} {value!r}: must be a whole number >= {minimum}")
+        object.__setattr__(obj, name, int(value))
+    for name in seconds:
+        value = getattr(obj, name)
+        if unset(name, value):
+            continue
+        if not isinstance(value, Real) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+            raise EdgemapError(f"{flag(name)} {value!r}: must be a finite number of seconds > 0")
+        object.__setattr__(obj, name, float(value))
     threads = getattr(obj, "threads", None)
-    if isinstance(threads, Integral) and not isinstance(threads, bool):
+    if _whole(threads):
         threads = int(threads)  # np.int64 from a sweep over np.arange
         object.__setattr__(obj, "threads", threads)
-    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
-        raise EdgemapError(f"--threads {threads!r}: must be a positive whole number (leave it out for the physical cores)")
+    if threads is not None and (not _whole(threads) or not 1 <= threads <= MAX_THREADS):
+        raise EdgemapError(f"--threads {threads!r}: must be a whole number from 1 to {MAX_THREADS} "
+                           "(leave it out for the physical cores)")
+
+
+def _refuse() -> int:
+    raise TypeError

@@ -77,14 +77,9 @@ def test_seconds_mode_and_option_checks(trained_run) -> None:  # noqa: F811
     rows = bench(run, BenchOptions(runtimes=("cpu",), precisions=("fp32",), batches=(2,), warmup=0, seconds=0.2,
                                    save=False))
     assert rows[0].status == "ok" and rows[0].iters >= 1 and rows[0].batch == 2
-    for bad in (BenchOptions(iters=5, seconds=1.0), BenchOptions(iters=0), BenchOptions(batches=(0,)),
-                BenchOptions(warmup=-1)):
+    for bad in (BenchOptions(iters=5, seconds=1.0), BenchOptions(batches=(0,))):
         with pytest.raises(RuntimeUnavailableError):
             bench(run, bad)
-    from edgemap.errors import EdgemapError
-
-    with pytest.raises(EdgemapError, match="--threads 0: must be a positive whole number"):  # when the options are made
-        BenchOptions(threads=0)
     with pytest.raises(RuntimeUnavailableError, match="--strict") as e:
         bench(run, BenchOptions(runtimes=("openvino:NOSUCH",), precisions=("fp32",), batches=(1, 2), iters=1,
                                 strict=True, save=False))
@@ -133,3 +128,33 @@ def test_memory_growth_is_the_models_not_the_engines_import(trained_run, tmp_pat
     assert r.returncode == 0, r.stderr
     mem = {row["runtime"]: row["mem_mb"] for row in json.loads(r.stdout)}
     assert mem["torch"] < 60 and mem["cpu"] < 30, mem
+
+
+@pytest.mark.parametrize(("kw", "says"), [
+    ({"threads": 0}, "--threads 0: must be a whole number from 1 to 1024"),
+    ({"threads": 10**12}, "--threads 1000000000000: must be a whole number from 1 to 1024"),  # a pybind TypeError
+    ({"iters": 0}, "--iters 0: must be a whole number >= 1"),
+    ({"iters": 2.5}, "--iters 2.5: must be a whole number >= 1"),  # ran 3 calls
+    ({"iters": "5"}, "--iters '5': must be a whole number"),  # a bare TypeError
+    ({"warmup": -1}, "--warmup -1: must be a whole number >= 0"),
+    ({"warmup": 2.5}, "--warmup 2.5: must be a whole number >= 0"),
+    ({"seconds": float("nan")}, "--seconds nan: must be a finite number of seconds > 0"),  # measured for ever
+    ({"seconds": float("inf")}, "--seconds inf: must be a finite number"),
+    ({"seconds": 0}, "--seconds 0: must be a finite number"),
+    ({"batches": (2.7,)}, "--batch (2.7,): must be whole numbers"),  # was cut to 2
+    ({"batches": True}, "--batch True: must be whole numbers"),  # was (1,)
+    ({"runtimes": None}, "--runtimes None: give a value"),  # 'NoneType' object is not iterable, later
+])
+def test_bad_option_values_from_python_are_one_line_when_the_options_are_made(kw: dict, says: str) -> None:
+    from edgemap.errors import EdgemapError
+
+    with pytest.raises(EdgemapError, match=re.escape(says)):
+        BenchOptions(**kw)
+
+
+def test_good_option_values_from_python_are_kept() -> None:
+    import numpy as np
+
+    o = BenchOptions(batches="1, 8", iters=np.int64(5), warmup=0, seconds=None, threads=np.int32(2))
+    assert (o.batches, o.iters, o.warmup, o.threads) == ((1, 8), 5, 0, 2) and type(o.iters) is int
+    assert BenchOptions(iters=None, seconds=2).seconds == 2.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -402,3 +403,17 @@ def test_eval_runs_the_bytes_it_checked_even_if_the_file_is_swapped(trained_run,
     res = evaluate(copy, EvalOptions(runtimes=("torch", "cpu"), precisions=("fp32",), save=False))
     row = next(r for r in res.rows if r.runtime == "cpu")
     assert row.status == "ok" and row.max_abs_diff < 1e-4, row  # fp32 (the checked bytes), not the int8 file
+
+
+@pytest.mark.parametrize(("kw", "says"), [
+    ({"batch": 0}, "EvalOptions.batch 0: must be a whole number >= 1"),  # named --batch, which eval does not have
+    ({"batch": "8"}, "EvalOptions.batch '8': must be a whole number >= 1"),  # a bare TypeError inside eval
+    ({"max_pixels": 0}, "--max-pixels 0: must be a whole number >= 1"),
+    ({"threads": 2.0}, "--threads 2.0: must be a whole number"),
+    ({"precisions": None}, "--precisions None: give a value"),
+])
+def test_bad_eval_option_values_from_python_are_one_line_when_made(kw: dict, says: str) -> None:
+    from edgemap.errors import EdgemapError
+
+    with pytest.raises(EdgemapError, match=re.escape(says)):
+        EvalOptions(**kw)

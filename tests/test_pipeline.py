@@ -261,7 +261,9 @@ def test_a_rerun_after_ctrl_c_resumes_with_the_runs_own_options(digits: Path, tm
     ({"runtime": "foo"}, "--runtime 'foo' is unknown"),
     ({"package_runtime": "tflite"}, "--package-runtime 'tflite'"),
     ({"name": "Bad Name!"}, "--name"),
-    ({"bench_seconds": 0.0}, "--bench-seconds 0.0: must be > 0"),
+    ({"bench_seconds": 0.0}, "--bench-seconds 0.0: must be a finite number of seconds > 0"),
+    ({"bench_seconds": float("nan")}, "--bench-seconds nan: must be a finite"),  # measured for ever
+    ({"bench_seconds": float("inf")}, "--bench-seconds inf: must be a finite"),
     ({"max_drop": -5.0}, "--max-drop"),
     ({"calib_size": 0}, "--calib-size 0 is too small"),
     ({"img_size": 8}, "--img-size 8"),
@@ -270,8 +272,8 @@ def test_bad_options_of_any_stage_fail_before_training(digits: Path, tmp_path: P
     """They used to fail only when their stage started: after fine-tuning (hours with a real backbone)."""
     from edgemap.errors import EdgemapError
 
-    opts = build_options(**{"backbone": "tiny", "img_size": 32, "epochs": 1, "freeze_epochs": 0, "runtime": "cpu", **kw})
     with pytest.raises(EdgemapError, match=re.escape(says)):
+        opts = build_options(**{"backbone": "tiny", "img_size": 32, "epochs": 1, "freeze_epochs": 0, "runtime": "cpu", **kw})
         run_pipeline(digits, tmp_path / "run", opts)
     assert not (tmp_path / "run").exists()  # nothing trained, nothing written
 

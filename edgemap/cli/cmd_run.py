@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -193,7 +194,11 @@ def build_options(*, runtime: str | None = None, bench_seconds: float | None = N
     def given(**kw: Any) -> dict[str, Any]:
         return {k: v for k, v in kw.items() if v is not None}
 
+    from edgemap.errors import EdgemapError
+
     runtimes = tuple(split_csv(runtime)) if runtime else None
+    if bench_seconds is not None and not (math.isfinite(bench_seconds) and bench_seconds > 0):
+        raise EdgemapError(f"--bench-seconds {bench_seconds}: must be a finite number of seconds > 0")
     explicit = [f"finetune.{k}" for k in given(**finetune_kw)]
     explicit += [f"export.{k}" for k in given(max_drop=max_drop, calib_size=calib_size, int8=int8)]
     explicit += [f"{s}.precisions" for s in ("eval", "bench") if int8 is not None]
