@@ -315,7 +315,8 @@ def bench(run_dir: str | Path | RunDir, opts: BenchOptions = BenchOptions(), *, 
         raise RuntimeUnavailableError(f"--batch needs positive sizes, got {list(opts.batches)}")
     guard = run_lock(run_dir.path if isinstance(run_dir, RunDir) else Path(run_dir), "bench") if opts.save else nullcontext()
     with guard:
-        run = run_dir if isinstance(run_dir, RunDir) else RunDir.load(run_dir)
+        # as it is now: a RunDir loaded before a later export would save its old records over the export's
+        run = RunDir.load(run_dir.path if isinstance(run_dir, RunDir) else run_dir)
         refuse_older_models(run, opts.runtimes)
         return _bench_all(run, opts, progress or (lambda _msg: None))
 

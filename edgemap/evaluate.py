@@ -304,7 +304,8 @@ def evaluate_arrays(
     """
     # saving: hold the run directory like `evaluate` (it wrote edgemap.json while another command held it)
     with run_lock(run.path, "eval") if opts.save else nullcontext():
-        return _evaluate_arrays(run, images, labels, opts, data, own_data)
+        # what is on disk now: a RunDir loaded earlier would save its old records over a later export's
+        return _evaluate_arrays(RunDir.load(run.path) if opts.save else run, images, labels, opts, data, own_data)
 
 
 def _evaluate_arrays(run: RunDir, images: np.ndarray, labels: np.ndarray, opts: EvalOptions, data: str,
@@ -470,7 +471,7 @@ def evaluate(run_dir: str | Path | RunDir, opts: EvalOptions = EvalOptions()) ->
     # saving results into edgemap.json: hold the run directory (see manifest.run_lock)
     guard = run_lock(run_dir.path if isinstance(run_dir, RunDir) else Path(run_dir), "eval") if opts.save else nullcontext()
     with guard:
-        run = run_dir if isinstance(run_dir, RunDir) else RunDir.load(run_dir)
+        run = RunDir.load(run_dir.path if isinstance(run_dir, RunDir) else run_dir)  # as it is now (see evaluate_arrays)
         refuse_older_models(run, opts.runtimes)
         paths, labels, where = load_samples(run, opts.data, opts.max_pixels, opts.skip_bad)
         limit = opts.max_pixels if opts.max_pixels is not None else run.max_pixels

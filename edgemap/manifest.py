@@ -24,7 +24,7 @@ import platform
 import re
 import shlex
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -35,8 +35,9 @@ from edgemap.fsutil import (
     FolderNotWritable,
     UnsafeLockFile,
     atomic_path,
-    atomic_write_json,
+    atomic_write_bytes,
     folder_lock,
+    json_text,
     sha256_file,
 )
 from edgemap.runtime.preprocess import DEFAULT_MAX_PIXELS, PreprocessContract
@@ -228,6 +229,9 @@ class RunDir:
 
     path: Path
     data: dict[str, Any]
+    #: sha256 of edgemap.json as this object last read or wrote it: :meth:`save` refuses to write over what another
+    #: command (or another RunDir of the same run) wrote since, whose records would be lost
+    _seen: str | None = field(default=None, repr=False, compare=False)
 
     # ---- construction -------------------------------------------------------------
     @classmethod
@@ -271,11 +275,12 @@ class RunDir:
                                 f"`edgemap finetune DATA --out {shlex.quote(str(path))}`")
         if not mf.is_file():
             raise ManifestError(f"{mf}: missing; {path} is not an edgemap run directory (run `edgemap finetune` first)")
+        raw = mf.read_bytes()
         try:
-            data = json.loads(mf.read_text(encoding="utf-8"))
+            data = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: bad JSON or a 5000-digit number
             raise ManifestError(f"{mf}: not valid JSON ({str(e)[:200]})") from None
-        run = cls(path, validate_manifest(data, str(mf)))
+        run = cls(path, validate_manifest(data, str(mf)), hashlib.sha256(raw).hexdigest())
         run._settle_pending()
         return run
 
@@ -294,9 +299,23 @@ class RunDir:
                 self.artifacts[key] = entry
 
     def save(self) -> None:
+        """Write edgemap.json atomically; refused (ManifestError, nothing written) when the file changed on disk
+        since this object read or wrote it: load the run again and redo the change on what is there now."""
         self.data["versions"] = {**self.data.get("versions", {}), **package_versions()}
         validate_manifest(self.data, str(self.manifest_path))
-        atomic_write_json(self.manifest_path, self.data)
+        if self._seen is not None:
+            try:
+                now = hashlib.sha256(self.manifest_path.read_bytes()).hexdigest()
+            except FileNotFoundError:
+                now = None
+            if now != self._seen:
+                raise ManifestError(
+                    f"{self.manifest_path}: changed since this run was loaded (another edgemap command, or another "
+                    "loaded RunDir of the same run, wrote it); nothing was written over it. Load the run again "
+                    "(RunDir.load) and repeat the step")
+        raw = json_text(self.data).encode("utf-8")
+        atomic_write_bytes(self.manifest_path, raw)
+        self._seen = hashlib.sha256(raw).hexdigest()
 
     # ---- accessors ----------------------------------------------------------------
     @property

@@ -417,3 +417,31 @@ def test_bad_eval_option_values_from_python_are_one_line_when_made(kw: dict, say
 
     with pytest.raises(EdgemapError, match=re.escape(says)):
         EvalOptions(**kw)
+
+
+def test_a_run_loaded_before_another_command_wrote_it_never_saves_its_old_records(trained_run, tmp_path) -> None:  # noqa: ANN001, F811
+    """A notebook keeps a RunDir, exports in between, evaluates again: eval and bench saved the RunDir as it was
+    loaded, putting the old int8 sha256 back (every int8 row then failed as "changed after it was made")."""
+    import shutil
+
+    from edgemap.bench import BenchOptions, bench
+    from edgemap.errors import ManifestError
+
+    run, _ = trained_run
+    shutil.copytree(run.path, tmp_path / "run")
+    early = RunDir.load(tmp_path / "run")
+    later = RunDir.load(tmp_path / "run")
+    later.data["artifacts"]["onnx_fp32"]["created"] = "2099-01-01T00:00:00+00:00"  # as an export made since
+    later.save()
+    c, fp32 = early.contract, EvalOptions(runtimes=("cpu",), precisions=("fp32",))
+    evaluate_arrays(early, np.zeros((2, c.height, c.width, 3), np.uint8), np.zeros(2, np.int64), fp32)
+    assert evaluate(early, fp32).rows[0].status == "ok"
+    bench(early, BenchOptions(runtimes=("cpu",), precisions=("fp32",), batches=(1,), iters=2, warmup=0))
+    now = RunDir.load(tmp_path / "run")
+    assert now.artifacts["onnx_fp32"]["created"] == "2099-01-01T00:00:00+00:00"  # the later record is kept
+    assert now.data["metrics"]["eval"]["rows"] and now.data["metrics"]["bench"]["rows"]
+    before = (tmp_path / "run" / "edgemap.json").read_bytes()
+    early.data["classes"] = list(reversed(early.classes))
+    with pytest.raises(ManifestError, match="changed since this run was loaded .* nothing was written over it"):
+        early.save()
+    assert (tmp_path / "run" / "edgemap.json").read_bytes() == before
