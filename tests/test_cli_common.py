@@ -178,10 +178,13 @@ def test_a_closed_pipe_ends_the_command_quietly_with_141() -> None:
     import subprocess
     import sys
 
-    proc = subprocess.Popen([sys.executable, "-m", "edgemap", "backbones"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**__import__("os").environ, "COLUMNS": "100"})
-    proc.stdout.readline()
-    proc.stdout.close()
+    import os
+
+    read, write = os.pipe()
+    os.close(read)  # closed before the command writes (a reader that closes after one line raced the command's output)
+    proc = subprocess.Popen([sys.executable, "-m", "edgemap", "backbones"], stdout=write, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "COLUMNS": "100"})
+    os.close(write)
     err = proc.stderr.read()
     assert proc.wait(timeout=60) == 141 and err == "", err
 
