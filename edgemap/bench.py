@@ -41,6 +41,7 @@ from edgemap.evaluate import (
 )
 from edgemap.manifest import RunDir, now_iso, run_lock
 from edgemap.options import normalize
+from edgemap.runtime.sessions import engine_errors
 
 DEFAULT_ITERS = 100
 
@@ -265,17 +266,20 @@ def _bench_one(run: RunDir, runtime: str, precision: str, batch: int, opts: Benc
     peak = [base]
     # a benchmark runs one batch size: OpenVINO gets it as a static shape, as benchmark_app -shape does
     sess = open_session(run, runtime, precision, threads, hint=hint, exact=opts.exact, batch=batch)
-    peak[0] = max(peak[0], rss_bytes())
-    c = run.contract
-    x = np.random.default_rng(opts.seed).integers(0, 256, (batch, c.height, c.width, 3), dtype=np.uint8)
-    if is_ov and hint == "throughput" and getattr(sess, "native", None) is not None:
-        lat, wall, nreq = measure_ov_async(sess.native, x, opts, peak)
-        row.mode = f"async x{nreq}"
-        done = len(lat)
-    else:
-        lat, wall = measure_sync(sess.run, x, opts, peak)
-        row.mode = "sync"
-        done = len(lat)
+    try:
+        peak[0] = max(peak[0], rss_bytes())
+        c = run.contract
+        with engine_errors(runtime, batch):  # also the input batch: a --batch too large for this machine is a row
+            x = np.random.default_rng(opts.seed).integers(0, 256, (batch, c.height, c.width, 3), dtype=np.uint8)
+            if is_ov and hint == "throughput" and getattr(sess, "native", None) is not None:
+                lat, wall, nreq = measure_ov_async(sess.native, x, opts, peak)
+                row.mode = f"async x{nreq}"
+            else:
+                lat, wall = measure_sync(sess.run, x, opts, peak)
+                row.mode = "sync"
+    finally:
+        getattr(sess, "close", lambda: None)()  # torch's process-wide thread count, also after a failure
+    done = len(lat)
     if is_ov:
         row.mode += ", static shape"
     ms = lat * 1000.0
@@ -289,7 +293,6 @@ def _bench_one(run: RunDir, runtime: str, precision: str, batch: int, opts: Benc
     row.provider = ",".join(sess.providers_in_use)
     row.inference_precision = sess.precision_in_use or precision
     row.iters = done
-    getattr(sess, "close", lambda: None)()
     return row
 
 

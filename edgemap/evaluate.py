@@ -29,6 +29,7 @@ import numpy as np
 from edgemap.errors import DatasetError, EdgemapError, ManifestError, ModelFormatError, RuntimeUnavailableError
 from edgemap.manifest import RunDir, now_iso, run_lock
 from edgemap.options import normalize
+from edgemap.runtime.sessions import engine_errors
 
 REFERENCE = "torch"
 ALL_RUNTIMES = ("torch", "cpu", "cuda", "tensorrt", "openvino")
@@ -143,7 +144,7 @@ class TorchSession:
         torch = self._torch
         if torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)
-        with torch.inference_mode():
+        with engine_errors(REFERENCE, len(batch)), torch.inference_mode():
             return self.net(torch.from_numpy(np.ascontiguousarray(batch))).float().numpy()
 
     def close(self) -> None:

@@ -26,6 +26,10 @@ class RuntimeUnavailableError(EdgemapError):
     """A runtime was asked for but cannot run here (package, device or driver missing)."""
 
 
+class InferenceError(EdgemapError):
+    """A runtime failed while running a batch (out of memory, a driver or kernel error): the model loaded."""
+
+
 class ProviderFallbackError(EdgemapError):
     """A session silently ran on another provider/device than the one asked for."""
 

@@ -18,18 +18,20 @@ No torch import here: this module is vendored into the device wheel.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import os
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edgemap.runtime.errors import ProviderFallbackError, RuntimeUnavailableError
+from edgemap.runtime.errors import EdgemapError, InferenceError, ProviderFallbackError, RuntimeUnavailableError
 
 CUDA_INSTALL_HINT = (
     "pip uninstall -y onnxruntime && pip install onnxruntime-gpu (it replaces onnxruntime; never install both; "
@@ -200,12 +202,28 @@ class Session:
     def run(self, batch: np.ndarray) -> np.ndarray:
         if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[-1] != 3:
             raise ValueError(f"expected a uint8 (N, H, W, 3) batch, got {batch.dtype} {batch.shape}")
-        return self._run(np.ascontiguousarray(batch))
+        with engine_errors(self.runtime, len(batch)):
+            return self._run(np.ascontiguousarray(batch))
 
     @property
     def provider(self) -> str:
         """What actually ran, in words (for bench/eval tables)."""
         return ",".join(self.providers_in_use) + (f" ({self.precision_in_use})" if self.precision_in_use else "")
+
+
+@contextlib.contextmanager
+def engine_errors(runtime: str, batch: int) -> Iterator[None]:
+    """An engine's own failure while running a batch (ONNX Runtime's Fail/RuntimeException, OpenVINO's and torch's
+    RuntimeError, out of memory) as one InferenceError line naming the runtime and the batch size."""
+    try:
+        yield
+    except EdgemapError:
+        raise
+    except MemoryError:
+        raise InferenceError(f"{runtime}: out of memory running a batch of {batch} (try a smaller batch)") from None
+    except Exception as e:  # noqa: BLE001 - the engines raise their own types; none of them is a caller's bug here
+        text = " ".join(str(e).split()) or type(e).__name__
+        raise InferenceError(f"{runtime} failed running a batch of {batch}: {text[:300]}") from e
 
 
 def load(path: str | Path, runtime: str = "cpu", opts: SessionOptions | None = None, data: bytes | None = None) -> Session:
