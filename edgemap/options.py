@@ -4,6 +4,7 @@ checked when the options are made (an int where a tuple goes was split into lett
 from __future__ import annotations
 
 import math
+import re
 from numbers import Integral, Real
 from typing import Any
 
@@ -30,6 +31,22 @@ def _whole(value: Any) -> bool:
     return isinstance(value, Integral) and not isinstance(value, bool)
 
 
+_VIRTUAL_OPENVINO = re.compile(r"openvino:(AUTO|HETERO|MULTI)(:|$)", re.IGNORECASE)
+_DEVICE_NAME = re.compile(r"[A-Z][A-Z0-9_]*(\.\d+)?")  # CPU, GPU.1, NPU: upper case, unlike runtime names
+
+
+def split_runtimes(value: str | None) -> list[str]:
+    """As :func:`split_csv`, keeping an OpenVINO device list whole: "openvino:AUTO:GPU,CPU,cpu" is
+    ["openvino:AUTO:GPU,CPU", "cpu"] (its "CPU" was a second runtime: ONNX Runtime's)."""
+    out: list[str] = []
+    for item in split_csv(value):
+        if out and _DEVICE_NAME.fullmatch(item) and _VIRTUAL_OPENVINO.match(out[-1]):
+            out[-1] += "," + item
+        else:
+            out.append(item)
+    return out
+
+
 def normalize(obj: Any, names: tuple[str, ...] = (), numbers: tuple[str, ...] = (), counts: dict[str, int] | None = None,
               seconds: tuple[str, ...] = (), flags: dict[str, str] | None = None) -> None:
     """In a frozen dataclass's ``__post_init__``: comma-separated strings and lists become tuples of names
@@ -53,7 +70,7 @@ def normalize(obj: Any, names: tuple[str, ...] = (), numbers: tuple[str, ...] = 
         if unset(name, value):
             continue
         if isinstance(value, str):
-            value = tuple(split_csv(value))
+            value = tuple(split_runtimes(value) if name.endswith("runtimes") else split_csv(value))
         elif not isinstance(value, tuple):
             value = tuple(value)
         object.__setattr__(obj, name, value)

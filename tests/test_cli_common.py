@@ -314,3 +314,17 @@ def test_an_applications_own_logging_gets_each_warning_once(tmp_path: Path, brac
     r = subprocess.run([sys.executable, "-c", code, str(data)], capture_output=True, text=True, timeout=120)
     lines = [line for line in r.stderr.splitlines() if "ignoring folders extra" in line]
     assert lines and all(line.startswith("APP ") for line in lines) and len(lines) == 2, r.stderr  # one per call
+
+
+def test_an_openvino_device_list_stays_one_runtime() -> None:
+    """`--runtime openvino:AUTO:GPU,CPU` was split at its comma: its "CPU" became an ONNX Runtime row."""
+    from edgemap.bench import BenchOptions
+    from edgemap.evaluate import EvalOptions
+    from edgemap.options import split_runtimes
+
+    assert split_runtimes("openvino:AUTO:GPU,CPU, cpu,torch") == ["openvino:AUTO:GPU,CPU", "cpu", "torch"]
+    assert split_runtimes("openvino:HETERO:GPU.1,CPU,openvino:MULTI:GPU,NPU") == ["openvino:HETERO:GPU.1,CPU",
+                                                                                    "openvino:MULTI:GPU,NPU"]
+    assert split_runtimes("openvino:GPU,CPU") == ["openvino:GPU", "CPU"]  # not a device list: CPU is refused as unknown
+    assert EvalOptions(runtimes="openvino:AUTO:GPU,CPU,cpu").runtimes == ("openvino:AUTO:GPU,CPU", "cpu")
+    assert BenchOptions(runtimes="openvino:AUTO:CPU").runtimes == ("openvino:AUTO:CPU",)

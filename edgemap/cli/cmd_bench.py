@@ -22,6 +22,7 @@ from edgemap.cli.common import (
     short_provider,
     shq,
     split_csv,
+    split_runtimes,
     write_json_out,
 )
 
@@ -74,7 +75,7 @@ def register(app: typer.Typer) -> None:
         read_only = not_writable(run_dir) if run_dir.is_dir() else None
         given = {"threads": threads, "warmup": warmup, "iters": iters, "seconds": seconds}
         opts = BenchOptions(
-            runtimes=tuple(split_csv(runtime)), precisions=tuple(split_csv(precision)),
+            runtimes=tuple(split_runtimes(runtime)), precisions=tuple(split_csv(precision)),
             batches=batch, strict=strict, exact=False if bf16 else None, save=read_only is None,
             **{k: v for k, v in given.items() if v is not None},
         )

@@ -25,10 +25,12 @@ from edgemap.cli.common import (
     short_provider,
     shq,
     split_csv,
+    split_runtimes,
     write_json_out,
 )
 
-RUNTIME_HELP = "Runtimes, comma-separated: torch (PyTorch fp32 reference), cpu, cuda, tensorrt, openvino[:DEVICE]."
+RUNTIME_HELP = ("Runtimes, comma-separated: torch (PyTorch fp32 reference), cpu, cuda, tensorrt, openvino[:DEVICE] "
+                "(a device list stays one runtime: openvino:AUTO:GPU,CPU).")
 
 
 def _pct(v: float | None) -> str:
@@ -99,7 +101,7 @@ def register(app: typer.Typer) -> None:
             raise DatasetError("--skip-bad goes with --data: the run's own dataset is read with the skips recorded "
                                "at training")
         read_only = not_writable(run_dir) if run_dir.is_dir() else None
-        opts = EvalOptions(data=data, runtimes=tuple(split_csv(runtime)), precisions=tuple(split_csv(precision)),
+        opts = EvalOptions(data=data, runtimes=tuple(split_runtimes(runtime)), precisions=tuple(split_csv(precision)),
                            strict=strict, exact=False if bf16 else None, max_pixels=max_pixels, skip_bad=skip_bad,
                            save=read_only is None)
         result = evaluate(run_dir, opts)

@@ -23,7 +23,7 @@ from edgemap.cli.common import (
     result_table,
     short_provider,
     shq,
-    split_csv,
+    split_runtimes,
     write_json_out,
 )
 
@@ -196,7 +196,7 @@ def build_options(*, runtime: str | None = None, bench_seconds: float | None = N
 
     from edgemap.errors import EdgemapError
 
-    runtimes = tuple(split_csv(runtime)) if runtime else None
+    runtimes = tuple(split_runtimes(runtime)) if runtime else None
     if bench_seconds is not None and not (math.isfinite(bench_seconds) and bench_seconds > 0):
         raise EdgemapError(f"--bench-seconds {bench_seconds}: must be a finite number of seconds > 0")
     explicit = [f"finetune.{k}" for k in given(**finetune_kw)]

@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from edgemap.errors import EdgemapError, Interrupted
-from edgemap.options import split_csv  # noqa: F401 - the commands import it from here
+from edgemap.options import split_csv, split_runtimes  # noqa: F401 - the commands import them from here
 
 
 def visible(text: str) -> str:
