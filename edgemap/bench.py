@@ -19,6 +19,7 @@ of it (OpenVINO's ONNX frontend, ~10 MB) still shows in the first OpenVINO row.
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import time
 from contextlib import nullcontext
@@ -42,6 +43,8 @@ from edgemap.evaluate import (
 from edgemap.manifest import RunDir, now_iso, run_lock
 from edgemap.options import normalize
 from edgemap.runtime.sessions import engine_errors
+
+log = logging.getLogger(__name__)
 
 DEFAULT_ITERS = 100
 
@@ -344,6 +347,10 @@ def _bench_all(run: RunDir, opts: BenchOptions, say: Any) -> list[BenchRow]:
                 strict_failure([(f"{r.runtime}/{r.precision}/b{r.batch}", r.status, r.reason) for r in bad])
             )
     if opts.save and not nothing_ran([r.status for r in rows], "bench"):
+        before = run.data.get("metrics", {}).get("bench")
+        if isinstance(before, dict) and before.get("threads") not in (None, threads) and before.get("rows"):
+            log.warning("the %d stored bench row(s), measured with %s threads, were replaced by these (%d threads): "
+                        "rows are compared only at one thread count", len(before["rows"]), before["threads"], threads)
         new = {"threads": threads, "rows": [r.to_dict() for r in rows]}
         new["rows"] = merged_rows(kept_rows(run.data.get("metrics", {}).get("bench"), new, ("runtime", "precision", "batch"),
                                             same=("threads",)), new["rows"])

@@ -16,6 +16,7 @@ Tolerance (``TOLERANCE``; a row outside it has ``within_tolerance = False``):
 
 from __future__ import annotations
 
+import hashlib
 import math
 import shlex
 import time
@@ -110,10 +111,11 @@ class EvalResult:
     n: int
     notes: list[str] = field(default_factory=list)  # e.g. why agreement is blank
     own_data: bool = False  # measured on the run's own held-out split (not a --data folder)
+    images_sha256: str = ""  # of the decoded images and their labels: stored rows are merged only on the same ones
 
     def to_dict(self) -> dict[str, Any]:
         return {"data": self.data, "n": self.n, "classes": self.classes, "rows": [r.to_dict() for r in self.rows],
-                "notes": list(self.notes), "own_data": self.own_data}
+                "notes": list(self.notes), "own_data": self.own_data, "images_sha256": self.images_sha256}
 
 
 # ---- torch reference runtime ------------------------------------------------------------
@@ -244,7 +246,8 @@ def kept_rows(previous: Any, new: dict[str, Any], key: tuple[str, ...], same: tu
     """Rows of the stored ``previous`` result that ``new`` did not measure again, when both were measured alike
     (``same`` fields equal: the same images, the same threads): `eval --runtime openvino` after a full eval kept
     only the openvino rows, and the model card lost the runtime the wheel ships."""
-    if not isinstance(previous, dict) or any(previous.get(f) != new.get(f) for f in same):
+    # a field the stored result lacks (stored by an older edgemap: images_sha256) is not compared
+    if not isinstance(previous, dict) or any(previous.get(f) != new.get(f) for f in same if f in previous):
         return []
     done = {_row_key(r, key) for r in new["rows"]}
     return [r for r in previous.get("rows", []) if isinstance(r, dict) and r.get("status") == "ok"  # what ran only
@@ -373,18 +376,25 @@ def _evaluate_arrays(run: RunDir, images: np.ndarray, labels: np.ndarray, opts: 
         bad = [r for r in rows if r.status != "ok"]
         if bad:
             raise RuntimeUnavailableError(strict_failure([(f"{r.runtime}/{r.precision}", r.status, r.reason) for r in bad]))
-    result = EvalResult(rows=rows, classes=classes, data=data, n=int(len(images)), notes=notes, own_data=own_data)
+    digest = hashlib.sha256(np.ascontiguousarray(images).data)
+    digest.update(labels.astype("<i8").tobytes())
+    result = EvalResult(rows=rows, classes=classes, data=data, n=int(len(images)), notes=notes, own_data=own_data,
+                        images_sha256=digest.hexdigest())
     if opts.save and not nothing_ran([r.status for r in rows], "eval"):
         before = run.data.get("metrics", {}).get("eval")
-        if isinstance(before, dict) and before.get("data") not in (None, data):  # the card and report show the latest
+        other = isinstance(before, dict) and (before.get("data") not in (None, data) or before.get("images_sha256")
+                                              not in (None, result.images_sha256))
+        if other:  # the card and report show the latest
+            same_name = before.get("data") == data
             result.notes.append(
-                f"the stored results on {before['data']} were replaced by these; `edgemap package` and `edgemap "
+                f"the stored results on {before.get('data')}{' (other images then)' if same_name else ''} were replaced "
+                "by these; `edgemap package` and `edgemap "
                 "report` show these now" + ("" if own_data else
                 f" (`edgemap run` measures the run's own held-out split again before it packages; so does "
                 f"`edgemap eval {shlex.quote(str(run.path))}`)"))
         stored = result.to_dict()
         stored["rows"] = merged_rows(kept_rows(run.data.get("metrics", {}).get("eval"), stored, ("runtime", "precision"),
-                                               same=("data", "n")), stored["rows"])
+                                               same=("data", "n", "images_sha256")), stored["rows"])
         run.data.setdefault("metrics", {})["eval"] = {"updated": now_iso(), **stored}
         run.outdate(("package", "report"), "eval results changed", save=False)  # the model card and the report show them
         run.save()

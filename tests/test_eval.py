@@ -445,3 +445,33 @@ def test_a_run_loaded_before_another_command_wrote_it_never_saves_its_old_record
     with pytest.raises(ManifestError, match="changed since this run was loaded .* nothing was written over it"):
         early.save()
     assert (tmp_path / "run" / "edgemap.json").read_bytes() == before
+
+
+def test_stored_rows_of_other_images_behind_the_same_name_are_not_merged(trained_run, tmp_path, caplog) -> None:  # noqa: ANN001, F811
+    """`eval --data ext` on all runtimes, new images put in ext/, `eval --data ext --runtime openvino`: the card showed
+    the old torch/cpu rows and the new openvino row as one measurement on one set of images."""
+    import shutil
+
+    from edgemap.bench import BenchOptions, bench
+
+    run, _ = trained_run
+    shutil.copytree(run.path, tmp_path / "run")
+    ext = tmp_path / "ext"
+    make_images(ext, 3, seed=11)
+    fp32 = {"precisions": ("fp32",), "data": ext}
+    evaluate(tmp_path / "run", EvalOptions(runtimes=("torch", "cpu", "openvino"), **fp32))
+    evaluate(tmp_path / "run", EvalOptions(runtimes=("openvino",), **fp32))  # the same images: the other rows are kept
+    rows = RunDir.load(tmp_path / "run").data["metrics"]["eval"]["rows"]
+    assert [r["runtime"] for r in rows] == ["torch", "cpu", "openvino"]
+    shutil.rmtree(ext)
+    make_images(ext, 3, seed=12)  # other images, the same folder name and count
+    res = evaluate(tmp_path / "run", EvalOptions(runtimes=("openvino",), **fp32))
+    rows = RunDir.load(tmp_path / "run").data["metrics"]["eval"]["rows"]
+    assert [r["runtime"] for r in rows] == ["openvino"], rows
+    assert any(f"the stored results on {ext} (all, 18 images) (other images then) were replaced" in n for n in res.notes), res.notes
+    # bench: rows at another thread count replace the stored ones, and that is said
+    quick = {"runtimes": ("cpu",), "precisions": ("fp32",), "batches": (1,), "iters": 2, "warmup": 0}
+    bench(tmp_path / "run", BenchOptions(threads=2, **quick))
+    with caplog.at_level("WARNING", logger="edgemap"):
+        bench(tmp_path / "run", BenchOptions(threads=1, **quick))
+    assert "stored bench row(s), measured with 2 threads, were replaced by these (1 threads)" in caplog.text
