@@ -300,3 +300,33 @@ def test_a_calib_size_above_the_training_split_says_all_were_used(trained, tmp_p
     r, _ = make_run(tmp_path / "few", root / "data", state=state)
     res = export(r.path, ExportOptions(int8=True, calib_size=100_000, targets=("cpu",)))
     assert any(w.startswith("calibrated on all ") and "--calib-size 100000 asks for more" in w for w in res.warnings), res.warnings
+
+
+def test_entropy_calibration_clips_outliers_that_minmax_keeps(tmp_path) -> None:
+    """ORT's entropy defaults (128 bins for 128 quantized levels) leave its threshold search one candidate, the full
+    range: `--calib-method entropy` wrote minmax's ranges (97 of 97 tensors on Lite0) into a model labelled entropy."""
+    from onnx import TensorProto, helper
+    from PIL import Image
+
+    from edgemap.export.calibration import calibrate
+    from edgemap.runtime.preprocess import PreprocessContract
+
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["images"], ["x"], to=TensorProto.FLOAT), helper.make_node("Relu", ["x"], ["y"])],
+        "g", [helper.make_tensor_value_info("images", TensorProto.UINT8, ["N", 32, 32, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 32, 32, 3])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "m.onnx"))
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(16):  # dark pixels, and one bright outlier pixel per image
+        img = np.clip(np.abs(rng.normal(0, 6, (32, 32, 3))), 0, 255).astype(np.uint8)
+        img[i, i] = 255
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(img).save(paths[-1])
+    def high(method: str) -> float:
+        cache = calibrate(tmp_path / "m.onnx", paths, PreprocessContract(32, 32), method, False, tmp_path / f"{method}.json")
+        top = json.loads(cache.read_text())["data"]["y"]["highest"]
+        return float(np.ravel(top["data"] if isinstance(top, dict) else top)[0])
+
+    assert high("minmax") == 255.0
+    assert high("entropy") < 64.0  # the KL search clips the outliers (ORT's defaults returned 255)
