@@ -561,6 +561,10 @@ def package(run_dir: str | Path | RunDir | None, opts: PackageOptions | None = N
         from edgemap.runtime.onnx_meta import read_model_meta
 
         meta = read_model_meta(model)  # refuses external data / missing metadata before we ship it
+        if runtime == "onnxruntime":  # what this model needs: an opset-23 model fails to load on onnxruntime 1.18
+            from edgemap.runtime.onnx_meta import onnxruntime_floor, parse_model_bytes
+
+            requirements[-1] = f"onnxruntime>={onnxruntime_floor(parse_model_bytes(model.read_bytes(), str(model)))}"
         mismatch = model_run_mismatch(run, model)  # the card and model.json must say what the model does
         if mismatch:
             raise PackageError(mismatch)

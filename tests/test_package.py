@@ -694,3 +694,24 @@ def test_card_and_report_numbers_survive_hostile_values() -> None:
     assert rows[0]["accuracy %"] is None and rows[0]["agreement %"] == 50.0
     assert "| cpu | int8 |" in _table(rows, ("runtime", "precision", "accuracy %", "agreement %"))
     assert _num(10**4299) is None and _num(0.25) == 0.25
+
+
+def test_the_wheel_asks_for_the_onnxruntime_its_model_needs(exported: dict, tmp_path: Path) -> None:
+    """An --opset 23 model (IR 11) failed to load on the onnxruntime 1.18 that every wheel declared."""
+    import shutil
+
+    from edgemap.export import ExportOptions, export
+    from edgemap.runtime.onnx_meta import OnnxInfo, onnxruntime_floor
+    from edgemap.runtime.sessions import _older
+
+    assert [onnxruntime_floor(OnnxInfo(ir, {"ai.onnx": op})) for ir, op in ((8, 17), (10, 21), (10, 22), (11, 23))] == [
+        "1.18", "1.18", "1.21", "1.23"]
+    assert _older("1.20.1", "1.21") and _older("1.22.0", "1.23") and not _older("1.23.2", "1.23")
+    assert not _older("1.32.0+cpu", "1.23") and _older("1.9.0", "1.18")
+    shutil.copytree(exported["run"].path, tmp_path / "run")
+    export(tmp_path / "run", ExportOptions(opset=23))
+    w = package(tmp_path / "run", PackageOptions(precision="fp32", out=tmp_path / "dist"))
+    assert "onnxruntime>=1.23" in w.requirements and "onnxruntime>=1.18" not in w.requirements
+    with zipfile.ZipFile(w.wheel) as z:
+        meta = z.read(next(n for n in z.namelist() if n.endswith("METADATA"))).decode()
+    assert "Requires-Dist: onnxruntime>=1.23" in meta

@@ -107,6 +107,16 @@ class OnnxInfo:
     external_tensors: list[str] = field(default_factory=list)
 
 
+def onnxruntime_floor(info: OnnxInfo) -> str:
+    """The first onnxruntime release that loads a model of this IR version and default-domain opset. Measured on
+    edgemap's own fp32, QOperator and QDQ models: opset 22 failed on 1.20.1 and loaded on 1.21.1; IR 11 (opset 23)
+    failed on 1.21.1 and 1.22.0 and loaded on 1.23.2; opsets up to 21 (IR 10) load on 1.18."""
+    opset = info.opsets.get("ai.onnx", 0)
+    if info.ir_version >= 11 or opset >= 23:
+        return "1.23"
+    return "1.21" if opset >= 22 else "1.18"
+
+
 class _Walker:
     def __init__(self, buf: memoryview):
         self.buf = buf

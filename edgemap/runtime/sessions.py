@@ -22,6 +22,7 @@ import contextlib
 import ctypes
 import dataclasses
 import os
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -226,6 +227,14 @@ def engine_errors(runtime: str, batch: int) -> Iterator[None]:
         raise InferenceError(f"{runtime} failed running a batch of {batch}: {text[:300]}") from e
 
 
+def _older(version: str, than: str) -> bool:
+    """"1.20.1" is older than "1.21" (pre-release and local tags ignored)."""
+    def nums(v: str) -> tuple[int, ...]:
+        return tuple(int(x) for x in re.findall(r"\d+", v.split("+")[0])[:3])
+
+    return nums(version) < nums(than)
+
+
 def load(path: str | Path, runtime: str = "cpu", opts: SessionOptions | None = None, data: bytes | None = None) -> Session:
     """Create a session for the model at ``path`` on ``runtime``; refuse silent fallbacks.
 
@@ -253,7 +262,7 @@ def load(path: str | Path, runtime: str = "cpu", opts: SessionOptions | None = N
     threads = opts.threads or physical_cores()
     t0 = time.perf_counter()
     if info.engine == "onnxruntime":
-        sess = _load_ort(path, info, threads, data)
+        sess = _load_ort(path, info, threads, data, model_info)
     else:
         sess = _load_openvino(path, device, threads, opts, data)
     sess.load_ms = (time.perf_counter() - t0) * 1000
@@ -309,14 +318,16 @@ def ov_compute_precision(compiled: Any) -> str:
         return ""
 
 
-def _load_ort(path: Path, info: RuntimeInfo, threads: int, data: bytes | None = None) -> Session:
+def _load_ort(path: Path, info: RuntimeInfo, threads: int, data: bytes | None = None, model_info: Any = None) -> Session:
     import onnxruntime as ort
+
+    from edgemap.runtime.onnx_meta import onnxruntime_floor
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # errors come back as exceptions, said once by edgemap (ORT also printed them)
     providers: list[Any] = [info.provider]
     if info.name == "tensorrt":
         providers = [(info.provider, {"trt_int8_enable": True}), "CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -325,7 +336,12 @@ def _load_ort(path: Path, info: RuntimeInfo, threads: int, data: bytes | None = 
     try:
         s = ort.InferenceSession(str(path) if data is None else data, sess_options=so, providers=providers)
     except Exception as e:  # ORT raises its own Fail/InvalidGraph/... types
-        raise RuntimeUnavailableError(f"{path}: onnxruntime could not load the model on {info.name}: {e}") from e
+        text = " ".join(str(e).split())  # its trailing newline was shown as \x0a on the device
+        floor = onnxruntime_floor(model_info) if model_info is not None else "1.18"
+        if _older(ort.__version__, floor):
+            text += (f" (this model, IR {model_info.ir_version} / opset {model_info.opsets.get('ai.onnx')}, needs "
+                     f"onnxruntime >= {floor}; this is {ort.__version__}: pip install -U 'onnxruntime>={floor}')")
+        raise RuntimeUnavailableError(f"{path}: onnxruntime could not load the model on {info.name}: {text}") from e
     in_use = check_ort_providers(info, s.get_providers())
     name = s.get_inputs()[0].name
     out = s.get_outputs()[0].name
