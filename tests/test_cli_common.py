@@ -175,10 +175,9 @@ def test_other_exceptions_still_propagate() -> None:
 
 def test_a_closed_pipe_ends_the_command_quietly_with_141() -> None:
     """`edgemap backbones | head -1`: no traceback, and the shell's SIGPIPE code, not a failure code 1."""
+    import os
     import subprocess
     import sys
-
-    import os
 
     read, write = os.pipe()
     os.close(read)  # closed before the command writes (a reader that closes after one line raced the command's output)

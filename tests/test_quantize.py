@@ -217,7 +217,7 @@ def test_gate_failure_exits_nonzero_with_table_and_leaves_artifacts_untouched(tr
     export(bad.path, ExportOptions())  # fp32 first
     onnx_bytes = (bad.path / "model.onnx").read_bytes()
     before = RunDir.load(bad.path).artifacts["onnx_fp32"]
-    res = CliRunner().invoke(app, ["export", str(bad.path), "--int8", "--max-drop", "0", "--calib-size", "16",
+    res = CliRunner().invoke(app, ["export", str(bad.path), "--int8", "--max-drop", "0", "--calib-size", "300",
                                    "--targets", "cpu", "--json", "/dev/full"])
     assert res.exit_code == 3, res.output  # a check failed: not 2, a mistake in the options
     assert "--json /dev/full: cannot write it" in res.output  # a warning: the gate's failure is what is said
@@ -235,6 +235,13 @@ def test_gate_failure_exits_nonzero_with_table_and_leaves_artifacts_untouched(tr
     assert gate["attempts"][1]["method"] == "percentile" and len(gate["attempts"][2]["excluded"]) == 2
     assert (bad.path / gate["rejected"]).is_file() and gate["rejected"] == "model.int8.qoperator.rejected.onnx"
     assert not list(bad.path.glob(".export-work-*"))
+    # the message names the attempt kept as the .rejected.onnx (ranked by top-1, then agreement; it named the first
+    # of equal top-1s), and the terminal still shows export's warnings and parity table before the gate's
+    kept = next(a for a in gate["attempts"] if a["attempt"] == gate["rejected_attempt"])
+    meta = json.loads(read_metadata(bad.path / gate["rejected"])["edgemap.quantization"])
+    assert meta["excluded"] == kept["excluded"] and f"(attempt {kept['attempt']})" in out
+    assert max((a["top1_int8"], a["agreement"]) for a in gate["attempts"]) == (kept["top1_int8"], kept["agreement"])
+    assert "parity: PyTorch vs runtimes" in out and "warning:" in out and "--calib-size 300 asks for more" in out
     # --json - : the attempts as JSON on stdout (the table went there instead, and no JSON)
     res = CliRunner().invoke(app, ["export", str(bad.path), "--int8", "--max-drop", "0", "--calib-size", "16",
                                    "--targets", "cpu", "--json", "-"])
@@ -330,3 +337,11 @@ def test_entropy_calibration_clips_outliers_that_minmax_keeps(tmp_path) -> None:
 
     assert high("minmax") == 255.0
     assert high("entropy") < 64.0  # the KL search clips the outliers (ORT's defaults returned 255)
+
+
+def test_max_drop_must_be_a_number_of_points_json_can_hold(trained) -> None:  # noqa: ANN001
+    """--max-drop inf was accepted and written into edgemap.json as Infinity, which strict JSON readers refuse."""
+    run, _, _ = trained
+    for bad in (float("inf"), float("nan"), -1.0, 101.0):
+        with pytest.raises(QuantizationError, match="--max-drop must be 0 to 100 points"):
+            export(run.path, ExportOptions(int8=True, max_drop=bad))

@@ -86,6 +86,11 @@ def register(app: typer.Typer) -> None:
                 if getattr(e, "result", None) is not None:
                     write_json_beside_error(json_out, {**e.result.to_dict(), "error": str(e)})  # type: ignore[attr-defined]
                 if json_out is None or str(json_out) != "-":
+                    res = getattr(e, "result", None)
+                    for note in res.warnings if res is not None else ():  # e.g. "calibrated on all 100 training images"
+                        err_console.print(f"[yellow]warning:[/] {escape(note)}", soft_wrap=True)
+                    if res is not None and res.parity:
+                        console.print(parity_table(res.parity))
                     console.print(gate_table(e.attempts, opts.max_drop))
                 raise
             except ParityError as e:

@@ -175,8 +175,8 @@ def _check_options(opts: ExportOptions) -> dict[str, list[str]]:
         raise QuantizationError(
             f"--calib-size {opts.calib_size} is too small: int8 calibration needs at least {MIN_CALIB_IMAGES} images"
         )
-    if not opts.max_drop >= 0:
-        raise QuantizationError(f"--max-drop must be ≥ 0 points, got {opts.max_drop}")
+    if not 0 <= opts.max_drop <= 100:  # inf was written into edgemap.json as Infinity, which is not JSON
+        raise QuantizationError(f"--max-drop must be 0 to 100 points, got {opts.max_drop}")
     return _int8_plan(opts.targets)
 
 
@@ -516,6 +516,7 @@ def _int8(run: Any, onnx_path: Path, calib: list[Any], val: list[Any], plan: dic
             elif gate.path is not None:
                 rejected = _write_int8(run, gate.path, fmt, targets, chosen, len(calib), opts, source_sha, rejected=True)
                 entry["rejected"] = rejected.name
+                entry["rejected_attempt"] = chosen.attempt if chosen is not None else None  # the best (top-1, agreement)
                 failed.append(fmt)
             table[fmt] = entry
     finally:
@@ -524,7 +525,9 @@ def _int8(run: Any, onnx_path: Path, calib: list[Any], val: list[Any], plan: dic
             _record_gate(run, table)
     if failed:
         attempts = [a for a in result.gate if a.format in failed]
-        best = {f: max(table[f]["attempts"], key=lambda a: a["top1_int8"]) for f in failed}
+        best = {f: next(a for a in table[f]["attempts"] if a["attempt"] == table[f].get("rejected_attempt"))
+                if table[f].get("rejected_attempt") is not None else max(table[f]["attempts"], key=lambda a: a["top1_int8"])
+                for f in failed}  # the attempt kept as *.rejected.onnx (ranked by top-1, then agreement)
         summary = "; ".join(f"{f}: best drop {b['drop_points']:.2f} points (attempt {b['attempt']})" for f, b in best.items())
         written = f"; {', '.join(result.int8)} passed and {'were' if len(result.int8) > 1 else 'was'} written" if result.int8 else ""
         fp32 = "model.onnx was re-exported (it passed parity)" if result.rewritten else "fp32 model.onnx is unchanged"
