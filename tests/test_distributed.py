@@ -177,6 +177,34 @@ def test_sigterm_to_the_nproc_launcher_stops_the_workers_cleanly(digits: Path, t
     assert r.stdout.count("run directory:") == 1 and r.stdout.count("best val accuracy") == 1, r.stdout
 
 
+@pytest.mark.parametrize("victim", ["launcher", "torchrun"])
+def test_training_stops_with_its_state_saved_when_its_launcher_is_killed(digits: Path, tmp_path: Path, victim: str) -> None:
+    """kill -9 of `edgemap finetune --nproc 2` (or of its torchrun) passed no signal on: the training processes ran on,
+    re-parented, to the end of the run (or torchrun's death was a silent exit 247). They stop now as on SIGTERM."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "edgemap", "finetune", str(digits), "--out", str(out), "--backbone", "tiny",
+           "--img-size", "32", "--epochs", "200", "--freeze-epochs", "0", "--batch-size", "8", "--threads", "1",
+           "--nproc", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+    t0 = time.monotonic()
+    while not (out / "metrics.jsonl").exists():
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() - t0 < 180
+        time.sleep(0.1)
+    torchrun_pid = int(Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0])
+    os.kill(proc.pid if victim == "launcher" else torchrun_pid, signal.SIGKILL)
+    output, _ = proc.communicate(timeout=180)
+    t0 = time.monotonic()
+    while subprocess.run(["pgrep", "-f", str(out)], capture_output=True).stdout and time.monotonic() - t0 < 60:
+        time.sleep(0.2)  # saving their state
+    assert not subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout, "still training"
+    assert RunDir.load(out).data["stages"]["finetune"]["status"] == "interrupted"
+    if victim == "torchrun":  # the launcher waited for them and says what happened, once
+        assert proc.returncode == 137, output
+        assert output.count("interrupted by SIGTERM; state saved. Resume with:") == 1, output
+        assert "torchrun (pid" in output and "was killed by SIGKILL; they stopped" in output, output
+
+
 def test_a_worker_error_under_nproc_is_one_line_with_its_exit_code(sixteen: Path, tmp_path: Path) -> None:
     """Each rank hits the same dataset error; the user sees it once, not torchrun's ChildFailedError report."""
     one = tmp_path / "one"

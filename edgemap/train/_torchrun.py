@@ -17,7 +17,7 @@ import signal
 import sys
 
 from edgemap.cli.common import WORKER_MESSAGES_ENV
-from edgemap.train.distributed import report_worker_messages
+from edgemap.train.distributed import report_worker_messages, stop_children, watch_parent
 
 #: Exit codes after which a worker printed its own message: 1 an uncaught exception (its
 #: traceback), 2 a usage error (typer's box).
@@ -30,6 +30,9 @@ def main(argv: list[str]) -> int:
 
     # "failed (exitcode: 2) local_rank: 0 ..." and "Sending process ... closing signal": said below, once
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
+    # `edgemap finetune --nproc` killed with SIGKILL cannot pass a signal on: the training processes then ran to the
+    # end unseen. They stop as on SIGTERM (state saved), and this process with them.
+    watch_parent(stop_children)
     try:
         run(parse_args(argv))
     except ChildFailedError as e:

@@ -74,6 +74,9 @@ class Dist:
                 tdist.init_process_group(backend, timeout=timeout)
             except Exception as e:  # rendezvous failures come as RuntimeError/DistNetworkError/...
                 raise TrainingError(f"could not join the torchrun job ({backend}): {e}") from e
+        # torchrun killed with SIGKILL cannot stop its workers, and they trained on to the end, re-parented: each
+        # stops as on SIGTERM (its state saved at the next step) when its parent is gone
+        watch_parent(lambda: os.kill(os.getpid(), signal.SIGTERM))
         return cls(rank=tdist.get_rank(), world=tdist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")),
                    backend=backend)
 
@@ -130,6 +133,28 @@ class Dist:
 
             if tdist.is_initialized():
                 tdist.destroy_process_group()
+
+
+def watch_parent(on_gone: Any, interval: float = 0.5) -> None:
+    """Call ``on_gone()`` once, from a daemon thread, when this process's parent has exited (it is re-parented): a
+    parent killed with SIGKILL passes nothing on, and its children would run on unseen."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        on_gone()
+
+    threading.Thread(target=watch, name="edgemap-parent-watch", daemon=True).start()
+
+
+def stop_children(signum: int = signal.SIGTERM) -> list[int]:
+    """Send ``signum`` to this process's child processes (the training processes of torchrun's agent)."""
+    children = _children(os.getpid())
+    for pid in children:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+    return children
 
 
 def exit_worker(code: int) -> None:
@@ -192,6 +217,7 @@ def _launch(cmd: list[str], nproc: int, messages: str) -> int:
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     workers: list[int] = []
     got: list[int] = []
+    seen: list[int] = []  # the training processes, while torchrun runs: they outlive a torchrun killed by a signal
 
     def forward(signum: int, frame: Any) -> None:  # noqa: ARG001
         if got:
@@ -210,7 +236,14 @@ def _launch(cmd: list[str], nproc: int, messages: str) -> int:
     caught = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
     old = {s: signal.signal(s, forward) for s in caught} if main else {}
     try:
-        rc = proc.wait()
+        while True:
+            try:
+                rc = proc.wait(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                seen[:] = [*dict.fromkeys([*seen, *_children(proc.pid)])]
+        if rc < 0 and not got:  # torchrun itself was killed (kill -9): its workers stop on their own (watch_parent)
+            workers.extend(seen)
         deadline = time.monotonic() + 300
         while workers and any(_alive(p) for p in workers) and time.monotonic() < deadline:
             time.sleep(0.1)  # saving their state
@@ -224,6 +257,15 @@ def _launch(cmd: list[str], nproc: int, messages: str) -> int:
     if got and not report_worker_messages(messages):
         name = signal.Signals(got[0]).name
         sys.stderr.write(f"interrupted by {name} before training started; nothing was trained: run the command again\n")
+    if rc < 0 and not got:
+        try:
+            name = signal.Signals(-rc).name
+        except ValueError:
+            name = f"signal {-rc}"
+        report_worker_messages(messages)  # their "interrupted; state saved … resume with" line
+        sys.stderr.write(f"error: torchrun (pid {proc.pid}), which ran the training processes, was killed by {name}; "
+                         "they stopped\n")
+        return 128 - rc
     return (143 if got[0] == signal.SIGTERM else 130) if got else rc  # as a single process exits
 
 
