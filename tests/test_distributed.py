@@ -223,6 +223,23 @@ def test_a_worker_error_under_nproc_is_one_line_with_its_exit_code(sixteen: Path
     assert r.returncode == 2 and "--freeze-epochs 3 exceeds --epochs 1" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_more_processes_than_images_is_one_line_before_anything_is_written(sixteen: Path, tmp_path: Path) -> None:
+    """--nproc 3 on 2 training images: a rank with none failed inside torch.cat, then gloo tracebacks, exit 1."""
+    few = tmp_path / "few"
+    for split, n in (("train", 1), ("val", 2)):
+        for c in ("dark", "light"):
+            (few / split / c).mkdir(parents=True)
+            for f in sorted((sixteen / split / c).iterdir())[:n]:
+                (few / split / c / f.name).write_bytes(f.read_bytes())
+    r = subprocess.run([sys.executable, "-m", "edgemap", "finetune", str(few), "--out", str(tmp_path / "run"),
+                        "--backbone", "tiny", "--img-size", "32", "--epochs", "2", "--freeze-epochs", "1", "--nproc", "3"],
+                       capture_output=True, text=True, env=ENV, timeout=300)
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-3000:]
+    assert r.stderr.count("error:") == 1 and "--nproc 3: more processes than images to share among them (2 training, " \
+        "4 validation); use --nproc 2 or fewer" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_worker_killed_by_a_signal_is_named_in_one_line(tmp_path: Path) -> None:
     script = tmp_path / "die.py"
     script.write_text("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n")

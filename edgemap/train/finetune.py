@@ -379,6 +379,10 @@ def finetune(data: str | Path, out: str | Path, opts: FinetuneOptions | None = N
                                               max_pixels=opts.max_pixels))
         rep.message(f"dataset {scan.root}: {len(scan.classes)} classes, {_counts_line(scan)} ({scan.layout})"
                     + (f"; {dist.world} processes ({dist.backend})" if dist.active else ""))
+        fewest = min(len(scan.train), len(scan.val))
+        if dist.world > fewest:  # a rank with no images failed inside torch.cat, and the others with gloo tracebacks
+            raise TrainingError(f"--nproc {dist.world}: more processes than images to share among them ({len(scan.train)} "
+                                f"training, {len(scan.val)} validation); use --nproc {fewest} or fewer")
         if dist.main and not resume:
             try:
                 out.mkdir(parents=True, exist_ok=True)
