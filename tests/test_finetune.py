@@ -21,7 +21,7 @@ from edgemap.errors import DatasetError, ResumeError, TrainingError
 from edgemap.manifest import RunDir
 from edgemap.model import load_classifier
 from edgemap.train import checkpoint as ckpt
-from edgemap.train.finetune import FinetuneOptions, augment, finetune, lr_factor
+from edgemap.train.finetune import FinetuneOptions, augment, finetune, flip_half, lr_factor
 
 TINY = dict(backbone="tiny", img_size=32, epochs=3, freeze_epochs=1, flip=False, threads=1, batch_size=64)
 CLI_TINY = ["--backbone", "tiny", "--img-size", "32", "--epochs", "3", "--freeze-epochs", "1", "--no-flip",
@@ -323,6 +323,19 @@ def test_augment_keeps_shape_and_is_seeded() -> None:
     b = augment(x, torch.Generator().manual_seed(1), (0.5, 1.0), True)
     c = augment(x, torch.Generator().manual_seed(2), (0.5, 1.0), True)
     assert a.shape == x.shape and torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_no_augment_keeps_the_flips_unless_no_flip(digits: Path, tmp_path: Path) -> None:
+    """--no-augment turned the flips off too (while edgemap.json recorded flip: true): both runs were identical."""
+    x = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).view(2, 3, 4, 5).repeat(8, 1, 1, 1)
+    y = flip_half(x, torch.Generator().manual_seed(0))
+    mirrored = [bool(torch.equal(y[i], x[i].flip(-1))) for i in range(len(x))]
+    assert all(m or torch.equal(y[i], x[i]) for i, m in enumerate(mirrored)) and 0 < sum(mirrored) < len(x)
+    one = {**TINY, "epochs": 1, "freeze_epochs": 0, "augment": False}
+    finetune(digits, tmp_path / "flip", FinetuneOptions(**{**one, "flip": True}))
+    finetune(digits, tmp_path / "noflip", FinetuneOptions(**{**one, "flip": False}))
+    a, b = _weights(tmp_path / "flip"), _weights(tmp_path / "noflip")
+    assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
 def test_relative_out_directory(digits: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

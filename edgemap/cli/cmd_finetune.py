@@ -89,7 +89,7 @@ def register(app: typer.Typer) -> None:
         patience: Annotated[int | None, typer.Option(help="Early stop after N epochs without a better val accuracy. \\[default: 4]")] = None,
         skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip undecodable images (listed in the run) instead of stopping.")] = False,
         no_flip: Annotated[bool, typer.Option("--no-flip", help="No random horizontal flips (digits, text, asymmetric objects).")] = False,
-        no_augment: Annotated[bool, typer.Option("--no-augment", help="No random resized crops.")] = False,
+        no_augment: Annotated[bool, typer.Option("--no-augment", help="No random resized crops (flips still, unless --no-flip).")] = False,
         threads: Annotated[int | None, typer.Option(help="CPU threads. \\[default: physical cores]")] = None,
         max_pixels: Annotated[int | None, typer.Option(help="Refuse images with more pixels (decompression-bomb guard).")] = None,
         checkpoint_every: Annotated[int | None, typer.Option(hidden=True)] = None,

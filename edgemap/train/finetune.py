@@ -244,6 +244,12 @@ def augment(x: torch.Tensor, gen: torch.Generator, scale: tuple[float, float], f
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
+def flip_half(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """A random half of an NCHW batch mirrored left-right (the pixels exactly: no resampling)."""
+    mirror = (torch.rand(x.shape[0], generator=gen) < 0.5).to(x.device).view(-1, 1, 1, 1)
+    return torch.where(mirror, x.flip(-1), x)
+
+
 # --------------------------------------------------------------------------------------
 # schedule
 # --------------------------------------------------------------------------------------
@@ -656,6 +662,8 @@ class _Trainer:
                 x = self._prep(self.train_x[idx])
                 if opts.augment:
                     x = augment(x, gen, opts.crop_scale, opts.flip)
+                elif opts.flip:  # --no-augment drops the crops only (it dropped the flips too, while recording them)
+                    x = flip_half(x, gen)
                 logits = self.ddp(x)
             loss = self.loss_fn(logits.float(), y)
         return loss, logits.detach(), y
