@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -221,6 +222,29 @@ def test_a_worker_error_under_nproc_is_one_line_with_its_exit_code(sixteen: Path
                         "--epochs", "1", "--freeze-epochs", "3", "--nproc", "2"], capture_output=True, text=True,
                        env=ENV, timeout=60)  # an option error is found before any process starts
     assert r.returncode == 2 and "--freeze-epochs 3 exceeds --epochs 1" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_killed_rank_is_named_and_the_survivor_says_how_to_resume(digits: Path, tmp_path: Path) -> None:
+    """The surviving rank printed a ~45-line gloo traceback and no resume command (the README promises one line)."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "edgemap", "finetune", str(digits), "--out", str(out), "--backbone", "tiny",
+           "--img-size", "32", "--epochs", "200", "--freeze-epochs", "0", "--batch-size", "8", "--threads", "1",
+           "--nproc", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+    t0 = time.monotonic()
+    while not (out / "metrics.jsonl").exists():
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() - t0 < 180
+        time.sleep(0.1)
+    torchrun_pid = int(Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0])
+    ranks = Path(f"/proc/{torchrun_pid}/task/{torchrun_pid}/children").read_text().split()
+    rank1 = next(p for p in ranks if "LOCAL_RANK=1" in Path(f"/proc/{p}/environ").read_text().split("\0"))
+    os.kill(int(rank1), signal.SIGKILL)
+    output, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 137 and "Traceback" not in output, output
+    assert f"error: training process rank 1 (pid {rank1}) was killed by SIGKILL" in output, output
+    assert output.count("another training process of this job stopped (") == 1, output
+    assert f"the last saved state is kept. Resume with: edgemap finetune {shlex.quote(str(digits))} --out {out} --resume --nproc 2" in output
 
 
 def test_more_processes_than_images_is_one_line_before_anything_is_written(sixteen: Path, tmp_path: Path) -> None:

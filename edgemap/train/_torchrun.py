@@ -37,18 +37,24 @@ def main(argv: list[str]) -> int:
         run(parse_args(argv))
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
+        # a rank killed by a signal is the cause; the others then failed on a lost connection
+        killed = sorted((r, f) for r, f in (getattr(e, "failures", None) or {}).items() if int(f.exitcode) < 0)
+        if killed:
+            rank, failure = killed[0]
         code = int(failure.exitcode)
         folder = os.environ.get(WORKER_MESSAGES_ENV)
-        if folder and report_worker_messages(folder, first=rank):
-            return code if code > 0 else 1
-        if code < 0:
+        if code < 0:  # said first; then what the ranks still running said (their resume command)
             try:
                 name = signal.Signals(-code).name
             except ValueError:
                 name = f"signal {-code}"
             hint = " (out of memory? lower --batch-size or --nproc)" if name == "SIGKILL" else ""
             sys.stderr.write(f"error: training process rank {rank} (pid {failure.pid}) was killed by {name}{hint}\n")
+            if folder:
+                report_worker_messages(folder)
             return 128 - code
+        if folder and report_worker_messages(folder, first=rank):
+            return code if code > 0 else 1
         if code not in REPORTED:
             sys.stderr.write(f"error: training process rank {rank} (pid {failure.pid}) failed with exit code {code}\n")
         return code

@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import re
 import shlex
 import signal
 import time
@@ -416,6 +417,17 @@ def finetune(data: str | Path, out: str | Path, opts: FinetuneOptions | None = N
                 return trainer.fit(state, t_start)
             except Interrupted:  # the first Ctrl-C, state saved: said as it is
                 raise
+            except RuntimeError as e:  # a collective that lost a peer: gloo/NCCL's traceback hid what to do next
+                if not dist.active or not _lost_peer(e):
+                    raise
+                if dist.main and run is not None:
+                    with suppress(EdgemapError, OSError):
+                        run.set_stage("finetune", "interrupted")
+                said = re.sub(r"\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", " ".join(str(e).split())).split(". ")[0][:160]
+                raise TrainingError(
+                    f"another training process of this job stopped ({said}); " + (
+                        f"the last saved state is kept. Resume with: {hint}" if (out / ckpt.STATE_FILE).is_file()
+                        else "nothing was saved yet: run the same command again")) from None
             except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, the last saved state is what resumes
                 if not dist.main or run is None:
                     raise
@@ -429,6 +441,16 @@ def finetune(data: str | Path, out: str | Path, opts: FinetuneOptions | None = N
     finally:
         dist.close()
         torch.set_num_threads(caller_threads)
+
+
+def _lost_peer(e: RuntimeError) -> bool:
+    """A collective failed because another rank is gone (torch's DistError types, or gloo's and NCCL's text)."""
+    import torch.distributed as tdist
+
+    if isinstance(e, getattr(tdist, "DistError", ())):
+        return True
+    text = str(e)
+    return any(k in text for k in ("Connection reset by peer", "Connection closed by peer", "gloo", "NCCL", "Broken pipe"))
 
 
 def _resume_hint(data: str | Path, out: Path, dist: Any) -> str:
