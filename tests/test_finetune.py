@@ -135,6 +135,48 @@ def test_sigint_saves_state_and_prints_resume_command(digits: Path, reference_ru
     _assert_same_weights(reference_run, out)
 
 
+@pytest.mark.parametrize("moment", ["caching frozen features", "validation"])
+def test_a_signal_while_caching_features_or_validating_stops_at_once_and_resumes_exactly(
+        digits: Path, reference_run: Path, tmp_path: Path, moment: str) -> None:
+    """The stop flag was read only between steps: a SIGTERM during feature caching or validation waited for them
+    (13.8 s at 128 px here; minutes on a large dataset, past `docker stop`'s 10 s)."""
+    import time
+
+    from edgemap.errors import Interrupted
+    from edgemap.train.finetune import _Reporter
+
+    class SigtermAt(_Reporter):
+        def __init__(self) -> None:
+            self.name, self.total, self.done, self.sent, self.cached = "", 0, 0, 0.0, 0
+
+        def phase(self, name: str, total: int) -> None:
+            self.name, self.total, self.done = name, total, 0
+            if moment in name and not self.sent:
+                self._send()
+
+        def advance(self, n: int = 1, **fields: object) -> None:
+            self.done += n  # the last step of the first full epoch: validation comes next
+            self.cached += n if self.name.startswith("caching") else 0
+            if moment == "validation" and self.name.startswith("epoch 2/") and self.done == self.total and not self.sent:
+                self._send()
+
+        def _send(self) -> None:
+            self.sent = time.monotonic()
+            os.kill(os.getpid(), signal.SIGTERM)  # the trainer's handler sets its stop flag
+
+    out = tmp_path / "run"
+    rep = SigtermAt()
+    with pytest.raises(Interrupted, match="interrupted by SIGTERM; state saved"):
+        finetune(digits, out, FinetuneOptions(**TINY), reporter=rep)
+    assert rep.sent and time.monotonic() - rep.sent < 5
+    if moment.startswith("caching"):
+        assert rep.cached == 0, rep.cached  # not one more batch of features after the signal (all 23 were computed)
+    rows = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
+    assert len(rows) == (0 if moment.startswith("caching") else 1)  # epoch 2 was not logged before its validation
+    finetune(digits, out, resume=True)
+    _assert_same_weights(reference_run, out)
+
+
 def test_nan_loss_stops_with_clear_error_and_keeps_state(digits: Path, tmp_path: Path) -> None:
     out = tmp_path / "nan"
     with pytest.raises(TrainingError, match="loss became"):

@@ -725,14 +725,24 @@ class _Trainer:
     def _frozen_features(self) -> torch.Tensor:
         """Backbone features of every (un-augmented) training image, computed once, shared by all ranks."""
         mine = self.train_x[self.dist.rank::self.dist.world]
-        local = _frozen_features(self.net, mine, self.opts.batch_size, self.device, self.mem_format, self.autocast, self.rep)
+        local = _frozen_features(self.net, mine, self.opts.batch_size, self.device, self.mem_format, self.autocast, self.rep,
+                                 self._stopped)
+        if self.dist.any(local is None):  # Ctrl-C/SIGTERM while caching (minutes on a large dataset): stop now
+            self._interrupt()
         return self.dist.gather_rows(local, len(self.train_x))
+
+    def _stopped(self) -> bool:
+        return self.stop.signum is not None
 
     def _validate(self) -> tuple[float, float]:
         # fp32, not autocast: model selection must see the accuracy the exported fp32 model will have
         x = self.val_x[self.dist.rank::self.dist.world]
         y = self.val_y[self.dist.rank::self.dist.world]
-        loss, acc = _evaluate(self.net, x, y, self.opts.batch_size, self.device, self.mem_format, nullcontext, self.loss_fn)
+        done = _evaluate(self.net, x, y, self.opts.batch_size, self.device, self.mem_format, nullcontext, self.loss_fn,
+                         self._stopped)
+        if self.dist.any(done is None):  # Ctrl-C/SIGTERM while validating: the state is saved, the epoch ends on resume
+            self._interrupt()
+        loss, acc = done
         tot = self.dist.sum([loss * len(y), acc * len(y), float(len(y))])
         return tot[0] / max(tot[2], 1), tot[1] / max(tot[2], 1)
 
@@ -788,13 +798,16 @@ class _Trainer:
 
 
 def _frozen_features(net: ClassifierNet, x_u8: torch.Tensor, bs: int, device: torch.device, mem_format: Any,
-                     autocast: Callable[[], Any], rep: _Reporter) -> torch.Tensor:
-    """Backbone features of every (un-augmented) training image, computed once."""
+                     autocast: Callable[[], Any], rep: _Reporter, stopped: Callable[[], bool] = lambda: False,
+                     ) -> torch.Tensor | None:
+    """Backbone features of every (un-augmented) training image, computed once; None when ``stopped()`` turned true."""
     net.eval()
     chunks = []
     rep.phase("caching frozen features", math.ceil(len(x_u8) / bs))
     with torch.inference_mode(), autocast():
         for i in range(0, len(x_u8), bs):
+            if stopped():
+                return None
             x = net.normalize(x_u8[i:i + bs].to(device)).contiguous(memory_format=mem_format)
             chunks.append(net.features(x).float().cpu())
             rep.advance(1)
@@ -802,11 +815,15 @@ def _frozen_features(net: ClassifierNet, x_u8: torch.Tensor, bs: int, device: to
 
 
 def _evaluate(net: ClassifierNet, x_u8: torch.Tensor, y: torch.Tensor, bs: int, device: torch.device, mem_format: Any,
-              autocast: Callable[[], Any], loss_fn: torch.nn.Module) -> tuple[float, float]:
+              autocast: Callable[[], Any], loss_fn: torch.nn.Module, stopped: Callable[[], bool] = lambda: False,
+              ) -> tuple[float, float] | None:
+    """(mean loss, accuracy) on the images; None when ``stopped()`` turned true."""
     net.eval()
     total_loss = correct = 0.0
     with torch.inference_mode(), autocast():
         for i in range(0, len(x_u8), bs):
+            if stopped():
+                return None
             x = net.normalize(x_u8[i:i + bs].to(device)).contiguous(memory_format=mem_format)
             logits = net.forward_normalized(x).float()
             yy = y[i:i + bs].to(device)
