@@ -177,6 +177,39 @@ def test_a_signal_while_caching_features_or_validating_stops_at_once_and_resumes
     _assert_same_weights(reference_run, out)
 
 
+def test_a_run_resumed_where_auto_would_choose_another_precision_continues_as_it_began(
+        digits: Path, reference_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--precision auto was resolved again on resume: on a CPU with AMX (or a GPU) the rest of the run silently trained
+    in bf16 and the manifest said bf16 for all of it. (Another machine is simulated: its bf16 detection says yes.)"""
+    from edgemap.errors import Interrupted
+    from edgemap.train import hardware
+    from edgemap.train.finetune import _Reporter
+
+    class Messages(_Reporter):
+        def __init__(self, stop: bool) -> None:
+            self.stop, self.said = stop, []
+
+        def epoch_done(self, row: dict) -> None:
+            if self.stop:
+                os.kill(os.getpid(), signal.SIGINT)
+
+        def message(self, text: str) -> None:
+            self.said.append(text)
+
+    if hardware.cpu_has_fast_bf16():
+        pytest.skip("this CPU trains in bf16 already")
+    out = tmp_path / "run"
+    with pytest.raises(Interrupted):
+        finetune(digits, out, FinetuneOptions(**TINY), reporter=Messages(stop=True))
+    monkeypatch.setattr(hardware, "cpu_has_fast_bf16", lambda: True)
+    rep = Messages(stop=False)
+    res = finetune(digits, out, resume=True, reporter=rep)
+    assert any("continuing in fp32, as this run began (--precision auto chooses bfloat16 on this machine)" in m
+               for m in rep.said), rep.said
+    assert res.autocast == "fp32" and RunDir.load(out).data["metrics"]["finetune"]["autocast"] == "fp32"
+    _assert_same_weights(reference_run, out)
+
+
 def test_nan_loss_stops_with_clear_error_and_keeps_state(digits: Path, tmp_path: Path) -> None:
     out = tmp_path / "nan"
     with pytest.raises(TrainingError, match="loss became"):

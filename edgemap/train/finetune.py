@@ -557,6 +557,7 @@ class _Trainer:
         self.info: dict[str, Any] = {
             "epoch": 0, "step": 0, "global_step": 0, "best_acc": -1.0, "best_loss": float("inf"), "best_epoch": -1,
             "bad_epochs": 0, "images_seen": 0, "train_seconds": 0.0, "world_size": dist.world,
+            "autocast": _amp_name(self.amp),
         }
         self.feats: torch.Tensor | None = None
         self.ddp: torch.nn.Module | None = None
@@ -580,6 +581,19 @@ class _Trainer:
         ckpt.apply_state(tensors, meta, self.net, self.opt)
         saved = meta["info"]["progress"]
         self.info.update(saved)
+        here = _amp_name(self.amp)
+        if saved.get("autocast", here) != here and self.opts.precision == "auto":
+            # `auto` chose again on this machine (bf16 where there is AMX, a GPU after --device cuda): the rest of the
+            # run would silently train in another precision than its start. It continues as it began.
+            want = {"bfloat16": torch.bfloat16, "float16": torch.float16, "fp32": None}.get(saved["autocast"], self.amp)
+            if want == torch.float16 and self.device.type != "cuda":
+                raise TrainingError("this run trained in float16 autocast (a GPU); continue it on a GPU "
+                                    "(--device cuda), or start a new run here")
+            self.amp = want
+            self.scaler = torch.amp.GradScaler("cuda", enabled=self.device.type == "cuda" and self.amp == torch.float16)
+            self.rep.message(f"continuing in {saved['autocast']}, as this run began (--precision auto chooses {here} "
+                             "on this machine)")
+        self.info["autocast"] = _amp_name(self.amp)
         if saved.get("world_size", 1) != self.dist.world:
             # Weights/optimizer are world-size independent; the position inside an epoch is not.
             if saved["step"]:
@@ -771,7 +785,7 @@ class _Trainer:
     def _finish(self, stopped_early: bool, t_start: float) -> FinetuneResult:
         info, opts = self.info, self.opts
         ips = info["images_seen"] / max(info["train_seconds"], 1e-9)
-        autocast_name = str(self.amp).replace("torch.", "") if self.amp else "fp32"
+        autocast_name = _amp_name(self.amp)
         if self.dist.main:
             run = self.run
             _save_weights(run, self.net, WEIGHTS_LAST, info["epoch"], None)
@@ -795,6 +809,11 @@ class _Trainer:
             counts=self.scan.counts(), skipped=list(self.scan.skipped), autocast=autocast_name,
             channels_last=opts.channels_last, device=str(self.device),
         )
+
+
+def _amp_name(dtype: torch.dtype | None) -> str:
+    """"bfloat16", "float16" or "fp32" (no autocast), as edgemap.json records it."""
+    return str(dtype).replace("torch.", "") if dtype is not None else "fp32"
 
 
 def _frozen_features(net: ClassifierNet, x_u8: torch.Tensor, bs: int, device: torch.device, mem_format: Any,
