@@ -210,6 +210,27 @@ def test_a_run_resumed_where_auto_would_choose_another_precision_continues_as_it
     _assert_same_weights(reference_run, out)
 
 
+def test_resume_messages_name_flags_and_advice_that_can_be_followed(digits: Path, tmp_path: Path) -> None:
+    """--resume --epochs 1 on a run with --freeze-epochs 2 advised --freeze-epochs 1, which was then refused; the
+    native size given as a number was a conflict ("img_size: the run used None, given 32"); flags had Python names."""
+    from edgemap.errors import Interrupted
+    from edgemap.train.finetune import _Reporter
+
+    class StopAfterOne(_Reporter):
+        def epoch_done(self, row: dict) -> None:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    out = tmp_path / "run"
+    with pytest.raises(Interrupted):
+        finetune(digits, out, FinetuneOptions(**{**TINY, "img_size": None, "epochs": 4, "freeze_epochs": 2}),
+                 reporter=StopAfterOne())
+    with pytest.raises(ResumeError, match=r"--epochs 1: this run has --freeze-epochs 2 .* give --epochs 2 or more"):
+        finetune(digits, out, resume=True, overrides={"epochs": 1})
+    with pytest.raises(ResumeError, match=r"--no-flip: the run used False, given True; --lr: the run used"):
+        finetune(digits, out, resume=True, overrides={"flip": True, "lr": 0.5})
+    finetune(digits, out, resume=True, overrides={"img_size": 32, "epochs": 2})  # tiny's own size: no change
+
+
 def test_nan_loss_stops_with_clear_error_and_keeps_state(digits: Path, tmp_path: Path) -> None:
     out = tmp_path / "nan"
     with pytest.raises(TrainingError, match="loss became"):
@@ -221,7 +242,7 @@ def test_nan_loss_stops_with_clear_error_and_keeps_state(digits: Path, tmp_path:
 def test_resume_errors(digits: Path, reference_run: Path, tmp_path: Path) -> None:
     with pytest.raises(ResumeError, match="does not exist"):
         finetune(digits, tmp_path / "nope", FinetuneOptions(**TINY), resume=True)
-    with pytest.raises(ResumeError, match="already finished"):
+    with pytest.raises(ResumeError, match=r"already finished; export it \(`edgemap export "):
         finetune(digits, reference_run, resume=True)
     # an interrupted run whose state file is corrupt
     out = tmp_path / "corrupt"
@@ -252,7 +273,7 @@ def test_resume_refuses_other_backbone_and_other_classes(digits: Path, tmp_path:
     out = tmp_path / "partial"
     with pytest.raises(TrainingError):
         finetune(digits, out, FinetuneOptions(**{**TINY, "lr": 1e38, "checkpoint_every": 1}))
-    with pytest.raises(ResumeError, match="backbone: the run used 'tiny', given 'efficientnet_lite0'"):
+    with pytest.raises(ResumeError, match="--backbone: the run used 'tiny', given 'efficientnet_lite0'"):
         finetune(digits, out, resume=True, overrides={"backbone": "efficientnet_lite0"})
     other = tmp_path / "other data"
     write_digits(other, seed=0)
@@ -273,8 +294,8 @@ def test_resume_refuses_other_backbone_and_other_classes(digits: Path, tmp_path:
 
 def test_existing_run_is_never_overwritten(digits: Path, reference_run: Path) -> None:
     before = (reference_run / "weights" / "last.safetensors").read_bytes()
-    with pytest.raises(TrainingError, match="already holds a run"):
-        finetune(digits, reference_run, FinetuneOptions(**TINY))
+    with pytest.raises(TrainingError, match=r"already holds a finished run: export it \(`edgemap export .* --int8`\)"):
+        finetune(digits, reference_run, FinetuneOptions(**TINY))  # it said "continue it with --resume", which refused
     assert (reference_run / "weights" / "last.safetensors").read_bytes() == before
 
 

@@ -365,7 +365,7 @@ def finetune(data: str | Path, out: str | Path, opts: FinetuneOptions | None = N
     else:
         opts = opts or FinetuneOptions()
         if (out / MANIFEST_NAME).exists() and not _failed_start(out):
-            raise TrainingError(f"{out} already holds a run; continue it with --resume, or choose another --out")
+            raise TrainingError(_holds_a_run(out))
     opts.validate()
     device = resolve_device(opts.device)
     autocast_dtype(device, opts.precision)  # refuses e.g. fp16 on CPU before anything is written
@@ -398,7 +398,7 @@ def finetune(data: str | Path, out: str | Path, opts: FinetuneOptions | None = N
         # rank 0 holds the run directory: a second command writing it is refused (manifest.run_lock)
         with run_lock(out, "finetune", create=True) if dist.main else nullcontext(), _catch_signals() as stop:
             if dist.main and not resume and (out / MANIFEST_NAME).exists() and not _failed_start(out):
-                raise TrainingError(f"{out} already holds a run; continue it with --resume, or choose another --out")
+                raise TrainingError(_holds_a_run(out))
             dist.barrier()  # every rank checked `out` before rank 0 creates it
             if resume:
                 _check_compatible(run, scan, opts, dist.main)
@@ -451,6 +451,18 @@ def _lost_peer(e: RuntimeError) -> bool:
         return True
     text = str(e)
     return any(k in text for k in ("Connection reset by peer", "Connection closed by peer", "gloo", "NCCL", "Broken pipe"))
+
+
+def _holds_a_run(out: Path) -> str:
+    """Why a new run cannot go into ``out``, and what to do: a finished run is not resumed (--resume refuses it)."""
+    try:
+        finished = RunDir.load(out).stage_done("finetune")
+    except EdgemapError:
+        finished = False
+    if finished:
+        return (f"{out} already holds a finished run: export it (`edgemap export {shlex.quote(str(out))} --int8`), "
+                "or choose another --out for a new one")
+    return f"{out} already holds a run; continue it with --resume, or choose another --out"
 
 
 def _resume_hint(data: str | Path, out: Path, dist: Any) -> str:
@@ -900,7 +912,8 @@ def _open_for_resume(out: Path, given: dict[str, Any]) -> tuple[RunDir, Finetune
     except ManifestError as e:
         raise ResumeError(f"--resume: {e}") from e
     if run.stage_done("finetune"):
-        raise ResumeError(f"--resume: the run in {out} already finished; start a new run with another --out")
+        raise ResumeError(f"--resume: the run in {out} already finished; export it (`edgemap export "
+                          f"{shlex.quote(str(out))} --int8`), or start a new run with another --out")
     recorded = run.data.get("options", {}).get("finetune")
     if not (out / ckpt.STATE_FILE).exists() and isinstance(recorded, dict):
         # Killed before its first checkpoint: nothing was trained yet, so resuming is starting over
@@ -916,13 +929,20 @@ def _open_for_resume(out: Path, given: dict[str, Any]) -> tuple[RunDir, Finetune
     # Options given now must agree with the run's, except those that do not change the result.
     free = {"epochs", "threads", "checkpoint_seconds", "checkpoint_every", "device"}
     stored_d = stored.to_dict()
-    conflicts = [
-        f"{k}: the run used {stored_d[k]!r}, given {v!r}"
-        for k, v in given.items()
-        if k not in free and k in stored_d and (list(v) if isinstance(v, tuple) else v) != stored_d[k]
-    ]
+    native = get_spec(stored.backbone).input_size
+
+    def effective(k: str, v: Any) -> Any:  # the backbone's own size given as a number is no change
+        v = list(v) if isinstance(v, tuple) else v
+        return native if k == "img_size" and v is None else v
+
+    conflicts = [f"{_flag(k)}: the run used {stored_d[k]!r}, given {v!r}" for k, v in given.items()
+                 if k not in free and k in stored_d and effective(k, v) != effective(k, stored_d[k])]
     if conflicts:
         raise ResumeError(f"--resume: options differ from the run in {out}: " + "; ".join(conflicts))
+    if "epochs" in given and int(given["epochs"]) < stored.freeze_epochs:  # its advice was a smaller --freeze-epochs,
+        raise ResumeError(f"--epochs {given['epochs']}: this run has --freeze-epochs {stored.freeze_epochs} (head-only "
+                          "epochs, part of --epochs), which a resumed run keeps; give --epochs "
+                          f"{stored.freeze_epochs} or more")  # which was then refused as an option that differs
     if state is not None and "epochs" in given:  # fewer epochs than already trained would leave a run that says both
         progress = meta["info"].get("progress") or {}
         done, partial = int(progress.get("epoch", 0)), int(progress.get("step", 0)) > 0
@@ -932,6 +952,12 @@ def _open_for_resume(out: Path, given: dict[str, Any]) -> tuple[RunDir, Finetune
                               f"give --epochs {done + partial} or more, or start a new run with another --out")
     stored = dataclasses.replace(stored, **{k: v for k, v in given.items() if k in free})
     return run, stored, state
+
+
+def _flag(option: str) -> str:
+    """The CLI spelling of a fine-tuning option: flip → --no-flip (a switch that is on by default), lr → --lr."""
+    return {"flip": "--no-flip", "augment": "--no-augment"}.get(
+        option, "--" + option.replace("_", "-"))
 
 
 def _check_compatible(run: RunDir, scan: Any, opts: FinetuneOptions, main: bool = True) -> None:
