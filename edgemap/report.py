@@ -56,8 +56,8 @@ class ReportOptions:
     """Options of ``edgemap report`` (the single home of their defaults).
 
     Attributes:
-        out: HTML file to write; None = ``RUN_DIR/report/report.html``. The PNGs always go
-            to ``RUN_DIR/report/``.
+        out: HTML file (or folder) to write; None = ``RUN_DIR/report/report.html``. The plots also go
+            beside it as PNGs: ``RUN_DIR/report/``, or ``NAME_files/`` next to ``out``.
         predict: run the exported models on validation images for the misclassified grid (and
             the confusion matrices when ``edgemap eval`` has not run).
         max_images: at most this many validation images (stratified across classes) are predicted.

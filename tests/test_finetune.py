@@ -596,3 +596,30 @@ def test_decoding_stops_when_asked(digits: Path) -> None:
     arr = load_arrays([img] * 500, PreprocessContract(32, 32), None, 1, seen.append, stop=lambda: len(seen) >= 3)
     assert arr.shape == (500, 32, 32, 3) and len(seen) == 3
     assert arr[:3].any() and not arr[-100:].any()  # the tail was never decoded
+
+
+def test_bf16_asked_for_on_a_gpu_without_it_is_refused_not_fp16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--precision bf16 on a GPU without bf16 trained in fp16 (another range, a loss scaler) without a word.
+    (No GPU here: the GPU's answer is simulated; the choice itself runs for real.)"""
+    from edgemap.train.hardware import autocast_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    with pytest.raises(TrainingError, match="--precision bf16: this GPU has no bf16"):
+        autocast_dtype(torch.device("cuda"), "bf16")
+    assert autocast_dtype(torch.device("cuda"), "auto") == torch.float16  # auto may choose fp16
+
+
+def test_head_only_for_every_epoch_is_said(digits: Path, tmp_path: Path) -> None:
+    from edgemap.train.finetune import _Reporter
+
+    class Said(_Reporter):
+        def __init__(self) -> None:
+            self.said: list[str] = []
+
+        def message(self, text: str) -> None:
+            self.said.append(text)
+
+    rep = Said()
+    finetune(digits, tmp_path / "run", FinetuneOptions(**{**TINY, "epochs": 1, "freeze_epochs": 1}), reporter=rep)
+    assert any("all 1 epoch(s) train the head only (--freeze-epochs 1); the backbone is not fine-tuned" in m
+               for m in rep.said), rep.said

@@ -4,9 +4,9 @@ Recipe: a new classifier head; ``freeze_epochs`` head-only epochs on cached feat
 the frozen backbone (no augmentation in that phase, so each image's features are computed
 once and those epochs cost almost nothing); then the whole net, the backbone at
 ``backbone_lr_mult`` × the head's learning rate. AdamW, linear warm-up + cosine decay,
-label smoothing, random-resized-crop (+ optional flip) augmentation, bf16 autocast and
-channels_last on CPUs with AVX512-BF16/AMX (AMP on CUDA), early stopping on validation
-accuracy.
+label smoothing, random-resized-crop (+ optional flip) augmentation, channels_last, bf16
+autocast with ``--precision auto`` on CPUs with AMX only (``edgemap.train.hardware``; AMP on
+CUDA), early stopping on validation accuracy.
 
 Exact resume: every random draw of a step (batch order, augmentation, dropout) is seeded
 from ``(seed, epoch, step)``, and the state file holds model, optimizer and RNG states
@@ -386,6 +386,9 @@ def finetune(data: str | Path, out: str | Path, opts: FinetuneOptions | None = N
                                               max_pixels=opts.max_pixels))
         rep.message(f"dataset {scan.root}: {len(scan.classes)} classes, {_counts_line(scan)} ({scan.layout})"
                     + (f"; {dist.world} processes ({dist.backend})" if dist.active else ""))
+        if opts.freeze_epochs >= opts.epochs:  # e.g. --epochs 2 with the default --freeze-epochs 2: said, not silent
+            rep.message(f"note: all {opts.epochs} epoch(s) train the head only (--freeze-epochs {opts.freeze_epochs}); "
+                        f"the backbone is not fine-tuned: give --epochs {opts.freeze_epochs + 1} or more for that")
         fewest = min(len(scan.train), len(scan.val))
         if dist.world > fewest:  # a rank with no images failed inside torch.cat, and the others with gloo tracebacks
             raise TrainingError(f"--nproc {dist.world}: more processes than images to share among them ({len(scan.train)} "

@@ -61,4 +61,6 @@ def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
         return None
     if precision in ("auto", "bf16") and torch.cuda.is_bf16_supported():
         return torch.bfloat16
+    if precision == "bf16":  # asked for by name: not silently fp16 (another range, and a loss scaler)
+        raise TrainingError("--precision bf16: this GPU has no bf16; use --precision fp16 or fp32 (or auto)")
     return torch.float16
