@@ -411,6 +411,7 @@ def test_eval_runs_the_bytes_it_checked_even_if_the_file_is_swapped(trained_run,
     ({"max_pixels": 0}, "--max-pixels 0: must be a whole number >= 1"),
     ({"threads": 2.0}, "--threads 2.0: must be a whole number"),
     ({"precisions": None}, "--precisions None: give a value"),
+    ({"skip_bad": True}, "--skip-bad goes with --data"),  # was ignored from Python
 ])
 def test_bad_eval_option_values_from_python_are_one_line_when_made(kw: dict, says: str) -> None:
     from edgemap.errors import EdgemapError

@@ -267,6 +267,7 @@ def test_a_rerun_after_ctrl_c_resumes_with_the_runs_own_options(digits: Path, tm
     ({"max_drop": -5.0}, "--max-drop"),
     ({"calib_size": 0}, "--calib-size 0 is too small"),
     ({"img_size": 8}, "--img-size 8"),
+    ({"int8": False, "calib_size": 5, "max_drop": 2.0}, "--max-drop, --calib-size only apply with int8"),  # unused
 ])
 def test_bad_options_of_any_stage_fail_before_training(digits: Path, tmp_path: Path, kw: dict, says: str) -> None:
     """They used to fail only when their stage started: after fine-tuning (hours with a real backbone)."""

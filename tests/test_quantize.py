@@ -345,3 +345,5 @@ def test_max_drop_must_be_a_number_of_points_json_can_hold(trained) -> None:  # 
     for bad in (float("inf"), float("nan"), -1.0, 101.0):
         with pytest.raises(QuantizationError, match="--max-drop must be 0 to 100 points"):
             export(run.path, ExportOptions(int8=True, max_drop=bad))
+    with pytest.raises(QuantizationError, match="--calib-method 'bogus' is not one of"):  # without int8 too
+        export(run.path, ExportOptions(calib_method="bogus"))

@@ -92,14 +92,10 @@ def register(app: typer.Typer) -> None:
         json_out: JsonOpt = None,
     ) -> None:
         """Accuracy, top-5, macro P/R/F1 and agreement with PyTorch for each runtime × precision."""
-        from edgemap.errors import DatasetError
         from edgemap.evaluate import EvalOptions, evaluate, nothing_ran
         from edgemap.fsutil import not_writable
         from edgemap.runtime.errors import RuntimeUnavailableError
 
-        if skip_bad and data is None:
-            raise DatasetError("--skip-bad goes with --data: the run's own dataset is read with the skips recorded "
-                               "at training")
         read_only = not_writable(run_dir) if run_dir.is_dir() else None
         opts = EvalOptions(data=data, runtimes=tuple(split_runtimes(runtime)), precisions=tuple(split_csv(precision)),
                            strict=strict, exact=False if bf16 else None, max_pixels=max_pixels, skip_bad=skip_bad,

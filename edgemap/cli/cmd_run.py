@@ -197,6 +197,10 @@ def build_options(*, runtime: str | None = None, bench_seconds: float | None = N
     from edgemap.errors import EdgemapError
 
     runtimes = tuple(split_runtimes(runtime)) if runtime else None
+    stray = [flag for flag, v in (("--max-drop", max_drop), ("--calib-size", calib_size)) if v is not None]
+    if stray and int8 is False:  # as `edgemap export` refuses them without --int8 (they were accepted and unused)
+        raise EdgemapError(f"{', '.join(stray)} only {'apply' if len(stray) > 1 else 'applies'} with int8; "
+                           "leave out --no-int8 or leave them out")
     if bench_seconds is not None and not (math.isfinite(bench_seconds) and bench_seconds > 0):
         raise EdgemapError(f"--bench-seconds {bench_seconds}: must be a finite number of seconds > 0")
     explicit = [f"finetune.{k}" for k in given(**finetune_kw)]

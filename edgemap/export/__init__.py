@@ -165,10 +165,7 @@ def _check_options(opts: ExportOptions) -> dict[str, list[str]]:
             parse_runtime(rt)
         except RuntimeUnavailableError as e:
             raise ExportError(f"parity_runtimes: {e}") from None
-    if not opts.int8:
-        return {}
-    if opts.opset < MIN_INT8_OPSET:
-        raise QuantizationError(f"--int8 needs --opset {MIN_INT8_OPSET} or newer (per-channel int8), got {opts.opset}")
+    # the int8 options' values are checked without --int8 too (from Python, a typo passed unseen until int8 was on)
     if opts.calib_method not in METHODS:
         raise QuantizationError(f"--calib-method {opts.calib_method!r} is not one of {', '.join(METHODS)}")
     if opts.calib_size < MIN_CALIB_IMAGES:
@@ -177,6 +174,10 @@ def _check_options(opts: ExportOptions) -> dict[str, list[str]]:
         )
     if not 0 <= opts.max_drop <= 100:  # inf was written into edgemap.json as Infinity, which is not JSON
         raise QuantizationError(f"--max-drop must be 0 to 100 points, got {opts.max_drop}")
+    if not opts.int8:
+        return {}
+    if opts.opset < MIN_INT8_OPSET:
+        raise QuantizationError(f"--int8 needs --opset {MIN_INT8_OPSET} or newer (per-channel int8), got {opts.opset}")
     return _int8_plan(opts.targets)
 
 
