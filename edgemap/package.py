@@ -108,7 +108,7 @@ class PackageResult:
     def pip_install(self) -> str:
         """The install command; with --force-reinstall --no-deps when this build replaced a same-version wheel of other
         contents (pip keeps a version it already installed; its dependencies need no reinstall)."""
-        return f"pip install {'--force-reinstall --no-deps ' if self.replaced else ''}{shlex.quote(str(self.wheel))}"
+        return pip_install_command(self.wheel, self.replaced)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -118,6 +118,12 @@ class PackageResult:
             "overhead_bytes": self.overhead_bytes, "requirements": self.requirements, "replaced": self.replaced,
             "warnings": self.warnings,
         }
+
+
+def pip_install_command(wheel: str | Path, replaced: bool = False) -> str:
+    """``pip install WHEEL``, with ``--force-reinstall --no-deps`` when the build replaced a same-version wheel of
+    other contents (pip keeps a version it already installed; its dependencies need no reinstall)."""
+    return f"pip install {'--force-reinstall --no-deps ' if replaced else ''}{shlex.quote(str(wheel))}"
 
 
 # ---- validation ---------------------------------------------------------------------------

@@ -78,6 +78,13 @@ class RunResult:
     skipped: list[str] = field(default_factory=list)  # unreadable files this command's fine-tuning skipped (--skip-bad)
 
     @property
+    def pip_install(self) -> str | None:
+        """The device's install command for the wheel this run made (None without one)."""
+        from edgemap.package import pip_install_command
+
+        return pip_install_command(self.wheel, self.wheel_replaced) if self.wheel else None
+
+    @property
     def did_nothing(self) -> bool:
         return all(s.status == "skipped" for s in self.stages)
 
@@ -86,7 +93,8 @@ class RunResult:
             "run_dir": str(Path(self.run_dir).absolute()), "seconds": round(self.seconds, 2), "did_nothing": self.did_nothing,
             "stages": [vars(s) for s in self.stages], "summary": self.summary, "artifacts": self.artifacts,
             "wheel": self.wheel, "report": self.report, "unavailable": [list(u) for u in self.unavailable],
-            "eval_data": self.eval_data, "skipped": self.skipped,
+            "eval_data": self.eval_data, "skipped": self.skipped, "wheel_replaced": self.wheel_replaced,
+            "pip_install": self.pip_install,
         }
 
 

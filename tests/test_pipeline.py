@@ -410,6 +410,8 @@ def test_run_names_the_files_its_finetune_skipped(digits: Path, tmp_path: Path) 
     assert r.exit_code == 0, r.output
     bad = str(data / "train" / "3" / "broken é.png")
     assert f"skipped 1 unreadable file(s): {bad} (all in {out}/edgemap.json" in r.output, r.output
-    assert json.loads((tmp_path / "r.json").read_text())["skipped"] == [bad]
+    got = json.loads((tmp_path / "r.json").read_text())
+    assert got["skipped"] == [bad] and got["wheel_replaced"] is False
+    assert got["pip_install"] == f"pip install {got['wheel']}" and f"install on a device: {got['pip_install']}" in r.output
     again = CliRunner().invoke(app, [*args, "--skip-bad"], env={"COLUMNS": "200"})  # nothing trained now: not said again
     assert again.exit_code == 0 and "unreadable" not in again.output, again.output

@@ -110,8 +110,7 @@ def run_and_show(data: Path, out: Path, opts: Any, json_out: Path | None) -> Non
     console.print(artifact_table(result))
     console.print(f"total {result.seconds:.0f} s")
     if result.wheel:
-        force = "--force-reinstall --no-deps " if result.wheel_replaced else ""  # same version, other contents: pip keeps the old
-        console.print(f"\ninstall on a device: pip install {force}{shq(result.wheel)}", markup=False, soft_wrap=True)
+        console.print(f"\ninstall on a device: {result.pip_install}", markup=False, soft_wrap=True)
     if result.report:  # made by this run: where to open it, not a command that makes it again
         console.print(f"report: {Path(result.report).resolve().as_uri()}", markup=False, soft_wrap=True)
     else:
