@@ -17,16 +17,17 @@ from edgemap.runtime.preprocess import PreprocessContract
 class ClassifierNet(nn.Module):
     """backbone.forward_features → dropout → Linear(num_features, num_classes)."""
 
-    def __init__(self, backbone: nn.Module, num_features: int, num_classes: int, contract: PreprocessContract, dropout: float = 0.2):
+    def __init__(self, backbone: nn.Module, num_features: int, num_classes: int, contract: PreprocessContract, dropout: float = 0.2,
+                 head: str = "_fc"):
         super().__init__()
         self.backbone = backbone
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(num_features, num_classes)
         self.register_buffer("mean", torch.tensor(contract.mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("inv_std", 1.0 / torch.tensor(contract.std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        # Drop the backbone's ImageNet head: the task head replaces it.
-        if hasattr(self.backbone, "_fc"):
-            self.backbone._fc = nn.Identity()
+        # Drop the backbone's ImageNet head (named by its BackboneSpec): the task head replaces it.
+        if hasattr(self.backbone, head):
+            setattr(self.backbone, head, nn.Identity())
 
     def normalize(self, x_uint8_nhwc: torch.Tensor) -> torch.Tensor:
         """(N, H, W, 3) uint8 → (N, 3, H, W) float normalised (the in-graph preprocessing)."""
@@ -53,7 +54,7 @@ def build_classifier(
     spec, bb = build_backbone(backbone, pretrained=pretrained, seed=seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
-        net = ClassifierNet(bb, spec.num_features, num_classes, contract, dropout=dropout)
+        net = ClassifierNet(bb, spec.num_features, num_classes, contract, dropout=dropout, head=spec.head)
     return net
 
 

@@ -23,11 +23,11 @@ def register(app: typer.Typer) -> None:
         for spec in list_backbones():
             ok, why = weights_available(spec)
             _, model = build_backbone(spec.name, pretrained=False)
-            params = count_params(model) - sum(p.numel() for p in model._fc.parameters())
+            params = count_params(model) - sum(p.numel() for p in getattr(model, spec.head).parameters())
             rows.append({"name": spec.name, "input_size": spec.input_size, "params": params, "interpolation": spec.interpolation,
                          "crop_pct": spec.crop_pct, "finetune_crop_pct": FinetuneOptions.crop_pct,
                          "mean": list(spec.mean), "std": list(spec.std), "weights": spec.weights,
-                         "available": ok, "reason": "" if ok else why})
+                         "available": ok, "reason": "" if ok else why, "description": spec.description})
             table.add_row(
                 spec.name,
                 f"{spec.input_size}px",

@@ -49,9 +49,11 @@ class RuntimeInfo:
     provider: str  # ORT execution provider, or the OpenVINO device
     precisions: tuple[str, ...]
     int8_format: str | None  # which int8 artifact this runtime runs fastest: "qoperator" | "qdq" | None
-    dynamic_batch: bool = True
     description: str = ""
 
+
+#: OpenVINO's devices that choose or combine real ones (openvino:AUTO:GPU,CPU)
+VIRTUAL_DEVICES = ("AUTO", "HETERO", "MULTI")
 
 RUNTIMES: dict[str, RuntimeInfo] = {
     r.name: r
@@ -155,7 +157,7 @@ def available(spec: str) -> tuple[bool, str]:
         return False, "package openvino is not installed (pip install openvino)"
     devices = _ov_core().available_devices
     base = device.split(".")[0].split(":")[0]  # AUTO:CPU, HETERO:GPU,CPU...
-    if base not in ("AUTO", "HETERO", "MULTI") and not any(d == device or d.startswith(base) for d in devices):
+    if base not in VIRTUAL_DEVICES and not any(d == device or d.startswith(base) for d in devices):
         return False, f"OpenVINO device {device} not found (available: {', '.join(devices) or 'none'})"
     return True, ""
 
@@ -287,7 +289,7 @@ def check_ort_providers(info: RuntimeInfo, in_use: list[str]) -> list[str]:
 def check_ov_devices(device: str, devices: list[str]) -> list[str]:
     """Return the devices a compiled OpenVINO model runs on if they match ``device``, else raise."""
     base = device.split(".")[0].split(":")[0]
-    if base not in ("AUTO", "HETERO", "MULTI") and not any(d.startswith(base) for d in devices):
+    if base not in VIRTUAL_DEVICES and not any(d.startswith(base) for d in devices):
         raise ProviderFallbackError(f"asked for OpenVINO {device} but it ran on {devices}; not reporting that as {device}")
     return list(devices)
 
@@ -378,7 +380,7 @@ def _load_openvino(path: Path, device: str, threads: int, opts: SessionOptions, 
     cpu: dict[str, Any] = {"INFERENCE_NUM_THREADS": threads, **({"INFERENCE_PRECISION_HINT": "f32"} if opts.exact else {})}
     if device.startswith("CPU"):
         config.update(cpu)
-    elif device.split(":")[0] in ("AUTO", "MULTI", "HETERO", "BATCH"):  # virtual devices: to the device that runs it
+    elif device.split(":")[0] in VIRTUAL_DEVICES:  # to the device that runs it
         config["DEVICE_PROPERTIES"] = {"CPU": cpu, **({"GPU": {"INFERENCE_PRECISION_HINT": "f32"}} if opts.exact else {})}
     elif opts.exact:
         config["INFERENCE_PRECISION_HINT"] = "f32"  # GPU: f16 by default

@@ -111,16 +111,6 @@ class Dist:
             out[r::self.world] = part[:n_r]
         return out
 
-    def broadcast_error(self, message: str | None) -> str | None:
-        """Share rank 0's error message (or None) with every rank."""
-        if not self.active:
-            return message
-        import torch.distributed as tdist
-
-        box = [message]
-        tdist.broadcast_object_list(box, src=0)
-        return box[0]
-
     def barrier(self) -> None:
         if self.active:
             import torch.distributed as tdist
