@@ -36,14 +36,8 @@ def _root(
 # One module per command; each defines `register(app)`. Imports stay light (no torch) so
 # `edgemap --help` is instant: the stages import torch/onnx/openvino lazily.
 _COMMANDS = ["backbones", "datasets", "finetune", "export", "eval", "bench", "package", "run", "report"]
-for _name in _COMMANDS:
-    try:
-        _mod = importlib.import_module(f"edgemap.cli.cmd_{_name}")
-    except ModuleNotFoundError as _e:  # a command still being built; never hide other import errors
-        if _e.name != f"edgemap.cli.cmd_{_name}":
-            raise
-        continue
-    _mod.register(app)
+for _name in _COMMANDS:  # a missing module is a broken install: it fails here, not as "No such command"
+    importlib.import_module(f"edgemap.cli.cmd_{_name}").register(app)
 
 
 def main() -> None:
