@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from edgemap.artifacts import recorded_sha256
-from edgemap.errors import EdgemapError, RuntimeUnavailableError
+from edgemap.errors import EdgemapError, OptionError, RuntimeUnavailableError
 from edgemap.evaluate import (
     _combos,
     kept_rows,
@@ -316,9 +316,9 @@ def bench(run_dir: str | Path | RunDir, opts: BenchOptions = BenchOptions(), *, 
     """
 
     if opts.iters is not None and opts.seconds is not None:
-        raise RuntimeUnavailableError("give either --iters or --seconds, not both")
+        raise OptionError("give either --iters or --seconds, not both")
     if not opts.batches or any(b < 1 for b in opts.batches):
-        raise RuntimeUnavailableError(f"--batch needs positive sizes, got {list(opts.batches)}")
+        raise OptionError(f"--batch needs positive sizes, got {list(opts.batches)}")
     guard = run_lock(run_dir.path if isinstance(run_dir, RunDir) else Path(run_dir), "bench") if opts.save else nullcontext()
     with guard:
         # as it is now: a RunDir loaded before a later export would save its old records over the export's

@@ -7,6 +7,7 @@ from edgemap.runtime.errors import (
     ImageError,
     ModelFormatError,
     ModelIntegrityError,
+    OptionError,
     ProviderFallbackError,
     RuntimeUnavailableError,
 )
@@ -16,6 +17,7 @@ __all__ = [
     "ImageError",
     "ModelFormatError",
     "ModelIntegrityError",
+    "OptionError",
     "ProviderFallbackError",
     "RuntimeUnavailableError",
     "DatasetError",

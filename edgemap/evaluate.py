@@ -27,7 +27,14 @@ from typing import Any
 
 import numpy as np
 
-from edgemap.errors import DatasetError, EdgemapError, ManifestError, ModelFormatError, RuntimeUnavailableError
+from edgemap.errors import (
+    DatasetError,
+    EdgemapError,
+    ManifestError,
+    ModelFormatError,
+    OptionError,
+    RuntimeUnavailableError,
+)
 from edgemap.manifest import RunDir, now_iso, run_lock
 from edgemap.options import normalize
 from edgemap.runtime.sessions import engine_errors
@@ -211,27 +218,27 @@ def _combos(runtimes: tuple[str, ...], precisions: tuple[str, ...]) -> list[tupl
     from edgemap.runtime.sessions import parse_runtime
 
     if not runtimes:
-        raise RuntimeUnavailableError("--runtime is empty; name at least one of " + ", ".join(ALL_RUNTIMES))
+        raise OptionError("--runtime is empty; name at least one of " + ", ".join(ALL_RUNTIMES))
     for p in precisions:
         if p not in ("fp32", "int8"):
-            raise RuntimeUnavailableError(f"--precision {p!r} is unknown; use fp32 and/or int8")
+            raise OptionError(f"--precision {p!r} is unknown; use fp32 and/or int8")
     if not precisions:
-        raise RuntimeUnavailableError("--precision is empty; use fp32 and/or int8")
+        raise OptionError("--precision is empty; use fp32 and/or int8")
     names = []
     for r in runtimes:
         name, colon, device = r.strip().partition(":")
         if name.lower() != REFERENCE or colon:
             try:
                 parse_runtime(r)
-            except RuntimeUnavailableError:
-                raise RuntimeUnavailableError(
+            except OptionError:
+                raise OptionError(
                     f"--runtime {r.strip()!r} is unknown; choose from {', '.join(ALL_RUNTIMES)} (openvino:DEVICE for "
                     "another OpenVINO device, e.g. openvino:GPU)") from None
         names.append(normal_runtime(r))  # openvino:cpu, openvino:CPU and openvino: one row
     rts = sorted(dict.fromkeys(names), key=lambda r: r != REFERENCE)
     combos = [(r, p) for r in rts for p in dict.fromkeys(precisions) if not (r == REFERENCE and p != "fp32")]
     if not combos:
-        raise RuntimeUnavailableError(f"nothing to run: {REFERENCE} is the fp32 reference (it has no int8 model); "
+        raise OptionError(f"nothing to run: {REFERENCE} is the fp32 reference (it has no int8 model); "
                                       "add --precision fp32 or another --runtime")
     return combos
 

@@ -8,7 +8,7 @@ import re
 from numbers import Integral, Real
 from typing import Any
 
-from edgemap.errors import EdgemapError
+from edgemap.errors import OptionError
 
 
 def split_csv(value: str | None) -> list[str]:
@@ -63,7 +63,7 @@ def normalize(obj: Any, names: tuple[str, ...] = (), numbers: tuple[str, ...] = 
             return False
         if _default(obj, name) is None:
             return True
-        raise EdgemapError(f"{flag(name)} None: give a value (leave it out for the default, {_default(obj, name)!r})")
+        raise OptionError(f"{flag(name)} None: give a value (leave it out for the default, {_default(obj, name)!r})")
 
     for name in names:
         value = getattr(obj, name)
@@ -82,28 +82,28 @@ def normalize(obj: Any, names: tuple[str, ...] = (), numbers: tuple[str, ...] = 
         try:  # "8" from a CSV and numpy integers: yes; 2.7 (was cut to 2) and True (was 1): no
             value = tuple(int(v) if _whole(v) or isinstance(v, str) else _refuse() for v in items)
         except (TypeError, ValueError):
-            raise EdgemapError(f"{flag(name)} {getattr(obj, name)!r}: must be whole numbers, e.g. 1,8") from None
+            raise OptionError(f"{flag(name)} {getattr(obj, name)!r}: must be whole numbers, e.g. 1,8") from None
         object.__setattr__(obj, name, value)
     for name, minimum in (counts or {}).items():
         value = getattr(obj, name)
         if unset(name, value):
             continue
         if not _whole(value) or value < minimum:
-            raise EdgemapError(f"{flag(name)} {value!r}: must be a whole number >= {minimum}")
+            raise OptionError(f"{flag(name)} {value!r}: must be a whole number >= {minimum}")
         object.__setattr__(obj, name, int(value))
     for name in seconds:
         value = getattr(obj, name)
         if unset(name, value):
             continue
         if not isinstance(value, Real) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
-            raise EdgemapError(f"{flag(name)} {value!r}: must be a finite number of seconds > 0")
+            raise OptionError(f"{flag(name)} {value!r}: must be a finite number of seconds > 0")
         object.__setattr__(obj, name, float(value))
     threads = getattr(obj, "threads", None)
     if _whole(threads):
         threads = int(threads)  # np.int64 from a sweep over np.arange
         object.__setattr__(obj, "threads", threads)
     if threads is not None and (not _whole(threads) or not 1 <= threads <= MAX_THREADS):
-        raise EdgemapError(f"--threads {threads!r}: must be a whole number from 1 to {MAX_THREADS} "
+        raise OptionError(f"--threads {threads!r}: must be a whole number from 1 to {MAX_THREADS} "
                            "(leave it out for the physical cores)")
 
 

@@ -13,7 +13,7 @@ import torch
 from test_eval_support import CLASSES, load_arrays, make_images, trained_run  # noqa: F401
 from typer.testing import CliRunner
 
-from edgemap.errors import DatasetError, RuntimeUnavailableError
+from edgemap.errors import DatasetError, OptionError, RuntimeUnavailableError
 from edgemap.evaluate import EvalOptions, evaluate, evaluate_arrays
 from edgemap.manifest import RunDir
 from edgemap.metrics import classification_report
@@ -124,13 +124,13 @@ def test_changed_model_file_is_refused(trained_run, tmp_path) -> None:  # noqa: 
 def test_bad_options_and_inputs(trained_run) -> None:  # noqa: F811
     run, _ = trained_run
     x = np.zeros((2, 32, 32, 3), np.uint8)
-    with pytest.raises(RuntimeUnavailableError, match="--precision"):
+    with pytest.raises(OptionError, match="--precision"):  # a typo, not RuntimeUnavailableError (a sweep skips those)
         evaluate_arrays(run, x, np.zeros(2), EvalOptions(precisions=("fp16",), save=False))
     with pytest.raises(DatasetError, match="uint8"):
         evaluate_arrays(run, x.astype(np.float32), np.zeros(2), EvalOptions(save=False))
     for bad, why in ((("nosuch",), "'nosuch' is unknown; choose from torch, cpu"), (("cpu", "gpu"), "'gpu' is unknown"),
                      (("torch",), "nothing to run: torch is the fp32 reference")):
-        with pytest.raises(RuntimeUnavailableError, match=why):  # before anything runs
+        with pytest.raises(OptionError, match=why):  # before anything runs
             evaluate_arrays(run, x, np.zeros(2, np.int64), EvalOptions(runtimes=bad, precisions=("int8",), save=False))
     cased = evaluate_arrays(run, x, np.zeros(2, np.int64), EvalOptions(runtimes=("TORCH", "CPU"), precisions=("fp32",), save=False))
     assert [(r.runtime, r.status) for r in cased.rows] == [("torch", "ok"), ("cpu", "ok")]

@@ -171,11 +171,11 @@ def test_classifier_refuses_tampered_model(tiny: dict, tmp_path: Path) -> None:
 
 
 def test_classifier_runtime_errors_are_clean(tiny: dict) -> None:
-    from edgemap.errors import RuntimeUnavailableError
+    from edgemap.errors import OptionError, RuntimeUnavailableError
 
     with pytest.raises(RuntimeUnavailableError, match="unavailable"):
         Classifier.from_path(tiny["model"], runtime="cuda")
-    with pytest.raises(RuntimeUnavailableError, match="unknown runtime"):
+    with pytest.raises(OptionError, match="unknown runtime"):
         Classifier.from_path(tiny["model"], runtime="tpu")
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from test_eval_support import load_arrays, trained_run  # noqa: F401
 
-from edgemap.errors import ProviderFallbackError, RuntimeUnavailableError
+from edgemap.errors import OptionError, ProviderFallbackError, RuntimeUnavailableError
 from edgemap.runtime import sessions as S
 
 
@@ -46,7 +46,7 @@ def test_openvino_missing_device_and_bad_specs() -> None:
     assert S.available("cpu") == (True, "")
     ok, why = S.available("tpu")
     assert not ok and "unknown runtime 'tpu'" in why
-    with pytest.raises(RuntimeUnavailableError, match="no device suffix"):
+    with pytest.raises(OptionError, match="no device suffix"):
         S.parse_runtime("cpu:GPU")
     ok, why = S.check_precision(S.RUNTIMES["cuda"], "int8")
     assert not ok and "fp32" in why

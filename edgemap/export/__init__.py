@@ -120,7 +120,7 @@ class ExportResult:
 def _int8_plan(targets: tuple[str, ...] | None) -> dict[str, list[str]]:
     """format → target runtimes, validated against the capability table."""
     from edgemap.artifacts import int8_targets
-    from edgemap.runtime.errors import RuntimeUnavailableError
+    from edgemap.runtime.errors import OptionError
     from edgemap.runtime.sessions import available, parse_runtime
 
     table = int8_targets()
@@ -133,7 +133,7 @@ def _int8_plan(targets: tuple[str, ...] | None) -> dict[str, list[str]]:
     for t in names:
         try:
             info, _ = parse_runtime(t)
-        except RuntimeUnavailableError as e:
+        except OptionError as e:
             raise QuantizationError(f"--targets: {e}") from e
         if info.name not in table:
             raise QuantizationError(
@@ -155,7 +155,7 @@ def _check_options(opts: ExportOptions) -> dict[str, list[str]]:
 
     if opts.parity_batch < 2 or opts.parity_batch % 2 == 0:
         raise ExportError(f"parity_batch must be an odd number > 1, got {opts.parity_batch}")
-    from edgemap.runtime.errors import RuntimeUnavailableError
+    from edgemap.runtime.errors import OptionError
     from edgemap.runtime.sessions import parse_runtime
 
     if not opts.parity_runtimes:
@@ -163,7 +163,7 @@ def _check_options(opts: ExportOptions) -> dict[str, list[str]]:
     for rt in opts.parity_runtimes:
         try:
             parse_runtime(rt)
-        except RuntimeUnavailableError as e:
+        except OptionError as e:
             raise ExportError(f"parity_runtimes: {e}") from None
     # the int8 options' values are checked without --int8 too (from Python, a typo passed unseen until int8 was on)
     if opts.calib_method not in METHODS:

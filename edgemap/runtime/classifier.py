@@ -27,6 +27,7 @@ from edgemap.runtime.errors import (
     ImageError,
     ModelFormatError,
     ModelIntegrityError,
+    OptionError,
     RuntimeUnavailableError,
 )
 from edgemap.runtime.onnx_meta import ModelMeta, model_meta, parse_model_bytes, read_model_bytes
@@ -166,8 +167,8 @@ class Classifier:
         spec = runtime_spec(runtime)
         try:
             info, _ = parse_runtime(spec)
-        except RuntimeUnavailableError:
-            raise RuntimeUnavailableError(f"unknown runtime {runtime!r}; choose from {', '.join(DEVICE_RUNTIMES)}") from None
+        except OptionError:
+            raise OptionError(f"unknown runtime {runtime!r}; choose from {', '.join(DEVICE_RUNTIMES)}") from None
         if meta.precision:
             ok, why = check_precision(info, meta.precision)
             if not ok:

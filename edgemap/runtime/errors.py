@@ -22,6 +22,11 @@ class ModelIntegrityError(EdgemapError):
     """A model file does not match the sha256 recorded for it, or is unsafe to load."""
 
 
+class OptionError(EdgemapError):
+    """An option's value is wrong (an unknown runtime name, a negative count...): the caller's mistake, not this
+    machine's (``except RuntimeUnavailableError`` in a sweep no longer swallows a typo)."""
+
+
 class RuntimeUnavailableError(EdgemapError):
     """A runtime was asked for but cannot run here (package, device or driver missing)."""
 

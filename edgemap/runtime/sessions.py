@@ -32,7 +32,13 @@ from typing import Any
 
 import numpy as np
 
-from edgemap.runtime.errors import EdgemapError, InferenceError, ProviderFallbackError, RuntimeUnavailableError
+from edgemap.runtime.errors import (
+    EdgemapError,
+    InferenceError,
+    OptionError,
+    ProviderFallbackError,
+    RuntimeUnavailableError,
+)
 
 CUDA_INSTALL_HINT = (
     "pip uninstall -y onnxruntime && pip install onnxruntime-gpu (it replaces onnxruntime; never install both; "
@@ -75,10 +81,10 @@ def parse_runtime(spec: str) -> tuple[RuntimeInfo, str]:
     name, _, device = spec.strip().partition(":")
     name = name.lower()
     if name not in RUNTIMES:
-        raise RuntimeUnavailableError(f"unknown runtime {spec!r}; choose from {', '.join(RUNTIMES)}")
+        raise OptionError(f"unknown runtime {spec!r}; choose from {', '.join(RUNTIMES)}")
     info = RUNTIMES[name]
     if device and info.engine != "openvino":
-        raise RuntimeUnavailableError(f"runtime {name!r} takes no device suffix (only openvino:DEVICE does)")
+        raise OptionError(f"runtime {name!r} takes no device suffix (only openvino:DEVICE does)")
     return info, (device.upper() if device else info.provider)
 
 
@@ -129,7 +135,7 @@ def available(spec: str) -> tuple[bool, str]:
     """Whether runtime ``spec`` can run here, and why not ("" when it can)."""
     try:
         info, device = parse_runtime(spec)
-    except RuntimeUnavailableError as e:
+    except OptionError as e:
         return False, str(e)
     if info.engine == "onnxruntime":
         try:
