@@ -310,6 +310,7 @@ def test_existing_run_is_never_overwritten(digits: Path, reference_run: Path) ->
         (["--precision", "fp16", "--device", "cpu", "--backbone", "tiny", "--img-size", "32"], "fp16 is for CUDA"),
         (["--patience", "0", "--backbone", "tiny", "--img-size", "32"], "--patience 0: must be >= 1"),
         (["--threads", "-1", "--backbone", "tiny", "--img-size", "32"], "--threads -1: must be >= 0"),
+        (["--threads", "5000", "--backbone", "tiny", "--img-size", "32"], "--threads 5000: must be at most 1024"),
         (["--seed", "99999999999999999999", "--backbone", "tiny", "--img-size", "32"], "must be < 2**63"),
         (["--img-size", "0", "--backbone", "tiny"], "--img-size 0: must be positive"),  # was: the native size, silently
         (["--nproc", "0", "--backbone", "tiny"], "--nproc 0: must be >= 1"),  # was ignored

@@ -90,7 +90,7 @@ def register(app: typer.Typer) -> None:
         skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip undecodable images (listed in the run) instead of stopping.")] = False,
         no_flip: Annotated[bool, typer.Option("--no-flip", help="No random horizontal flips (digits, text, asymmetric objects).")] = False,
         no_augment: Annotated[bool, typer.Option("--no-augment", help="No random resized crops (flips still, unless --no-flip).")] = False,
-        threads: Annotated[int | None, typer.Option(help="CPU threads. \\[default: physical cores]")] = None,
+        threads: Annotated[int | None, typer.Option(help="CPU threads (0: the default) \\[default: physical cores, shared among --nproc processes]")] = None,
         max_pixels: Annotated[int | None, typer.Option(help="Refuse images with more pixels (decompression-bomb guard).")] = None,
         checkpoint_every: Annotated[int | None, typer.Option(hidden=True)] = None,
         resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in --out exactly where it stopped.")] = False,

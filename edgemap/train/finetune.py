@@ -41,6 +41,7 @@ from edgemap.errors import DatasetError, EdgemapError, Interrupted, ResumeError,
 from edgemap.fsutil import LOCK_NAME, TMP_SUFFIX, atomic_write_bytes, remove_stale_temps
 from edgemap.manifest import MANIFEST_NAME, RunDir, run_lock
 from edgemap.model import ClassifierNet, build_classifier
+from edgemap.options import MAX_THREADS
 from edgemap.runtime.preprocess import DEFAULT_MAX_PIXELS, PreprocessContract, preprocess
 from edgemap.runtime.sessions import physical_cores
 from edgemap.train import checkpoint as ckpt
@@ -122,6 +123,8 @@ class FinetuneOptions:
                               ("patience", self.patience, 1), ("threads", self.threads or 0, 0), ("seed", self.seed, 0)):
             if val < lo:
                 raise TrainingError(f"--{name} {val}: must be >= {lo}")
+        if self.threads and self.threads > MAX_THREADS:
+            raise TrainingError(f"--threads {self.threads}: must be at most {MAX_THREADS} (0 or none: physical cores)")
         if self.seed >= 2**63:
             raise TrainingError(f"--seed {self.seed}: must be < 2**63")
         if self.freeze_epochs > self.epochs:
