@@ -113,9 +113,11 @@ class Listing:
 
 
 def list_images(paths: list[Path]) -> Listing:
-    """Files as given; folders → their image files, listed as training lists a class folder:
-    recursive, sorted, symlinked folders followed (each real folder once), hidden entries skipped;
-    other extensions are counted, and a folder without images is a problem of its own (the others still run)."""
+    """Files as given; folders → their image files, listed much as training lists a class folder: recursive,
+    sorted, symlinked folders followed (each real folder once), hidden entries skipped; other extensions are counted,
+    and a folder without images is a problem of its own (the others still run). Unlike training, a link into another
+    folder is followed wherever it points: training skips one into another class or split (its images would count
+    twice), and here there are no classes."""
     out = Listing()
     for p in paths:
         if p is STDIN or not p.is_dir():
