@@ -18,12 +18,14 @@ console command takes the model file first (for over-the-air model updates).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import keyword
 import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -476,9 +478,20 @@ def _build_wheel(src: Path, out: Path) -> Path:
     """setuptools via pip, offline: no index, no build isolation, no dependencies."""
     cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
            "--disable-pip-version-check", "--no-cache-dir", "-q", "-w", str(out), str(src)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=src)
+    # its own session: a Ctrl-C reaches edgemap only, which then stops pip and its build backend together; they
+    # used to get the signal too, and the backend still wrote into the temp folder as it was removed (a traceback)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=src,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate()
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError, AttributeError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.kill()
+        proc.wait()
+        raise
     if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-8:]
+        tail = (stderr or stdout).strip().splitlines()[-8:]
         raise PackageError("building the wheel failed (pip wheel + setuptools; is setuptools>=68 installed in this "
                            "environment? `pip install 'setuptools>=68'`):\n" + "\n".join(tail))
     wheels = sorted(out.glob("*.whl"))
@@ -600,7 +613,7 @@ def package(run_dir: str | Path | RunDir | None, opts: PackageOptions | None = N
             warnings.append(f"{len(old)} {stage} result row(s) were measured on an earlier model and are left out of "
                             f"the model card; run `edgemap {stage} {shlex.quote(str(run.path))}` and package again")
 
-    with tempfile.TemporaryDirectory(prefix="edgemap-package-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="edgemap-package-", ignore_cleanup_errors=True) as tmp:
         src, built = Path(tmp) / "src", Path(tmp) / "wheel"
         _write_tree(src, name=name, module=module, version=version, requirements=requirements,
                     runtime=runtime, model=model, info=info, card=card)
