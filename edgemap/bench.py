@@ -40,7 +40,7 @@ from edgemap.evaluate import (
     refuse_older_models,
     strict_failure,
 )
-from edgemap.manifest import RunDir, now_iso, run_lock
+from edgemap.manifest import RunDir, fresh_run, hand_back, now_iso, run_lock
 from edgemap.options import normalize
 from edgemap.runtime.sessions import engine_errors
 
@@ -322,9 +322,11 @@ def bench(run_dir: str | Path | RunDir, opts: BenchOptions = BenchOptions(), *, 
     guard = run_lock(run_dir.path if isinstance(run_dir, RunDir) else Path(run_dir), "bench") if opts.save else nullcontext()
     with guard:
         # as it is now: a RunDir loaded before a later export would save its old records over the export's
-        run = RunDir.load(run_dir.path if isinstance(run_dir, RunDir) else run_dir)
+        run = fresh_run(run_dir)
         refuse_older_models(run, opts.runtimes)
-        return _bench_all(run, opts, progress or (lambda _msg: None))
+        rows = _bench_all(run, opts, progress or (lambda _msg: None))
+        hand_back(run_dir, run)
+        return rows
 
 
 def _bench_all(run: RunDir, opts: BenchOptions, say: Any) -> list[BenchRow]:
@@ -348,9 +350,11 @@ def _bench_all(run: RunDir, opts: BenchOptions, say: Any) -> list[BenchRow]:
             )
     if opts.save and not nothing_ran([r.status for r in rows], "bench"):
         before = run.data.get("metrics", {}).get("bench")
-        if isinstance(before, dict) and before.get("threads") not in (None, threads) and before.get("rows"):
-            log.warning("the %d stored bench row(s), measured with %s threads, were replaced by these (%d threads): "
-                        "rows are compared only at one thread count", len(before["rows"]), before["threads"], threads)
+        measured = [r for r in (before.get("rows") or []) if isinstance(r, dict) and r.get("status") == "ok"] \
+            if isinstance(before, dict) else []
+        if measured and before.get("threads") not in (None, threads):
+            log.warning("the %d stored bench row(s), measured with %s thread(s), were replaced by these (%d thread(s)): "
+                        "rows are compared only at one thread count", len(measured), before["threads"], threads)
         new = {"threads": threads, "rows": [r.to_dict() for r in rows]}
         new["rows"] = merged_rows(kept_rows(run.data.get("metrics", {}).get("bench"), new, ("runtime", "precision", "batch"),
                                             same=("threads",)), new["rows"])

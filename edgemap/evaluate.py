@@ -35,7 +35,7 @@ from edgemap.errors import (
     OptionError,
     RuntimeUnavailableError,
 )
-from edgemap.manifest import RunDir, now_iso, run_lock
+from edgemap.manifest import RunDir, fresh_run, hand_back, now_iso, run_lock
 from edgemap.options import normalize
 from edgemap.runtime.sessions import engine_errors
 
@@ -319,7 +319,10 @@ def evaluate_arrays(
     # saving: hold the run directory like `evaluate` (it wrote edgemap.json while another command held it)
     with run_lock(run.path, "eval") if opts.save else nullcontext():
         # what is on disk now: a RunDir loaded earlier would save its old records over a later export's
-        return _evaluate_arrays(RunDir.load(run.path) if opts.save else run, images, labels, opts, data, own_data)
+        now = fresh_run(run) if opts.save else run
+        result = _evaluate_arrays(now, images, labels, opts, data, own_data)
+        hand_back(run, now)
+        return result
 
 
 def _evaluate_arrays(run: RunDir, images: np.ndarray, labels: np.ndarray, opts: EvalOptions, data: str,
@@ -492,9 +495,11 @@ def evaluate(run_dir: str | Path | RunDir, opts: EvalOptions = EvalOptions()) ->
     # saving results into edgemap.json: hold the run directory (see manifest.run_lock)
     guard = run_lock(run_dir.path if isinstance(run_dir, RunDir) else Path(run_dir), "eval") if opts.save else nullcontext()
     with guard:
-        run = RunDir.load(run_dir.path if isinstance(run_dir, RunDir) else run_dir)  # as it is now (see evaluate_arrays)
+        run = fresh_run(run_dir)  # as it is now (see evaluate_arrays)
         refuse_older_models(run, opts.runtimes)
         paths, labels, where = load_samples(run, opts.data, opts.max_pixels, opts.skip_bad)
         limit = opts.max_pixels if opts.max_pixels is not None else run.max_pixels
         images = preprocess_batch(paths, run.contract, limit)  # once, reused by every runtime
-        return evaluate_arrays(run, images, labels, opts, data=where, own_data=opts.data is None)
+        result = evaluate_arrays(run, images, labels, opts, data=where, own_data=opts.data is None)
+        hand_back(run_dir, run)
+        return result

@@ -218,6 +218,18 @@ def validate_manifest(data: Any, where: str = MANIFEST_NAME) -> dict[str, Any]:
     return data
 
 
+def fresh_run(run_dir: str | Path | RunDir) -> RunDir:
+    """The run as it is on disk now. A RunDir a caller passes is read again: it may predate another command's write,
+    and saving it would put old records back (or be refused); :func:`hand_back` gives the caller the result."""
+    return RunDir.load(run_dir.path if isinstance(run_dir, RunDir) else run_dir)
+
+
+def hand_back(caller: object, run: RunDir) -> None:
+    """A RunDir the caller passed (read again by :func:`fresh_run`) now holds what the stage saved."""
+    if isinstance(caller, RunDir) and caller is not run:
+        caller.data, caller._seen = run.data, run._seen
+
+
 @dataclass
 class RunDir:
     """A run directory and its parsed manifest.

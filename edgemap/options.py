@@ -31,7 +31,7 @@ def _whole(value: Any) -> bool:
     return isinstance(value, Integral) and not isinstance(value, bool)
 
 
-_VIRTUAL_OPENVINO = re.compile(r"openvino:(AUTO|HETERO|MULTI)(:|$)", re.IGNORECASE)  # sessions.VIRTUAL_DEVICES
+_VIRTUAL_OPENVINO = re.compile(r"openvino:(AUTO|HETERO|MULTI):", re.IGNORECASE)  # sessions.VIRTUAL_DEVICES + a list
 _DEVICE_NAME = re.compile(r"[A-Z][A-Z0-9_]*(\.\d+)?")  # CPU, GPU.1, NPU: upper case, unlike runtime names
 
 

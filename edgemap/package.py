@@ -243,8 +243,10 @@ from {module}.classifier import Classifier, Prediction
 from {module}.errors import (
     EdgemapError,
     ImageError,
+    InferenceError,
     ModelFormatError,
     ModelIntegrityError,
+    OptionError,
     ProviderFallbackError,
     RuntimeUnavailableError,
 )
@@ -253,8 +255,8 @@ __version__ = {version!r}
 DIST_NAME = {name!r}
 PACKAGE_DIR = Path(__file__).resolve().parent
 EMBEDDED = {embedded!r}
-__all__ = ["Classifier", "Prediction", "EdgemapError", "ImageError", "ModelFormatError", "ModelIntegrityError",
-           "ProviderFallbackError", "RuntimeUnavailableError", "load", "main"]
+__all__ = ["Classifier", "Prediction", "EdgemapError", "ImageError", "InferenceError", "ModelFormatError",
+           "ModelIntegrityError", "OptionError", "ProviderFallbackError", "RuntimeUnavailableError", "load", "main"]
 {extra}
 
 def main(argv: list[str] | None = None) -> int:

@@ -261,6 +261,8 @@ def _with_recorded(opts: RunOptions, recorded: dict[str, Any]) -> RunOptions:
         for f in dataclasses.fields(current):
             if f.name in old and f.name not in asked:
                 v = old[f.name]
+                if stage == "export" and f.name == "max_drop" and isinstance(v, int | float) and not v <= 100:
+                    v = 100.0  # recorded by an older edgemap as inf (Infinity): the same gate, and valid now
                 if isinstance(v, list):
                     v = tuple(v)
                 elif isinstance(v, str) and "Path" in str(f.type):

@@ -40,7 +40,7 @@ import numpy as np
 from edgemap.artifacts import current_results, stored_rows
 from edgemap.errors import EdgemapError, ManifestError
 from edgemap.fsutil import NOT_WRITABLE, atomic_write_bytes, special_file
-from edgemap.manifest import RunDir, now_iso
+from edgemap.manifest import RunDir, fresh_run, now_iso
 
 REPORT_DIR = "report"
 REPORT_FILE = "report.html"
@@ -922,7 +922,7 @@ def report(run_dir: str | Path | RunDir, opts: ReportOptions | None = None) -> R
     t0 = time.perf_counter()
     opts = opts or ReportOptions()
     opts.validate()
-    run = run_dir if isinstance(run_dir, RunDir) else RunDir.load(run_dir)
+    run = fresh_run(run_dir)  # what eval and bench stored since a caller's RunDir was loaded
     html_path = Path(opts.out) if opts.out is not None else run.own_folder(REPORT_DIR) / REPORT_FILE
     if html_path.is_dir() or str(opts.out or "").endswith(("/", os.sep)):  # a folder (or one to make): the file in it
         html_path = html_path / REPORT_FILE

@@ -324,6 +324,7 @@ def test_an_openvino_device_list_stays_one_runtime() -> None:
     assert split_runtimes("openvino:AUTO:GPU,CPU, cpu,torch") == ["openvino:AUTO:GPU,CPU", "cpu", "torch"]
     assert split_runtimes("openvino:HETERO:GPU.1,CPU,openvino:MULTI:GPU,NPU") == ["openvino:HETERO:GPU.1,CPU",
                                                                                     "openvino:MULTI:GPU,NPU"]
-    assert split_runtimes("openvino:GPU,CPU") == ["openvino:GPU", "CPU"]  # not a device list: CPU is refused as unknown
+    assert split_runtimes("openvino:GPU,CPU") == ["openvino:GPU", "CPU"]  # not a device list: CPU is ORT's cpu
+    assert split_runtimes("openvino:AUTO,CPU") == ["openvino:AUTO", "CPU"]  # AUTO alone is no list either
     assert EvalOptions(runtimes="openvino:AUTO:GPU,CPU,cpu").runtimes == ("openvino:AUTO:GPU,CPU", "cpu")
     assert BenchOptions(runtimes="openvino:AUTO:CPU").runtimes == ("openvino:AUTO:CPU",)

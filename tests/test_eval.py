@@ -441,10 +441,21 @@ def test_a_run_loaded_before_another_command_wrote_it_never_saves_its_old_record
     now = RunDir.load(tmp_path / "run")
     assert now.artifacts["onnx_fp32"]["created"] == "2099-01-01T00:00:00+00:00"  # the later record is kept
     assert now.data["metrics"]["eval"]["rows"] and now.data["metrics"]["bench"]["rows"]
+    # and the caller's RunDir holds what they stored: report(early) shows them, export(early) is not refused
+    assert early.data == now.data
+    from edgemap.export import ExportOptions, export
+    from edgemap.report import ReportOptions, report
+
+    assert "cpu" in report(early, ReportOptions(predict=False, out=tmp_path / "r.html")).html.read_text(encoding="utf-8")
+    export(early, ExportOptions())
+    # a RunDir that another one saved over since is refused, and nothing is written
+    stale, other = RunDir.load(tmp_path / "run"), RunDir.load(tmp_path / "run")
+    other.data["artifacts"]["onnx_fp32"]["created"] = "2100-01-01T00:00:00+00:00"
+    other.save()
     before = (tmp_path / "run" / "edgemap.json").read_bytes()
-    early.data["classes"] = list(reversed(early.classes))
+    stale.data["classes"] = list(reversed(stale.classes))
     with pytest.raises(ManifestError, match="changed since this run was loaded .* nothing was written over it"):
-        early.save()
+        stale.save()
     assert (tmp_path / "run" / "edgemap.json").read_bytes() == before
 
 
@@ -475,4 +486,4 @@ def test_stored_rows_of_other_images_behind_the_same_name_are_not_merged(trained
     bench(tmp_path / "run", BenchOptions(threads=2, **quick))
     with caplog.at_level("WARNING", logger="edgemap"):
         bench(tmp_path / "run", BenchOptions(threads=1, **quick))
-    assert "stored bench row(s), measured with 2 threads, were replaced by these (1 threads)" in caplog.text
+    assert "1 stored bench row(s), measured with 2 thread(s), were replaced by these (1 thread(s))" in caplog.text

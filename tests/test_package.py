@@ -303,6 +303,8 @@ def test_wheel_contents_size_and_card(exported: dict) -> None:
         meta = z.read("tiny_clf-1.2.3.dist-info/METADATA").decode()
         info = json.loads(z.read("tiny_clf/model.json"))
         card = z.read("tiny_clf/MODEL_CARD.md").decode()
+        init = z.read("tiny_clf/__init__.py").decode()
+    assert "OptionError" in init and "InferenceError" in init  # a device script can catch what the runtime raises
     assert all(n.startswith(("tiny_clf/", "tiny_clf-1.2.3.dist-info/")) for n in names)
     assert not any("__pycache__" in n or n.endswith(".pyc") or "test" in n for n in names)
     reqs = sorted(line.split(":", 1)[1].strip() for line in meta.splitlines() if line.startswith("Requires-Dist:"))

@@ -397,6 +397,17 @@ def test_the_summary_never_shows_rows_of_a_replaced_model(finished: Path, tmp_pa
     assert ("openvino", "fp32") in {(r["runtime"], r["precision"]) for r in rows}  # model.onnx is unchanged: kept
 
 
+def test_a_run_whose_older_edgemap_recorded_max_drop_inf_continues(digits: Path, finished: Path, tmp_path: Path) -> None:
+    """An older edgemap recorded --max-drop inf as Infinity; a bare re-run fed it back and was refused."""
+    copy = _copy(finished, tmp_path)
+    text = (copy / "edgemap.json").read_text()
+    data = json.loads(text)
+    data["options"]["run"]["export"]["max_drop"] = float("inf")
+    (copy / "edgemap.json").write_text(json.dumps(data))  # json writes Infinity, as the older edgemap did
+    r = CliRunner().invoke(app, ["run", str(digits), "--out", str(copy), "--no-report"])
+    assert r.exit_code == 0, r.output
+
+
 def test_run_names_the_files_its_finetune_skipped(digits: Path, tmp_path: Path) -> None:
     import shutil
 

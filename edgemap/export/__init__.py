@@ -250,14 +250,17 @@ def export(run_dir: Any, opts: ExportOptions | None = None, *, dataset: Any = No
     Example:
         >>> res = export("models/digits", ExportOptions(int8=True, targets=("cpu",)))
     """
-    from edgemap.manifest import RunDir, run_lock
+    from edgemap.manifest import RunDir, fresh_run, hand_back, run_lock
 
     t_start = time.perf_counter()
     opts = opts or ExportOptions()
     plan = _check_options(opts)
     with run_lock(run_dir.path if isinstance(run_dir, RunDir) else Path(run_dir), "export"):
-        run = run_dir if isinstance(run_dir, RunDir) else RunDir.load(run_dir)
-        result = _export_locked(run, opts, plan, dataset, progress or (lambda _msg: None), again, data)
+        run = fresh_run(run_dir)  # as it is now: a caller's RunDir may predate an eval or bench that saved since
+        try:
+            result = _export_locked(run, opts, plan, dataset, progress or (lambda _msg: None), again, data)
+        finally:
+            hand_back(run_dir, run)
     result.seconds = time.perf_counter() - t_start
     return result
 

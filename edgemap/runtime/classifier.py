@@ -142,7 +142,9 @@ class Classifier:
 
         Raises:
             ModelIntegrityError: sha256 mismatch. ModelFormatError: not an edgemap model or
-            external data. RuntimeUnavailableError: the runtime cannot run here.
+            external data. RuntimeUnavailableError: the runtime cannot run here. OptionError: an unknown
+            runtime name. (Predicting raises ImageError for an image it refuses, InferenceError when the runtime
+            fails while running, e.g. out of memory.)
 
         Example:
             >>> clf = Classifier.from_path("model.onnx", runtime="openvino")

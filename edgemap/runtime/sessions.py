@@ -398,7 +398,11 @@ def _load_openvino(path: Path, device: str, threads: int, opts: SessionOptions, 
             model.reshape({model.input(0): shape})
         compiled = core.compile_model(model, device, config)
     except Exception as e:  # OpenVINO raises RuntimeError for everything
-        raise RuntimeUnavailableError(f"{path}: OpenVINO could not compile the model for {device}: {e}") from e
+        text = " ".join(str(e).split())
+        if any(k in text for k in ("allocate", "bad_alloc", "out of memory")):  # this machine ran out, at this batch
+            raise InferenceError(f"{path}: OpenVINO ran out of memory compiling the model for {device}"
+                                 f"{f' at batch {opts.batch}' if opts.batch else ''}: {text[-300:]}") from e
+        raise RuntimeUnavailableError(f"{path}: OpenVINO could not compile the model for {device}: {text}") from e
     try:
         devices = list(compiled.get_property("EXECUTION_DEVICES"))
     except Exception:  # noqa: BLE001 - older plugins lack the property
