@@ -170,11 +170,16 @@ def test_a_runtime_that_fails_while_running_is_a_row_and_the_other_rows_are_kept
     big = 3 * 2**30 // (c.height * c.width * 3 * 4)  # its float32 copy inside the model does not fit in 3 GiB
     code = ("import json, resource, sys; from edgemap.bench import BenchOptions, bench; "
             "resource.setrlimit(resource.RLIMIT_AS, (3 * 2**30, resource.RLIM_INFINITY)); "
-            f"rows = bench(sys.argv[1], BenchOptions(runtimes=('cpu',), precisions=('fp32',), batches=(1, {big}, 2**40), "
-            "iters=1, warmup=0, save=False)); print(json.dumps([[r.batch, r.status, r.reason] for r in rows]))")
+            f"rows = bench(sys.argv[1], BenchOptions(runtimes=('cpu', 'openvino'), precisions=('fp32',), "
+            f"batches=(1, {big}, 2**40), iters=1, warmup=0, save=False)); "
+            "print(json.dumps([[r.batch, r.status, r.reason] for r in rows]))")
     p = subprocess.run([sys.executable, "-c", code, str(run.path)], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
-    (b1, ok, _), (b2, failed, why), (b3, huge, why3) = json.loads(p.stdout.splitlines()[-1])
+    rows = json.loads(p.stdout.splitlines()[-1])
+    (b1, ok, _), (b2, failed, why), (b3, huge, why3) = rows[:3]
+    ov = rows[3:]  # OpenVINO compiles the batch in: it runs out of memory while compiling (was an "unavailable" row)
+    assert [r[:2] for r in ov] == [[1, "ok"], [big, "error"], [2**40, "error"]], ov
+    assert "OpenVINO ran out of memory compiling the model for CPU at batch" in ov[1][2], ov[1][2]
     assert (b1, ok) == (1, "ok") and (b2, failed) == (big, "error") and (b3, huge) == (2**40, "error")
     assert why.startswith(f"cpu failed running a batch of {big}: ") and "allocate" in why, why
     assert why3 == f"cpu: out of memory running a batch of {2**40} (try a smaller batch)", why3  # its input batch
