@@ -226,6 +226,43 @@ def test_a_worker_error_under_nproc_is_one_line_with_its_exit_code(sixteen: Path
     assert r.returncode == 2 and "--freeze-epochs 3 exceeds --epochs 1" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_a_launcher_killed_before_its_workers_start_leaves_nothing_running(digits: Path, tmp_path: Path) -> None:
+    """kill -9 of the launcher before torchrun had started its watch (or its workers): the workers trained to the end."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "edgemap", "finetune", str(digits), "--out", str(out), "--backbone", "tiny",
+           "--img-size", "32", "--epochs", "300", "--freeze-epochs", "0", "--batch-size", "8", "--threads", "1",
+           "--nproc", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+    t0 = time.monotonic()
+    while not children.read_text().split():
+        assert time.monotonic() - t0 < 60 and proc.poll() is None
+        time.sleep(0.005)
+    proc.kill()  # torchrun has just started: no torch imported yet, no worker
+    proc.wait()
+    t0 = time.monotonic()
+    while subprocess.run(["pgrep", "-f", str(out)], capture_output=True).stdout and time.monotonic() - t0 < 90:
+        time.sleep(0.2)
+    assert not subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout, "still running"
+    assert not (out / "edgemap.json").exists() or not RunDir.load(out).stage_done("finetune")  # not trained to the end
+
+
+def test_a_stop_asked_for_by_a_lost_parent_never_counts_as_a_second_ctrl_c() -> None:
+    """The launcher forwards Ctrl-C, then kills torchrun; the worker's parent watch then asked for a stop with a
+    SIGTERM, taken for a second Ctrl-C (stop without saving: up to a minute of training lost, 4 runs in 9)."""
+    from edgemap.train.distributed import _stop_as_on_sigterm
+    from edgemap.train.finetune import _catch_signals
+
+    with _catch_signals() as flag:
+        os.kill(os.getpid(), signal.SIGINT)  # the forwarded Ctrl-C (handled at once: this is the main thread)
+        _stop_as_on_sigterm()  # the parent watch, after it: no KeyboardInterrupt
+        assert flag.signum == signal.SIGINT and flag.pending and flag.name == "SIGINT"
+    with _catch_signals() as flag:
+        _stop_as_on_sigterm()  # the parent watch first
+        os.kill(os.getpid(), signal.SIGINT)  # then the forwarded Ctrl-C: still the first
+        assert flag.signum == signal.SIGINT and flag.requested == signal.SIGTERM
+
+
 def test_a_killed_rank_is_named_and_the_survivor_says_how_to_resume(digits: Path, tmp_path: Path) -> None:
     """The surviving rank printed a ~45-line gloo traceback and no resume command (the README promises one line)."""
     out = tmp_path / "run"

@@ -226,8 +226,10 @@ def test_resume_messages_name_flags_and_advice_that_can_be_followed(digits: Path
                  reporter=StopAfterOne())
     with pytest.raises(ResumeError, match=r"--epochs 1: this run has --freeze-epochs 2 .* give --epochs 2 or more"):
         finetune(digits, out, resume=True, overrides={"epochs": 1})
-    with pytest.raises(ResumeError, match=r"--no-flip: the run used False, given True; --lr: the run used"):
-        finetune(digits, out, resume=True, overrides={"flip": True, "lr": 0.5})
+    with pytest.raises(ResumeError, match=r"--no-flip: the run was made with it, left out now; --lr: the run used"):
+        finetune(digits, out, resume=True, overrides={"flip": True, "lr": 0.5})  # TINY has flip=False: --no-flip
+    with pytest.raises(ResumeError, match=r"--img-size: the run used 32, given 64"):  # not "None", its real size
+        finetune(digits, out, resume=True, overrides={"img_size": 64})
     finetune(digits, out, resume=True, overrides={"img_size": 32, "epochs": 2})  # tiny's own size: no change
 
 
@@ -604,10 +606,10 @@ def test_bf16_asked_for_on_a_gpu_without_it_is_refused_not_fp16(monkeypatch: pyt
     (No GPU here: the GPU's answer is simulated; the choice itself runs for real.)"""
     from edgemap.train.hardware import autocast_dtype
 
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    with pytest.raises(TrainingError, match="--precision bf16: this GPU has no bf16"):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    with pytest.raises(TrainingError, match="--precision bf16: this GPU has no bf16"):  # emulated (T4, V100): no
         autocast_dtype(torch.device("cuda"), "bf16")
-    assert autocast_dtype(torch.device("cuda"), "auto") == torch.float16  # auto may choose fp16
+    assert autocast_dtype(torch.device("cuda"), "auto") == torch.float16  # auto chooses fp16 there
 
 
 def test_head_only_for_every_epoch_is_said(digits: Path, tmp_path: Path) -> None:

@@ -13,11 +13,20 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import sys
+import time
 
 from edgemap.cli.common import WORKER_MESSAGES_ENV
-from edgemap.train.distributed import report_worker_messages, stop_children, watch_parent
+from edgemap.train.distributed import (
+    AGENT_PID_ENV,
+    LAUNCHER_PID_ENV,
+    _env_pid,
+    report_worker_messages,
+    stop_children,
+    watch_parent,
+)
 
 #: Exit codes after which a worker printed its own message: 1 an uncaught exception (its
 #: traceback), 2 a usage error (typer's box).
@@ -25,14 +34,34 @@ REPORTED = frozenset({1, 2})
 
 
 def main(argv: list[str]) -> int:
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args, run
-
     # "failed (exitcode: 2) local_rank: 0 ..." and "Sending process ... closing signal": said below, once
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
     # `edgemap finetune --nproc` killed with SIGKILL cannot pass a signal on: the training processes then ran to the
-    # end unseen. They stop as on SIGTERM (state saved), and this process with them.
-    watch_parent(stop_children)
+    # end unseen. They stop as on SIGTERM (state saved), and this process with them; its launcher is no longer there
+    # to remove the messages folder, so this process does. The workers watch this process in turn.
+    orphaned: list[bool] = []
+
+    def orphan() -> None:  # also the workers started after: this thread keeps at it until the process ends
+        orphaned.append(True)
+        done: set[int] = set()
+        while True:
+            stop_children(done=done)
+            time.sleep(0.2)
+
+    os.environ[AGENT_PID_ENV] = str(os.getpid())
+    watch_parent(orphan, expected=_env_pid(LAUNCHER_PID_ENV))
+    try:
+        return _run(argv)
+    finally:
+        folder = os.environ.get(WORKER_MESSAGES_ENV)
+        if orphaned and folder:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _run(argv: list[str]) -> int:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
     try:
         run(parse_args(argv))
     except ChildFailedError as e:

@@ -68,15 +68,16 @@ class Dist:
         import torch.distributed as tdist
 
         backend = "nccl" if device_type == "cuda" else "gloo"
+        # torchrun killed with SIGKILL cannot stop its workers, and they trained on to the end, re-parented (or sat in
+        # the rendezvous for good): each stops as on SIGTERM, its state saved at the next step, once its parent is
+        # gone. Watched from before the rendezvous, against the parent torchrun named (it may be gone already).
+        watch_parent(_stop_as_on_sigterm, expected=_env_pid(AGENT_PID_ENV))
         if not tdist.is_initialized():
             timeout = _dt.timedelta(seconds=collective_timeout_s())
             try:
                 tdist.init_process_group(backend, timeout=timeout)
             except Exception as e:  # rendezvous failures come as RuntimeError/DistNetworkError/...
                 raise TrainingError(f"could not join the torchrun job ({backend}): {e}") from e
-        # torchrun killed with SIGKILL cannot stop its workers, and they trained on to the end, re-parented: each
-        # stops as on SIGTERM (its state saved at the next step) when its parent is gone
-        watch_parent(lambda: os.kill(os.getpid(), signal.SIGTERM))
         return cls(rank=tdist.get_rank(), world=tdist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")),
                    backend=backend)
 
@@ -125,10 +126,23 @@ class Dist:
                 tdist.destroy_process_group()
 
 
-def watch_parent(on_gone: Any, interval: float = 0.5) -> None:
+#: the pid of `edgemap finetune --nproc` (set for its torchrun) and of torchrun's agent (set for the workers)
+LAUNCHER_PID_ENV = "EDGEMAP_LAUNCHER_PID"
+AGENT_PID_ENV = "EDGEMAP_AGENT_PID"
+
+
+def _env_pid(name: str) -> int | None:
+    try:
+        return int(os.environ[name])
+    except (KeyError, ValueError):
+        return None
+
+
+def watch_parent(on_gone: Any, interval: float = 0.5, expected: int | None = None) -> None:
     """Call ``on_gone()`` once, from a daemon thread, when this process's parent has exited (it is re-parented): a
-    parent killed with SIGKILL passes nothing on, and its children would run on unseen."""
-    parent = os.getppid()
+    parent killed with SIGKILL passes nothing on, and its children would run on unseen. ``expected``: the parent's
+    pid as the parent said it (a parent that died before this was called is then seen at once)."""
+    parent = expected if expected is not None else os.getppid()
 
     def watch() -> None:
         while os.getppid() == parent:
@@ -138,12 +152,26 @@ def watch_parent(on_gone: Any, interval: float = 0.5) -> None:
     threading.Thread(target=watch, name="edgemap-parent-watch", daemon=True).start()
 
 
-def stop_children(signum: int = signal.SIGTERM) -> list[int]:
-    """Send ``signum`` to this process's child processes (the training processes of torchrun's agent)."""
-    children = _children(os.getpid())
+def _stop_as_on_sigterm() -> None:
+    """A training process whose torchrun is gone: the training loop's stop (state saved at the next step), asked for
+    without a signal, so that a Ctrl-C the launcher forwarded just before is not taken for a second one (which stops
+    without saving). Before training has its handler, a SIGTERM (nothing to save yet)."""
+    handler = signal.getsignal(signal.SIGTERM)
+    if callable(getattr(handler, "request", None)):
+        handler.request(signal.SIGTERM)
+    else:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def stop_children(signum: int = signal.SIGTERM, done: set[int] | None = None) -> list[int]:
+    """Send ``signum`` once to each child process of this one (the training processes of torchrun's agent) not in
+    ``done``, and add them to it (a second SIGTERM would stop a training process without saving)."""
+    done = set() if done is None else done
+    children = [pid for pid in _children(os.getpid()) if pid not in done]
     for pid in children:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signum)
+        done.add(pid)
     return children
 
 
@@ -203,17 +231,16 @@ def _launch(cmd: list[str], nproc: int, messages: str) -> int:
 
     # the ranks leave their error line in `messages`; one is printed (report_worker_messages)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc))),
-           WORKER_MESSAGES_ENV: messages}
+           WORKER_MESSAGES_ENV: messages, LAUNCHER_PID_ENV: str(os.getpid())}
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     workers: list[int] = []
     got: list[int] = []
-    seen: list[int] = []  # the training processes, while torchrun runs: they outlive a torchrun killed by a signal
 
     def forward(signum: int, frame: Any) -> None:  # noqa: ARG001
         if got:
             return  # once: a second signal would make the workers stop without saving
         got.append(signum)
-        workers.extend(_children(proc.pid))
+        workers.extend(dict.fromkeys(p for p in [*_children(proc.pid), *_launched_by(messages)] if p != proc.pid))
         for pid in workers:  # a hang-up or Ctrl-\ stops them like a SIGTERM: state saved
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum if signum in (signal.SIGINT, signal.SIGTERM) else signal.SIGTERM)
@@ -226,14 +253,9 @@ def _launch(cmd: list[str], nproc: int, messages: str) -> int:
     caught = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
     old = {s: signal.signal(s, forward) for s in caught} if main else {}
     try:
-        while True:
-            try:
-                rc = proc.wait(timeout=0.5)
-                break
-            except subprocess.TimeoutExpired:
-                seen[:] = [*dict.fromkeys([*seen, *_children(proc.pid)])]
+        rc = proc.wait()
         if rc < 0 and not got:  # torchrun itself was killed (kill -9): its workers stop on their own (watch_parent)
-            workers.extend(seen)
+            workers.extend(p for p in _launched_by(messages) if p != proc.pid)  # by this launch's folder in their env
         deadline = time.monotonic() + 300
         while workers and any(_alive(p) for p in workers) and time.monotonic() < deadline:
             time.sleep(0.1)  # saving their state
@@ -242,7 +264,8 @@ def _launch(cmd: list[str], nproc: int, messages: str) -> int:
             signal.signal(s, h)
         if got or proc.poll() is None:  # interrupted, or unwinding for another reason: leave nothing running
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)  # also a worker forked after the signal
+                os.killpg(proc.pid, signal.SIGKILL)  # torchrun's group (its workers have their own sessions: one
+                # started after the signal stops on its own, when it sees torchrun gone: watch_parent)
             proc.wait()
     if got and not report_worker_messages(messages):
         name = signal.Signals(got[0]).name
@@ -278,6 +301,22 @@ def report_worker_messages(folder: str | Path, first: int | None = None) -> bool
     msg = found.get(first) if first is not None and first in found else found[min(found)]
     show_message(str(msg.get("kind", "error")), str(msg.get("text", "")))
     return True
+
+
+def _launched_by(messages: str) -> list[int]:
+    """The processes (Linux /proc) whose environment names this launch's messages folder: its training processes,
+    wherever they were re-parented (empty where /proc is not available)."""
+    from edgemap.cli.common import WORKER_MESSAGES_ENV
+
+    needle = f"{WORKER_MESSAGES_ENV}={messages}".encode() + b"\0"
+    found = []
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            if needle in (d / "environ").read_bytes() and int(d.name) != os.getpid():
+                found.append(int(d.name))
+        except (OSError, ValueError):
+            continue
+    return found
 
 
 def _alive(pid: int) -> bool:

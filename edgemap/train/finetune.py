@@ -285,13 +285,31 @@ def lr_factor(global_step: int, steps_per_epoch: int, freeze_epochs: int, epochs
 # interruption
 # --------------------------------------------------------------------------------------
 class _StopFlag:
+    """The SIGINT/SIGTERM handler while training: the first signal asks for a stop at the next step (state saved),
+    a second stops at once. :meth:`request` asks for the same stop without counting as a signal (a training process
+    whose launcher died: the launcher's own Ctrl-C may still be on its way, and must not count as a second)."""
+
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.requested: int | None = None
 
     def __call__(self, signum: int, frame: Any) -> None:  # noqa: ARG002
         if self.signum is not None:  # second Ctrl-C: stop now
             raise KeyboardInterrupt
         self.signum = signum
+
+    def request(self, signum: int) -> None:
+        self.requested = signum
+
+    @property
+    def pending(self) -> bool:
+        return self.signum is not None or self.requested is not None
+
+    @property
+    def name(self) -> str:
+        """The signal that asked for the stop ("another rank" when this rank stops because another one did)."""
+        signum = self.signum if self.signum is not None else self.requested
+        return signal.Signals(signum).name if signum is not None else "another rank"
 
 
 @contextmanager
@@ -540,14 +558,14 @@ class _Trainer:
             for folder in folders:  # left by a kill -9 mid-write
                 remove_stale_temps(folder)
         rep.phase("decode", len(scan.train) + len(scan.val))
-        stopped = lambda: stop.signum is not None  # noqa: E731 - Ctrl-C/SIGTERM while decoding
+        stopped = lambda: stop.pending  # noqa: E731 - Ctrl-C/SIGTERM while decoding
         self.train_x = torch.from_numpy(load_arrays([s.path for s in scan.train], contract, opts.max_pixels, 4, rep.advance, stopped))
         self.val_x = torch.from_numpy(load_arrays([s.path for s in scan.val], contract, opts.max_pixels, 4, rep.advance, stopped))
         if stopped() and dist.main:
             run.set_stage("finetune", "interrupted")
         if self.dist.any(stopped()):
-            raise Interrupted(f"interrupted by {signal.Signals(stop.signum).name if stop.signum else 'another rank'} "
-                              f"while decoding images (nothing trained yet). Resume with: {resume_hint}", stop.signum)
+            raise Interrupted(f"interrupted by {stop.name} while decoding images (nothing trained yet). Resume with: "
+                              f"{resume_hint}", stop.signum or stop.requested)
         self.train_y = torch.tensor([s.label for s in scan.train], dtype=torch.long)
         self.val_y = torch.tensor([s.label for s in scan.val], dtype=torch.long)
 
@@ -672,7 +690,7 @@ class _Trainer:
             loss, logits, y = self._forward(idx, epoch, step, head_only)
             finite = bool(torch.isfinite(loss))
             red = self.dist.sum([loss.item() * len(idx) if finite else 0.0, float((logits.argmax(1) == y).sum()), float(len(idx)),
-                                 float(self.stop.signum is not None), float(not finite)])
+                                 float(self.stop.pending), float(not finite)])
             if red[3]:
                 self._interrupt()
             if red[4]:
@@ -741,8 +759,8 @@ class _Trainer:
         self.save_progress()
         if self.dist.main:
             self.run.set_stage("finetune", "interrupted")
-        name = signal.Signals(self.stop.signum).name if self.stop.signum else "another rank"
-        raise Interrupted(f"interrupted by {name}; state saved. Resume with: {self.resume_hint}", self.stop.signum)
+        raise Interrupted(f"interrupted by {self.stop.name}; state saved. Resume with: {self.resume_hint}",
+                          self.stop.signum or self.stop.requested)
 
     def _nonfinite(self, loss: torch.Tensor, epoch: int, step: int) -> None:
         path = self.run.path / ckpt.STATE_FILE if self.run else ckpt.STATE_FILE
@@ -764,7 +782,7 @@ class _Trainer:
         return self.dist.gather_rows(local, len(self.train_x))
 
     def _stopped(self) -> bool:
-        return self.stop.signum is not None
+        return self.stop.pending
 
     def _validate(self) -> tuple[float, float]:
         # fp32, not autocast: model selection must see the accuracy the exported fp32 model will have
@@ -941,7 +959,13 @@ def _open_for_resume(out: Path, given: dict[str, Any]) -> tuple[RunDir, Finetune
         v = list(v) if isinstance(v, tuple) else v
         return native if k == "img_size" and v is None else v
 
-    conflicts = [f"{_flag(k)}: the run used {stored_d[k]!r}, given {v!r}" for k, v in given.items()
+    def said(k: str, was: Any, now: Any) -> str:
+        if _flag(k).startswith("--no-"):  # flip=False is --no-flip given: said as the switch, not as True/False
+            return (f"{_flag(k)}: the run was made {'without' if was else 'with'} it, "
+                    f"{'left out' if now else 'given'} now")
+        return f"{_flag(k)}: the run used {effective(k, was)!r}, given {effective(k, now)!r}"
+
+    conflicts = [said(k, stored_d[k], v) for k, v in given.items()
                  if k not in free and k in stored_d and effective(k, v) != effective(k, stored_d[k])]
     if conflicts:
         raise ResumeError(f"--resume: options differ from the run in {out}: " + "; ".join(conflicts))

@@ -59,7 +59,8 @@ def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
         if precision == "bf16" or cpu_has_fast_bf16():
             return torch.bfloat16
         return None
-    if precision in ("auto", "bf16") and torch.cuda.is_bf16_supported():
+    # native bf16 only: the default also says yes on GPUs that emulate it (T4, V100: slow, and not what bf16 asks)
+    if precision in ("auto", "bf16") and torch.cuda.is_bf16_supported(including_emulation=False):
         return torch.bfloat16
     if precision == "bf16":  # asked for by name: not silently fp16 (another range, and a loss scaler)
         raise TrainingError("--precision bf16: this GPU has no bf16; use --precision fp16 or fp32 (or auto)")
