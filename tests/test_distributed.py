@@ -149,10 +149,8 @@ def test_killed_rank_fails_the_whole_job(digits: Path, tmp_path: Path) -> None:
     assert time.monotonic() - t_kill < 120
 
 
-def test_sigterm_to_the_nproc_launcher_stops_the_workers_cleanly(digits: Path, tmp_path: Path) -> None:
-    """`kill PID` / `docker stop` reach `edgemap finetune --nproc 2` only: the workers must save their state
-    and stop (exit 143, one error line, no torchrun traceback, nothing left running), and --resume works."""
-    out = tmp_path / "run"
+def _long_nproc_run(digits: Path, out: Path) -> tuple[subprocess.Popen, int]:
+    """`edgemap finetune --nproc 2` for 200 epochs, once its first epoch is logged; and its torchrun's pid."""
     cmd = [sys.executable, "-m", "edgemap", "finetune", str(digits), "--out", str(out), "--backbone", "tiny",
            "--img-size", "32", "--epochs", "200", "--freeze-epochs", "0", "--batch-size", "8", "--threads", "1",
            "--nproc", "2"]
@@ -162,6 +160,14 @@ def test_sigterm_to_the_nproc_launcher_stops_the_workers_cleanly(digits: Path, t
         assert proc.poll() is None, proc.stdout.read()
         assert time.monotonic() - t0 < 180
         time.sleep(0.1)
+    return proc, int(Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0])
+
+
+def test_sigterm_to_the_nproc_launcher_stops_the_workers_cleanly(digits: Path, tmp_path: Path) -> None:
+    """`kill PID` / `docker stop` reach `edgemap finetune --nproc 2` only: the workers must save their state
+    and stop (exit 143, one error line, no torchrun traceback, nothing left running), and --resume works."""
+    out = tmp_path / "run"
+    proc, _ = _long_nproc_run(digits, out)
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=180)
     assert proc.returncode == 143, output  # as a single process exits on SIGTERM
@@ -184,16 +190,7 @@ def test_training_stops_with_its_state_saved_when_its_launcher_is_killed(digits:
     """kill -9 of `edgemap finetune --nproc 2` (or of its torchrun) passed no signal on: the training processes ran on,
     re-parented, to the end of the run (or torchrun's death was a silent exit 247). They stop now as on SIGTERM."""
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "edgemap", "finetune", str(digits), "--out", str(out), "--backbone", "tiny",
-           "--img-size", "32", "--epochs", "200", "--freeze-epochs", "0", "--batch-size", "8", "--threads", "1",
-           "--nproc", "2"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
-    t0 = time.monotonic()
-    while not (out / "metrics.jsonl").exists():
-        assert proc.poll() is None, proc.stdout.read()
-        assert time.monotonic() - t0 < 180
-        time.sleep(0.1)
-    torchrun_pid = int(Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0])
+    proc, torchrun_pid = _long_nproc_run(digits, out)
     os.kill(proc.pid if victim == "launcher" else torchrun_pid, signal.SIGKILL)
     output, _ = proc.communicate(timeout=180)
     t0 = time.monotonic()
@@ -266,16 +263,7 @@ def test_a_stop_asked_for_by_a_lost_parent_never_counts_as_a_second_ctrl_c() -> 
 def test_a_killed_rank_is_named_and_the_survivor_says_how_to_resume(digits: Path, tmp_path: Path) -> None:
     """The surviving rank printed a ~45-line gloo traceback and no resume command (the README promises one line)."""
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "edgemap", "finetune", str(digits), "--out", str(out), "--backbone", "tiny",
-           "--img-size", "32", "--epochs", "200", "--freeze-epochs", "0", "--batch-size", "8", "--threads", "1",
-           "--nproc", "2"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
-    t0 = time.monotonic()
-    while not (out / "metrics.jsonl").exists():
-        assert proc.poll() is None, proc.stdout.read()
-        assert time.monotonic() - t0 < 180
-        time.sleep(0.1)
-    torchrun_pid = int(Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0])
+    proc, torchrun_pid = _long_nproc_run(digits, out)
     ranks = Path(f"/proc/{torchrun_pid}/task/{torchrun_pid}/children").read_text().split()
     rank1 = next(p for p in ranks if "LOCAL_RANK=1" in Path(f"/proc/{p}/environ").read_text().split("\0"))
     os.kill(int(rank1), signal.SIGKILL)
