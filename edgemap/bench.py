@@ -323,10 +323,11 @@ def bench(run_dir: str | Path | RunDir, opts: BenchOptions = BenchOptions(), *, 
     with guard:
         # as it is now: a RunDir loaded before a later export would save its old records over the export's
         run = fresh_run(run_dir)
-        refuse_older_models(run, opts.runtimes)
-        rows = _bench_all(run, opts, progress or (lambda _msg: None))
-        hand_back(run_dir, run)
-        return rows
+        try:
+            refuse_older_models(run, opts.runtimes)
+            return _bench_all(run, opts, progress or (lambda _msg: None))
+        finally:
+            hand_back(run_dir, run)
 
 
 def _bench_all(run: RunDir, opts: BenchOptions, say: Any) -> list[BenchRow]:
@@ -345,9 +346,7 @@ def _bench_all(run: RunDir, opts: BenchOptions, say: Any) -> list[BenchRow]:
     if opts.strict:
         bad = [r for r in rows if r.status != "ok"]
         if bad:
-            raise RuntimeUnavailableError(
-                strict_failure([(f"{r.runtime}/{r.precision}/b{r.batch}", r.status, r.reason) for r in bad])
-            )
+            raise strict_failure([(f"{r.runtime}/{r.precision}/b{r.batch}", r.status, r.reason) for r in bad])
     if opts.save and not nothing_ran([r.status for r in rows], "bench"):
         before = run.data.get("metrics", {}).get("bench")
         measured = [r for r in (before.get("rows") or []) if isinstance(r, dict) and r.get("status") == "ok"] \

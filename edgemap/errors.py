@@ -5,6 +5,7 @@ from __future__ import annotations
 from edgemap.runtime.errors import (
     EdgemapError,
     ImageError,
+    InferenceError,
     ModelFormatError,
     ModelIntegrityError,
     OptionError,
@@ -15,6 +16,7 @@ from edgemap.runtime.errors import (
 __all__ = [
     "EdgemapError",
     "ImageError",
+    "InferenceError",
     "ModelFormatError",
     "ModelIntegrityError",
     "OptionError",

@@ -283,12 +283,15 @@ def normal_runtime(spec: str) -> str:
     return name + colon + device
 
 
-def strict_failure(bad: list[tuple[str, str, str]]) -> str:
-    """``--strict``'s error for rows that did not run, given as (label, status, reason); one reason is said once."""
+def strict_failure(bad: list[tuple[str, str, str]]) -> EdgemapError:
+    """``--strict``'s error for rows that did not run, given as (label, status, reason); one reason is said once.
+    A RuntimeUnavailableError only when every one is unavailable here: a row that failed (out of memory, a missing
+    model) is not something a sweep that skips unavailable runtimes may skip."""
     groups: dict[tuple[str, str], list[str]] = {}
     for label, status, reason in bad:
         groups.setdefault((status, reason), []).append(label)
-    return "--strict: " + "; ".join(f"{', '.join(labels)} {status}: {reason}" for (status, reason), labels in groups.items())
+    text = "--strict: " + "; ".join(f"{', '.join(labels)} {status}: {reason}" for (status, reason), labels in groups.items())
+    return RuntimeUnavailableError(text) if all(status == "unavailable" for _, status, _ in bad) else EdgemapError(text)
 
 
 def nothing_ran(statuses: list[str], what: str, reasons: list[str] | None = None) -> str | None:
@@ -318,11 +321,13 @@ def evaluate_arrays(
     """
     # saving: hold the run directory like `evaluate` (it wrote edgemap.json while another command held it)
     with run_lock(run.path, "eval") if opts.save else nullcontext():
-        # what is on disk now: a RunDir loaded earlier would save its old records over a later export's
-        now = fresh_run(run) if opts.save else run
-        result = _evaluate_arrays(now, images, labels, opts, data, own_data)
-        hand_back(run, now)
-        return result
+        # what is on disk now: a RunDir loaded earlier would save its old records over a later export's, or (not
+        # saving) refuse the models exported since as "changed"
+        now = fresh_run(run)
+        try:
+            return _evaluate_arrays(now, images, labels, opts, data, own_data)
+        finally:
+            hand_back(run, now)
 
 
 def _evaluate_arrays(run: RunDir, images: np.ndarray, labels: np.ndarray, opts: EvalOptions, data: str,
@@ -388,7 +393,7 @@ def _evaluate_arrays(run: RunDir, images: np.ndarray, labels: np.ndarray, opts: 
     if opts.strict:
         bad = [r for r in rows if r.status != "ok"]
         if bad:
-            raise RuntimeUnavailableError(strict_failure([(f"{r.runtime}/{r.precision}", r.status, r.reason) for r in bad]))
+            raise strict_failure([(f"{r.runtime}/{r.precision}", r.status, r.reason) for r in bad])
     digest = hashlib.sha256(np.ascontiguousarray(images).data)
     digest.update(labels.astype("<i8").tobytes())
     result = EvalResult(rows=rows, classes=classes, data=data, n=int(len(images)), notes=notes, own_data=own_data,
@@ -500,6 +505,7 @@ def evaluate(run_dir: str | Path | RunDir, opts: EvalOptions = EvalOptions()) ->
         paths, labels, where = load_samples(run, opts.data, opts.max_pixels, opts.skip_bad)
         limit = opts.max_pixels if opts.max_pixels is not None else run.max_pixels
         images = preprocess_batch(paths, run.contract, limit)  # once, reused by every runtime
-        result = evaluate_arrays(run, images, labels, opts, data=where, own_data=opts.data is None)
-        hand_back(run_dir, run)
-        return result
+        try:
+            return evaluate_arrays(run, images, labels, opts, data=where, own_data=opts.data is None)
+        finally:
+            hand_back(run_dir, run)

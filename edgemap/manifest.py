@@ -225,8 +225,16 @@ def fresh_run(run_dir: str | Path | RunDir) -> RunDir:
 
 
 def hand_back(caller: object, run: RunDir) -> None:
-    """A RunDir the caller passed (read again by :func:`fresh_run`) now holds what the stage saved."""
-    if isinstance(caller, RunDir) and caller is not run:
+    """A RunDir the caller passed (read again by :func:`fresh_run`) now holds what the stage saved, when that is
+    still what is on disk (another thread may have saved since: its newer records are not replaced by older ones).
+    Edits the caller made to its object without saving are dropped, as a fresh load would."""
+    if not isinstance(caller, RunDir) or caller is run:
+        return
+    try:
+        disk = hashlib.sha256(run.manifest_path.read_bytes()).hexdigest()
+    except OSError:
+        return
+    if run._seen == disk:
         caller.data, caller._seen = run.data, run._seen
 
 

@@ -48,7 +48,8 @@ def split_runtimes(value: str | None) -> list[str]:
 
 
 def normalize(obj: Any, names: tuple[str, ...] = (), numbers: tuple[str, ...] = (), counts: dict[str, int] | None = None,
-              seconds: tuple[str, ...] = (), flags: dict[str, str] | None = None) -> None:
+              seconds: tuple[str, ...] = (), flags: dict[str, str] | None = None, whole: tuple[str, ...] = (),
+              reals: tuple[str, ...] = ()) -> None:
     """In a frozen dataclass's ``__post_init__``: comma-separated strings and lists become tuples of names
     (``names``) or of whole numbers (``numbers``); ``counts`` (name → minimum) are whole numbers, ``seconds`` finite
     numbers > 0; ``threads`` must be a whole number in 1..MAX_THREADS. None passes where it is the field's default.
@@ -91,6 +92,14 @@ def normalize(obj: Any, names: tuple[str, ...] = (), numbers: tuple[str, ...] = 
         if not _whole(value) or value < minimum:
             raise OptionError(f"{flag(name)} {value!r}: must be a whole number >= {minimum}")
         object.__setattr__(obj, name, int(value))
+    for name in whole:  # whole numbers, their ranges checked by the stage (2.5 images, "8" were used or crashed)
+        value = getattr(obj, name)
+        if not unset(name, value) and not _whole(value):
+            raise OptionError(f"{flag(name)} {value!r}: must be a whole number")
+    for name in reals:  # numbers ("1" was a bare TypeError deep inside)
+        value = getattr(obj, name)
+        if not unset(name, value) and (not isinstance(value, Real) or isinstance(value, bool)):
+            raise OptionError(f"{flag(name)} {value!r}: must be a number")
     for name in seconds:
         value = getattr(obj, name)
         if unset(name, value):

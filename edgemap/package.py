@@ -37,7 +37,7 @@ from typing import Any
 from edgemap.artifacts import current_results
 from edgemap.errors import ManifestError, PackageError
 from edgemap.fsutil import atomic_path, remove_stale_temps, sha256_file
-from edgemap.manifest import RunDir
+from edgemap.manifest import RunDir, hand_back
 
 #: the runtimes a wheel can target → (session runtime spec, pip requirement)
 WHEEL_RUNTIMES = {
@@ -542,7 +542,8 @@ def package(run_dir: str | Path | RunDir | None, opts: PackageOptions | None = N
         'pip install models/digits/dist/digits_classifier-0.1.0-py3-none-any.whl'
     """
     opts = opts or PackageOptions()
-    if isinstance(run_dir, RunDir):  # as export, evaluate, bench and report take it
+    caller = run_dir
+    if isinstance(run_dir, RunDir):  # as export, evaluate, bench and report take it (read again: see fresh_run)
         run_dir = run_dir.path
     runtime = (opts.runtime or "onnxruntime").strip().lower()
     if runtime not in WHEEL_RUNTIMES:
@@ -633,6 +634,8 @@ def package(run_dir: str | Path | RunDir | None, opts: PackageOptions | None = N
     if info is not None and sha256_file(model) != info["sha256"]:  # changed while we were building
         dest.unlink(missing_ok=True)
         raise PackageError(f"{model}: changed while packaging; run `edgemap package` again")
+    if run is not None:
+        hand_back(caller, run)
     return PackageResult(
         wheel=dest, name=name, module=module, version=version, command=name, runtime=runtime, precision=precision,
         model_sha256=info["sha256"] if info else None, model_bytes=info["bytes"] if info else None,

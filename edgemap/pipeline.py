@@ -274,7 +274,7 @@ def _with_recorded(opts: RunOptions, recorded: dict[str, Any]) -> RunOptions:
     return dataclasses.replace(opts, **parts)
 
 
-def run_pipeline(data: str | Path, out: str | Path, opts: RunOptions = RunOptions(), *,  # noqa: B008 - frozen
+def run_pipeline(data: str | Path, out: str | Path | RunDir, opts: RunOptions = RunOptions(), *,  # noqa: B008 - frozen
                  on_stage: Callable[[str], Any] | None = None, finetune_reporter: Any = None,
                  export_progress: Callable[[str], None] | None = None) -> RunResult:
     """Run every stage into ``out``, skipping those already finished there.
@@ -283,7 +283,7 @@ def run_pipeline(data: str | Path, out: str | Path, opts: RunOptions = RunOption
         >>> res = run_pipeline("data/digits", "models/digits", RunOptions(finetune=FinetuneOptions(img_size=64)))
         >>> res.summary[0]["accuracy"], res.wheel
     """
-    out, data = Path(out), Path(data)
+    out, data = Path(out.path if isinstance(out, RunDir) else out), Path(data)  # a RunDir, as the stages take
     t0 = time.perf_counter()
     outcomes: list[StageOutcome] = []
     wheel = report_path = None

@@ -40,7 +40,7 @@ import numpy as np
 from edgemap.artifacts import current_results, stored_rows
 from edgemap.errors import EdgemapError, ManifestError
 from edgemap.fsutil import NOT_WRITABLE, atomic_write_bytes, special_file
-from edgemap.manifest import RunDir, fresh_run, now_iso
+from edgemap.manifest import RunDir, fresh_run, hand_back, now_iso
 
 REPORT_DIR = "report"
 REPORT_FILE = "report.html"
@@ -76,7 +76,7 @@ class ReportOptions:
     def validate(self) -> None:
         from edgemap.options import normalize
 
-        normalize(self)  # threads
+        normalize(self, whole=("max_images", "grid", "dpi"))  # and threads
         if self.max_images < 1:
             raise ManifestError(f"--max-images must be >= 1, got {self.max_images}")
         if self.grid < 0:
@@ -953,6 +953,7 @@ def report(run_dir: str | Path | RunDir, opts: ReportOptions | None = None) -> R
     data = doc.encode("utf-8")
     html_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(html_path, data)
+    hand_back(run_dir, run)  # the caller's RunDir sees what eval and bench stored since it was loaded
     return ReportResult(
         html=html_path, images=b.images, sections=b.sections, warnings=b.warnings,
         checked=len(b.pred.labels) if b.pred is not None else 0, misclassified=b.misclassified,

@@ -13,7 +13,7 @@ import torch
 from test_eval_support import CLASSES, load_arrays, make_images, trained_run  # noqa: F401
 from typer.testing import CliRunner
 
-from edgemap.errors import DatasetError, OptionError, RuntimeUnavailableError
+from edgemap.errors import DatasetError, EdgemapError, OptionError, RuntimeUnavailableError
 from edgemap.evaluate import EvalOptions, evaluate, evaluate_arrays
 from edgemap.manifest import RunDir
 from edgemap.metrics import classification_report
@@ -116,9 +116,10 @@ def test_changed_model_file_is_refused(trained_run, tmp_path) -> None:  # noqa: 
     x, y = load_arrays(splits["test"][:4], run.contract)
     res = evaluate_arrays(RunDir.load(copy), x, y, EvalOptions(runtimes=("cpu",), precisions=("fp32",), save=False))
     assert res.rows[0].status == "error" and "sha256" in res.rows[0].reason
-    with pytest.raises(RuntimeUnavailableError, match="sha256"):
+    with pytest.raises(EdgemapError, match="sha256") as e:  # a changed file is not "unavailable here"
         evaluate_arrays(RunDir.load(copy), x, y,
                         EvalOptions(runtimes=("cpu",), precisions=("fp32",), save=False, strict=True))
+    assert not isinstance(e.value, RuntimeUnavailableError)
 
 
 def test_bad_options_and_inputs(trained_run) -> None:  # noqa: F811
@@ -487,3 +488,58 @@ def test_stored_rows_of_other_images_behind_the_same_name_are_not_merged(trained
     with caplog.at_level("WARNING", logger="edgemap"):
         bench(tmp_path / "run", BenchOptions(threads=1, **quick))
     assert "1 stored bench row(s), measured with 2 thread(s), were replaced by these (1 thread(s))" in caplog.text
+
+
+def test_arrays_evaluated_without_saving_read_the_run_as_it_is_now(trained_run, tmp_path) -> None:  # noqa: ANN001, F811
+    """evaluate_arrays(run, save=False) used the caller's RunDir as loaded: after an export from another process,
+    every int8 row failed as "changed after it was made", with advice that could not fix it."""
+    import shutil
+
+    from edgemap.export import ExportOptions, export
+
+    run, _ = trained_run
+    shutil.copytree(run.path, tmp_path / "run")
+    stale = RunDir.load(tmp_path / "run")
+    before = stale.artifacts["onnx_int8_qoperator"]["sha256"]
+    export(tmp_path / "run", ExportOptions(int8=True, targets=("cpu",), calib_size=16, calib_method="percentile",
+                                           max_drop=100.0))  # other int8 bytes
+    assert RunDir.load(tmp_path / "run").artifacts["onnx_int8_qoperator"]["sha256"] != before
+    c = stale.contract
+    res = evaluate_arrays(stale, np.zeros((2, c.height, c.width, 3), np.uint8), np.zeros(2, np.int64),
+                          EvalOptions(runtimes=("cpu",), precisions=("int8",), save=False))
+    assert [(r.runtime, r.status) for r in res.rows] == [("cpu", "ok")], [r.reason for r in res.rows]
+    assert stale.data == RunDir.load(tmp_path / "run").data
+
+
+def test_strict_is_runtime_unavailable_only_when_every_row_was(trained_run, tmp_path) -> None:  # noqa: ANN001, F811
+    """--strict raised RuntimeUnavailableError for rows that failed (a missing model, out of memory): a sweep that
+    skips unavailable runtimes skipped those too."""
+    import shutil
+
+    from edgemap.errors import EdgemapError
+
+    run, _ = trained_run
+    shutil.copytree(run.path, tmp_path / "run")
+    with pytest.raises(RuntimeUnavailableError, match="--strict: cuda/fp32 unavailable"):
+        evaluate(tmp_path / "run", EvalOptions(runtimes=("cuda",), precisions=("fp32",), strict=True, save=False))
+    (tmp_path / "run" / "model.int8.qoperator.onnx").unlink()
+    with pytest.raises(EdgemapError, match="--strict: cpu/int8 error") as e:
+        evaluate(tmp_path / "run", EvalOptions(runtimes=("cpu",), precisions=("int8",), strict=True, save=False))
+    assert not isinstance(e.value, RuntimeUnavailableError)
+
+
+@pytest.mark.parametrize(("make", "says"), [
+    (lambda: __import__("edgemap.export", fromlist=["x"]).ExportOptions(calib_size=20.5), "--calib-size 20.5: must be a whole"),
+    (lambda: __import__("edgemap.export", fromlist=["x"]).ExportOptions(max_drop="1"), "--max-drop '1': must be a number"),
+    (lambda: __import__("edgemap.report", fromlist=["x"]).ReportOptions(grid="5").validate(), "--grid '5': must be a whole"),
+    (lambda: __import__("edgemap.train.finetune", fromlist=["x"]).FinetuneOptions(epochs=2.5).validate(),
+     "--epochs 2.5: must be a whole number"),
+    (lambda: __import__("edgemap.train.finetune", fromlist=["x"]).FinetuneOptions(batch_size="8").validate(),
+     "--batch-size '8': must be a whole number"),
+])
+def test_whole_numbers_are_whole_in_every_stage(make, says: str) -> None:  # noqa: ANN001
+    """calib_size=20.5 calibrated on 21 images, epochs=2.5 was accepted, batch_size="8" was a bare TypeError."""
+    from edgemap.errors import EdgemapError
+
+    with pytest.raises(EdgemapError, match=re.escape(says)):
+        make()

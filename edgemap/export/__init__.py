@@ -87,7 +87,9 @@ class ExportOptions:
     def __post_init__(self) -> None:
         from edgemap.options import normalize
 
-        normalize(self, names=("targets", "parity_runtimes"))
+        normalize(self, names=("targets", "parity_runtimes"),
+                  whole=("opset", "calib_size", "parity_batch", "gate_images", "calib_chunk", "seed"),
+                  reals=("max_drop", "parity_atol", "parity_rtol"))
 
 
 @dataclass

@@ -112,6 +112,13 @@ class FinetuneOptions:
     checkpoint_every: int = 0
 
     def validate(self) -> None:
+        from numbers import Integral
+
+        for name in ("epochs", "batch_size", "freeze_epochs", "patience", "seed", "checkpoint_every", "img_size",
+                     "threads", "max_pixels"):  # epochs=2.5 was accepted, batch_size="8" a bare TypeError
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, Integral) or isinstance(v, bool)):
+                raise TrainingError(f"--{name.replace('_', '-')} {v!r}: must be a whole number")
         spec = get_spec(self.backbone)  # raises BackboneError for an unknown name
         if self.img_size is not None and self.img_size < 1:  # 0 meant the native size, silently
             raise TrainingError(f"--img-size {self.img_size}: must be positive (leave it out for {spec.input_size}, "
@@ -344,7 +351,7 @@ def _counts_line(scan: Any) -> str:
     return ", ".join(f"{split}: {sum(v.values())}" for split, v in scan.counts().items() if v)
 
 
-def finetune(data: str | Path, out: str | Path, opts: FinetuneOptions | None = None, *, resume: bool = False,
+def finetune(data: str | Path, out: str | Path | RunDir, opts: FinetuneOptions | None = None, *, resume: bool = False,
              overrides: dict[str, Any] | None = None, reporter: _Reporter | None = None,
              resume_hint: str | None = None) -> FinetuneResult:
     """Fine-tune ``opts.backbone`` on the folder dataset ``data``; write the run directory ``out``.
@@ -370,7 +377,7 @@ def finetune(data: str | Path, out: str | Path, opts: FinetuneOptions | None = N
     from edgemap.data.scan import ScanOptions, scan_dataset
     from edgemap.train.distributed import Dist
 
-    out = Path(out)
+    out = Path(out.path if isinstance(out, RunDir) else out)  # a RunDir (to resume), as the other stages take
     t_start = time.perf_counter()
     _check_out(out, Path(data), resume)
     if resume and (out / MANIFEST_NAME).is_file() and os.environ.get("RANK", "0") == "0":
