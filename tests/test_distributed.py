@@ -299,3 +299,56 @@ def test_a_worker_killed_by_a_signal_is_named_in_one_line(tmp_path: Path) -> Non
     assert r.returncode == 128 + signal.SIGKILL, r.stderr
     assert "training process rank 0" in r.stderr and "killed by SIGKILL (out of memory?" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and "ChildFailedError" not in r.stderr, r.stderr
+
+
+def test_the_cause_of_a_failed_job_is_not_the_rank_torchrun_stopped(tmp_path: Path) -> None:
+    """One rank exits 2 (its own error), torchrun's agent SIGTERMs the other: the launcher named the SIGTERMed rank,
+    "killed by SIGTERM", and exited 143 instead of the error's 2."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from edgemap.train._torchrun import cause
+
+    def failed(**codes: int) -> ChildFailedError:
+        return ChildFailedError("edgemap", {int(r[1:]): ProcessFailure(int(r[1:]), 100 + int(r[1:]), c, str(tmp_path / "none"))
+                                            for r, c in codes.items()})
+
+    assert cause(failed(r0=-signal.SIGTERM, r1=2))[0] == 1  # the error, not the rank the agent stopped
+    assert cause(failed(r0=2, r1=-signal.SIGKILL))[0] == 1  # a rank killed (out of memory) is the cause
+    assert cause(failed(r0=1, r1=1))[0] == 0
+
+
+def test_a_repeated_sigterm_never_cuts_a_stop_that_is_saving_state() -> None:
+    """torchrun's agent SIGTERMs the ranks still running once one has stopped: the second SIGTERM cut rank 0's save
+    ("interrupted twice") while rank 1's line said "state saved". A second Ctrl-C still stops at once."""
+    from edgemap.train.finetune import _catch_signals
+
+    with _catch_signals() as flag:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)  # no KeyboardInterrupt
+        assert flag.signum == signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C after it: stop now
+
+
+def test_a_ctrl_c_as_the_run_finishes_is_not_called_a_stop_before_training(tmp_path: Path) -> None:
+    """A Ctrl-C in the last moments (the ranks past their last check, exiting 0): the launcher said "nothing was
+    trained: run the command again" and exited 130 for a finished run. (A stand-in for torchrun: one that finished.)"""
+    messages = tmp_path / "messages"
+    messages.mkdir()
+    fake = tmp_path / "fake_torchrun.py"
+    fake.write_text("import os, pathlib, time\n"
+                    "os.environ['RANK'] = '0'\n"
+                    "from edgemap.cli.common import mark_worker_done\n"
+                    "mark_worker_done()\n"
+                    "time.sleep(60)\n")
+    code = ("import sys; from edgemap.train.distributed import _launch; "
+            f"sys.exit(_launch([sys.executable, {str(fake)!r}], 1, {str(messages)!r}))")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=ENV)
+    t0 = time.monotonic()
+    while not (messages / "rank0.done").exists():
+        assert proc.poll() is None and time.monotonic() - t0 < 60, proc.stdout.read()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "nothing was trained" not in output, output

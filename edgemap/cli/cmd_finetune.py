@@ -15,6 +15,7 @@ from edgemap.cli.common import (
     default_out,
     err_console,
     handle_errors,
+    mark_worker_done,
     next_step,
     shq,
     write_json_out,
@@ -134,6 +135,7 @@ def register(app: typer.Typer) -> None:
                 res = finetune(data, out, resume=True, overrides=kwargs, reporter=rep)
             else:
                 res = finetune(data, out, FinetuneOptions(**kwargs), reporter=rep)
+        mark_worker_done()  # under --nproc: the launcher learns the run finished (a Ctrl-C may come at its end)
         if res.run_dir == Path():  # a non-zero rank under torchrun: rank 0 reports
             return
         write_json_out(json_out, res.to_dict())

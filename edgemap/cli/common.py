@@ -231,6 +231,15 @@ def _say(kind: str, text: str) -> None:
     show_message(kind, text)
 
 
+def mark_worker_done() -> None:
+    """A training process under `edgemap finetune --nproc` finished its run: said to the launcher, which otherwise
+    takes a Ctrl-C in the last moments (no message from any rank) for one before training started."""
+    folder = os.environ.get(WORKER_MESSAGES_ENV)
+    if folder:
+        with contextlib.suppress(OSError):
+            (Path(folder) / f"rank{os.environ.get('RANK', '0')}.done").touch()
+
+
 def show_message(kind: str, text: str) -> None:
     """Print an error line (``kind`` "error") or an interruption line (``text``: the signal's name)."""
     if kind == "interrupted":

@@ -17,6 +17,7 @@ import shutil
 import signal
 import sys
 import time
+from typing import Any
 
 from edgemap.cli.common import WORKER_MESSAGES_ENV
 from edgemap.train.distributed import (
@@ -31,6 +32,16 @@ from edgemap.train.distributed import (
 #: Exit codes after which a worker printed its own message: 1 an uncaught exception (its
 #: traceback), 2 a usage error (typer's box).
 REPORTED = frozenset({1, 2})
+
+
+def cause(e: Any) -> tuple[int, Any]:
+    """The failed rank that explains a ChildFailedError: one killed by a signal (the others then failed on a lost
+    connection), but not by SIGTERM, which torchrun's agent sends the others once one has failed; else one that exited
+    with its own error (each may have hit the same one, a moment apart); else torchrun's first."""
+    failures = sorted((getattr(e, "failures", None) or {}).items())
+    killed = [(r, f) for r, f in failures if int(f.exitcode) < 0 and -int(f.exitcode) != signal.SIGTERM]
+    errored = [(r, f) for r, f in failures if int(f.exitcode) > 0]
+    return (killed or errored)[0] if killed or errored else e.get_first_failure()
 
 
 def main(argv: list[str]) -> int:
@@ -65,11 +76,7 @@ def _run(argv: list[str]) -> int:
     try:
         run(parse_args(argv))
     except ChildFailedError as e:
-        rank, failure = e.get_first_failure()
-        # a rank killed by a signal is the cause; the others then failed on a lost connection
-        killed = sorted((r, f) for r, f in (getattr(e, "failures", None) or {}).items() if int(f.exitcode) < 0)
-        if killed:
-            rank, failure = killed[0]
+        rank, failure = cause(e)
         code = int(failure.exitcode)
         folder = os.environ.get(WORKER_MESSAGES_ENV)
         if code < 0:  # said first; then what the ranks still running said (their resume command)

@@ -301,9 +301,12 @@ class _StopFlag:
         self.requested: int | None = None
 
     def __call__(self, signum: int, frame: Any) -> None:  # noqa: ARG002
-        if self.signum is not None:  # second Ctrl-C: stop now
+        if self.signum is None:
+            self.signum = signum
+        elif signum == signal.SIGINT:  # Ctrl-C after a stop was asked for: stop now (the last saved state is kept)
             raise KeyboardInterrupt
-        self.signum = signum
+        # else a repeated SIGTERM: torchrun's agent stopping the other ranks once one has stopped, or a second `kill`;
+        # the stop under way (its state being saved) goes on: it was cut, and up to a checkpoint interval lost
 
     def request(self, signum: int) -> None:
         self.requested = signum
@@ -455,10 +458,12 @@ def finetune(data: str | Path, out: str | Path | RunDir, opts: FinetuneOptions |
                     with suppress(EdgemapError, OSError):
                         run.set_stage("finetune", "interrupted")
                 said = re.sub(r"\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", " ".join(str(e).split())).split(". ")[0][:160]
+                saved = (out / ckpt.STATE_FILE).is_file()
                 raise TrainingError(
                     f"another training process of this job stopped ({said}); " + (
-                        f"the last saved state is kept. Resume with: {hint}" if (out / ckpt.STATE_FILE).is_file()
-                        else "nothing was saved yet: run the same command again")) from None
+                        f"the last saved state is kept. Resume with: {hint}" if saved
+                        else "nothing was trained yet: run the same command again" if _failed_start(out)
+                        else f"no state was saved yet; start it over with: {hint}")) from None
             except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, the last saved state is what resumes
                 if not dist.main or run is None:
                     raise
