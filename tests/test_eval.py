@@ -487,7 +487,8 @@ def test_stored_rows_of_other_images_behind_the_same_name_are_not_merged(trained
     bench(tmp_path / "run", BenchOptions(threads=2, **quick))
     with caplog.at_level("WARNING", logger="edgemap"):
         bench(tmp_path / "run", BenchOptions(threads=1, **quick))
-    assert "1 stored bench row(s), measured with 2 thread(s), were replaced by these (1 thread(s))" in caplog.text
+    assert re.search(r"the \d+ stored bench row\(s\), measured with 2 thread\(s\), were replaced by these \(1 thread\(s\)\)",
+                     caplog.text), caplog.text  # the fixture's run may hold rows other tests stored at 2 threads
 
 
 def test_arrays_evaluated_without_saving_read_the_run_as_it_is_now(trained_run, tmp_path) -> None:  # noqa: ANN001, F811
