@@ -81,7 +81,7 @@ def normalize(obj: Any, names: tuple[str, ...] = (), numbers: tuple[str, ...] = 
             continue
         items = (value,) if _whole(value) else tuple(split_csv(value)) if isinstance(value, str) else value
         try:  # "8" from a CSV and numpy integers: yes; 2.7 (was cut to 2) and True (was 1): no
-            value = tuple(int(v) if _whole(v) or isinstance(v, str) else _refuse() for v in items)
+            value = tuple(_as_whole(v) for v in items)
         except (TypeError, ValueError):
             raise OptionError(f"{flag(name)} {getattr(obj, name)!r}: must be whole numbers, e.g. 1,8") from None
         object.__setattr__(obj, name, value)
@@ -116,5 +116,8 @@ def normalize(obj: Any, names: tuple[str, ...] = (), numbers: tuple[str, ...] = 
                            "(leave it out for the physical cores)")
 
 
-def _refuse() -> int:
-    raise TypeError
+def _as_whole(v: Any) -> int:
+    """A whole number given as one (numpy's too) or as text; anything else is a TypeError."""
+    if _whole(v) or isinstance(v, str):
+        return int(v)  # ValueError for text that is not a number
+    raise TypeError(v)
