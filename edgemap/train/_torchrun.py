@@ -23,8 +23,9 @@ from edgemap.cli.common import WORKER_MESSAGES_ENV
 from edgemap.train.distributed import (
     AGENT_PID_ENV,
     LAUNCHER_PID_ENV,
-    _env_pid,
+    env_pid,
     report_worker_messages,
+    signal_name,
     stop_children,
     watch_parent,
 )
@@ -60,7 +61,7 @@ def main(argv: list[str]) -> int:
             time.sleep(0.2)
 
     os.environ[AGENT_PID_ENV] = str(os.getpid())
-    watch_parent(orphan, expected=_env_pid(LAUNCHER_PID_ENV))
+    watch_parent(orphan, expected=env_pid(LAUNCHER_PID_ENV))
     try:
         return _run(argv)
     finally:
@@ -80,10 +81,7 @@ def _run(argv: list[str]) -> int:
         code = int(failure.exitcode)
         folder = os.environ.get(WORKER_MESSAGES_ENV)
         if code < 0:  # said first; then what the ranks still running said (their resume command)
-            try:
-                name = signal.Signals(-code).name
-            except ValueError:
-                name = f"signal {-code}"
+            name = signal_name(-code)
             hint = " (out of memory? lower --batch-size or --nproc)" if name == "SIGKILL" else ""
             sys.stderr.write(f"error: training process rank {rank} (pid {failure.pid}) was killed by {name}{hint}\n")
             if folder:

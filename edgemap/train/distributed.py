@@ -71,7 +71,7 @@ class Dist:
         # torchrun killed with SIGKILL cannot stop its workers, and they trained on to the end, re-parented (or sat in
         # the rendezvous for good): each stops as on SIGTERM, its state saved at the next step, once its parent is
         # gone. Watched from before the rendezvous, against the parent torchrun named (it may be gone already).
-        watch_parent(_stop_as_on_sigterm, expected=_env_pid(AGENT_PID_ENV))
+        watch_parent(_stop_as_on_sigterm, expected=env_pid(AGENT_PID_ENV))
         if not tdist.is_initialized():
             timeout = _dt.timedelta(seconds=collective_timeout_s())
             try:
@@ -131,11 +131,20 @@ LAUNCHER_PID_ENV = "EDGEMAP_LAUNCHER_PID"
 AGENT_PID_ENV = "EDGEMAP_AGENT_PID"
 
 
-def _env_pid(name: str) -> int | None:
+def env_pid(name: str) -> int | None:
+    """A pid a parent process passed down in the environment (None when absent or not a number)."""
     try:
         return int(os.environ[name])
     except (KeyError, ValueError):
         return None
+
+
+def signal_name(signum: int) -> str:
+    """"SIGKILL" for 9; "signal 99" for a number without a name."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
 
 
 def watch_parent(on_gone: Any, interval: float = 0.5, expected: int | None = None) -> None:
@@ -273,10 +282,7 @@ def _launch(cmd: list[str], nproc: int, messages: str) -> int:
         name = signal.Signals(got[0]).name
         sys.stderr.write(f"interrupted by {name} before training started; nothing was trained: run the command again\n")
     if rc < 0 and not got:
-        try:
-            name = signal.Signals(-rc).name
-        except ValueError:
-            name = f"signal {-rc}"
+        name = signal_name(-rc)
         report_worker_messages(messages)  # their "interrupted; state saved … resume with" line
         sys.stderr.write(f"error: torchrun (pid {proc.pid}), which ran the training processes, was killed by {name}; "
                          "they stopped\n")
