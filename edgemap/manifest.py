@@ -228,14 +228,16 @@ def hand_back(caller: object, run: RunDir) -> None:
     """A RunDir the caller passed (read again by :func:`fresh_run`) now holds what the stage saved, when that is
     still what is on disk (another thread may have saved since: its newer records are not replaced by older ones).
     Edits the caller made to its object without saving are dropped, as a fresh load would."""
-    if not isinstance(caller, RunDir) or caller is run:
-        return
-    try:
-        disk = hashlib.sha256(run.manifest_path.read_bytes()).hexdigest()
-    except OSError:
-        return
-    if run._seen == disk:
+    if isinstance(caller, RunDir) and caller is not run and run._seen == _file_sha256(run.manifest_path):
         caller.data, caller._seen = run.data, run._seen
+
+
+def _file_sha256(path: Path) -> str | None:
+    """sha256 of a (small) file's bytes, None when it cannot be read."""
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
 
 
 @dataclass
@@ -324,11 +326,7 @@ class RunDir:
         self.data["versions"] = {**self.data.get("versions", {}), **package_versions()}
         validate_manifest(self.data, str(self.manifest_path))
         if self._seen is not None:
-            try:
-                now = hashlib.sha256(self.manifest_path.read_bytes()).hexdigest()
-            except FileNotFoundError:
-                now = None
-            if now != self._seen:
+            if _file_sha256(self.manifest_path) != self._seen:
                 raise ManifestError(
                     f"{self.manifest_path}: changed since this run was loaded (another edgemap command, or another "
                     "loaded RunDir of the same run, wrote it); nothing was written over it. Load the run again "
