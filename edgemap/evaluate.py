@@ -327,7 +327,8 @@ def evaluate_arrays(
         try:
             return _evaluate_arrays(now, images, labels, opts, data, own_data)
         finally:
-            hand_back(run, now)
+            if opts.save:  # what it stored; a read-only evaluation leaves the caller's object (and its edits) alone
+                hand_back(run, now)
 
 
 def _evaluate_arrays(run: RunDir, images: np.ndarray, labels: np.ndarray, opts: EvalOptions, data: str,

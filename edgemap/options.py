@@ -116,6 +116,16 @@ def normalize(obj: Any, names: tuple[str, ...] = (), numbers: tuple[str, ...] = 
                            "(leave it out for the physical cores)")
 
 
+def recorded_value(field: Any, value: Any) -> Any:
+    """An option value read back from edgemap.json, for dataclass ``field``: a whole float (300.0, as a config file
+    or an older edgemap wrote it) where the field holds an int is that int, not refused as "must be a whole number"
+    on a re-run the user never gave it to; 2.5 stays 2.5 (and is refused)."""
+    kind = str(field.type)
+    if isinstance(value, float) and value.is_integer() and "int" in kind and "float" not in kind:
+        return int(value)
+    return value
+
+
 def _as_whole(v: Any) -> int:
     """A whole number given as one (numpy's too) or as text; anything else is a TypeError."""
     if _whole(v) or isinstance(v, str):

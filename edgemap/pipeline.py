@@ -28,6 +28,7 @@ from edgemap.errors import DatasetError, TrainingError
 from edgemap.evaluate import EvalOptions
 from edgemap.export import ExportOptions
 from edgemap.manifest import MANIFEST_NAME, STAGE_ORDER, RunDir, run_lock
+from edgemap.options import recorded_value
 from edgemap.package import PackageOptions
 from edgemap.train.finetune import FinetuneOptions
 
@@ -260,7 +261,7 @@ def _with_recorded(opts: RunOptions, recorded: dict[str, Any]) -> RunOptions:
         kept = {}
         for f in dataclasses.fields(current):
             if f.name in old and f.name not in asked:
-                v = old[f.name]
+                v = recorded_value(f, old[f.name])
                 if stage == "export" and f.name == "max_drop" and isinstance(v, int | float) and not v <= 100:
                     v = 100.0  # recorded by an older edgemap as inf (Infinity): the same gate, and valid now
                 if isinstance(v, list):

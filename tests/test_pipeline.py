@@ -398,11 +398,14 @@ def test_the_summary_never_shows_rows_of_a_replaced_model(finished: Path, tmp_pa
 
 
 def test_a_run_whose_older_edgemap_recorded_max_drop_inf_continues(digits: Path, finished: Path, tmp_path: Path) -> None:
-    """An older edgemap recorded --max-drop inf as Infinity; a bare re-run fed it back and was refused."""
+    """An older edgemap recorded --max-drop inf as Infinity (and a config's 300.0 for a count); a bare re-run fed them
+    back and was refused."""
     copy = _copy(finished, tmp_path)
     text = (copy / "edgemap.json").read_text()
     data = json.loads(text)
     data["options"]["run"]["export"]["max_drop"] = float("inf")
+    data["options"]["run"]["export"]["calib_size"] = 300.0  # as a config file passed through the Python API wrote it
+    data["options"]["finetune"]["patience"] = 4.0
     (copy / "edgemap.json").write_text(json.dumps(data))  # json writes Infinity, as the older edgemap did
     r = CliRunner().invoke(app, ["run", str(digits), "--out", str(copy), "--no-report"])
     assert r.exit_code == 0, r.output

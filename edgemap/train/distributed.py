@@ -277,7 +277,7 @@ def _launch(cmd: list[str], nproc: int, messages: str) -> int:
                 # started after the signal stops on its own, when it sees torchrun gone: watch_parent)
             proc.wait()
     if got and not report_worker_messages(messages):
-        if list(Path(messages).glob("rank*.done")):  # the signal came as the run finished: it is done, not stopped
+        if len(list(Path(messages).glob("rank*.done"))) >= nproc:  # the signal came as the run finished: done
             return 0
         name = signal.Signals(got[0]).name
         sys.stderr.write(f"interrupted by {name} before training started; nothing was trained: run the command again\n")

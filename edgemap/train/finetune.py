@@ -171,8 +171,10 @@ class FinetuneOptions:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FinetuneOptions:
-        known = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in d.items() if k in known}
+        from edgemap.options import recorded_value
+
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        kw = {k: recorded_value(fields[k], v) for k, v in d.items() if k in fields}
         if "crop_scale" in kw:
             kw["crop_scale"] = tuple(kw["crop_scale"])
         return cls(**kw)
