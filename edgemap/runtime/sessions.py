@@ -39,6 +39,7 @@ from edgemap.runtime.errors import (
     ProviderFallbackError,
     RuntimeUnavailableError,
 )
+from edgemap.runtime.text import one_line
 
 CUDA_INSTALL_HINT = (
     "pip uninstall -y onnxruntime && pip install onnxruntime-gpu (it replaces onnxruntime; never install both; "
@@ -231,7 +232,7 @@ def engine_errors(runtime: str, batch: int) -> Iterator[None]:
     except MemoryError:
         raise InferenceError(f"{runtime}: out of memory running a batch of {batch} (try a smaller batch)") from None
     except Exception as e:  # noqa: BLE001 - the engines raise their own types; none of them is a caller's bug here
-        text = " ".join(str(e).split()) or type(e).__name__
+        text = one_line(e) or type(e).__name__
         raise InferenceError(f"{runtime} failed running a batch of {batch}: {text[:300]}") from e
 
 
@@ -344,7 +345,7 @@ def _load_ort(path: Path, info: RuntimeInfo, threads: int, data: bytes | None = 
     try:
         s = ort.InferenceSession(str(path) if data is None else data, sess_options=so, providers=providers)
     except Exception as e:  # ORT raises its own Fail/InvalidGraph/... types
-        text = " ".join(str(e).split())  # its trailing newline was shown as \x0a on the device
+        text = one_line(e)
         floor = onnxruntime_floor(model_info) if model_info is not None else "1.18"
         if _older(ort.__version__, floor):
             text += (f" (this model, IR {model_info.ir_version} / opset {model_info.opsets.get('ai.onnx')}, needs "
@@ -398,7 +399,7 @@ def _load_openvino(path: Path, device: str, threads: int, opts: SessionOptions, 
             model.reshape({model.input(0): shape})
         compiled = core.compile_model(model, device, config)
     except Exception as e:  # OpenVINO raises RuntimeError for everything
-        text = " ".join(str(e).split())
+        text = one_line(e)
         if any(k in text for k in ("allocate", "bad_alloc", "out of memory")):  # this machine ran out, at this batch
             raise InferenceError(f"{path}: OpenVINO ran out of memory compiling the model for {device}"
                                  f"{f' at batch {opts.batch}' if opts.batch else ''}: {text[-300:]}") from e

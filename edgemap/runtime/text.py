@@ -5,6 +5,11 @@ from __future__ import annotations
 import unicodedata
 
 
+def one_line(error: object) -> str:
+    """An engine's error text on one line (ONNX Runtime and OpenVINO end theirs with newlines; a device showed \\x0a)."""
+    return " ".join(str(error).split())
+
+
 def has_control_chars(text: str) -> bool:
     """Tab, newline, escape, line separators and the other control characters: in a class name they forge output
     lines and drive terminals (``\\x1b]0;...``)."""

@@ -44,6 +44,7 @@ from edgemap.model import ClassifierNet, build_classifier
 from edgemap.options import MAX_THREADS
 from edgemap.runtime.preprocess import DEFAULT_MAX_PIXELS, PreprocessContract, preprocess
 from edgemap.runtime.sessions import physical_cores
+from edgemap.runtime.text import one_line
 from edgemap.train import checkpoint as ckpt
 from edgemap.train.hardware import autocast_dtype, resolve_device
 
@@ -459,7 +460,7 @@ def finetune(data: str | Path, out: str | Path | RunDir, opts: FinetuneOptions |
                 if dist.main and run is not None:
                     with suppress(EdgemapError, OSError):
                         run.set_stage("finetune", "interrupted")
-                said = re.sub(r"\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", " ".join(str(e).split())).split(". ")[0][:160]
+                said = re.sub(r"\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", one_line(e)).split(". ")[0][:160]
                 saved = (out / ckpt.STATE_FILE).is_file()
                 raise TrainingError(
                     f"another training process of this job stopped ({said}); " + (
