@@ -30,7 +30,7 @@ from edgemap.export import ExportOptions
 from edgemap.manifest import MANIFEST_NAME, STAGE_ORDER, RunDir, run_lock
 from edgemap.options import recorded_value
 from edgemap.package import PackageOptions
-from edgemap.train.finetune import FinetuneOptions
+from edgemap.train.finetune import RESULT_NEUTRAL_OPTIONS, FinetuneOptions
 
 STAGES = STAGE_ORDER
 _STAGE_ARTIFACTS = {"finetune": ("weights_best",), "export": ("onnx_fp32",)}
@@ -148,10 +148,6 @@ def _stage_options(opts: RunOptions) -> dict[str, Any]:
     return out
 
 
-# Fine-tuning options that do not change the model (the same "free" set as finetune --resume).
-_FREE_FINETUNE = {"threads", "checkpoint_seconds", "checkpoint_every", "device"}
-
-
 def check_options(opts: RunOptions, finetune_opts: FinetuneOptions | None = None) -> None:
     """Every stage's option checks, before the first stage starts: a bad --name must not wait for hours of training.
 
@@ -198,7 +194,7 @@ def _check_existing(run: RunDir, data: Path, opts: RunOptions) -> list[str]:
     rescan_for_run(run.data["dataset"])  # DatasetError if its files changed since training
     given = opts.finetune.to_dict()
     stored = run.data.get("options", {}).get("finetune") or {}
-    free = _FREE_FINETUNE | (set() if run.stage_done("finetune") else {"epochs"})  # an unfinished run may get more
+    free = set(RESULT_NEUTRAL_OPTIONS) | (set() if run.stage_done("finetune") else {"epochs"})  # an unfinished run may get more
     asked = opts.given("finetune", given)
     diff = [f"{k}: {stored[k]!r} → {v!r}" for k, v in given.items()
             if k in asked and k in stored and k not in free and _resolved(k, v, stored) != _resolved(k, stored[k], stored)]

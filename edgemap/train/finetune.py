@@ -941,6 +941,11 @@ def _truncate_metrics(run_path: Path, epochs_done: int) -> None:
         atomic_write_bytes(path, "".join(ln + "\n" for ln in keep).encode())
 
 
+#: options a resumed run may be given otherwise than it began with: they do not change its result (`epochs` too,
+#: while the run is unfinished)
+RESULT_NEUTRAL_OPTIONS = frozenset({"threads", "checkpoint_seconds", "checkpoint_every", "device"})
+
+
 def _open_for_resume(out: Path, given: dict[str, Any]) -> tuple[RunDir, FinetuneOptions, tuple[Any, Any] | None]:
     from edgemap.errors import ManifestError
 
@@ -966,7 +971,7 @@ def _open_for_resume(out: Path, given: dict[str, Any]) -> tuple[RunDir, Finetune
     if state is not None and meta["info"].get("backbone") != run.backbone:
         raise ResumeError(f"--resume: state file backbone {meta['info'].get('backbone')!r} differs from the manifest's {run.backbone!r}")
     # Options given now must agree with the run's, except those that do not change the result.
-    free = {"epochs", "threads", "checkpoint_seconds", "checkpoint_every", "device"}
+    free = {"epochs", *RESULT_NEUTRAL_OPTIONS}
     stored_d = stored.to_dict()
     native = get_spec(stored.backbone).input_size
 
