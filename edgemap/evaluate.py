@@ -479,7 +479,7 @@ def load_samples(run: RunDir, data: Path | None, max_pixels: int | None = None,
         )
     paths = [p for p, _ in named]
     labels = np.asarray([index[name] for _, name in named], dtype=np.int64)
-    return paths, labels, f"{where} ({split}, {len(paths)} images)"
+    return paths, labels, f"{where} ({split}, {len(paths)} image{'s' if len(paths) != 1 else ''})"
 
 
 def evaluate(run_dir: str | Path | RunDir, opts: EvalOptions = EvalOptions()) -> EvalResult:

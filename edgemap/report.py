@@ -225,8 +225,12 @@ def _png(fig: Any, dpi: int) -> bytes:
     return buf.getvalue()
 
 
-def plot_training(rows: list[dict[str, Any]], dpi: int = 110) -> bytes:
-    """Loss, accuracy and learning rate per epoch; head-only epochs shaded, best epoch starred."""
+def plot_training(rows: list[dict[str, Any]], best_epoch: int | None = None, label_smoothing: float = 0.0,
+                  dpi: int = 110) -> bytes:
+    """Loss, accuracy and learning rate per epoch; head-only epochs shaded, the saved best epoch starred.
+
+    ``best_epoch`` is the epoch training kept (``metrics.finetune.best``: the highest validation accuracy, ties
+    broken by the lower validation loss); without it, the first epoch with the highest accuracy."""
     import matplotlib
     from matplotlib.figure import Figure
 
@@ -247,15 +251,16 @@ def plot_training(rows: list[dict[str, Any]], dpi: int = 110) -> bytes:
         marker = "o" if len(rows) <= 30 else None
         axes[0].plot(ep, series("train_loss"), marker=marker, ms=3, color="#9ca3af", label="train")
         axes[0].plot(ep, series("val_loss"), marker=marker, ms=3, color=_ACCENT, label="validation")
-        axes[0].set_title("loss")
+        # training's cross-entropy, label smoothing included (validation too: it breaks accuracy ties)
+        axes[0].set_title(f"loss (label smoothing {label_smoothing:g})" if label_smoothing else "loss")
         acc_t = [v * 100 for v in series("train_acc")]
         acc_v = [v * 100 for v in series("val_acc")]
         axes[1].plot(ep, acc_t, marker=marker, ms=3, color="#9ca3af", label="train")
         axes[1].plot(ep, acc_v, marker=marker, ms=3, color=_ACCENT, label="validation")
-        if any(not math.isnan(v) for v in acc_v):
-            best = int(np.nanargmax(acc_v))
+        best = _best_index(ep, acc_v, best_epoch)
+        if best is not None:
             axes[1].plot([ep[best]], [acc_v[best]], marker="*", ms=13, color="#f59e0b", zorder=5, ls="none",
-                         label=f"best {acc_v[best]:.1f}% (epoch {ep[best]})")
+                         label=f"best {_pct(acc_v[best] / 100)} (epoch {ep[best]})")
         axes[1].set_title("accuracy (%)")
         axes[2].plot(ep, series("lr"), marker=marker, ms=3, color=_ACCENT, label="head")
         if any(not math.isnan(v) for v in series("backbone_lr")):
@@ -271,6 +276,13 @@ def plot_training(rows: list[dict[str, Any]], dpi: int = 110) -> bytes:
             ax.legend(handles=handles, loc="best")
         fig.tight_layout()
         return _png(fig, dpi)
+
+
+def _best_index(epochs: list[int], acc: list[float], best_epoch: int | None) -> int | None:
+    """Index of the epoch to star: the one training kept, else the first with the highest accuracy."""
+    if best_epoch in epochs and not math.isnan(acc[epochs.index(best_epoch)]):
+        return epochs.index(best_epoch)
+    return int(np.nanargmax(acc)) if any(not math.isnan(v) for v in acc) else None
 
 
 def plot_confusion(cm: np.ndarray, classes: list[str], title: str, dpi: int = 110) -> bytes:
@@ -467,7 +479,12 @@ def _fmt(v: Any, digits: int = 4) -> str:
 
 def _pct(v: Any, digits: int = 2) -> str:
     f = _num(v)
-    return "—" if f is None else f"{100 * f:.{digits}f}%"
+    if f is None:
+        return "—"
+    text = f"{100 * f:.{digits}f}"
+    if f < 1 and float(text) >= 100:  # an imperfect score is never shown as 100% (1999 of 2000 is 99.95%, not 100.0%)
+        text = f"{math.floor(100 * f * 10**digits) / 10**digits:.{digits}f}"
+    return text + "%"
 
 
 def _size(n: Any) -> str:
@@ -594,13 +611,13 @@ class _Builder:
         i8 = _pick_eval(self.eval_rows, "int8")
         if fp and i8:
             drop = 100 * (_num(fp["accuracy"]) - _num(i8["accuracy"]))  # type: ignore[operator]
-            cards.append(("accuracy fp32 → int8", f"{_pct(fp['accuracy'], 1)} → {_pct(i8['accuracy'], 1)}",
+            cards.append(("accuracy fp32 → int8", f"{_pct(fp['accuracy'])} → {_pct(i8['accuracy'])}",
                           (f"{drop:.2f} points lower" if drop > 0 else "no drop" if drop == 0 else f"{-drop:.2f} points higher")
                           + f" on {fp.get('n', '?')} images ({_e(i8.get('runtime'))})"))
         elif fp:
-            cards.append(("accuracy fp32", _pct(fp["accuracy"], 1), f"{fp.get('n', '?')} images · no int8 row"))
+            cards.append(("accuracy fp32", _pct(fp["accuracy"]), f"{fp.get('n', '?')} images · no int8 row"))
         elif _num(best.get("val_accuracy")) is not None:
-            cards.append(("best validation accuracy", _pct(best["val_accuracy"], 1), f"epoch {best.get('epoch')} (training)"))
+            cards.append(("best validation accuracy", _pct(best["val_accuracy"]), f"epoch {best.get('epoch')} (training)"))
         lat = _latency_rows(self.bench_rows)
         if lat:
             (rt, pr), row = min(lat.items(), key=lambda kv: kv[1]["p50_ms"])
@@ -706,11 +723,14 @@ class _Builder:
             return _section("training", "Training", "", _missing("no training curves: this run has no metrics.jsonl",
                                                                 "edgemap finetune DATA --out " + self.rd))
         self.sections["training"] = "ok"
-        data = self.plot("training_curves", plot_training, rows)
+        best = ((self.metrics.get("finetune") or {}).get("best") or {}).get("epoch")
+        smoothing = _num((self.run.data.get("options", {}).get("finetune") or {}).get("label_smoothing")) or 0.0
+        data = self.plot("training_curves", plot_training, rows, best if isinstance(best, int) else None, smoothing)
         last = rows[-1]
         lead = (f"{len(rows)} epochs; the shaded epochs trained the head only on cached frozen features, the rest "
                 f"fine-tuned the whole network. Last epoch: validation accuracy {_pct(last.get('val_acc'))}, "
-                f"loss {_e(_fmt(_num(last.get('val_loss')), 4))}.")
+                f"loss {_e(_fmt(_num(last.get('val_loss')), 4))}"
+                + (f" (cross-entropy with the training's label smoothing {smoothing:g})." if smoothing else "."))
         return _section("training", "Training", lead, _img(data, "training curves: loss, accuracy, learning rate"))
 
     def confusion(self) -> str:
@@ -811,7 +831,7 @@ class _Builder:
             return _section("parity", title, "", _missing("not run yet", f"edgemap export {self.rd}"))
         self.sections["parity"] = "ok"
         rows = [[_e(r.get("runtime")), _e(r.get("batch")), _e(r.get("images")), _e(_fmt(_num(r.get("max_abs_diff")), 3)),
-                 _e(_fmt(_num(r.get("tolerance")), 3)), _pct(r.get("top1_agreement"), 1), _e(r.get("flipped")),
+                 _e(_fmt(_num(r.get("tolerance")), 3)), _pct(r.get("top1_agreement")), _e(r.get("flipped")),
                  _pill(r.get("status") == "ok" if r.get("status") != "skipped" else None, "ok", str(r.get("status"))),
                  _e(r.get("provider", "")) + (f" — {_e(r['note'])}" if r.get("note") else "")]
                 for r in stored_rows(par.get("rows"))]

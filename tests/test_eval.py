@@ -544,3 +544,23 @@ def test_whole_numbers_are_whole_in_every_stage(make, says: str) -> None:  # noq
 
     with pytest.raises(EdgemapError, match=re.escape(says)):
         make()
+
+
+def test_details_show_undefined_precision_and_recall_as_a_dash() -> None:
+    """A class with no images (recall 0/0) or never predicted (precision 0/0) printed 0.000, like a real zero."""
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from edgemap.cli.cmd_eval import render_details
+    from edgemap.metrics import classification_report
+
+    labels, preds = np.array([0, 0, 1, 1]), np.array([0, 1, 1, 1])  # class 2: no images, never predicted
+    m = classification_report(labels, np.eye(3)[preds], ["a", "b", "c"])
+    row = SimpleNamespace(runtime="cpu", precision="fp32", per_class=m.per_class, confusion=m.confusion)
+    console = Console(width=200, record=True)
+    console.print(render_details(row, ["a", "b", "c"])[0])  # the per-class table
+    text = console.export_text()
+    cells = {r[0]: r[1:] for r in ([c.strip() for c in x.split("│")[1:-1]] for x in text.splitlines() if x.startswith("│"))}
+    assert cells["c"] == ["—", "—", "—", "0"] and cells["a"] == ["1.000", "0.500", "0.667", "2"], cells
+    assert "undefined (0/0)" in text

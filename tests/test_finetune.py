@@ -67,6 +67,12 @@ def test_run_directory_contents(reference_run: Path) -> None:
     assert rows[0]["phase"] == "head" and rows[1]["phase"] == "full"
     best = run.data["metrics"]["finetune"]["best"]
     assert best["val_accuracy"] == max(r["val_acc"] for r in rows)
+    # images/s per epoch, not a running average since the run began (cached head-only epochs inflated it ~8%)
+    for r in rows:
+        assert r["train_seconds"] > 0 and r["images_per_s"] * r["train_seconds"] == pytest.approx(rows[0]["images_per_s"] * rows[0]["train_seconds"])
+    full = [r for r in rows if r["phase"] == "full"]
+    rate = run.data["metrics"]["finetune"]["train_images_per_second"]  # the full-network epochs' throughput
+    assert rate == pytest.approx(sum(r["images_per_s"] * r["train_seconds"] for r in full) / sum(r["train_seconds"] for r in full))
     assert run.data["dataset"]["fingerprint"]
     assert run.data["options"]["finetune"]["backbone"] == "tiny"
     assert not list(reference_run.rglob("*.edgemap-tmp"))

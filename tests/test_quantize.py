@@ -347,3 +347,29 @@ def test_max_drop_must_be_a_number_of_points_json_can_hold(trained) -> None:  # 
             export(run.path, ExportOptions(int8=True, max_drop=bad))
     with pytest.raises(QuantizationError, match="--calib-method 'bogus' is not one of"):  # without int8 too
         export(run.path, ExportOptions(calib_method="bogus"))
+
+
+@pytest.mark.parametrize(("n", "fp32_right", "int8_right", "max_drop", "passed"), [
+    (500, 492, 487, 1.0, True),  # 98.4 → 97.4: exactly 1 point (1.0000000000000142 in floats)
+    (500, 492, 486, 1.0, False),  # 1.2 points
+    (10000, 9000, 8943, 0.57, True),  # 0.57 * 10000 is 5699.999999999999
+    (10000, 9000, 8942, 0.57, False),
+])
+def test_the_gate_passes_a_drop_of_exactly_max_drop(monkeypatch, tmp_path, n, fp32_right, int8_right, max_drop,  # noqa: ANN001
+                                                    passed) -> None:
+    """The verdict is taken on image counts: "drops more than --max-drop" fails, a drop equal to it passes."""
+    import edgemap.export.quantize as q
+
+    labels = np.zeros(n, np.int64)
+    fp32 = np.where(np.arange(n) < fp32_right, 0, 1)
+    int8 = np.where(np.arange(n) < int8_right, 0, 1)
+    # only the quantizer and the scoring session are replaced: the verdict arithmetic is what is tested
+    monkeypatch.setattr(q, "graph_info", lambda p: SimpleNamespace(stem="stem", classifier="fc", quantizable=[], weighted=[]))
+    monkeypatch.setattr(q, "worst_nodes", lambda *a, **k: [])
+    monkeypatch.setattr(q, "quantize_once", lambda *a, **k: None)
+    monkeypatch.setattr(q, "calibrate", lambda *a, **k: tmp_path / "ranges.json")
+    monkeypatch.setattr(q, "predict", lambda *a, **k: int8)
+    gate = q.run_gate("qoperator", ["cpu"], tmp_path / "pre.onnx", tmp_path, [], None, "minmax", np.zeros((n, 1)),
+                      labels, fp32, max_drop, {})
+    assert gate.attempts[0].passed is passed and gate.passed is passed
+    assert gate.attempts[0].drop_points == round(100 * (fp32_right - int8_right) / n, 3)

@@ -433,3 +433,20 @@ def test_class_names_that_look_like_tex_are_plain_text() -> None:
     from edgemap.report import plot_confusion
 
     assert plot_confusion(np.array([[3, 1], [0, 4]]), ["$\\bad{$", "$x^2$"], "fp32", dpi=40).startswith(b"\x89PNG")
+
+
+def test_an_imperfect_accuracy_is_never_shown_as_100_percent() -> None:
+    from edgemap.report import _pct
+
+    assert _pct(1999 / 2000) == "99.95%" and _pct(0.99999) == "99.99%" and _pct(1.0) == "100.00%"
+    assert _pct(0.96667) == "96.67%" and _pct(None) == "—"
+
+
+def test_the_training_plot_stars_the_epoch_training_kept() -> None:
+    """Tied validation accuracy: training keeps the later epoch with the lower loss; the plot starred the first."""
+    from edgemap.report import _best_index
+
+    epochs, acc = [1, 2, 3, 4], [50.0, 96.7, 96.7, 96.7]
+    assert _best_index(epochs, acc, 4) == 3
+    assert _best_index(epochs, acc, None) == 1  # no record of the kept epoch: the first best
+    assert _best_index(epochs, [float("nan")] * 4, None) is None

@@ -29,7 +29,8 @@ from edgemap.cli.common import (
 
 def render(rows) -> Group:  # noqa: ANN001 - list[BenchRow], imported lazily
     """Latency table (ms), one line per runtime × precision × batch; below it what ran and why rows did not."""
-    table = result_table(f"edgemap bench ({rows[0].threads if rows else '?'} threads; ms)",
+    threads = rows[0].threads if rows else "?"
+    table = result_table(f"edgemap bench ({threads} thread{'' if threads == 1 else 's'}; ms)",
                          ["runtime", "prec", "b", "p50", "p90", "p99", "img/s", "load", "MiB", "mode"], wide=(),
                          text=("runtime", "prec", "mode"))
     notes: list[tuple[str, str, str]] = []

@@ -65,8 +65,17 @@ def render_details(row, classes: list[str]) -> list[Table]:  # noqa: ANN001
     per = Table(title=f"{row.runtime} {row.precision}: per class")
     for col in ("class", "precision", "recall", "F1", "support"):
         per.add_column(col, justify="left" if col == "class" else "right")
-    for c in row.per_class:
-        per.add_row(c["class"], f"{c['precision']:.3f}", f"{c['recall']:.3f}", f"{c['f1']:.3f}", str(c["support"]))
+    predicted = [sum(col) for col in zip(*row.confusion, strict=True)] if row.confusion else []
+    undefined = False
+    for i, c in enumerate(row.per_class):
+        # 0/0 is shown as "—", not 0.000: a class with no images here (recall) or never predicted (precision)
+        p_none = i < len(predicted) and predicted[i] == 0
+        r_none = c["support"] == 0
+        undefined |= p_none or r_none
+        per.add_row(c["class"], "—" if p_none else f"{c['precision']:.3f}", "—" if r_none else f"{c['recall']:.3f}",
+                    "—" if p_none and r_none else f"{c['f1']:.3f}", str(c["support"]))
+    if undefined:
+        per.caption = "— undefined (0/0): no images of the class, or never predicted"
     cm = Table(title=f"{row.runtime} {row.precision}: confusion (rows = true, columns = predicted)")
     cm.add_column("")
     for c in classes:

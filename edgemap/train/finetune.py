@@ -689,6 +689,8 @@ class _Trainer:
         # loss * n, correct, n (all ranks) of the steps so far: saved with the state, so a resumed
         # epoch's metrics.jsonl line counts the steps before the interruption too
         sums = list(info.get("epoch_sums") or [0.0, 0.0, 0.0]) if info["step"] else [0.0, 0.0, 0.0]
+        if not info["step"] or "epoch_start" not in info:  # images and training seconds before this epoch (img/s per epoch)
+            info["epoch_start"] = [info["images_seen"], info["train_seconds"]]
         t_epoch = time.perf_counter()
         t_shown, n_shown = t_epoch, 0.0  # the bar's img/s: images (all ranks) since this process began the epoch
         # (the sums also hold the steps before a resume, and t_epoch restarts at each mid-epoch checkpoint: ~200x)
@@ -730,6 +732,10 @@ class _Trainer:
                 self.save_progress()
                 self.last_save = time.monotonic()
         info["train_seconds"] += time.perf_counter() - t_epoch
+        if not head_only:  # the full-network rate is the run's training throughput (head-only epochs read cached features)
+            images, seconds = info["epoch_start"]
+            info["full_images"] = info.get("full_images", 0) + info["images_seen"] - images
+            info["full_seconds"] = info.get("full_seconds", 0.0) + info["train_seconds"] - seconds
         return {"epoch": epoch + 1, "phase": "head" if head_only else "full",
                 "train_loss": sums[0] / max(sums[2], 1), "train_acc": sums[1] / max(sums[2], 1)}
 
@@ -817,7 +823,9 @@ class _Trainer:
         val_loss, val_acc = self._validate()
         row.update(val_loss=val_loss, val_acc=val_acc, lr=self.opt.param_groups[1]["lr"],
                    backbone_lr=self.opt.param_groups[0]["lr"],
-                   images_per_s=info["images_seen"] / max(info["train_seconds"], 1e-9))
+                   train_seconds=info["train_seconds"] - info["epoch_start"][1],
+                   images_per_s=(info["images_seen"] - info["epoch_start"][0])
+                   / max(info["train_seconds"] - info["epoch_start"][1], 1e-9))
         if val_acc > info["best_acc"] or (val_acc == info["best_acc"] and val_loss < info["best_loss"]):
             info.update(best_acc=val_acc, best_loss=val_loss, best_epoch=row["epoch"], bad_epochs=0)
             if self.dist.main:
@@ -835,7 +843,11 @@ class _Trainer:
 
     def _finish(self, stopped_early: bool, t_start: float) -> FinetuneResult:
         info, opts = self.info, self.opts
-        ips = info["images_seen"] / max(info["train_seconds"], 1e-9)
+        # training throughput: images per second of the full-network epochs (all epochs when none ran: head only)
+        if info.get("full_seconds"):
+            ips = info["full_images"] / max(info["full_seconds"], 1e-9)
+        else:
+            ips = info["images_seen"] / max(info["train_seconds"], 1e-9)
         autocast_name = _amp_name(self.amp)
         if self.dist.main:
             run = self.run
