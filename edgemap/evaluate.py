@@ -457,16 +457,22 @@ def load_samples(run: RunDir, data: Path | None, max_pixels: int | None = None,
         limit = max_pixels if max_pixels is not None else run.max_pixels
         found = scan_mod.scan_labelled(Path(data), scan_mod.ScanOptions(max_pixels=limit, skip_bad=skip_bad))
         where = str(data) + (f", {len(found.skipped)} unreadable skipped" if found.skipped else "")
-        if _has_training_images(run, found.folder):
-            where += ", the run's own dataset: training images included"  # shown in the table and the model card
         named, split = found.samples, found.part
+        # shown in the table and on the model card: by content (a copy or a moved dataset), else by place
+        trained_on = scan_mod.training_images_in(run.path, run.data.get("dataset") or {}, (p for p, _ in named))
+        if trained_on:
+            where += f", {trained_on} of {len(named)} images are training images (same bytes)"
+        elif trained_on is None and _has_training_images(run, found.folder):
+            where += ", the run's own dataset: training images included"
     else:
         if not run.data.get("dataset"):
             raise ManifestError(f"{run.manifest_path}: no dataset recorded; pass --data DIR")
         try:
             scan = scan_mod.rescan_for_run(run.data["dataset"])
         except DatasetError as e:
-            raise DatasetError(f"{e}; or evaluate on another labelled folder: edgemap eval {shlex.quote(str(run.path))} --data FOLDER") from e
+            raise DatasetError(f"{e}; if it moved, record where it is now with edgemap export {shlex.quote(str(run.path))} "
+                               f"--data NEW_PLACE; or evaluate on another labelled folder: "
+                               f"edgemap eval {shlex.quote(str(run.path))} --data FOLDER") from e
         where = str(scan.root)
         samples, split = _split_samples(scan)
         named = [(Path(s.path), scan.classes[int(s.label)]) for s in samples]

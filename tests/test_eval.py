@@ -225,7 +225,8 @@ def test_a_moved_dataset_error_points_to_eval_data(trained_run, tmp_path) -> Non
     manifest["dataset"]["root"] = str(tmp_path / "moved away")
     run.manifest_path.write_text(json.dumps(manifest))
     try:
-        with pytest.raises(DatasetError, match="gone; restore it .* or evaluate on another labelled folder"):
+        with pytest.raises(DatasetError, match="gone; restore it .* if it moved, record where it is now with edgemap export "
+                                               ".* or evaluate on another labelled folder"):
             evaluate(run.path, EvalOptions(runtimes=("cpu",), precisions=("fp32",), save=False))
         r = CliRunner().invoke(app, ["eval", str(run.path), "--runtime", "cpu", "--precision", "fp32"])
         assert r.exit_code == 2, r.output
@@ -243,6 +244,34 @@ def test_eval_on_the_runs_own_dataset_says_when_training_images_are_included(tra
     assert note not in res.data and f"(test, {len(splits['test'])} images)" in res.data
     res = evaluate(run, EvalOptions(data=root / "train", **opts))
     assert note in res.data and f"(all, {len(splits['train'])} images)" in res.data
+
+
+def test_eval_data_names_training_images_by_their_bytes_wherever_they_are(trained_run, tmp_path) -> None:  # noqa: ANN001, F811
+    """A copy of the dataset, or the original moved, was scored as unseen images (and said so on the model card)."""
+    from edgemap.data.scan import scan_dataset, write_train_digests
+
+    run, splits = trained_run
+    original = run.manifest_path.read_text()
+    root = Path(run.data["dataset"]["root"])
+    try:
+        run.data["dataset"]["train_digests"] = write_train_digests(scan_dataset(root), run.path)
+        run.save()
+        opts = {"runtimes": ("cpu",), "precisions": ("fp32",), "save": False}
+        copy = tmp_path / "copy"
+        shutil.copytree(root / "train", copy)
+        n = len(splits["train"])
+        assert f"{n} of {n} images are training images (same bytes)" in evaluate(run, EvalOptions(data=copy, **opts)).data
+        mixed = tmp_path / "mixed"
+        shutil.copytree(root / "test", mixed)
+        first = sorted(copy.rglob("*.png"))[:2]
+        for i, f in enumerate(first):
+            shutil.copy(f, mixed / f.parent.name / f"from_train_{i}.png")
+        res = evaluate(run, EvalOptions(data=mixed, **opts))
+        assert f"2 of {len(splits['test']) + 2} images are training images" in res.data, res.data
+        assert "training images" not in evaluate(run, EvalOptions(data=root / "test", **opts)).data
+    finally:
+        run.manifest_path.write_text(original)
+        (run.path / "train_images.sha256").unlink(missing_ok=True)
 
 
 def test_eval_data_is_any_labelled_folder_not_a_training_layout(trained_run, tmp_path) -> None:  # noqa: ANN001, F811

@@ -70,6 +70,9 @@ def test_run_directory_contents(reference_run: Path) -> None:
     # images/s per epoch, not a running average since the run began (cached head-only epochs inflated it ~8%)
     for r in rows:
         assert r["train_seconds"] > 0 and r["images_per_s"] * r["train_seconds"] == pytest.approx(rows[0]["images_per_s"] * rows[0]["train_seconds"])
+    digests = (reference_run / "train_images.sha256").read_text().split()  # what eval --data checks its images against
+    assert run.data["dataset"]["train_digests"] == {"path": "train_images.sha256", "count": len(digests)}
+    assert len(digests) == len(set(digests)) == sum(run.data["dataset"]["counts"]["train"].values())
     full = [r for r in rows if r["phase"] == "full"]
     rate = run.data["metrics"]["finetune"]["train_images_per_second"]  # the full-network epochs' throughput
     assert rate == pytest.approx(sum(r["images_per_s"] * r["train_seconds"] for r in full) / sum(r["train_seconds"] for r in full))

@@ -155,19 +155,14 @@ class DatasetScan:
     def _digests(self) -> list[tuple[str, Sample, str]]:
         """(split, sample, sha256 of its bytes) of every sample; read once per scan."""
         if self._file_digests is None:
-            out = []
-            for split, samples in (("train", self.train), ("val", self.val), ("test", self.test)):
-                for s in samples:
-                    try:
-                        fh = hashlib.sha256()
-                        with open(s.path, "rb") as f:
-                            while chunk := f.read(1 << 20):
-                                fh.update(chunk)
-                    except OSError as e:
-                        raise DatasetError(f"{s.path}: cannot read file ({e.strerror or e})") from e
-                    out.append((split, s, fh.hexdigest()))
-            self._file_digests = out
+            self._file_digests = [(split, s, file_sha256(s.path))
+                                  for split, samples in (("train", self.train), ("val", self.val), ("test", self.test))
+                                  for s in samples]
         return self._file_digests
+
+    def train_digests(self) -> list[str]:
+        """The sha256 of every training image's bytes, sorted, once each (what :func:`training_images_in` checks)."""
+        return sorted({digest for split, _, digest in self._digests() if split == "train"})
 
     def content_fingerprint(self) -> str:
         """sha256 over (split, relative path, sha256 of the bytes) of every sample (reads every file)."""
@@ -228,6 +223,44 @@ class DatasetScan:
             "skipped": [[_json_safe(p), _json_safe(r)] for p, r in self.skipped],
             "ignored": dict(self.ignored),
         }
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes; DatasetError names a file that cannot be read."""
+    try:
+        fh = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                fh.update(chunk)
+    except OSError as e:
+        raise DatasetError(f"{path}: cannot read file ({e.strerror or e})") from e
+    return fh.hexdigest()
+
+
+#: In a run directory: the sha256 of each training image, one per line (``edgemap.json["dataset"]["train_digests"]``).
+#: ``edgemap eval --data`` uses it to say how many images it scores were trained on, wherever the files are now.
+TRAIN_DIGESTS_FILE = "train_images.sha256"
+
+
+def write_train_digests(scan: DatasetScan, run_dir: Path) -> dict[str, Any]:
+    """Write :data:`TRAIN_DIGESTS_FILE` into ``run_dir``; returns the record for ``edgemap.json["dataset"]``."""
+    from edgemap.fsutil import atomic_write_bytes
+
+    digests = scan.train_digests()
+    atomic_write_bytes(run_dir / TRAIN_DIGESTS_FILE, "".join(d + "\n" for d in digests).encode())
+    return {"path": TRAIN_DIGESTS_FILE, "count": len(digests)}
+
+
+def training_images_in(run_dir: Path, dataset: dict[str, Any], paths: Iterable[str | Path]) -> int | None:
+    """How many of ``paths`` have the same bytes as a training image of the run (None: the run has no digests)."""
+    record = dataset.get("train_digests")
+    if not isinstance(record, dict) or not isinstance(record.get("path"), str):
+        return None
+    try:
+        known = set((run_dir / Path(record["path"]).name).read_text(encoding="ascii").split())
+    except (OSError, UnicodeDecodeError):
+        return None
+    return sum(file_sha256(p) in known for p in paths) if known else 0
 
 
 # ---- public entry points ----------------------------------------------------------------

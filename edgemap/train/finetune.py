@@ -380,7 +380,7 @@ def finetune(data: str | Path, out: str | Path | RunDir, opts: FinetuneOptions |
     Example:
         >>> finetune("data/digits", "models/digits", FinetuneOptions(img_size=64, flip=False))
     """
-    from edgemap.data.scan import ScanOptions, scan_dataset
+    from edgemap.data.scan import ScanOptions, scan_dataset, write_train_digests
     from edgemap.train.distributed import Dist
 
     out = Path(out.path if isinstance(out, RunDir) else out)  # a RunDir (to resume), as the other stages take
@@ -445,6 +445,8 @@ def finetune(data: str | Path, out: str | Path | RunDir, opts: FinetuneOptions |
                     backbone={"name": opts.backbone, "weights": spec.weights if opts.pretrained else "random init"},
                     classes=scan.classes, contract=contract, options={"finetune": opts.to_dict()}, dataset=scan.to_manifest(),
                 )
+                run.data["dataset"]["train_digests"] = write_train_digests(scan, run.path)
+                run.save()
                 scan.warn_copies()
             else:
                 run = None
@@ -1037,5 +1039,7 @@ def _check_compatible(run: RunDir, scan: Any, opts: FinetuneOptions, main: bool 
     if main and was and Path(was).resolve() != scan.root.resolve():  # the same files, moved: record where they are
         # now (export and eval read them); only rank 0 writes the run
         log.warning("--resume: the dataset moved from %s to %s (same files); recorded", was, scan.root)
-        run.data["dataset"] = scan.to_manifest()
+        from edgemap.data.scan import write_train_digests
+
+        run.data["dataset"] = {**scan.to_manifest(), "train_digests": write_train_digests(scan, run.path)}
         run.save()
