@@ -41,7 +41,7 @@ from edgemap.manifest import RunDir, hand_back
 
 #: the runtimes a wheel can target → (session runtime spec, pip requirement)
 WHEEL_RUNTIMES = {
-    "onnxruntime": ("cpu", "onnxruntime>=1.18"),
+    "onnxruntime": ("cpu", "onnxruntime>=1.18.1"),
     "openvino": ("openvino", "openvino>=2024.4"),
 }
 BASE_REQUIREMENTS = ("numpy>=1.24", "pillow>=10.3")

@@ -308,7 +308,7 @@ def test_wheel_contents_size_and_card(exported: dict) -> None:
     assert all(n.startswith(("tiny_clf/", "tiny_clf-1.2.3.dist-info/")) for n in names)
     assert not any("__pycache__" in n or n.endswith(".pyc") or "test" in n for n in names)
     reqs = sorted(line.split(":", 1)[1].strip() for line in meta.splitlines() if line.startswith("Requires-Dist:"))
-    assert reqs == ["numpy>=1.24", "onnxruntime>=1.18", "pillow>=10.3"]
+    assert reqs == ["numpy>=1.24", "onnxruntime>=1.18.1", "pillow>=10.3"]
     run = exported["run"]
     assert info["sha256"] == w.model_sha256 == run.artifacts["onnx_int8_qoperator"]["sha256"]
     assert info["classes"] == run.classes and info["format"] == "qoperator"
@@ -707,13 +707,13 @@ def test_the_wheel_asks_for_the_onnxruntime_its_model_needs(exported: dict, tmp_
     from edgemap.runtime.sessions import _older
 
     assert [onnxruntime_floor(OnnxInfo(ir, {"ai.onnx": op})) for ir, op in ((8, 17), (10, 21), (10, 22), (11, 23))] == [
-        "1.18", "1.18", "1.21", "1.23"]
+        "1.18.1", "1.18.1", "1.21", "1.23"]
     assert _older("1.20.1", "1.21") and _older("1.22.0", "1.23") and not _older("1.23.2", "1.23")
     assert not _older("1.32.0+cpu", "1.23") and _older("1.9.0", "1.18")
     shutil.copytree(exported["run"].path, tmp_path / "run")
     export(tmp_path / "run", ExportOptions(opset=23))
     w = package(tmp_path / "run", PackageOptions(precision="fp32", out=tmp_path / "dist"))
-    assert "onnxruntime>=1.23" in w.requirements and "onnxruntime>=1.18" not in w.requirements
+    assert "onnxruntime>=1.23" in w.requirements and "onnxruntime>=1.18.1" not in w.requirements
     with zipfile.ZipFile(w.wheel) as z:
         meta = z.read(next(n for n in z.namelist() if n.endswith("METADATA"))).decode()
     assert "Requires-Dist: onnxruntime>=1.23" in meta

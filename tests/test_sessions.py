@@ -61,6 +61,20 @@ def test_missing_package_is_reported(monkeypatch, runtime: str, module: str, pac
     assert not ok and f"package {package} is not installed" in why
 
 
+@pytest.mark.parametrize(("runtime", "module"), [("cpu", "onnxruntime"), ("openvino", "openvino")])
+def test_an_installed_runtime_that_fails_to_import_is_not_called_missing(monkeypatch, tmp_path, runtime: str,  # noqa: ANN001
+                                                                          module: str) -> None:
+    """onnxruntime 1.18.0 beside numpy 2 fails inside its import; the device was told to pip install onnxruntime."""
+    (tmp_path / module).mkdir()
+    (tmp_path / module / "__init__.py").write_text(
+        "raise ImportError('numpy.core.multiarray failed to import')\n", encoding="utf-8")
+    monkeypatch.delitem(sys.modules, module, raising=False)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    ok, why = S.available(runtime)
+    assert not ok and "is installed but failed to import (numpy.core.multiarray failed to import)" in why, why
+    assert "is not installed" not in why
+
+
 # ---- fallback detection -----------------------------------------------------------------
 def test_ort_cuda_session_that_falls_back_to_cpu_is_refused(trained_run) -> None:  # noqa: F811
     """A real ORT session asked for [CUDA, CPU] where CUDA cannot be created: ORT runs it on CPU."""

@@ -110,11 +110,12 @@ class OnnxInfo:
 def onnxruntime_floor(info: OnnxInfo) -> str:
     """The first onnxruntime release that loads a model of this IR version and default-domain opset. Measured on
     edgemap's own fp32, QOperator and QDQ models: opset 22 failed on 1.20.1 and loaded on 1.21.1; IR 11 (opset 23)
-    failed on 1.21.1 and 1.22.0 and loaded on 1.23.2; opsets up to 21 (IR 10) load on 1.18."""
+    failed on 1.21.1 and 1.22.0 and loaded on 1.23.2; opsets up to 21 (IR 10) load on 1.18. 1.18.1, not 1.18.0: pip
+    pairs 1.18.0 with numpy 2, which it cannot import (1.18.1 is the first release built for numpy 2)."""
     opset = info.opsets.get("ai.onnx", 0)
     if info.ir_version >= 11 or opset >= 23:
         return "1.23"
-    return "1.21" if opset >= 22 else "1.18"
+    return "1.21" if opset >= 22 else "1.18.1"
 
 
 class _Walker:

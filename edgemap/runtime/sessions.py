@@ -132,6 +132,15 @@ def _can_load(*libs: str) -> str | None:
     return err
 
 
+def _import_failure(e: ImportError, module: str, pkg: str) -> str:
+    """Why ``import module`` failed: not installed, or installed but broken (onnxruntime 1.18.0 with numpy 2 said
+    "not installed")."""
+    if isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] == module:
+        return f"package {pkg} is not installed (pip install {pkg})"
+    return (f"package {pkg} is installed but failed to import ({one_line(e)}); it may need other versions of its "
+            f"dependencies (e.g. numpy): pip install -U {pkg}")
+
+
 def available(spec: str) -> tuple[bool, str]:
     """Whether runtime ``spec`` can run here, and why not ("" when it can)."""
     try:
@@ -141,9 +150,9 @@ def available(spec: str) -> tuple[bool, str]:
     if info.engine == "onnxruntime":
         try:
             import onnxruntime as ort
-        except ImportError:
+        except ImportError as e:
             pkg = "onnxruntime-gpu" if info.name in ("cuda", "tensorrt") else "onnxruntime"
-            return False, f"package {pkg} is not installed (pip install {pkg})"
+            return False, _import_failure(e, "onnxruntime", pkg)
         providers = ort.get_available_providers()
         if info.provider not in providers:
             if info.name == "cpu":
@@ -160,8 +169,8 @@ def available(spec: str) -> tuple[bool, str]:
         return True, ""
     try:
         import openvino  # noqa: F401 - installed?
-    except ImportError:
-        return False, "package openvino is not installed (pip install openvino)"
+    except ImportError as e:
+        return False, _import_failure(e, "openvino", "openvino")
     devices = _ov_core().available_devices
     base = device.split(".")[0].split(":")[0]  # AUTO:CPU, HETERO:GPU,CPU...
     if base not in VIRTUAL_DEVICES and not any(d == device or d.startswith(base) for d in devices):
@@ -346,7 +355,7 @@ def _load_ort(path: Path, info: RuntimeInfo, threads: int, data: bytes | None = 
         s = ort.InferenceSession(str(path) if data is None else data, sess_options=so, providers=providers)
     except Exception as e:  # ORT raises its own Fail/InvalidGraph/... types
         text = one_line(e)
-        floor = onnxruntime_floor(model_info) if model_info is not None else "1.18"
+        floor = onnxruntime_floor(model_info) if model_info is not None else "1.18.1"
         if _older(ort.__version__, floor):
             text += (f" (this model, IR {model_info.ir_version} / opset {model_info.opsets.get('ai.onnx')}, needs "
                      f"onnxruntime >= {floor}; this is {ort.__version__}: pip install -U 'onnxruntime>={floor}')")
