@@ -44,7 +44,7 @@ WHEEL_RUNTIMES = {
     "onnxruntime": ("cpu", "onnxruntime>=1.18.1"),
     "openvino": ("openvino", "openvino>=2024.4"),
 }
-BASE_REQUIREMENTS = ("numpy>=1.24", "pillow>=10.3")
+BASE_REQUIREMENTS = ("numpy>=1.24", "pillow>=11.2")  # 11.2: XMP-only orientation is honoured, as in training
 RUNTIME_DIST = "edgemap-runtime"
 MODEL_FILE = "model.onnx"
 MODEL_CARD = "MODEL_CARD.md"
@@ -239,7 +239,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from {module}.classifier import Classifier, Prediction
+from {module}.classifier import Classifier, PillowVersionWarning, Prediction
 from {module}.errors import (
     EdgemapError,
     ImageError,
@@ -256,7 +256,8 @@ DIST_NAME = {name!r}
 PACKAGE_DIR = Path(__file__).resolve().parent
 EMBEDDED = {embedded!r}
 __all__ = ["Classifier", "Prediction", "EdgemapError", "ImageError", "InferenceError", "ModelFormatError",
-           "ModelIntegrityError", "OptionError", "ProviderFallbackError", "RuntimeUnavailableError", "load", "main"]
+           "ModelIntegrityError", "OptionError", "PillowVersionWarning", "ProviderFallbackError", "RuntimeUnavailableError",
+           "load", "main"]
 {extra}
 
 def main(argv: list[str] | None = None) -> int:
@@ -307,6 +308,24 @@ def _pyproject(name: str, version: str, module: str, requirements: list[str], de
         "[tool.setuptools.package-data]\n"
         f"{module} = [{', '.join(q(d) for d in data)}]\n"
     )
+
+
+def _pillow_requirement(meta: Any) -> str:
+    """The Pillow series the model was exported with (``pillow>=13.0,<14``): Pillow decodes and resizes on the device,
+    and its resampling changed between major releases (see ``onnx_meta.pillow_mismatch``)."""
+    from edgemap.runtime.metadata import VERSIONS
+    from edgemap.runtime.onnx_meta import pillow_series
+
+    floor = BASE_REQUIREMENTS[1]
+    try:
+        recorded = json.loads(meta.raw.get(VERSIONS, "{}")).get("pillow")
+    except (ValueError, RecursionError, AttributeError):
+        recorded = None
+    major = pillow_series(recorded) if isinstance(recorded, str) else None
+    if major is None:
+        return floor
+    low = floor.split(">=")[1] if pillow_series(floor.split(">=")[1]) == major else f"{major}.0"
+    return f"pillow>={low},<{major + 1}"
 
 
 def _data_name(where: str) -> str:
@@ -587,6 +606,7 @@ def package(run_dir: str | Path | RunDir | None, opts: PackageOptions | None = N
             from edgemap.runtime.onnx_meta import onnxruntime_floor, parse_model_bytes
 
             requirements[-1] = f"onnxruntime>={onnxruntime_floor(parse_model_bytes(model.read_bytes(), str(model)))}"
+        requirements[1] = _pillow_requirement(meta)
         mismatch = model_run_mismatch(run, model)  # the card and model.json must say what the model does
         if mismatch:
             raise PackageError(mismatch)

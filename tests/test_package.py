@@ -308,7 +308,13 @@ def test_wheel_contents_size_and_card(exported: dict) -> None:
     assert all(n.startswith(("tiny_clf/", "tiny_clf-1.2.3.dist-info/")) for n in names)
     assert not any("__pycache__" in n or n.endswith(".pyc") or "test" in n for n in names)
     reqs = sorted(line.split(":", 1)[1].strip() for line in meta.splitlines() if line.startswith("Requires-Dist:"))
-    assert reqs == ["numpy>=1.24", "onnxruntime>=1.18.1", "pillow>=10.3"]
+    import PIL
+
+    major = int(PIL.__version__.split(".")[0])  # the Pillow series the model was exported with: the same pixels
+    pillow = {">=11.2", "<12"} if major == 11 else {f">={major}.0", f"<{major + 1}"}
+    assert reqs[:2] == ["numpy>=1.24", "onnxruntime>=1.18.1"]
+    assert reqs[2].startswith("pillow") and set(reqs[2].removeprefix("pillow").split(",")) == pillow, reqs
+    assert "PillowVersionWarning" in init
     run = exported["run"]
     assert info["sha256"] == w.model_sha256 == run.artifacts["onnx_int8_qoperator"]["sha256"]
     assert info["classes"] == run.classes and info["format"] == "qoperator"
@@ -541,6 +547,52 @@ def test_metadata_that_does_not_match_the_graph_is_one_clear_error(tiny: dict, t
     for runtime in ("onnxruntime", "openvino"):
         with pytest.raises(ModelFormatError, match=r"graph takes input .*32, 32, 3.*\(N, 96, 96, 3\)"):
             Classifier.from_path(tmp_path / "lying.onnx", runtime=runtime)
+
+
+def test_a_model_exported_with_another_pillow_series_is_warned_about(tiny: dict, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    """Pillow 13 resizes ~20% of images 1 level differently from 12 (Lite0 logits up to 0.09 apart); 10.3-11.1 ignore
+    XMP-only orientation. The wheel asks for the exporting series; a model loaded otherwise says so."""
+    import warnings
+
+    import onnx
+    import PIL
+
+    from edgemap.export.onnx_export import set_metadata
+    from edgemap.runtime import metadata as K
+    from edgemap.runtime.classifier import PillowVersionWarning
+    from edgemap.runtime.device_cli import main as device_main
+    from edgemap.runtime.onnx_meta import pillow_mismatch
+
+    other = f"{int(PIL.__version__.split('.')[0]) - 1}.0.0"
+    m = onnx.load(str(tiny["model"]))
+    versions = json.loads({p.key: p.value for p in m.metadata_props}.get(K.VERSIONS, "{}"))
+    set_metadata(m, {K.VERSIONS: json.dumps({**versions, "pillow": other})})
+    onnx.save(m, str(tmp_path / "older.onnx"))
+    meta = read_model_meta(tmp_path / "older.onnx")
+    assert pillow_mismatch(meta, other.replace(".0.0", ".2.1")) is None  # the same major release
+    assert f"exported (evaluated, calibrated) with Pillow {other}" in pillow_mismatch(meta)
+    with pytest.warns(PillowVersionWarning, match=f"pip install 'pillow>={other[:-2]},<"):
+        Classifier.from_path(tmp_path / "older.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the model as exported here: nothing to say
+        Classifier.from_path(tiny["model"])
+    capsys.readouterr()
+    assert device_main([str(tmp_path / "older.onnx"), str(tiny["val"][0])], prog="dev") == 0
+    err = capsys.readouterr().err
+    assert err.count("dev: warning: ") == 1 and f"with Pillow {other}" in err and "UserWarning" not in err, err
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [({"threads": 0}, "threads must be a whole number >= 1 or None, not 0"),
+                                                 ({"threads": "2"}, "threads must be"),
+                                                 ({"top_k": 0}, "top_k must be a whole number >= 1, not 0"),
+                                                 ({"max_pixels": 0}, "max_pixels must be"),
+                                                 ({"max_pixels": 1.5}, "max_pixels must be")])
+def test_classifier_options_are_checked_when_loading(tiny: dict, kwargs: dict, message: str) -> None:
+    """max_pixels=0 loaded, then refused every image ("exceeds the limit of 0"); threads="2" was a pybind TypeError."""
+    from edgemap.errors import OptionError
+
+    with pytest.raises(OptionError, match=message):
+        Classifier.from_path(tiny["model"], **kwargs)
 
 
 def test_qoperator_model_on_openvino_is_refused_with_the_fix(exported: dict, tmp_path: Path, capsys) -> None:  # noqa: ANN001

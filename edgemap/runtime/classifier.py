@@ -30,7 +30,7 @@ from edgemap.runtime.errors import (
     OptionError,
     RuntimeUnavailableError,
 )
-from edgemap.runtime.onnx_meta import ModelMeta, model_meta, parse_model_bytes, read_model_bytes
+from edgemap.runtime.onnx_meta import ModelMeta, model_meta, parse_model_bytes, pillow_mismatch, read_model_bytes
 from edgemap.runtime.preprocess import DEFAULT_MAX_PIXELS, ImageInput, PreprocessContract, preprocess
 from edgemap.runtime.sessions import Session, SessionOptions, available, check_precision, load, parse_runtime
 
@@ -40,6 +40,11 @@ MODEL_JSON = "model.json"
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 #: ``max_pixels`` default of the loaders: the limit in the model's metadata (the run's ``--max-pixels``)
 FROM_MODEL = "model"
+
+
+class PillowVersionWarning(UserWarning):
+    """The installed Pillow is another major release than the one the model was exported with (see
+    :func:`edgemap.runtime.onnx_meta.pillow_mismatch`): some images may reach the model with other pixels."""
 
 
 #: What the device side calls its runtimes (``cpu`` is accepted too: edgemap's name for ONNX Runtime CPU).
@@ -102,11 +107,22 @@ def _as_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
     return list(images)  # a generator, a map...
 
 
+def _whole(name: str, value: Any, none_ok: bool) -> None:
+    """OptionError unless ``value`` is a whole number >= 1 (or None when ``none_ok``): a bad value failed later, on
+    every image ("exceeds the limit of 0") or inside the runtime (a pybind TypeError for threads="2")."""
+    if value is None and none_ok:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise OptionError(f"{name} must be a whole number >= 1{' or None' if none_ok else ''}, not {value!r}")
+
+
 class Classifier:
     """A loaded edgemap model: classes, preprocessing contract and one runtime session."""
 
     def __init__(self, session: Session, meta: ModelMeta, sha256: str, top_k: int = 5,
                  max_pixels: int | None = DEFAULT_MAX_PIXELS):
+        _whole("top_k", top_k, none_ok=False)
+        _whole("max_pixels", max_pixels, none_ok=True)
         self.session = session
         self.meta = meta
         self.sha256 = sha256
@@ -149,6 +165,10 @@ class Classifier:
         Example:
             >>> clf = Classifier.from_path("model.onnx", runtime="openvino")
         """
+        _whole("threads", threads, none_ok=True)
+        _whole("top_k", top_k, none_ok=False)
+        if max_pixels != FROM_MODEL:
+            _whole("max_pixels", max_pixels, none_ok=True)
         path = Path(model_file)
         data = read_model_bytes(path)
         import hashlib
@@ -186,6 +206,11 @@ class Classifier:
         session = load(path, spec, SessionOptions(threads=threads, exact=exact), data=data)  # the bytes hashed above
         del data
         _check_input(session, meta, path)
+        note = pillow_mismatch(meta)
+        if note:  # the device wheel asks for the exporting Pillow series; the runtime-only wheel and --no-deps do not
+            import warnings
+
+            warnings.warn(PillowVersionWarning(f"{path}: {note}"), stacklevel=2)
         return cls(session, meta, actual, top_k=top_k, max_pixels=meta.max_pixels if max_pixels == FROM_MODEL else max_pixels)
 
     @classmethod
@@ -309,7 +334,7 @@ def read_model_json(folder: str | Path) -> dict[str, Any]:
     return info
 
 
-__all__ = ["Classifier", "Prediction", "EdgemapError", "read_model_json", "runtime_spec", "softmax"]
+__all__ = ["Classifier", "Prediction", "EdgemapError", "PillowVersionWarning", "read_model_json", "runtime_spec", "softmax"]
 
 
 def _input_dims(session: Any) -> list[Any]:

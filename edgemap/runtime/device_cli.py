@@ -22,6 +22,7 @@ import contextlib
 import json
 import os
 import sys
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,14 @@ from typing import Any
 
 import numpy as np
 
-from edgemap.runtime.classifier import DEVICE_RUNTIMES, Classifier, Prediction, read_model_json, runtimes_for
+from edgemap.runtime.classifier import (
+    DEVICE_RUNTIMES,
+    Classifier,
+    PillowVersionWarning,
+    Prediction,
+    read_model_json,
+    runtimes_for,
+)
 from edgemap.runtime.errors import EdgemapError, ImageError
 from edgemap.runtime.preprocess import IMAGE_EXTENSIONS, is_hidden
 from edgemap.runtime.text import printable
@@ -233,11 +241,18 @@ def main(argv: list[str] | None = None, *, package_dir: str | Path | None = None
         if args.images.count("-") > 1:
             raise EdgemapError("- (stdin) can be given once")
         limit = {"max_pixels": args.max_pixels} if args.max_pixels else {}
-        if embedded:
-            clf = Classifier.from_package_dir(package_dir, runtime=args.runtime, threads=args.threads, **limit)
-        else:
-            clf = Classifier.from_path(args.model, runtime=args.runtime, expected_sha256=args.sha256, threads=args.threads,
-                                       **limit)
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always", PillowVersionWarning)
+            if embedded:
+                clf = Classifier.from_package_dir(package_dir, runtime=args.runtime, threads=args.threads, **limit)
+            else:
+                clf = Classifier.from_path(args.model, runtime=args.runtime, expected_sha256=args.sha256,
+                                           threads=args.threads, **limit)
+        for w in said:  # one line, not Python's "file:line: UserWarning" (other warnings as Python shows them)
+            if isinstance(w.message, PillowVersionWarning):
+                sys.stderr.write(f"{prog}: warning: {printable(str(w.message))}\n")
+            else:
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
         # a literal "-" is stdin (Path("./-") would also print as "-"); anything else is a path
         listing = list_images([STDIN if a == "-" else Path(a) for a in args.images])
         if listing.skipped_note():

@@ -327,6 +327,38 @@ def model_meta(info: OnnxInfo, name: str) -> ModelMeta:
     )
 
 
+def pillow_series(version: str) -> int | None:
+    """The major release of a Pillow version string ("13.0.0" → 13)."""
+    head = str(version).split(".")[0]
+    return int(head) if head.isdigit() and len(head) < 6 else None
+
+
+def pillow_mismatch(meta: ModelMeta, installed: str | None = None) -> str | None:
+    """Why this Pillow may feed the model other pixels than export measured it with (None: same major release).
+
+    Pillow decodes and resizes on the device. Its resampling has changed between major releases (13.0 rounds
+    two-pass resizes differently from 12.x: ±1 level on ~20 % of images, logits off by up to 0.09 on Lite0), and
+    XMP-only orientation is honoured only from 11.2 on; the device wheel asks for the exporting release series.
+    """
+    try:
+        versions = json.loads(meta.raw.get(K.VERSIONS, "{}"))
+    except (ValueError, RecursionError):
+        return None
+    recorded = versions.get("pillow") if isinstance(versions, dict) else None
+    if not isinstance(recorded, str) or pillow_series(recorded) is None:
+        return None
+    if installed is None:
+        import PIL
+
+        installed = PIL.__version__
+    if pillow_series(installed) == pillow_series(recorded):
+        return None
+    major = pillow_series(recorded)
+    return (f"this model was exported (evaluated, calibrated) with Pillow {recorded}; Pillow {installed} here may decode "
+            f"and resize some images differently (±1 pixel level, small logit changes): pip install "
+            f"'pillow>={major}.0,<{major + 1}' for the same pixels")
+
+
 def read_model_meta(path: str | Path) -> ModelMeta:
     """Read and validate an edgemap model's metadata from the file alone."""
     return model_meta(read_onnx_info(path), str(path))

@@ -1,8 +1,9 @@
 """The only image code outside the ONNX graph: decode, EXIF orientation, RGB, resize/crop.
 
 This module is shared by training, ``edgemap eval`` and the device wheel (it is vendored
-into the wheel), so an image becomes the same uint8 array everywhere. It imports numpy and
-Pillow only.
+into the wheel), so an image becomes the same uint8 array everywhere, with the same Pillow release
+series (Pillow's resampling changed between major releases; the device wheel asks for the series the
+model was exported with, and the Classifier warns under another). It imports numpy and Pillow only.
 
 The graph itself takes that ``(N, H, W, 3)`` uint8 RGB batch and normalises inside, so
 mean/std live in the contract for the exporter, not here.
