@@ -313,15 +313,11 @@ def _pyproject(name: str, version: str, module: str, requirements: list[str], de
 def _pillow_requirement(meta: Any) -> str:
     """The Pillow series the model was exported with (``pillow>=13.0,<14``): Pillow decodes and resizes on the device,
     and its resampling changed between major releases (see ``onnx_meta.pillow_mismatch``)."""
-    from edgemap.runtime.metadata import VERSIONS
-    from edgemap.runtime.onnx_meta import pillow_series
+    from edgemap.runtime.onnx_meta import exported_pillow, pillow_series
 
     floor = BASE_REQUIREMENTS[1]
-    try:
-        recorded = json.loads(meta.raw.get(VERSIONS, "{}")).get("pillow")
-    except (ValueError, RecursionError, AttributeError):
-        recorded = None
-    major = pillow_series(recorded) if isinstance(recorded, str) else None
+    recorded = exported_pillow(meta)
+    major = pillow_series(recorded) if recorded else None
     if major is None:
         return floor
     low = floor.split(">=")[1] if pillow_series(floor.split(">=")[1]) == major else f"{major}.0"

@@ -333,6 +333,16 @@ def pillow_series(version: str) -> int | None:
     return int(head) if head.isdigit() and len(head) < 6 else None
 
 
+def exported_pillow(meta: ModelMeta) -> str | None:
+    """The Pillow version the model was exported with (``edgemap.versions``), when it is recorded and readable."""
+    try:
+        versions = json.loads(meta.raw.get(K.VERSIONS, "{}"))
+    except (ValueError, RecursionError):
+        return None
+    recorded = versions.get("pillow") if isinstance(versions, dict) else None
+    return recorded if isinstance(recorded, str) and pillow_series(recorded) is not None else None
+
+
 def pillow_mismatch(meta: ModelMeta, installed: str | None = None) -> str | None:
     """Why this Pillow may feed the model other pixels than export measured it with (None: same major release).
 
@@ -340,12 +350,8 @@ def pillow_mismatch(meta: ModelMeta, installed: str | None = None) -> str | None
     two-pass resizes differently from 12.x: ±1 level on ~20 % of images, logits off by up to 0.09 on Lite0), and
     XMP-only orientation is honoured only from 11.2 on; the device wheel asks for the exporting release series.
     """
-    try:
-        versions = json.loads(meta.raw.get(K.VERSIONS, "{}"))
-    except (ValueError, RecursionError):
-        return None
-    recorded = versions.get("pillow") if isinstance(versions, dict) else None
-    if not isinstance(recorded, str) or pillow_series(recorded) is None:
+    recorded = exported_pillow(meta)
+    if recorded is None:
         return None
     if installed is None:
         import PIL
