@@ -673,7 +673,8 @@ def test_device_cli_json_under_any_locale_and_warnings_made_errors(tiny: dict, t
 
 def test_device_cli_survives_odd_names_empty_folders_other_files_and_stdin(tiny: dict, tmp_path: Path) -> None:
     """A file name that is not UTF-8 crashed the output (every result lost, exit 1); a folder without images stopped
-    everything (exit 2); files of other extensions vanished without a word; `-` was "file not found"."""
+    everything (exit 2); files of other extensions vanished without a word; `-` was "file not found"; a FIFO named
+    *.png in a folder hung the command."""
     import os
     import sys
 
@@ -683,6 +684,7 @@ def test_device_cli_survives_odd_names_empty_folders_other_files_and_stdin(tiny:
     with open(os.fsencode(odd) + b"/caf\xe9.png", "wb") as f:  # a Latin-1 name from an SMB share
         f.write(img)
     (odd / "IMG_1.heic").write_bytes(b"not read")
+    os.mkfifo(odd / "pipe.png")  # no writer: reading it would wait forever
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty2").mkdir()
     env = {**os.environ, "PYTHONIOENCODING": "utf-8"}  # a strict UTF-8 stdout, as on most devices
@@ -697,6 +699,7 @@ def test_device_cli_survives_odd_names_empty_folders_other_files_and_stdin(tiny:
     assert all("label" in rows[i] for i in (0, 3))
     err = r.stderr.decode("utf-8")
     assert "note: 1 file(s) in the folders skipped: not an image extension (.heic 1)" in err and "Traceback" not in err
+    assert "1 entry with an image name in the folders skipped: not a regular file" in err
     r = subprocess.run(args, input=img, capture_output=True, env=env, timeout=120)
     lines = r.stdout.decode("utf-8").splitlines()
     assert r.returncode == 1 and len(lines) == 2 and lines[0].split("\t")[0].endswith("caf\\xe9.png"), r.stderr

@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import json
 import os
+import stat
 import sys
 import warnings
 from collections.abc import Iterator
@@ -97,6 +98,9 @@ class Listing:
     #: results keep the order of the arguments
     placed_problems: list[tuple[int, tuple[Path, str]]] = field(default_factory=list)
     skipped: dict[str, int] = field(default_factory=dict)  # extension -> files in the folders that have it
+    #: image-named entries in the folders that are no regular file (a FIFO, a socket, a device): reading one could
+    #: wait forever for a writer
+    not_regular: int = 0
 
     @property
     def problems(self) -> list[tuple[Path, str]]:
@@ -112,12 +116,16 @@ class Listing:
 
     def skipped_note(self) -> str:
         """One line on the skipped files ("" if none)."""
-        if not self.skipped:
-            return ""
-        n = sum(self.skipped.values())
-        kinds = ", ".join(f"{ext or '(none)'} {c}" for ext, c in sorted(self.skipped.items()))
-        return (f"{n} file(s) in the folders skipped: not an image extension ({kinds}); images are "
-                f"{', '.join(sorted(IMAGE_EXTENSIONS))} (give a file by name to classify it anyway)")
+        notes = []
+        if self.skipped:
+            n = sum(self.skipped.values())
+            kinds = ", ".join(f"{ext or '(none)'} {c}" for ext, c in sorted(self.skipped.items()))
+            notes.append(f"{n} file(s) in the folders skipped: not an image extension ({kinds}); images are "
+                         f"{', '.join(sorted(IMAGE_EXTENSIONS))} (give a file by name to classify it anyway)")
+        if self.not_regular:
+            notes.append(f"{self.not_regular} entr{'y' if self.not_regular == 1 else 'ies'} with an image name in the "
+                         "folders skipped: not a regular file (a FIFO, socket or device; give it by name to read it)")
+        return "; ".join(notes)
 
 
 def list_images(paths: list[Path]) -> Listing:
@@ -145,6 +153,9 @@ def list_images(paths: list[Path]) -> Listing:
                     continue
                 ext = Path(f).suffix.lower()
                 if ext in IMAGE_EXTENSIONS:
+                    if not _regular_or_unreadable(Path(root) / f):
+                        out.not_regular += 1
+                        continue
                     found.append(Path(root) / f)
                 else:
                     out.skipped[ext] = out.skipped.get(ext, 0) + 1
@@ -153,6 +164,15 @@ def list_images(paths: list[Path]) -> Listing:
                 (len(out.images), (p, f"{p}: folder holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")))
         out.images += found
     return out
+
+
+def _regular_or_unreadable(path: Path) -> bool:
+    """False only for an entry that is there and is no regular file (a FIFO would block the read); a dangling link
+    stays in, to be reported as unreadable with the others."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return True
 
 
 def expand_images(paths: list[Path]) -> list[Path]:
