@@ -9,6 +9,8 @@ Usage:
     python device_classify_folder.py FOLDER OUT.csv --model model.onnx   # with the edgemap-runtime wheel
 
 CSV columns: path, label, prob, then label_2, prob_2 ... up to --top-k, and error.
+Exit code: 0 all classified, 1 some images could not be read (their rows say why), 2 nothing ran
+(bad arguments, the wheel not installed, a model that cannot be loaded: one "error:" line).
 """
 
 from __future__ import annotations
@@ -21,15 +23,37 @@ import sys
 from pathlib import Path
 
 
+class LoadFailed(Exception):
+    """The model could not be loaded: nothing can be classified (exit 2)."""
+
+
 def load_classifier(module: str | None, model: Path | None, runtime: str | None):  # noqa: ANN201
     """The embedded model of wheel ``module`` (or ``model`` through the edgemap-runtime wheel), and the
-    wheel's command-line module, which lists folders exactly as training listed class folders."""
-    if model is not None:
-        rt = importlib.import_module("edgemap_runtime")
-        clf = rt.load(model, runtime=runtime) if runtime else rt.load(model)  # load() defaults to the wheel's runtime
-        return clf, importlib.import_module("edgemap_runtime.device_cli")
-    pkg = importlib.import_module(module)
-    return pkg.load(runtime=runtime), importlib.import_module(f"{module}.device_cli")
+    wheel's command-line module, which lists folders exactly as training listed class folders.
+
+    Raises:
+        LoadFailed: with one line when the wheel is not installed or the model cannot be loaded (a changed
+            model file, a missing runtime); ``EDGEMAP_DEBUG=1`` shows the traceback instead.
+    """
+    name = "edgemap_runtime" if model is not None else module
+    try:
+        pkg = importlib.import_module(name)
+    except ImportError as e:
+        if e.name != name:  # the wheel is there but one of its dependencies is not
+            raise LoadFailed(f"{name} is installed but cannot be imported: {e}") from None
+        wheel = "the edgemap-runtime wheel" if model is not None else f"the model's wheel (import name {name})"
+        raise LoadFailed(f"no module named {name!r}: pip install {wheel} first") from None
+    try:
+        if model is not None:  # load() defaults to the wheel's runtime
+            clf = pkg.load(model, runtime=runtime) if runtime else pkg.load(model)
+        else:
+            clf = pkg.load(runtime=runtime)
+    except pkg.EdgemapError as e:
+        if os.environ.get("EDGEMAP_DEBUG"):
+            raise
+        cli = importlib.import_module(f"{name}.device_cli")
+        raise LoadFailed(cli.printable(str(e))) from None
+    return clf, importlib.import_module(f"{name}.device_cli")
 
 
 def positive(text: str) -> int:
@@ -50,7 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=positive, default=32)
     args = ap.parse_args(argv)
 
-    clf, cli = load_classifier(args.module, args.model, args.runtime)
+    try:
+        clf, cli = load_classifier(args.module, args.model, args.runtime)
+    except LoadFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     # recursive, symlinked folders followed once, hidden entries and __MACOSX skipped, as in training
     listing = cli.list_images([args.folder])
     if listing.skipped_note():

@@ -531,6 +531,11 @@ def test_example_device_script_writes_csv(venv: Path, exported: dict, tmp_path: 
     assert len(paths) == len(exported["val"]) + 1 and str(odd / "caf\\xe9.png") in paths
     r = _run(venv, str(venv), str(script), str(odd), str(out), "--module", "tiny_clf", "--batch", "0")
     assert r.returncode == 2 and "--batch" in r.stderr and "Traceback" not in r.stderr
+    # a wheel that is not installed, or a model that cannot load: one error line, exit 2 (tracebacks before)
+    r = _run(venv, str(venv), str(script), str(odd), str(out), "--module", "no_such_clf")
+    assert r.returncode == 2 and "no module named 'no_such_clf'" in r.stderr and "Traceback" not in r.stderr
+    r = _run(venv, str(venv), str(script), str(odd), str(out), "--module", "tiny_clf", "--runtime", "tpu")
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "tpu" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_metadata_that_does_not_match_the_graph_is_one_clear_error(tiny: dict, tmp_path: Path) -> None:
