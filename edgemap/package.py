@@ -48,8 +48,12 @@ BASE_REQUIREMENTS = ("numpy>=1.24", "pillow>=11.2")  # 11.2: XMP-only orientatio
 RUNTIME_DIST = "edgemap-runtime"
 MODEL_FILE = "model.onnx"
 MODEL_CARD = "MODEL_CARD.md"
-# The wheel's module must not shadow what it imports or what edgemap installs.
-_RESERVED_MODULES = {"edgemap", "numpy", "pil", "pillow", "onnxruntime", "openvino", "onnx", "torch", "setuptools", "pip"}
+# The wheel's module must not shadow what it imports, what its runtimes import (onnxruntime: flatbuffers, packaging,
+# protobuf (google.protobuf), and in older releases coloredlogs/humanfriendly and sympy/mpmath; openvino:
+# openvino_telemetry; Pillow reads XMP with defusedxml when present) or what edgemap installs.
+_RESERVED_MODULES = {"edgemap", "numpy", "pil", "pillow", "onnxruntime", "openvino", "onnx", "torch", "setuptools", "pip",
+                     "packaging", "flatbuffers", "google", "protobuf", "coloredlogs", "humanfriendly", "sympy", "mpmath",
+                     "openvino_telemetry", "defusedxml"}
 _NAME_RE = re.compile(r"^([A-Z0-9]|[A-Z0-9][A-Z0-9._-]*[A-Z0-9])$", re.IGNORECASE)  # PEP 508 / core metadata
 _IMPORT_RE = re.compile(r"^(\s*)(from|import)\s+edgemap(\.runtime)?\b(.*)$", re.MULTILINE)
 _PEP440_RE = re.compile(  # canonical public + local version (PEP 440 appendix B), used if packaging is absent

@@ -181,7 +181,10 @@ def test_classifier_runtime_errors_are_clean(tiny: dict) -> None:
 
 # ---- validation ------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["../x", "a/b", "a\\b", "", "-x", "x-", "a b", "1abc", "x..", "numpy", "edgemap",
-                                  "json", "edgemap-runtime", "é", "a:b", "/abs", "class"])
+                                  "json", "edgemap-runtime", "é", "a:b", "/abs", "class",
+                                  # what onnxruntime, openvino or Pillow import on the device
+                                  "packaging", "flatbuffers", "Google", "protobuf", "sympy", "coloredlogs",
+                                  "openvino-telemetry", "defusedxml"])
 def test_bad_names_refused(name: str) -> None:
     with pytest.raises(PackageError, match="--name"):
         validate_name(name)
