@@ -635,3 +635,6 @@ def test_head_only_for_every_epoch_is_said(digits: Path, tmp_path: Path) -> None
     finetune(digits, tmp_path / "run", FinetuneOptions(**{**TINY, "epochs": 1, "freeze_epochs": 1}), reporter=rep)
     assert any("all 1 epoch(s) train the head only (--freeze-epochs 1); the backbone is not fine-tuned" in m
                for m in rep.said), rep.said
+    # the advice works as given: `--epochs 2` alone would bring back the default 2 head-only epochs where
+    # `--epochs 1` had capped them to 1 (the note said "give --epochs 2 or more")
+    assert any("give --epochs 2 --freeze-epochs 1 " in m for m in rep.said), rep.said

@@ -420,9 +420,12 @@ def finetune(data: str | Path, out: str | Path | RunDir, opts: FinetuneOptions |
                                               max_pixels=opts.max_pixels))
         rep.message(f"dataset {scan.root}: {len(scan.classes)} classes, {_counts_line(scan)} ({scan.layout})"
                     + (f"; {dist.world} processes ({dist.backend})" if dist.active else ""))
-        if opts.freeze_epochs >= opts.epochs:  # e.g. --epochs 2 with the default --freeze-epochs 2: said, not silent
+        # e.g. --epochs 2 with the default --freeze-epochs 2: said, not silent. The advice names both options: --epochs
+        # alone would bring back the default --freeze-epochs where --epochs 1 had capped it
+        if opts.freeze_epochs >= opts.epochs:
             rep.message(f"note: all {opts.epochs} epoch(s) train the head only (--freeze-epochs {opts.freeze_epochs}); "
-                        f"the backbone is not fine-tuned: give --epochs {opts.freeze_epochs + 1} or more for that")
+                        f"the backbone is not fine-tuned: give --epochs {opts.freeze_epochs + 1} --freeze-epochs "
+                        f"{opts.freeze_epochs} (more epochs than head-only ones) for that")
         fewest = min(len(scan.train), len(scan.val))
         if dist.world > fewest:  # a rank with no images failed inside torch.cat, and the others with gloo tracebacks
             raise TrainingError(f"--nproc {dist.world}: more processes than images to share among them ({len(scan.train)} "
