@@ -29,8 +29,10 @@ import io
 import json
 import math
 import os
+import re
 import shlex
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -217,6 +219,10 @@ def _style() -> dict[str, Any]:
         "ytick.color": "#374151", "legend.frameon": False, "legend.fontsize": 8,
         "text.parse_math": False,  # a class named "$\\bad{$" is text, not mathtext (it crashed the report)
     }
+
+
+# matplotlib's UserWarning, one per glyph and plot: "Glyph 29483 (\N{...}) missing from font(s) DejaVu Sans."
+_MISSING_GLYPH = re.compile(r"Glyph (\d+) .*missing from (?:current )?font(?:\(s\))?\s*(.*?)\.?$")
 
 
 def _png(fig: Any, dpi: int) -> bytes:
@@ -566,6 +572,8 @@ class _Builder:
         self.pngs: dict[str, bytes] = {}
         self.sections: dict[str, str] = {}
         self.warnings: list[str] = []
+        self.missing_glyphs: set[str] = set()
+        self.glyph_fonts: set[str] = set()
         self.pred: _Predictions | None = None
         self.misclassified: dict[str, int] = {}
         for stage, old in (("eval", old_eval), ("bench", old_bench)):
@@ -583,7 +591,16 @@ class _Builder:
         return shlex.quote(str(self.run.path))
 
     def plot(self, name: str, make: Any, *args: Any) -> bytes:
-        data = make(*args, dpi=self.opts.dpi)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            data = make(*args, dpi=self.opts.dpi)
+        for w in caught:  # a class name in a script the plot font lacks: once in the report, not a warning per glyph
+            glyph = _MISSING_GLYPH.match(str(w.message))
+            if glyph:
+                self.missing_glyphs.add(chr(int(glyph.group(1))))
+                self.glyph_fonts.add(glyph.group(2) or "the plot font")
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         extra = None
         if isinstance(data, tuple):
             data, extra = data
@@ -592,6 +609,17 @@ class _Builder:
         self.images[name] = path
         self.pngs[name] = data
         return data if extra is None else (data, extra)  # type: ignore[return-value]
+
+    def glyph_warning(self) -> None:
+        """One warning for the characters (of class names) the plots' font could not draw."""
+        if not self.missing_glyphs:
+            return
+        font = ", ".join(sorted(self.glyph_fonts))
+        chars = sorted(self.missing_glyphs)
+        shown = " ".join(chars[:12]) + (" …" if len(chars) > 12 else "")
+        self.warnings.append(f"the plots' font ({font}) has no glyph for {len(chars)} character(s) of the class names "
+                             f"({shown}): they show as boxes in the plots (the tables show them); install a font that "
+                             "has them (e.g. Noto Sans CJK) for matplotlib to find")
 
     # -- predictions (misclassified grid, fallback confusion matrices) --
     def predict(self) -> None:
@@ -963,6 +991,7 @@ def report(run_dir: str | Path | RunDir, opts: ReportOptions | None = None) -> R
         b.accuracy_latency(), b.eval_table(), b.bench_table(), b.training(), b.confusion(),
         b.misclassified_grid(), b.gate(), b.parity(), b.dataset(), b.artifacts(),
     ]
+    b.glyph_warning()
     warn = "".join(f'<p class="warn">{_e(w)}</p>' for w in b.warnings)
     doc = (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'

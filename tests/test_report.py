@@ -450,3 +450,25 @@ def test_the_training_plot_stars_the_epoch_training_kept() -> None:
     assert _best_index(epochs, acc, 4) == 3
     assert _best_index(epochs, acc, None) == 1  # no record of the kept epoch: the first best
     assert _best_index(epochs, [float("nan")] * 4, None) is None
+
+
+def test_class_names_the_plot_font_lacks_are_one_report_warning(finished_run: RunDir, tmp_path: Path) -> None:
+    """Class folders named in CJK printed one matplotlib UserWarning per glyph and plot (dozens of lines) and the
+    report itself said nothing of the boxes in its plots."""
+    import warnings
+
+    from edgemap.report import ReportOptions, _Builder, plot_confusion
+
+    b = _Builder(finished_run, ReportOptions(), tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        b.plot("cm1", plot_confusion, np.array([[3, 1], [0, 4]]), ["猫", "犬"], "fp32")
+        b.plot("cm2", plot_confusion, np.array([[3, 1], [0, 4]]), ["猫", "cat"], "int8")
+    assert not [w for w in caught if "Glyph" in str(w.message)], [str(w.message) for w in caught]
+    b.glyph_warning()
+    assert len(b.warnings) == 1 and "has no glyph for 2 character(s) of the class names (犬 猫)" in b.warnings[0], b.warnings
+    assert "DejaVu Sans" in b.warnings[0]
+    b2 = _Builder(finished_run, ReportOptions(), tmp_path)  # Latin names: no warning
+    b2.plot("cm3", plot_confusion, np.array([[3, 1], [0, 4]]), ["cat", "dog"], "fp32")
+    b2.glyph_warning()
+    assert b2.warnings == []
