@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from edgemap.artifacts import current_results, stored_rows
+from edgemap.data.scan import ignored_text
 from edgemap.errors import EdgemapError, ManifestError
 from edgemap.fsutil import NOT_WRITABLE, atomic_write_bytes, special_file
 from edgemap.manifest import RunDir, fresh_run, hand_back, now_iso
@@ -886,7 +887,7 @@ class _Builder:
                 ["file", "reason"], [[f"<code>{_e(s[0])}</code>", _e(s[1] if len(s) > 1 else "")] for s in skipped[:200]])
         ignored = ds.get("ignored") or {}
         if ignored:
-            body += "<p class=lead>Ignored non-image files: " + _e(", ".join(f"{k}: {v}" for k, v in ignored.items())) + "</p>"
+            body += "<p class=lead>Ignored " + _e(ignored_text(ignored)) + "</p>"
         return _section("dataset", "Dataset", lead, body)
 
     def artifacts(self) -> str:

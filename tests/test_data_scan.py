@@ -244,7 +244,14 @@ def test_other_extensions_are_ignored_and_counted(tmp_path: Path, caplog: pytest
         scan = scan_dataset(tmp_path)
     assert scan.ignored == {"cat": 4, "dog": 1, ".": 1}
     assert scan.counts()["train"]["cat"] == 4 + 5
-    assert "ignored 6 non-image file(s)" in caplog.text
+    assert ("ignored 6 file(s): 1 outside the class folders (an image there has no class), 4 non-image in cat, "
+            "1 non-image in dog") in caplog.text
+    # an image left beside the class folders has no class: it was called a non-image file
+    img(tmp_path / "train" / "IMG_0001.jpg", fmt="JPEG")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="edgemap.data"):
+        assert scan_dataset(tmp_path).ignored["."] == 2
+    assert "2 outside the class folders (an image there has no class)" in caplog.text
     assert scan.to_manifest()["ignored"] == scan.ignored
 
 

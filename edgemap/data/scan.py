@@ -54,10 +54,12 @@ _TEST_NAMES = ("test",)
 _ROOT_KEY = "."  # key in `ignored` for files lying directly in a split folder, outside any class
 
 
-def _ignored_text(ignored: dict[str, int]) -> str:
-    """``{".": 1, "x": 2}`` → "1 outside the class folders, 2 in x" (a bare "." said nothing)."""
-    return ", ".join(f"{v} outside the class folders" if k == _ROOT_KEY else f"{v} in {k}"
-                     for k, v in sorted(ignored.items()))
+def ignored_text(ignored: dict[str, int]) -> str:
+    """``{".": 1, "x": 2}`` → "3 file(s): 1 outside the class folders (an image there has no class), 2 non-image in
+    x" (a bare "." said nothing, and an image left beside the class folders was called a non-image file)."""
+    parts = [f"{v} outside the class folders (an image there has no class)" if k == _ROOT_KEY else f"{v} non-image in {k}"
+             for k, v in sorted(ignored.items())]
+    return f"{sum(ignored.values())} file(s): " + ", ".join(parts)
 _MAX_LISTED = 5  # bad files named in one error message
 _PROGRESS_MIN = 200  # show a progress bar from this many files on (TTY only)
 
@@ -123,7 +125,7 @@ class DatasetScan:
         classes: sorted class names; a class's index is its label.
         train, val, test: samples per split (``test`` from ``DATA/test/`` when present).
         skipped: ``(path, reason)`` of undecodable files skipped with ``skip_bad``.
-        ignored: class -> number of non-image files ignored (``"."``: files outside any class).
+        ignored: class -> number of non-image files ignored (``"."``: files of any kind outside the class folders).
         fingerprint: sha256 over (split, relative path, size, mtime_ns) of every sample: a cheap check.
             ``edgemap.json`` also records :meth:`content_fingerprint` (the files' bytes), so files
             that were only touched or copied back (new mtimes, same content) are still the same data.
@@ -342,8 +344,7 @@ def scan_labelled(root: str | Path, opts: ScanOptions = ScanOptions()) -> Labell
     if empty:
         log.warning("%s: class folder(s) without images skipped: %s", lst.folder, ", ".join(empty))
     if lst.ignored:  # as training says it
-        log.warning("%s: ignored %d non-image file(s) (%s)", lst.folder, sum(lst.ignored.values()),
-                    _ignored_text(lst.ignored))
+        log.warning("%s: ignored %s", lst.folder, ignored_text(lst.ignored))
     files = [p for paths in lst.images.values() for p in paths]
     if not files and not lst.broken:
         raise DatasetError(f"{lst.folder}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in its class folders")
@@ -528,12 +529,7 @@ def _scan(root: str | Path, opts: ScanOptions, *, decode_check: bool, known_bad:
         for name, n in lst.ignored.items():
             ignored[name] = ignored.get(name, 0) + n
     if ignored:
-        log.warning(
-            "%s: ignored %d non-image file(s) (%s)",
-            root,
-            sum(ignored.values()),
-            _ignored_text(ignored),
-        )
+        log.warning("%s: ignored %s", root, ignored_text(ignored))
     return DatasetScan(
         root=root,
         layout=layout,
