@@ -313,7 +313,9 @@ def test_existing_run_is_never_overwritten(digits: Path, reference_run: Path) ->
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--img-size", "50", "--backbone", "efficientnet_lite0"], "multiple of 32"),
+        (["--img-size", "50", "--backbone", "efficientnet_lite0"], "multiple of 32, at least 32: give 32 or 64"),
+        (["--img-size", "100", "--backbone", "efficientnet_lite0"], "give 96 or 128"),  # said ">= 16"
+        (["--img-size", "20", "--backbone", "efficientnet_lite0"], "give 32"),
         (["--backbone", "nope"], "unknown backbone"),
         (["--epochs", "0"], "--epochs 0"),
         (["--freeze-epochs", "5", "--epochs", "2"], "exceeds --epochs"),

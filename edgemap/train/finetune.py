@@ -125,8 +125,12 @@ class FinetuneOptions:
             raise TrainingError(f"--img-size {self.img_size}: must be positive (leave it out for {spec.input_size}, "
                                 f"{self.backbone}'s own)")
         size = self.img_size or spec.input_size
-        if size < 16 or size % spec.size_multiple:
-            raise TrainingError(f"--img-size {size}: {self.backbone} needs a multiple of {spec.size_multiple} and >= 16")
+        m = spec.size_multiple
+        least = -(-16 // m) * m  # the smallest multiple of m from 16 on (">= 16" read wrong where m is 32)
+        if size < least or size % m:
+            near = sorted({max(least, size // m * m), max(least, size // m * m + m)})
+            raise TrainingError(f"--img-size {size}: {self.backbone} needs a multiple of {m}, at least {least}: give "
+                                + " or ".join(map(str, near)))
         for name, val, lo in (("epochs", self.epochs, 1), ("batch-size", self.batch_size, 1), ("freeze-epochs", self.freeze_epochs, 0),
                               ("patience", self.patience, 1), ("threads", self.threads or 0, 0), ("seed", self.seed, 0)):
             if val < lo:
