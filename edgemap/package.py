@@ -73,7 +73,10 @@ class PackageOptions:
             runtime, else fp32 (the result says which).
         name: distribution name (PEP 503); default ``<run dir name>-classifier``. It is also
             the console command; the module is the normalised name with ``_``.
-        version: PEP 440 version of the wheel.
+        version: PEP 440 version of the wheel; default ``0.1.0+m<the model's sha256, 12 hex>``, so that the wheels of
+            two models (two runs, or one run exported again) never share a version: pip keeps an installed version
+            ("Requirement already satisfied"), and a device would go on running the model it had. The runtime-only
+            wheel's default is edgemap's version.
         out: folder the wheel lands in; default ``RUN_DIR/dist`` (``./dist`` for --runtime-only).
         runtime_only: build ``edgemap-runtime`` (no model) instead.
     """
@@ -590,7 +593,7 @@ def package(run_dir: str | Path | RunDir | None, opts: PackageOptions | None = N
         run = RunDir.load(run_dir)
         default_name = re.sub(r"[^a-z0-9]+", "-", run.path.resolve().name.lower()).strip("-")
         name, module = validate_name(opts.name or (f"{default_name}-classifier" if default_name else "edgemap-classifier"))
-        version = validate_version(opts.version or opts.default_version)
+        version = validate_version(opts.version or opts.default_version)  # checked now; the model's label comes below
         out = Path(opts.out) if opts.out is not None else run.own_folder("dist")
 
     precision = key = None
@@ -610,6 +613,8 @@ def package(run_dir: str | Path | RunDir | None, opts: PackageOptions | None = N
         mismatch = model_run_mismatch(run, model)  # the card and model.json must say what the model does
         if mismatch:
             raise PackageError(mismatch)
+        if opts.version is None:  # each model its own version: pip keeps an installed version ("already satisfied")
+            version = validate_version(f"{opts.default_version}+m{entry['sha256'][:12]}")
         info = {
             "file": MODEL_FILE,
             "sha256": entry["sha256"],

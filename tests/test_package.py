@@ -255,7 +255,26 @@ def test_cli_package_errors_and_success(tiny: dict, tmp_path: Path) -> None:
     assert r.exit_code == 2 and "--version" in r.output
     r = runner.invoke(app, ["package", str(tiny["run"].path), "--name", "cli-pkg", "--out", str(tmp_path)])
     assert r.exit_code == 0, r.output
-    assert "pip install" in r.output and (tmp_path / "cli_pkg-0.1.0-py3-none-any.whl").is_file()
+    sha = tiny["run"].artifacts["onnx_fp32"]["sha256"]  # fp32: the only model of this run
+    assert "pip install" in r.output and (tmp_path / f"cli_pkg-0.1.0+m{sha[:12]}-py3-none-any.whl").is_file(), r.output
+
+
+def test_wheels_of_two_models_never_share_a_version_so_pip_replaces_the_model(venv: Path, exported: dict,
+                                                                               tmp_path: Path) -> None:
+    """Two models packaged under one name with the default version were both 0.1.0: on a device that had the
+    first, `pip install` of the second said "Requirement already satisfied" and the device went on with the old model."""
+    run = exported["run"]
+    first = package(run.path, PackageOptions(name="swap-clf", precision="fp32", out=tmp_path / "a"))
+    second = package(run.path, PackageOptions(name="swap-clf", precision="int8", out=tmp_path / "b"))
+    assert first.version == f"0.1.0+m{first.model_sha256[:12]}" and second.version == f"0.1.0+m{second.model_sha256[:12]}"
+    assert first.version != second.version
+    probe = "import swap_clf; print(swap_clf.__version__, swap_clf.load().sha256)"
+    for w in (first, second):
+        pip_install(venv, "--no-deps", str(w.wheel))  # as a device updates: the plain command, no --force-reinstall
+        r = _run(venv, str(venv), "-c", probe)
+        assert r.returncode == 0 and r.stdout.split() == [w.version, w.model_sha256], (r.stdout, r.stderr)
+    # a version given by the user is kept as given
+    assert package(run.path, PackageOptions(name="swap-clf", version="2.0", out=tmp_path / "c")).version == "2.0"
 
 
 # ---- wheels from a really exported run, in a fresh venv without torch ---------------------

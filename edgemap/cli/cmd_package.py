@@ -19,7 +19,7 @@ def register(app: typer.Typer) -> None:
         runtime: Annotated[str | None, typer.Option("--runtime", help="onnxruntime (CPU, QOperator int8) or openvino (QDQ int8).")] = None,
         precision: Annotated[str | None, typer.Option("--precision", help="int8 or fp32 \\[default: int8 when exported, else fp32]")] = None,
         name: Annotated[str | None, typer.Option("--name", help="Package name = console command \\[default: <run dir>-classifier].")] = None,
-        version: Annotated[str | None, typer.Option("--version", help="PEP 440 version \\[default: 0.1.0].")] = None,
+        version: Annotated[str | None, typer.Option("--version", help="PEP 440 version \\[default: 0.1.0+m<model sha256, 12 hex>: each model its own version, so pip on a device replaces the wheel of another model instead of keeping it].")] = None,
         out: Annotated[Path | None, typer.Option("--out", help="Folder for the wheel \\[default: RUN_DIR/dist].")] = None,
         runtime_only: Annotated[bool, typer.Option("--runtime-only", help="Build edgemap-runtime: the same module without a model.")] = False,
         json_out: JsonOpt = None,
