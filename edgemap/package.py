@@ -43,6 +43,10 @@ from edgemap.manifest import RunDir, hand_back
 WHEEL_RUNTIMES = {
     "onnxruntime": ("cpu", "onnxruntime>=1.18.1"),
     "openvino": ("openvino", "openvino>=2024.4"),
+    # onnxruntime-gpu, not onnxruntime: both install the one `onnxruntime` module, and a wheel asking for onnxruntime
+    # made pip add the CPU build beside a device's GPU build (the later one's files win). fp32 only: the CUDA
+    # execution provider has no int8 convolution kernels. 1.20: the first release on PyPI built for CUDA 12 + cuDNN 9.
+    "cuda": ("cuda", "onnxruntime-gpu>=1.20"),
 }
 BASE_REQUIREMENTS = ("numpy>=1.24", "pillow>=11.2")  # 11.2: XMP-only orientation is honoured, as in training
 RUNTIME_DIST = "edgemap-runtime"
@@ -68,7 +72,8 @@ class PackageOptions:
     """Options of ``edgemap package`` (the single home of its defaults).
 
     Attributes:
-        runtime: ``onnxruntime`` (ORT CPU; loads the QOperator int8 model) or ``openvino`` (QDQ).
+        runtime: ``onnxruntime`` (ORT CPU; loads the QOperator int8 model), ``openvino`` (QDQ) or ``cuda``
+            (ORT's CUDA execution provider, fp32; the wheel asks for ``onnxruntime-gpu``).
         precision: ``int8`` or ``fp32``; None = int8 when the run has an int8 model for this
             runtime, else fp32 (the result says which).
         name: distribution name (PEP 503); default ``<run dir name>-classifier``. It is also
@@ -185,13 +190,18 @@ def validate_version(version: str) -> str:
 # ---- choosing the artifact -----------------------------------------------------------------
 def _choose_artifact(run: RunDir, runtime: str, precision: str | None) -> tuple[str, str, Path, dict[str, Any]]:
     from edgemap.artifacts import key_for
+    from edgemap.runtime.sessions import parse_runtime
 
     spec = WHEEL_RUNTIMES[runtime][0]
+    has_int8 = parse_runtime(spec)[0].int8_format is not None
     if precision is None:
-        k8 = key_for(spec, "int8")
-        precision = "int8" if k8 in run.artifacts else "fp32"
+        precision = "int8" if has_int8 and key_for(spec, "int8") in run.artifacts else "fp32"
     if precision not in ("fp32", "int8"):
         raise PackageError(f"--precision {precision!r}: use int8 or fp32")
+    if precision == "int8" and not has_int8:
+        raise PackageError(f"--precision int8 --runtime {runtime}: ONNX Runtime's CUDA execution provider has no int8 "
+                           "convolution kernels (an int8 model would run slower than fp32, partly on the CPU); package "
+                           "--precision fp32 for the GPU, or --runtime onnxruntime / openvino for int8 on a CPU")
     try:
         key = key_for(spec, precision)
     except ManifestError as e:
@@ -405,6 +415,12 @@ def _left_out(old: list[dict[str, Any]], stage: str) -> list[str]:
                 "and package again to include the current models."]
 
 
+_CUDA_NOTE = ("Runs on an NVIDIA GPU through ONNX Runtime's CUDA execution provider: onnxruntime-gpu replaces "
+              "onnxruntime (never install both), and its release must match the device's CUDA and cuDNN (1.20–1.26: "
+              "CUDA 12 + cuDNN 9; 1.27 on: CUDA 13). Without a usable GPU the command exits 2 with \"runtime 'cuda' "
+              "unavailable: <reason>\"; `--runtime onnxruntime` runs it on the CPU instead.")
+
+
 def model_card(run: RunDir | None, info: dict[str, Any], name: str, version: str, module: str) -> str:
     """The README/model card: use, classes, accuracy (eval), latency (bench), input contract."""
     lines = [f"# {name} {version}", ""]
@@ -427,6 +443,7 @@ def model_card(run: RunDir | None, info: dict[str, Any], name: str, version: str
         "```python", f"import {module}", f"clf = {module}.load()   # sha256 of the model checked here",
         'for p in clf.predict(["a.jpg", "b.png"], top_k=3):', "    print(p.label, p.prob, p.topk)", "```", "",
         f"Depends on: {', '.join(info['requirements'])} (no torch).", "",
+        *([_CUDA_NOTE, ""] if info["runtime"] == "cuda" else []),
         f"## Classes ({len(info['classes'])})", "", "| index | class |", "|---|---|",
     ]
     lines += [f"| {i} | {_fmt(cname)} |" for i, cname in enumerate(info["classes"])]
@@ -605,10 +622,12 @@ def package(run_dir: str | Path | RunDir | None, opts: PackageOptions | None = N
         from edgemap.runtime.onnx_meta import read_model_meta
 
         meta = read_model_meta(model)  # refuses external data / missing metadata before we ship it
-        if runtime == "onnxruntime":  # what this model needs: an opset-23 model fails to load on onnxruntime 1.18
+        if runtime in ("onnxruntime", "cuda"):  # what this model needs: an opset-23 model fails to load on 1.18
             from edgemap.runtime.onnx_meta import onnxruntime_floor, parse_model_bytes
 
-            requirements[-1] = f"onnxruntime>={onnxruntime_floor(parse_model_bytes(model.read_bytes(), str(model)))}"
+            dist, least = WHEEL_RUNTIMES[runtime][1].split(">=")
+            floor = onnxruntime_floor(parse_model_bytes(model.read_bytes(), str(model)))
+            requirements[-1] = f"{dist}>={max(floor, least, key=lambda v: tuple(map(int, v.split('.'))))}"
         requirements[1] = _pillow_requirement(meta)
         mismatch = model_run_mismatch(run, model)  # the card and model.json must say what the model does
         if mismatch:

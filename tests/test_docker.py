@@ -16,7 +16,9 @@ No docker engine runs here, so a tiny interpreter replays a Dockerfile in a fres
 
 The CUDA file is replayed with ``onnxruntime`` in place of ``onnxruntime-gpu``: the GPU
 build is a ~300 MB download that needs CUDA/cuDNN libraries no test machine has, and both
-builds provide the same ``onnxruntime`` module. The replay therefore checks that the file
+builds provide the same ``onnxruntime`` module. Its wheel is likewise the ``--runtime onnxruntime``
+fp32 wheel, which differs from the ``--runtime cuda`` one only in asking for ``onnxruntime``
+(tests/test_package.py checks the cuda wheel itself). The replay therefore checks that the file
 parses, that its install steps and the ``--help`` smoke step work, and that its entrypoint
 (which asks for ``--runtime cuda``) exits 2 with "unavailable: <reason>" and no traceback.
 The image's Python differs too (Ubuntu 24.04's 3.12 there, this machine's 3.11 here).
@@ -187,7 +189,11 @@ def test_dockerfile_parses(name: str) -> None:
     assert json.loads(next(r for i, r in steps if i == "CMD")) == ["--help"]
     assert ("USER", "nobody") in steps
     if name == "Dockerfile.cuda":
-        assert "onnxruntime-gpu" in runs and "--no-deps" in runs and "--runtime cuda" in ep[2]
+        # the `--runtime cuda` wheel asks for onnxruntime-gpu itself: installed after it (capped for the base's CUDA),
+        # with its own requirements (its Pillow series: --no-deps installed whatever Pillow was newest)
+        assert "--runtime cuda" in ep[2] and "--no-deps" not in runs
+        assert -1 < runs.index('"onnxruntime-gpu') < runs.index("${WHEEL}"), runs
+        assert "edgemap package models/digits --runtime cuda " in (DOCKER / name).read_text(encoding="utf-8")
         # the CUDA major of the base and of onnxruntime-gpu agree: 1.27+ are CUDA 13 builds (their PyPI metadata)
         cuda_major = int(re.match(r"nvidia/cuda:(\d+)\.", steps[0][1]).group(1))
         spec = re.search(r'"onnxruntime-gpu([^"]*)"', runs).group(1)
@@ -251,6 +257,7 @@ def test_replay_openvino(tiny: dict, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_replay_cuda_reports_unavailable(tiny: dict, tmp_path: Path) -> None:
+    # the stand-in for the --runtime cuda wheel (see the module's docstring)
     rp = _replay(tiny, tmp_path, "Dockerfile.cuda",
                  PackageOptions(runtime="onnxruntime", precision="fp32", name="dock-cuda", out=tmp_path / "dist"),
                  substitute={"onnxruntime-gpu": "onnxruntime"})

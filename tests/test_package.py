@@ -799,3 +799,31 @@ def test_the_wheel_asks_for_the_onnxruntime_its_model_needs(exported: dict, tmp_
     with zipfile.ZipFile(w.wheel) as z:
         meta = z.read(next(n for n in z.namelist() if n.endswith("METADATA"))).decode()
     assert "Requires-Dist: onnxruntime>=1.23" in meta
+
+
+def test_a_cuda_wheel_asks_for_onnxruntime_gpu_and_runs_fp32_on_the_gpu_only(venv: Path, exported: dict,
+                                                                          tmp_path: Path) -> None:
+    """There was no GPU wheel: the onnxruntime wheel asks for `onnxruntime`, so on a device with onnxruntime-gpu pip
+    added the CPU build over the same module."""
+    run = exported["run"]
+    w = package(run.path, PackageOptions(runtime="cuda", name="gpu-clf", out=tmp_path))
+    assert w.precision == "fp32" and w.runtime == "cuda"  # int8 exported, but the CUDA EP has no int8 convolutions
+    assert w.model_sha256 == run.artifacts["onnx_fp32"]["sha256"]
+    with zipfile.ZipFile(w.wheel) as z:
+        meta = z.read(f"gpu_clf-{w.version}.dist-info/METADATA").decode()
+        card = z.read("gpu_clf/MODEL_CARD.md").decode()
+    deps = [line.split(": ", 1)[1] for line in meta.splitlines() if line.startswith("Requires-Dist: ")]
+    assert any(d.startswith("onnxruntime-gpu>=1.2") for d in deps) and not any(d.startswith("onnxruntime>") for d in deps)
+    assert "replaces onnxruntime (never install both)" in card and "--runtime onnxruntime" in card
+    with pytest.raises(PackageError, match="no int8 convolution kernels"):
+        package(run.path, PackageOptions(runtime="cuda", precision="int8", name="gpu-clf", out=tmp_path))
+    # on this machine's CPU onnxruntime (standing in for onnxruntime-gpu: --no-deps): the GPU is asked for, and said
+    # missing, never run on the CPU in its place; --runtime onnxruntime runs it on the CPU as eval does
+    pip_install(venv, "--no-deps", str(w.wheel))
+    img = str(exported["val"][0])
+    r = _run(venv, str(venv.parent / "gpu-clf"), img)
+    assert r.returncode == 2 and "runtime 'cuda' unavailable:" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = _run(venv, str(venv.parent / "gpu-clf"), img, "--runtime", "onnxruntime", "--json")
+    assert r.returncode == 0, r.stderr
+    ref = _eval_probs(run, [exported["val"][0]], "fp32")
+    assert json.loads(r.stdout)[0]["label"] == run.classes[int(ref.argmax())]

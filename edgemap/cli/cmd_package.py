@@ -16,7 +16,7 @@ def register(app: typer.Typer) -> None:
     @handle_errors
     def package_cmd(
         run_dir: Annotated[Path | None, typer.Argument(help="Run directory with an exported model (not needed with --runtime-only).", show_default=False)] = None,
-        runtime: Annotated[str | None, typer.Option("--runtime", help="onnxruntime (CPU, QOperator int8) or openvino (QDQ int8).")] = None,
+        runtime: Annotated[str | None, typer.Option("--runtime", help="onnxruntime (CPU, QOperator int8), openvino (QDQ int8) or cuda (NVIDIA GPU, fp32; the wheel asks for onnxruntime-gpu, which replaces onnxruntime).")] = None,
         precision: Annotated[str | None, typer.Option("--precision", help="int8 or fp32 \\[default: int8 when exported, else fp32]")] = None,
         name: Annotated[str | None, typer.Option("--name", help="Package name = console command \\[default: <run dir>-classifier].")] = None,
         version: Annotated[str | None, typer.Option("--version", help="PEP 440 version \\[default: 0.1.0+m<model sha256, 12 hex>: each model its own version, so pip on a device replaces the wheel of another model instead of keeping it].")] = None,
