@@ -574,6 +574,13 @@ def test_metadata_that_does_not_match_the_graph_is_one_clear_error(tiny: dict, t
     for runtime in ("onnxruntime", "openvino"):
         with pytest.raises(ModelFormatError, match=r"graph takes input .*32, 32, 3.*\(N, 96, 96, 3\)"):
             Classifier.from_path(tmp_path / "lying.onnx", runtime=runtime)
+    # a hand-edited contract with a key removed loaded with a default (mean 127 where the model needs its own)
+    del pre["mean"]
+    pre["height"] = pre["width"] = 32
+    set_metadata(m, {K.PREPROCESS: json.dumps(pre)})
+    onnx.save(m, str(tmp_path / "edited.onnx"))
+    with pytest.raises(ModelFormatError, match=r"metadata 'edgemap.preprocess' invalid .*missing 'mean'"):
+        Classifier.from_path(tmp_path / "edited.onnx")
 
 
 def test_a_model_exported_with_another_pillow_series_is_warned_about(tiny: dict, tmp_path: Path, capsys) -> None:  # noqa: ANN001

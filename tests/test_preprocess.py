@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -576,6 +577,22 @@ def test_contract_round_trip_and_validation() -> None:
             PreprocessContract(8, 8, **bad)
     with pytest.raises(ImageError, match="invalid preprocessing contract"):
         PreprocessContract.from_dict({"width": 8})
+    # read strictly (a hand-edited model or model.json): each was accepted, and fed the model other pixels
+    good = c.to_dict()
+    for change, message in (
+        ({"mean": None}, "missing 'mean'"),  # None: the key removed (below)
+        ({"height": 24.9}, "height must be a whole number"),  # was read as 24
+        ({"width": "32"}, "width must be a whole number"),
+        ({"layout": "NCHW float32 BGR"}, "this runtime feeds 'NHWC uint8 RGB'"),  # was not checked
+        ({"pad_color": [0, 0, 0]}, "unknown key(s) 'pad_color': written by a newer edgemap?"),  # was ignored
+        ({"crop_pct": True}, "crop_pct must be a number"),
+        ({"mean": "127"}, "mean must be a list of 3 numbers"),
+        ({"std": [1, 2, 0]}, "std must be positive"),
+    ):
+        d = {k: v for k, v in {**good, **change}.items() if v is not None}
+        with pytest.raises(ImageError, match=re.escape(message)):
+            PreprocessContract.from_dict(d)
+    assert PreprocessContract.from_dict({**good, "height": 24}).height == 24
 
 
 def test_not_an_image_type_is_an_image_error() -> None:

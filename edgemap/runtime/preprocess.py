@@ -18,7 +18,7 @@ import os
 import re
 import threading
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Union
 
@@ -60,6 +60,13 @@ _WHITE = (255, 255, 255)
 ImageInput = Union[str, Path, bytes, Image.Image, np.ndarray]
 
 
+def _number(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+LAYOUT = "NHWC uint8 RGB"  # what the graph takes: preprocessing (mean/std) happens inside it
+
+
 @dataclass(frozen=True)
 class PreprocessContract:
     """How a file becomes the model's input, recorded in edgemap.json, ONNX metadata and wheels.
@@ -80,7 +87,7 @@ class PreprocessContract:
     interpolation: str = "bilinear"
     mean: tuple[float, float, float] = (127.0, 127.0, 127.0)
     std: tuple[float, float, float] = (128.0, 128.0, 128.0)
-    layout: str = field(default="NHWC uint8 RGB")
+    layout: str = field(default=LAYOUT)
 
     def __post_init__(self) -> None:
         if self.resize not in RESIZE_RULES:
@@ -106,18 +113,44 @@ class PreprocessContract:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PreprocessContract:
+        """The contract :meth:`to_dict` wrote, read strictly: every key present (a missing one fell back to a default
+        that may not be what the model was trained with), no unknown key (a newer edgemap's rule this runtime would
+        not apply), whole-number sizes (32.9 was read as 32) and the one layout the graph takes.
+
+        Raises:
+            ImageError: naming what is wrong.
+        """
+        def bad(why: str) -> ImageError:
+            return ImageError(f"invalid preprocessing contract {printable(repr(d))[:300]}: {why}")
+
+        if not isinstance(d, dict):
+            raise bad("not a JSON object")
+        keys = [f.name for f in fields(cls)]
+        missing = [k for k in keys if k not in d]
+        if missing:
+            raise bad(f"missing {', '.join(map(repr, missing))} (`edgemap export` writes every key; export again)")
+        unknown = sorted(str(k) for k in d if k not in keys)
+        if unknown:
+            raise bad(f"unknown key(s) {', '.join(map(repr, unknown))}: written by a newer edgemap? upgrade this runtime")
+        for k in ("height", "width"):
+            if type(d[k]) is not int:
+                raise bad(f"{k} must be a whole number, not {d[k]!r}")
+        if d["layout"] != LAYOUT:
+            raise bad(f"layout {d['layout']!r}: this runtime feeds {LAYOUT!r} (the layout `edgemap export` writes)")
+        for k in ("resize", "interpolation"):
+            if not isinstance(d[k], str):
+                raise bad(f"{k} must be a string, not {d[k]!r}")
+        if not _number(d["crop_pct"]):
+            raise bad(f"crop_pct must be a number, not {d['crop_pct']!r}")
+        for k in ("mean", "std"):
+            if not isinstance(d[k], list | tuple) or not all(_number(v) for v in d[k]):
+                raise bad(f"{k} must be a list of 3 numbers, not {d[k]!r}")
         try:
-            return cls(
-                height=int(d["height"]),
-                width=int(d["width"]),
-                resize=str(d.get("resize", "shorter_center_crop")),
-                crop_pct=float(d.get("crop_pct", 1.0)),
-                interpolation=str(d.get("interpolation", "bilinear")),
-                mean=tuple(float(x) for x in d.get("mean", (127.0,) * 3)),  # type: ignore[arg-type]
-                std=tuple(float(x) for x in d.get("std", (128.0,) * 3)),  # type: ignore[arg-type]
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise ImageError(f"invalid preprocessing contract {d!r}: {e}") from e
+            return cls(height=d["height"], width=d["width"], resize=d["resize"], crop_pct=float(d["crop_pct"]),
+                       interpolation=d["interpolation"], mean=tuple(float(x) for x in d["mean"]),  # type: ignore[arg-type]
+                       std=tuple(float(x) for x in d["std"]))  # type: ignore[arg-type]
+        except (TypeError, ValueError, OverflowError) as e:
+            raise bad(str(e)) from e
 
 
 def open_image(source: str | Path | bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
