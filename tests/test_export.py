@@ -637,3 +637,45 @@ def test_int8_targets_name_each_runtime_once() -> None:
     for device in ("openvino:GPU", "openvino:FOO"):
         with pytest.raises(QuantizationError, match=f"--targets {device}: name runtimes .* not devices"):
             _int8_plan(("cpu", device))
+
+
+def test_exports_from_threads_keep_stdout_and_agree() -> None:
+    """torch_to_onnx_bytes silences fd 1 while torch exports (it prints graphs there): from two threads at once, one
+    thread saved the other's /dev/null as "stdout" and restored it, so the process lost its stdout for good; and
+    torch.onnx keeps export state in globals. Exports now take turns."""
+    import os
+    import threading
+
+    import torch
+
+    from edgemap.export.onnx_export import torch_to_onnx_bytes
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x.permute(0, 3, 1, 2).float()).mean((2, 3))
+
+    torch.manual_seed(0)
+    net = Net()
+    before = os.fstat(1)
+    results: list[bytes | BaseException] = []
+
+    def work() -> None:
+        for _ in range(3):
+            try:
+                results.append(torch_to_onnx_bytes(net, 16, 16, 17))
+            except BaseException as e:  # noqa: BLE001 - reported below
+                results.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    after = os.fstat(1)
+    assert (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino), "fd 1 no longer is the process's stdout"
+    assert all(isinstance(r, bytes) for r in results), [r for r in results if not isinstance(r, bytes)]
+    assert len(set(results)) == 1

@@ -17,6 +17,7 @@ import json
 import os
 import re
 import sys
+import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -102,6 +103,9 @@ def _stdout_fd_silenced() -> Iterator[None]:
         os.close(devnull)
 
 
+_EXPORT_LOCK = threading.Lock()
+
+
 def torch_to_onnx_bytes(net: Any, height: int, width: int, opset: int) -> bytes:
     """Trace ``net`` (uint8 NHWC in, logits out) into serialized ONNX with a dynamic batch.
 
@@ -119,7 +123,10 @@ def torch_to_onnx_bytes(net: Any, height: int, width: int, opset: int) -> bytes:
     example = torch.zeros((2, height, width, 3), dtype=torch.uint8)
     buf = io.BytesIO()
     try:
-        with warnings.catch_warnings(), torch.no_grad(), _stdout_fd_silenced():
+        # one export at a time in this process: torch.onnx keeps its export state in globals ("GLOBALS.in_onnx_export
+        # must be True" from a second thread), and fd 1 is silenced process-wide (a second thread saved the first's
+        # /dev/null as "stdout" and restored it: stdout was gone for good)
+        with _EXPORT_LOCK, warnings.catch_warnings(), torch.no_grad(), _stdout_fd_silenced():
             warnings.simplefilter("ignore")  # TorchScript exporter deprecation notes
             torch.onnx.export(
                 net.eval(), (example,), buf, dynamo=False, opset_version=opset,
