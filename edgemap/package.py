@@ -578,7 +578,7 @@ def package(run_dir: str | Path | RunDir | None, opts: PackageOptions | None = N
     Example:
         >>> r = package("models/digits", PackageOptions(runtime="onnxruntime", precision="int8"))
         >>> r.pip_install
-        'pip install models/digits/dist/digits_classifier-0.1.0-py3-none-any.whl'
+        'pip install models/digits/dist/digits_classifier-0.1.0+m3fa2b9c1d2e4-py3-none-any.whl'
     """
     opts = opts or PackageOptions()
     caller = run_dir
