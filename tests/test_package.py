@@ -768,11 +768,15 @@ def test_device_cli_help_names_the_runtimes_of_its_model_and_survives_a_broken_m
 def test_rebuilding_a_wheel_warns_only_when_its_contents_change(exported: dict, tmp_path: Path) -> None:
     """Same name and version, other contents: pip keeps the version a device already has, so say so."""
     run = exported["run"]
-    first = package(run.path, PackageOptions(name="same-clf", out=tmp_path))
-    again = package(run.path, PackageOptions(name="same-clf", out=tmp_path))
+    first = package(run.path, PackageOptions(name="same-clf", version="1.0", out=tmp_path))
+    again = package(run.path, PackageOptions(name="same-clf", version="1.0", out=tmp_path))
     assert not first.replaced and not again.replaced  # the same contents (only zip timestamps differ)
-    other = package(run.path, PackageOptions(name="same-clf", out=tmp_path, runtime="openvino"))
+    other = package(run.path, PackageOptions(name="same-clf", version="1.0", out=tmp_path, runtime="openvino"))
     assert other.replaced and other.wheel == first.wheel and other.to_dict()["replaced"] is True
+    # with the default version another model is another version: a wheel of its own, nothing replaced
+    a = package(run.path, PackageOptions(name="same-clf", out=tmp_path))
+    b = package(run.path, PackageOptions(name="same-clf", out=tmp_path, runtime="openvino"))
+    assert not b.replaced and a.wheel != b.wheel and a.wheel.is_file()
     assert other.pip_install.startswith("pip install --force-reinstall --no-deps ") and "--force" not in first.pip_install
 
 
