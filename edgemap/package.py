@@ -78,10 +78,10 @@ class PackageOptions:
             runtime, else fp32 (the result says which).
         name: distribution name (PEP 503); default ``<run dir name>-classifier``. It is also
             the console command; the module is the normalised name with ``_``.
-        version: PEP 440 version of the wheel; default ``0.1.0+m<the model's sha256, 12 hex>``, so that the wheels of
-            two models (two runs, or one run exported again) never share a version: pip keeps an installed version
-            ("Requirement already satisfied"), and a device would go on running the model it had. The runtime-only
-            wheel's default is edgemap's version.
+        version: PEP 440 version of the wheel; default ``0.1.0.<export time>+<runtime>.m<model sha256, 12 hex>``
+            (:func:`default_model_version`), so that two models' or runtimes' wheels never share a version (pip keeps
+            an installed version: "Requirement already satisfied", and a device would go on running what it had) and
+            ``pip install -U`` moves to the latest export. The runtime-only wheel's default is edgemap's version.
         out: folder the wheel lands in; default ``RUN_DIR/dist`` (``./dist`` for --runtime-only).
         runtime_only: build ``edgemap-runtime`` (no model) instead.
     """
@@ -112,6 +112,7 @@ class PackageResult:
     requirements: list[str] = field(default_factory=list)
     replaced: bool = False  # a wheel of the same name and version with other contents was overwritten
     warnings: list[str] = field(default_factory=list)
+    replaced_requirements: bool = False  # ... and the one overwritten asked for other packages
 
     @property
     def overhead_bytes(self) -> int | None:
@@ -120,9 +121,8 @@ class PackageResult:
 
     @property
     def pip_install(self) -> str:
-        """The install command; with --force-reinstall --no-deps when this build replaced a same-version wheel of other
-        contents (pip keeps a version it already installed; its dependencies need no reinstall)."""
-        return pip_install_command(self.wheel, self.replaced)
+        """The install command (see :func:`pip_install_command`)."""
+        return pip_install_command(self.wheel, self.replaced, self.runtime, self.replaced_requirements)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -134,10 +134,36 @@ class PackageResult:
         }
 
 
-def pip_install_command(wheel: str | Path, replaced: bool = False) -> str:
-    """``pip install WHEEL``, with ``--force-reinstall --no-deps`` when the build replaced a same-version wheel of
-    other contents (pip keeps a version it already installed; its dependencies need no reinstall)."""
-    return f"pip install {'--force-reinstall --no-deps ' if replaced else ''}{shlex.quote(str(wheel))}"
+#: what a ``--runtime cuda`` wheel's install puts first: onnxruntime-gpu replaces onnxruntime (one module), and its
+#: newest releases are CUDA 13 builds (1.27 on) that a CUDA 12 device cannot use, so the cap is the device's choice
+CUDA12_ONNXRUNTIME_GPU = "onnxruntime-gpu>=1.20,<1.27"
+
+
+def pip_install_command(wheel: str | Path, replaced: bool = False, runtime: str | None = None,
+                        deps_changed: bool = False) -> str:
+    """``pip install WHEEL``.
+
+    With ``--force-reinstall`` when the build replaced a same-version wheel of other contents (pip keeps a version it
+    already installed), and ``--no-deps`` then only when that wheel asked for the same packages. A ``cuda`` wheel's
+    command removes a CPU onnxruntime and installs onnxruntime-gpu for CUDA 12 first (see
+    :data:`CUDA12_ONNXRUNTIME_GPU`; a CUDA 13 device takes ``onnxruntime-gpu>=1.27`` instead)."""
+    flags = ("--force-reinstall " + ("" if deps_changed else "--no-deps ")) if replaced else ""
+    first = (f"pip uninstall -y onnxruntime && pip install {shlex.quote(CUDA12_ONNXRUNTIME_GPU)} && "
+             if runtime == "cuda" else "")
+    return f"{first}pip install {flags}{shlex.quote(str(wheel))}"
+
+
+def default_model_version(base: str, entry: dict[str, Any], runtime: str) -> str:
+    """``<base>.<export time, UTC yyyymmddHHMMSS>+<runtime>.m<model sha256, 12 hex>`` (without the time when the
+    artifact does not record one).
+
+    Every model and runtime its own version, so pip never keeps another one as "already installed"; and a later
+    export is a higher version, so ``pip install -U`` from a wheelhouse or an index moves to the newest model
+    (a label alone sorted by its hex digits). The same model packaged again gets the same version.
+    """
+    stamp = re.sub(r"\D", "", str(entry.get("created", "")))[:14]
+    public = f"{base}.{stamp}" if len(stamp) == 14 else base
+    return f"{public}+{runtime}.m{entry['sha256'][:12]}"
 
 
 # ---- validation ---------------------------------------------------------------------------
@@ -438,7 +464,7 @@ def model_card(run: RunDir | None, info: dict[str, Any], name: str, version: str
     lines += [
         f"Image classifier packaged by edgemap from run `{_code(info['source_run'])}` "
         f"(backbone `{_code(info['backbone'])}`, {_kind(info)} model for {info['runtime']}).", "",
-        "## Use", "", "```sh", f"pip install {module}-{version}-py3-none-any.whl",
+        "## Use", "", "```sh", pip_install_command(f"{module}-{version}-py3-none-any.whl", runtime=info["runtime"]),
         f"{name} photo.jpg more/photos/ --top-k 3 [--json]", "```", "",
         "```python", f"import {module}", f"clf = {module}.load()   # sha256 of the model checked here",
         'for p in clf.predict(["a.jpg", "b.png"], top_k=3):', "    print(p.label, p.prob, p.topk)", "```", "",
@@ -578,7 +604,7 @@ def package(run_dir: str | Path | RunDir | None, opts: PackageOptions | None = N
     Example:
         >>> r = package("models/digits", PackageOptions(runtime="onnxruntime", precision="int8"))
         >>> r.pip_install
-        'pip install models/digits/dist/digits_classifier-0.1.0+m3fa2b9c1d2e4-py3-none-any.whl'
+        'pip install models/digits/dist/digits_classifier-0.1.0.20261130101500+onnxruntime.m3fa2b9c1d2e4-py3-none-any.whl'
     """
     opts = opts or PackageOptions()
     caller = run_dir
@@ -632,8 +658,8 @@ def package(run_dir: str | Path | RunDir | None, opts: PackageOptions | None = N
         mismatch = model_run_mismatch(run, model)  # the card and model.json must say what the model does
         if mismatch:
             raise PackageError(mismatch)
-        if opts.version is None:  # each model its own version: pip keeps an installed version ("already satisfied")
-            version = validate_version(f"{opts.default_version}+m{entry['sha256'][:12]}")
+        if opts.version is None:
+            version = validate_version(default_model_version(opts.default_version, entry, runtime))
         info = {
             "file": MODEL_FILE,
             "sha256": entry["sha256"],
@@ -672,6 +698,7 @@ def package(run_dir: str | Path | RunDir | None, opts: PackageOptions | None = N
         if dest.resolve().parent != out.resolve():
             raise PackageError(f"wheel name {whl.name!r} would land outside {out}")
         replaced = dest.is_file() and _contents(dest) != _contents(whl)
+        deps_changed = replaced and _requires(dest) != _requires(whl)
         with atomic_path(dest) as tmp_dest:
             shutil.copyfile(whl, tmp_dest)
             os.chmod(tmp_dest, 0o644)  # mkstemp makes 0600; a wheel is meant to be shared
@@ -684,7 +711,19 @@ def package(run_dir: str | Path | RunDir | None, opts: PackageOptions | None = N
         wheel=dest, name=name, module=module, version=version, command=name, runtime=runtime, precision=precision,
         model_sha256=info["sha256"] if info else None, model_bytes=info["bytes"] if info else None,
         wheel_bytes=dest.stat().st_size, requirements=requirements, replaced=replaced, warnings=warnings,
+        replaced_requirements=deps_changed,
     )
+
+
+def _requires(wheel: Path) -> list[str] | None:
+    """A wheel's Requires-Dist lines (None: unreadable)."""
+    try:
+        with zipfile.ZipFile(wheel) as z:
+            meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+            return sorted(line for line in z.read(meta).decode("utf-8", "replace").splitlines()
+                          if line.startswith("Requires-Dist:"))
+    except (OSError, zipfile.BadZipFile, StopIteration, KeyError):
+        return None
 
 
 def _contents(wheel: Path) -> dict[str, int] | None:

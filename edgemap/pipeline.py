@@ -76,6 +76,8 @@ class RunResult:
     unavailable: list[tuple[str, str]] = field(default_factory=list)  # runtimes eval could not run, and why
     eval_data: str | None = None  # what the accuracies were measured on (folder, split, images)
     wheel_replaced: bool = False  # this run rebuilt a same-version wheel with other contents
+    wheel_deps_changed: bool = False  # ... which asked for other packages
+    wheel_runtime: str | None = None  # the runtime the wheel is for (its install command differs for cuda)
     skipped: list[str] = field(default_factory=list)  # unreadable files this command's fine-tuning skipped (--skip-bad)
 
     @property
@@ -83,7 +85,8 @@ class RunResult:
         """The device's install command for the wheel this run made (None without one)."""
         from edgemap.package import pip_install_command
 
-        return pip_install_command(self.wheel, self.wheel_replaced) if self.wheel else None
+        return (pip_install_command(self.wheel, self.wheel_replaced, self.wheel_runtime, self.wheel_deps_changed)
+                if self.wheel else None)
 
     @property
     def did_nothing(self) -> bool:
@@ -284,7 +287,7 @@ def run_pipeline(data: str | Path, out: str | Path | RunDir, opts: RunOptions = 
     t0 = time.perf_counter()
     outcomes: list[StageOutcome] = []
     wheel = report_path = None
-    wheel_replaced = False
+    wheel_replaced = wheel_deps_changed = False
     with contextlib.ExitStack() as held:
         # one writer per run directory (manifest.run_lock); the stages' own locks nest inside this one
         held_lock = (out / MANIFEST_NAME).is_file()
@@ -325,7 +328,7 @@ def run_pipeline(data: str | Path, out: str | Path | RunDir, opts: RunOptions = 
                 _remember_options(out, opts)  # this command's options: its --calib-size, --runtime, --name...
                 raise
             if stage == "package":
-                wheel, wheel_replaced = made
+                wheel, wheel_replaced, wheel_deps_changed = made
             elif stage == "report":
                 report_path = made
             run = RunDir.load(out)  # stages save the manifest themselves: reload, never overwrite theirs
@@ -353,6 +356,7 @@ def run_pipeline(data: str | Path, out: str | Path | RunDir, opts: RunOptions = 
             summary=[r for r in summarize(run) if r["precision"] in opts.eval.precisions],
             report=report_path, seconds=time.perf_counter() - t0, unavailable=_unavailable(run),
             eval_data=((run.data.get("metrics") or {}).get("eval") or {}).get("data"), wheel_replaced=wheel_replaced,
+            wheel_deps_changed=wheel_deps_changed, wheel_runtime=(opts.package.runtime or "onnxruntime").strip().lower(),
         )
 
 
@@ -393,7 +397,8 @@ def _run_stage(stage: str, data: Path, out: Path, opts: RunOptions, finetune_rep
         return "done", f"{sum(r.status == 'ok' for r in rows)} rows", None
     if stage == "package":
         res = package(out, opts.package)
-        return "done", f"{res.wheel.name} ({res.wheel_bytes / 1e6:.2f} MB, {res.precision})", (str(res.wheel), res.replaced)
+        return ("done", f"{res.wheel.name} ({res.wheel_bytes / 1e6:.2f} MB, {res.precision})",
+                (str(res.wheel), res.replaced, res.replaced_requirements))
     from edgemap.report import ReportOptions, report
 
     res = report(out, ReportOptions())

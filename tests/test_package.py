@@ -8,6 +8,7 @@ predictions with eval's path (same artifact, same preprocessing) image by image.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import zipfile
@@ -256,23 +257,49 @@ def test_cli_package_errors_and_success(tiny: dict, tmp_path: Path) -> None:
     r = runner.invoke(app, ["package", str(tiny["run"].path), "--name", "cli-pkg", "--out", str(tmp_path)])
     assert r.exit_code == 0, r.output
     sha = tiny["run"].artifacts["onnx_fp32"]["sha256"]  # fp32: the only model of this run
-    assert "pip install" in r.output and (tmp_path / f"cli_pkg-0.1.0+m{sha[:12]}-py3-none-any.whl").is_file(), r.output
+    made = [p.name for p in tmp_path.glob("cli_pkg-*.whl")]
+    assert "pip install" in r.output and len(made) == 1, (made, r.output)
+    assert re.fullmatch(rf"cli_pkg-0\.1\.0\.20\d{{12}}\+onnxruntime\.m{sha[:12]}-py3-none-any\.whl", made[0]), made
 
 
 def test_wheels_of_two_models_never_share_a_version_so_pip_replaces_the_model(venv: Path, exported: dict,
                                                                                tmp_path: Path) -> None:
     """Two models packaged under one name with the default version were both 0.1.0: on a device that had the
-    first, `pip install` of the second said "Requirement already satisfied" and the device went on with the old model."""
+    first, `pip install` of the second said "already installed with the same version" and the device went on with the
+    old model. Then a `+m<sha>` label alone: `pip install -U` from a wheelhouse chose by the hex digits, and one fp32
+    model packaged for the CPU and for CUDA shared a version."""
+    import time
+
+    from edgemap.export import ExportOptions, export
+
     run = exported["run"]
-    first = package(run.path, PackageOptions(name="swap-clf", precision="fp32", out=tmp_path / "a"))
-    second = package(run.path, PackageOptions(name="swap-clf", precision="int8", out=tmp_path / "b"))
-    assert first.version == f"0.1.0+m{first.model_sha256[:12]}" and second.version == f"0.1.0+m{second.model_sha256[:12]}"
-    assert first.version != second.version
+    first = package(run.path, PackageOptions(name="swap-clf", precision="fp32", out=tmp_path / "wh"))
+    second = package(run.path, PackageOptions(name="swap-clf", precision="int8", out=tmp_path / "wh"))
+    gpu = package(run.path, PackageOptions(name="swap-clf", runtime="cuda", out=tmp_path / "gpu"))
+    created = run.artifacts["onnx_fp32"]["created"]
+    stamp = re.sub(r"\D", "", created)[:14]
+    assert first.version == f"0.1.0.{stamp}+onnxruntime.m{first.model_sha256[:12]}", (first.version, created)
+    assert len({first.version, second.version, gpu.version}) == 3 and gpu.version.endswith(first.version[-13:])
     probe = "import swap_clf; print(swap_clf.__version__, swap_clf.load().sha256)"
+
+    def installed() -> list[str]:
+        r = _run(venv, str(venv), "-c", probe)
+        assert r.returncode == 0, r.stderr
+        return r.stdout.split()
+
     for w in (first, second):
         pip_install(venv, "--no-deps", str(w.wheel))  # as a device updates: the plain command, no --force-reinstall
-        r = _run(venv, str(venv), "-c", probe)
-        assert r.returncode == 0 and r.stdout.split() == [w.version, w.model_sha256], (r.stdout, r.stderr)
+        assert installed() == [w.version, w.model_sha256]
+    # a later export (another calibration: another int8 model) is a higher version: -U from a wheelhouse takes it
+    later = tmp_path / "later"
+    shutil.copytree(run.path, later)
+    time.sleep(1.1)  # the version's clock has whole seconds
+    export(later, ExportOptions(int8=True, calib_size=16))
+    newer = package(later, PackageOptions(name="swap-clf", precision="int8", out=tmp_path / "wh"))
+    assert newer.model_sha256 != second.model_sha256
+    pip_install(venv, "--no-deps", str(first.wheel))  # the oldest model
+    pip_install(venv, "--no-deps", "--no-index", "-U", "--find-links", str(tmp_path / "wh"), "swap-clf")
+    assert installed() == [newer.version, newer.model_sha256]
     # a version given by the user is kept as given
     assert package(run.path, PackageOptions(name="swap-clf", version="2.0", out=tmp_path / "c")).version == "2.0"
 
@@ -777,7 +804,13 @@ def test_rebuilding_a_wheel_warns_only_when_its_contents_change(exported: dict, 
     a = package(run.path, PackageOptions(name="same-clf", out=tmp_path))
     b = package(run.path, PackageOptions(name="same-clf", out=tmp_path, runtime="openvino"))
     assert not b.replaced and a.wheel != b.wheel and a.wheel.is_file()
-    assert other.pip_install.startswith("pip install --force-reinstall --no-deps ") and "--force" not in first.pip_install
+    # the openvino wheel asks for other packages than the onnxruntime one it replaced: no --no-deps (pip check failed)
+    assert other.pip_install.startswith("pip install --force-reinstall /") and "--force" not in first.pip_install
+    assert other.replaced_requirements
+    same_deps = package(run.path, PackageOptions(name="same-clf", version="1.0", out=tmp_path, runtime="openvino",
+                                                 precision="fp32"))  # another model, the same requirements
+    assert same_deps.replaced and not same_deps.replaced_requirements
+    assert same_deps.pip_install.startswith("pip install --force-reinstall --no-deps ")
 
 
 def test_card_and_report_numbers_survive_hostile_values() -> None:
@@ -826,6 +859,9 @@ def test_a_cuda_wheel_asks_for_onnxruntime_gpu_and_runs_fp32_on_the_gpu_only(ven
     deps = [line.split(": ", 1)[1] for line in meta.splitlines() if line.startswith("Requires-Dist: ")]
     assert any(d.startswith("onnxruntime-gpu>=1.2") for d in deps) and not any(d.startswith("onnxruntime>") for d in deps)
     assert "replaces onnxruntime (never install both)" in card and "--runtime onnxruntime" in card
+    # the install line takes out a CPU onnxruntime and puts a CUDA 12 onnxruntime-gpu first (the newest are CUDA 13)
+    assert w.pip_install.startswith("pip uninstall -y onnxruntime && pip install 'onnxruntime-gpu>=1.20,<1.27' && ")
+    assert "pip uninstall -y onnxruntime && pip install 'onnxruntime-gpu>=1.20,<1.27' && pip install gpu_clf-" in card
     with pytest.raises(PackageError, match="no int8 convolution kernels"):
         package(run.path, PackageOptions(runtime="cuda", precision="int8", name="gpu-clf", out=tmp_path))
     # on this machine's CPU onnxruntime (standing in for onnxruntime-gpu: --no-deps): the GPU is asked for, and said

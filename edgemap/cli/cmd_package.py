@@ -19,7 +19,7 @@ def register(app: typer.Typer) -> None:
         runtime: Annotated[str | None, typer.Option("--runtime", help="onnxruntime (CPU, QOperator int8), openvino (QDQ int8) or cuda (NVIDIA GPU, fp32; the wheel asks for onnxruntime-gpu, which replaces onnxruntime).")] = None,
         precision: Annotated[str | None, typer.Option("--precision", help="int8 or fp32 \\[default: int8 when exported, else fp32]")] = None,
         name: Annotated[str | None, typer.Option("--name", help="Package name = console command \\[default: <run dir>-classifier].")] = None,
-        version: Annotated[str | None, typer.Option("--version", help="PEP 440 version \\[default: 0.1.0+m<model sha256, 12 hex>: each model its own version, so pip on a device replaces the wheel of another model instead of keeping it].")] = None,
+        version: Annotated[str | None, typer.Option("--version", help="PEP 440 version \\[default: 0.1.0.<export time>+<runtime>.m<model sha256, 12 hex>: each model and runtime its own version, so pip on a device replaces another model's wheel instead of keeping it, and pip install -U takes the latest export].")] = None,
         out: Annotated[Path | None, typer.Option("--out", help="Folder for the wheel \\[default: RUN_DIR/dist].")] = None,
         runtime_only: Annotated[bool, typer.Option("--runtime-only", help="Build edgemap-runtime: the same module without a model.")] = False,
         json_out: JsonOpt = None,
@@ -43,7 +43,10 @@ def register(app: typer.Typer) -> None:
             err_console.print(f"[yellow]warning:[/] {escape(note)}", soft_wrap=True)
         if r.replaced:
             err_console.print(f"[yellow]warning:[/] replaced an earlier {escape(r.wheel.name)} with other contents; pip "
-                              "keeps a version it already installed, so on a device use `pip install --force-reinstall "
-                              "--no-deps …`, or give this build its own --version")
+                              "keeps a version it already installed, so a device needs the --force-reinstall below, "
+                              "or give this build its own --version", soft_wrap=True)
+        if r.runtime == "cuda":
+            console.print("  onnxruntime-gpu replaces onnxruntime (one module); <1.27 are CUDA 12 builds: a CUDA 13 "
+                          "device takes 'onnxruntime-gpu>=1.27' instead", markup=False, soft_wrap=True)
         usage = f"{r.command} MODEL.onnx IMAGE..." if runtime_only else f"{r.command} IMAGE... --top-k 3"
         next_step(f"{r.pip_install} && {usage}")
