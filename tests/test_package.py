@@ -704,6 +704,40 @@ def test_device_cli_streams_lists_folders_like_training_and_stops_on_a_closed_pi
     err = proc.stderr.read()
     assert proc.wait(timeout=120) == 141 and first.count("\t") >= 2, (first, err)
     assert "Traceback" not in err and "BrokenPipe" not in err, err
+    # --json is one document: written in one piece, a reader that stopped early (| head -c) left it short with exit 0
+    proc = subprocess.Popen([sys.executable, "-m", "edgemap.runtime.device_cli", str(tiny["model"]), *[str(data)] * 12,
+                             "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.read(10).startswith(b"[")
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and "Traceback" not in err, err
+
+
+def test_device_cli_names_a_folder_it_cannot_list(tiny: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sub-folder the device user may not read was skipped without a word (exit 0, its images unclassified); an
+    unreadable top folder was "holds no image files"."""
+    import os
+
+    from edgemap.runtime.device_cli import list_images
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    shutil.copy(tiny["val"][0], tmp_path / "a" / "0.png")
+    shutil.copy(tiny["val"][0], tmp_path / "b" / "1.png")
+    real = os.scandir
+
+    def scandir(path):  # noqa: ANN001, ANN202 - as for a folder of mode 700 owned by someone else
+        if os.fspath(path) == str(tmp_path / "b"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    listing = list_images([tmp_path])
+    assert listing.images == [tmp_path / "a" / "0.png"]
+    assert listing.problems == [(tmp_path / "b", f"{tmp_path / 'b'}: cannot list folder (Permission denied)")]
+    listing = list_images([tmp_path / "b"])
+    assert listing.images == [] and listing.problems == [
+        (tmp_path / "b", f"{tmp_path / 'b'}: cannot list folder (Permission denied)")]
 
 
 def test_device_cli_json_under_any_locale_and_warnings_made_errors(tiny: dict, tmp_path: Path) -> None:

@@ -141,7 +141,8 @@ def list_images(paths: list[Path]) -> Listing:
             continue
         found = []
         seen: set[tuple[int, int]] = set()
-        for root, dirs, files in os.walk(p, followlinks=True):
+        unlisted: list[OSError] = []  # a folder that cannot be listed: its images were dropped without a word
+        for root, dirs, files in os.walk(p, followlinks=True, onerror=unlisted.append):
             st = os.stat(root)
             if (st.st_dev, st.st_ino) in seen:  # a link back into the tree: once is enough
                 dirs[:] = []
@@ -159,7 +160,10 @@ def list_images(paths: list[Path]) -> Listing:
                     found.append(Path(root) / f)
                 else:
                     out.skipped[ext] = out.skipped.get(ext, 0) + 1
-        if not found:
+        for e in unlisted:
+            where = Path(e.filename) if e.filename else p
+            out.placed_problems.append((len(out.images), (where, f"{where}: cannot list folder ({e.strerror or e})")))
+        if not found and not unlisted:
             out.placed_problems.append(
                 (len(out.images), (p, f"{p}: folder holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")))
         out.images += found
@@ -219,7 +223,9 @@ def _write_json(results: list[tuple[Path, Prediction | str]], prog: str) -> None
     # \u escapes where stdout cannot hold a character (a cp1252 Windows pipe, an ascii locale): backslashreplace
     # made Python-style "\xe9" there, which is not JSON
     utf = (getattr(sys.stdout, "encoding", "") or "").lower().replace("-", "").replace("_", "") in ("utf8", "utf8sig")
-    sys.stdout.write(json.dumps(rows, ensure_ascii=not utf, indent=1) + "\n")
+    text = json.dumps(rows, ensure_ascii=not utf, indent=1) + "\n"
+    for i in range(0, len(text), 1 << 15):  # in pieces: one 2 MB write into a closed pipe (| head) ended short with no
+        sys.stdout.write(text[i:i + (1 << 15)])  # error (exit 0); a piece's write raises BrokenPipeError (exit 141)
     sys.stdout.flush()
     for _, r in results:
         if not isinstance(r, Prediction):
