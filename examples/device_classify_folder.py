@@ -16,6 +16,7 @@ Exit code: 0 all classified, 1 some images could not be read (their rows say why
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import importlib
 import os
@@ -35,7 +36,8 @@ def load_classifier(module: str | None, model: Path | None, runtime: str | None)
         LoadFailed: with one line when the wheel is not installed or the model cannot be loaded (a changed
             model file, a missing runtime); ``EDGEMAP_DEBUG=1`` shows the traceback instead.
     """
-    name = "edgemap_runtime" if model is not None else module
+    # the distribution/command name works too: pip and the console command say run-classifier, Python run_classifier
+    name = "edgemap_runtime" if model is not None else module.replace("-", "_").replace(".", "_")
     try:
         pkg = importlib.import_module(name)
     except ImportError as e:
@@ -43,6 +45,8 @@ def load_classifier(module: str | None, model: Path | None, runtime: str | None)
             raise LoadFailed(f"{name} is installed but cannot be imported: {e}") from None
         wheel = "the edgemap-runtime wheel" if model is not None else f"the model's wheel (import name {name})"
         raise LoadFailed(f"no module named {name!r}: pip install {wheel} first") from None
+    if not (hasattr(pkg, "load") and isinstance(getattr(pkg, "EdgemapError", None), type)):
+        raise LoadFailed(f"{name!r} is not a wheel made by `edgemap package` (it has no load() / EdgemapError)")
     try:
         if model is not None:  # load() defaults to the wheel's runtime
             clf = pkg.load(model, runtime=runtime) if runtime else pkg.load(model)
@@ -79,33 +83,57 @@ def main(argv: list[str] | None = None) -> int:
     except LoadFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if not args.folder.is_dir():
+        print(cli.printable(f"error: {args.folder}: no such folder"), file=sys.stderr)
+        return 2
     # recursive, symlinked folders followed once, hidden entries and __MACOSX skipped, as in training
     listing = cli.list_images([args.folder])
     if listing.skipped_note():
         print(cli.printable(listing.skipped_note()), file=sys.stderr)
     paths = listing.images
+    unlisted = [(where, why) for where, why in listing.problems if "cannot list" in why]
     if not paths:
-        print(cli.printable(f"{args.folder}: no images"), file=sys.stderr)
+        why = unlisted[0][1] if unlisted else f"{args.folder}: no images"
+        print(cli.printable(f"error: {why}"), file=sys.stderr)
         return 2
     header = ["path", "label", "prob"]
     for k in range(2, args.top_k + 1):
         header += [f"label_{k}", f"prob_{k}"]
     header.append("error")
-    errors = 0
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_name(args.out.name + ".tmp")
+    try:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        errors = write_csv(tmp, header, paths, unlisted, clf, cli, args.top_k, args.batch)
+        os.replace(tmp, args.out)  # never a half-written CSV where a good one was
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        print(cli.printable(f"error: {args.out}: cannot write ({e.strerror or e})"), file=sys.stderr)
+        return 2
+    print(cli.printable(f"{args.out}: {len(paths)} images, {errors} errors"))
+    return 1 if errors else 0
+
+
+def write_csv(tmp: Path, header: list[str], paths: list[Path], unlisted: list[tuple[Path, str]], clf, cli,  # noqa: ANN001
+              top_k: int, batch: int) -> int:
+    """Classify ``paths`` in batches into the CSV ``tmp``; returns the number of error rows (a folder that could not
+    be listed is one of them)."""
+    errors = 0
     with open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(header)
-        for i in range(0, len(paths), args.batch):
-            chunk = paths[i:i + args.batch]
+        for where, why in unlisted:  # its images could not even be found
+            errors += 1
+            w.writerow([cli.printable(str(where))] + [""] * (len(header) - 2) + [cli.printable(why)])
+        for i in range(0, len(paths), batch):
+            chunk = paths[i:i + batch]
             try:
-                preds = clf.predict(chunk, top_k=args.top_k)
+                preds = clf.predict(chunk, top_k=top_k)
             except Exception:  # noqa: BLE001 - one bad file: retry the chunk image by image
                 preds = []
                 for p in chunk:
                     try:
-                        preds.append(clf.predict(p, top_k=args.top_k)[0])
+                        preds.append(clf.predict(p, top_k=top_k)[0])
                     except Exception as e:  # noqa: BLE001 - reported in the CSV
                         preds.append(e)
             for path, pred in zip(chunk, preds, strict=True):
@@ -118,9 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                     row += [lab, f"{prob:.6f}"]
                 row += [""] * (len(header) - 1 - len(row)) + [""]
                 w.writerow(row)
-    os.replace(tmp, args.out)  # never a half-written CSV where a good one was
-    print(cli.printable(f"{args.out}: {len(paths)} images, {errors} errors"))
-    return 1 if errors else 0
+    return errors
 
 
 if __name__ == "__main__":

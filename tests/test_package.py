@@ -585,6 +585,16 @@ def test_example_device_script_writes_csv(venv: Path, exported: dict, tmp_path: 
     assert r.returncode == 2 and "no module named 'no_such_clf'" in r.stderr and "Traceback" not in r.stderr
     r = _run(venv, str(venv), str(script), str(odd), str(out), "--module", "tiny_clf", "--runtime", "tpu")
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "tpu" in r.stderr and "Traceback" not in r.stderr
+    # the distribution name (what pip and the command say) works as the import name
+    r = _run(venv, str(venv), str(script), str(odd), str(out), "--module", "tiny-clf")
+    assert r.returncode == 0, r.stderr
+    # a module that is no edgemap wheel, a misspelled folder, a CSV that cannot be written: one line, exit 2
+    for args, said in (([str(odd), str(out), "--module", "json"], "is not a wheel made by `edgemap package`"),
+                       ([str(odd / "nope"), str(out), "--module", "tiny_clf"], "nope: no such folder"),
+                       ([str(odd), str(tmp_path / "f.csv" / "x.csv"), "--module", "tiny_clf"], "cannot write")):
+        (tmp_path / "f.csv").write_text("a file where a folder is needed")
+        r = _run(venv, str(venv), str(script), *args)
+        assert r.returncode == 2 and said in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
 
 
 def test_metadata_that_does_not_match_the_graph_is_one_clear_error(tiny: dict, tmp_path: Path) -> None:
