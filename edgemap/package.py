@@ -76,7 +76,8 @@ class PackageOptions:
             (ORT's CUDA execution provider, fp32; the wheel asks for ``onnxruntime-gpu``).
         precision: ``int8`` or ``fp32``; None = int8 when the run has an int8 model for this
             runtime, else fp32 (the result says which).
-        name: distribution name (PEP 503); default ``<run dir name>-classifier``. It is also
+        name: distribution name (PEP 503); default ``<run dir name>-classifier`` (``run-<name>-classifier`` for a
+            name that starts with a digit). It is also
             the console command; the module is the normalised name with ``_``.
         version: PEP 440 version of the wheel; default ``0.1.0.<export time>+<runtime>.m<model sha256, 12 hex>``
             (:func:`default_model_version`), so that two models' or runtimes' wheels never share a version (pip keeps
@@ -635,6 +636,8 @@ def package(run_dir: str | Path | RunDir | None, opts: PackageOptions | None = N
             raise PackageError("RUN_DIR is required (or pass --runtime-only for the generic runtime wheel)")
         run = RunDir.load(run_dir)
         default_name = re.sub(r"[^a-z0-9]+", "-", run.path.resolve().name.lower()).strip("-")
+        if default_name[:1].isdigit():  # runs/2024: a module cannot start with a digit (run failed here, after training)
+            default_name = f"run-{default_name}"
         name, module = validate_name(opts.name or (f"{default_name}-classifier" if default_name else "edgemap-classifier"))
         version = validate_version(opts.version or opts.default_version)  # checked now; the model's label comes below
         out = Path(opts.out) if opts.out is not None else run.own_folder("dist")

@@ -248,6 +248,15 @@ def test_vendor_source_rewrites_and_refuses() -> None:
         vendor_source("import torch\n", "pkg", "f.py")
 
 
+def test_a_run_directory_named_by_a_number_packages_under_a_usable_default_name(tiny: dict, tmp_path: Path) -> None:
+    """runs/2024 made the default name '2024-classifier', refused (a module cannot start with a digit): `edgemap run`
+    failed there after training, evaluating and benchmarking."""
+    run = tmp_path / "2024"
+    shutil.copytree(tiny["run"].path, run)
+    r = package(run, PackageOptions(out=tmp_path / "dist"))
+    assert (r.name, r.module) == ("run-2024-classifier", "run_2024_classifier")
+
+
 def test_cli_package_errors_and_success(tiny: dict, tmp_path: Path) -> None:
     runner = CliRunner()
     r = runner.invoke(app, ["package", str(tiny["run"].path), "--name", "../evil", "--out", str(tmp_path)])
