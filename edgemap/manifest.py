@@ -46,6 +46,7 @@ from edgemap.runtime.text import has_control_chars, printable
 MANIFEST_NAME = "edgemap.json"
 STAGE_ORDER = ("finetune", "export", "eval", "bench", "package", "report")  # each stage reads what the ones before made
 SCHEMA_VERSION = 1
+MAX_IMG_SIZE = 8192  # the largest model input side a run may record (finetune refuses more before it starts)
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 _VERSION_PACKAGES = ("edgemap", "torch", "numpy", "pillow", "onnx", "onnxruntime", "onnxruntime-gpu", "openvino")
 
@@ -174,8 +175,8 @@ def validate_manifest(data: Any, where: str = MANIFEST_NAME) -> dict[str, Any]:
             problems.append("'classes' has a name with control characters (tab, newline, escape...)")
         try:
             c = PreprocessContract.from_dict(data["preprocess"])
-            if not (8 <= c.height <= 8192 and 8 <= c.width <= 8192):
-                problems.append(f"'preprocess' size {c.height}x{c.width} is outside 8..8192")
+            if not (8 <= c.height <= MAX_IMG_SIZE and 8 <= c.width <= MAX_IMG_SIZE):
+                problems.append(f"'preprocess' size {c.height}x{c.width} is outside 8..{MAX_IMG_SIZE}")
         except Exception as e:  # noqa: BLE001 - reported as a manifest problem below
             problems.append(f"'preprocess' invalid: {e}")
         problems += [f"'options.{sub}' must be an object" for sub, value in (data.get("options") or {}).items()

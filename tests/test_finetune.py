@@ -316,6 +316,7 @@ def test_existing_run_is_never_overwritten(digits: Path, reference_run: Path) ->
         (["--img-size", "50", "--backbone", "efficientnet_lite0"], "multiple of 32, at least 32: give 32 or 64"),
         (["--img-size", "100", "--backbone", "efficientnet_lite0"], "give 96 or 128"),  # said ">= 16"
         (["--img-size", "20", "--backbone", "efficientnet_lite0"], "give 32"),
+        (["--img-size", "99999", "--backbone", "tiny"], "--img-size 99999: at most 8192"),  # was: after the scan
         (["--backbone", "nope"], "unknown backbone"),
         (["--epochs", "0"], "--epochs 0"),
         (["--freeze-epochs", "5", "--epochs", "2"], "exceeds --epochs"),
@@ -640,3 +641,13 @@ def test_head_only_for_every_epoch_is_said(digits: Path, tmp_path: Path) -> None
     # the advice works as given: `--epochs 2` alone would bring back the default 2 head-only epochs where
     # `--epochs 1` had capped them to 1 (the note said "give --epochs 2 or more")
     assert any("give --epochs 2 --freeze-epochs 1 " in m for m in rep.said), rep.said
+
+
+def test_running_out_of_memory_is_recognised() -> None:
+    """`--img-size 8192` (tiny) ended in a traceback from alloc_cpu.cpp; finetune now names the options to lower."""
+    from edgemap.train.finetune import out_of_memory
+
+    with pytest.raises(RuntimeError) as caught:
+        torch.empty(2**62, dtype=torch.uint8)  # a real allocation failure, at once
+    assert out_of_memory(caught.value)
+    assert not out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))

@@ -39,7 +39,7 @@ from edgemap.artifacts import WEIGHTS_BEST, WEIGHTS_LAST
 from edgemap.backbones import get_spec
 from edgemap.errors import DatasetError, EdgemapError, Interrupted, ResumeError, TrainingError
 from edgemap.fsutil import LOCK_NAME, TMP_SUFFIX, atomic_write_bytes, remove_stale_temps
-from edgemap.manifest import MANIFEST_NAME, RunDir, run_lock
+from edgemap.manifest import MANIFEST_NAME, MAX_IMG_SIZE, RunDir, run_lock
 from edgemap.model import ClassifierNet, build_classifier
 from edgemap.options import MAX_THREADS
 from edgemap.runtime.preprocess import DEFAULT_MAX_PIXELS, PreprocessContract, preprocess
@@ -125,6 +125,8 @@ class FinetuneOptions:
             raise TrainingError(f"--img-size {self.img_size}: must be positive (leave it out for {spec.input_size}, "
                                 f"{self.backbone}'s own)")
         size = self.img_size or spec.input_size
+        if size > MAX_IMG_SIZE:  # was accepted, and refused after the scan as a bad run record
+            raise TrainingError(f"--img-size {size}: at most {MAX_IMG_SIZE} ({self.backbone}'s own is {spec.input_size})")
         m = spec.size_multiple
         least = -(-16 // m) * m  # the smallest multiple of m from 16 on (">= 16" read wrong where m is 32)
         if size < least or size % m:
@@ -464,6 +466,16 @@ def finetune(data: str | Path, out: str | Path | RunDir, opts: FinetuneOptions |
             except Interrupted:  # the first Ctrl-C, state saved: said as it is
                 raise
             except RuntimeError as e:  # a collective that lost a peer: gloo/NCCL's traceback hid what to do next
+                if out_of_memory(e):  # a traceback ending in alloc_cpu.cpp / CUDA OOM: say which options to lower
+                    if dist.main and run is not None:
+                        with suppress(EdgemapError, OSError):
+                            run.set_stage("finetune", "failed", reason="out of memory")
+                    saved = (out / ckpt.STATE_FILE).is_file()
+                    raise TrainingError(
+                        f"out of {'GPU ' if device.type == 'cuda' else ''}memory training at --img-size "
+                        f"{contract.height} with --batch-size {opts.batch_size}: lower --batch-size (or --img-size); "
+                        + (f"the last saved state is kept, and {hint} continues it" if saved
+                           else "nothing was saved yet: run the command again with the smaller values")) from None
                 if not dist.active or not _lost_peer(e):
                     raise
                 if dist.main and run is not None:
@@ -489,6 +501,16 @@ def finetune(data: str | Path, out: str | Path | RunDir, opts: FinetuneOptions |
     finally:
         dist.close()
         torch.set_num_threads(caller_threads)
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """torch could not allocate a tensor (CPU: "can't allocate memory" from alloc_cpu.cpp; CUDA: OutOfMemoryError)."""
+    import torch
+
+    if isinstance(e, getattr(torch, "OutOfMemoryError", ())):
+        return True
+    text = str(e)
+    return "can't allocate memory" in text or "CUDA out of memory" in text or "DefaultCPUAllocator" in text
 
 
 def _lost_peer(e: RuntimeError) -> bool:
