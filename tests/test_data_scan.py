@@ -240,18 +240,19 @@ def test_other_extensions_are_ignored_and_counted(tmp_path: Path, caplog: pytest
     img(tmp_path / "train" / "cat" / "x.tif", fmt="TIFF")
     img(tmp_path / "train" / "cat" / "x.bmp", fmt="BMP")
     img(tmp_path / "train" / "cat" / "x.gif", fmt="GIF")
+    img(tmp_path / "train" / "cat" / "saved.jfif", fmt="JPEG")  # Chrome's "Save image" name on Windows
     with caplog.at_level(logging.WARNING, logger="edgemap.data"):
         scan = scan_dataset(tmp_path)
     assert scan.ignored == {"cat": 4, "dog": 1, ".": 1}
-    assert scan.counts()["train"]["cat"] == 4 + 5
-    assert ("ignored 6 file(s): 1 outside the class folders (an image there has no class), 4 non-image in cat, "
+    assert scan.counts()["train"]["cat"] == 4 + 6
+    assert ("ignored 6 file(s): 1 outside the class folders (no class: an image there is not used), 4 non-image in cat, "
             "1 non-image in dog") in caplog.text
     # an image left beside the class folders has no class: it was called a non-image file
     img(tmp_path / "train" / "IMG_0001.jpg", fmt="JPEG")
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="edgemap.data"):
         assert scan_dataset(tmp_path).ignored["."] == 2
-    assert "2 outside the class folders (an image there has no class)" in caplog.text
+    assert "2 outside the class folders (no class: an image there is not used)" in caplog.text
     assert scan.to_manifest()["ignored"] == scan.ignored
 
 

@@ -55,9 +55,9 @@ _ROOT_KEY = "."  # key in `ignored` for files lying directly in a split folder, 
 
 
 def ignored_text(ignored: dict[str, int]) -> str:
-    """``{".": 1, "x": 2}`` → "3 file(s): 1 outside the class folders (an image there has no class), 2 non-image in
-    x" (a bare "." said nothing, and an image left beside the class folders was called a non-image file)."""
-    parts = [f"{v} outside the class folders (an image there has no class)" if k == _ROOT_KEY else f"{v} non-image in {k}"
+    """``{".": 1, "x": 2}`` → "3 file(s): 1 outside the class folders (no class: an image there is not used), 2
+    non-image in x" (a bare "." said nothing, and an image left beside the class folders was called a non-image file)."""
+    parts = [f"{v} outside the class folders (no class: an image there is not used)" if k == _ROOT_KEY else f"{v} non-image in {k}"
              for k, v in sorted(ignored.items())]
     return f"{sum(ignored.values())} file(s): " + ", ".join(parts)
 _MAX_LISTED = 5  # bad files named in one error message

@@ -48,7 +48,8 @@ _RESAMPLE = {
 RESIZE_RULES = ("shorter_center_crop", "stretch")
 #: File name endings read as images when a folder is listed: by `edgemap datasets scan`, training,
 #: eval and the device CLI alike (one list, so a device sees the images training saw).
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+# .jfif/.jpe: JPEGs as browsers on Windows save them (they were dropped as "non-image" files)
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 _HIDDEN_NAMES = frozenset({"__MACOSX"})
 
 
