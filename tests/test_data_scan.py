@@ -107,6 +107,30 @@ def test_single_folder_split_is_stratified_and_deterministic(tmp_path: Path) -> 
     assert other.fingerprint != scan.fingerprint
 
 
+def test_single_folder_split_keeps_byte_identical_copies_on_one_side(tmp_path: Path) -> None:
+    """"img3.png" beside "img3 (1).png": edgemap's own split put copies in training and validation (6 of 9 validation
+    images were training images), so early stopping, the kept weights and the int8 gate judged seen images."""
+    make_classes(tmp_path, {"a": 20, "b": 5})
+    for i in range(20):
+        shutil.copy(tmp_path / "a" / f"{i}.png", tmp_path / "a" / f"{i} (1).png")
+    for i in (0, 1):
+        shutil.copy(tmp_path / "b" / f"{i}.png", tmp_path / "b" / f"{i} (1).png")
+    for seed in range(4):
+        scan = scan_dataset(tmp_path, ScanOptions(val_split=0.2, seed=seed))
+        assert scan.copies() == {}, (seed, scan.copies())
+        counts = scan.counts()
+        assert counts["val"]["a"] == 8 and counts["train"]["a"] == 32, counts  # whole pairs: round(40 * 0.2)
+        assert 1 <= counts["val"]["b"] <= 2 and counts["train"]["b"] >= 4, counts
+    # a dataset without copies splits as it always did (same files on each side: runs made before keep resuming)
+    plain = tmp_path.parent / "plain"
+    make_classes(plain, {"a": 11})
+    make_classes(plain, {"b": 7})
+    ref = {"a": ["0.png", "10.png"], "b": ["2.png"]}  # what the split gave before copies were grouped
+    got = scan_dataset(plain, ScanOptions(val_split=0.2, seed=0))
+    names = {c: sorted(s.path.name for s in got.val if got.classes[s.label] == c) for c in got.classes}
+    assert names == ref, names
+
+
 def test_single_folder_split_honours_min_val_per_class(tmp_path: Path) -> None:
     make_classes(tmp_path, {"a": 4, "b": 20})
     scan = scan_dataset(tmp_path, ScanOptions(val_split=0.1, min_val_per_class=3))

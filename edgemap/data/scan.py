@@ -822,7 +822,8 @@ def _split_class(root: Path, name: str, files: list[Path], opts: ScanOptions) ->
     """Deterministic stratified split of one class: order by a seeded hash of the relative path.
 
     Hash order (not a shuffled index) keeps each file's side stable when other files are
-    added or removed, and does not depend on listing order or the numpy version.
+    added or removed, and does not depend on listing order or the numpy version. Files with the
+    same bytes go to the same side (the group takes its first member's place in that order).
     """
     k = opts.min_val_per_class
     n = len(files)
@@ -837,8 +838,21 @@ def _split_class(root: Path, name: str, files: list[Path], opts: ScanOptions) ->
         rel = os.fsencode(os.path.relpath(p, root))
         return hashlib.sha256(f"{opts.seed}\0".encode() + rel).digest()
 
-    ordered = sorted(files, key=key)
-    val = set(ordered[:n_val])
+    # byte-identical copies ("img3.png" and "img3 (1).png") stay on one side: split apart, validation scored training
+    # images as unseen (early stopping, the kept weights and the int8 gate all judged on them)
+    groups: dict[str, list[Path]] = {}
+    for p in files:
+        groups.setdefault(file_sha256(p), []).append(p)
+    if len(groups) == n:  # no copies: the path-hash order alone, as always
+        val = set(sorted(files, key=key)[:n_val])
+    else:
+        val = set()
+        for group in sorted(groups.values(), key=lambda g: min(map(key, g))):
+            if len(val) >= n_val:
+                break
+            fits = len(val) + len(group) <= n_val or (len(val) < k and len(val) + len(group) <= n - 1)
+            if fits:
+                val.update(group)
     return [p for p in files if p not in val], [p for p in files if p in val]
 
 
