@@ -12,10 +12,20 @@ Example:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+
+def score_text(value: float, digits: int, top: float) -> str:
+    """``value`` with ``digits`` decimals, never rounded up to ``top`` (a perfect score) when it falls short of it:
+    1 error in 30,000 is 99.99 %, not 100.00 %; an F1 of 0.99997 is 0.9999, not 1.0000."""
+    text = f"{value:.{digits}f}"
+    if value < top and float(text) >= top:
+        text = f"{math.floor(value * 10**digits) / 10**digits:.{digits}f}"
+    return text
 
 
 def _labels(y: np.ndarray, name: str) -> np.ndarray:

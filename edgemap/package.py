@@ -38,6 +38,7 @@ from edgemap.artifacts import current_results
 from edgemap.errors import ManifestError, PackageError
 from edgemap.fsutil import atomic_path, remove_stale_temps, sha256_file
 from edgemap.manifest import RunDir, hand_back
+from edgemap.metrics import score_text
 
 #: the runtimes a wheel can target → (session runtime spec, pip requirement)
 WHEEL_RUNTIMES = {
@@ -416,7 +417,10 @@ def _as_percent(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for key in ("accuracy", "top5", "agreement"):
             v = r.get(key)  # a fraction; anything else (a hand-edited 4,000-digit number...) is shown as missing
             fraction = isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v <= 1
-            row[f"{key} %"] = round(100 * v, 2) if fraction else None
+            row[f"{key} %"] = score_text(100 * v, 2, 100) if fraction else None  # 1 error in 30,000: 99.99, not 100
+        f1 = r.get("macro_f1")
+        if isinstance(f1, int | float) and not isinstance(f1, bool) and 0 <= f1 <= 1:
+            row["macro_f1"] = score_text(f1, 4, 1)
         if r.get("within_tolerance") is False:
             row["agreement %"] = f"{row['agreement %']} ✗"
         out.append(row)

@@ -44,6 +44,7 @@ from edgemap.data.scan import ignored_text
 from edgemap.errors import EdgemapError, ManifestError
 from edgemap.fsutil import NOT_WRITABLE, atomic_write_bytes, special_file
 from edgemap.manifest import RunDir, fresh_run, hand_back, now_iso
+from edgemap.metrics import score_text
 
 REPORT_DIR = "report"
 REPORT_FILE = "report.html"
@@ -325,7 +326,7 @@ def plot_confusion(cm: np.ndarray, classes: list[str], title: str, dpi: int = 11
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
         n, right = int(cm.sum()), int(np.trace(cm))
-        ax.set_title(f"{title}\n{right}/{n} correct ({100 * right / max(n, 1):.2f}%)")
+        ax.set_title(f"{title}\n{right}/{n} correct ({score_text(100 * right / max(n, 1), 2, 100)}%)")
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of true class")
         fig.tight_layout()
         return _png(fig, dpi)
@@ -378,7 +379,7 @@ def plot_accuracy_latency(points: list[dict[str, Any]], dpi: int = 110) -> bytes
             ax.scatter([p["latency_ms"]], [p["accuracy"]], s=90 if p["precision"] == "int8" else 70,
                        marker="D" if p["precision"] == "int8" else "o", color=_PALETTE.get(rt, "#111827"),
                        edgecolor="white", linewidth=1.2, zorder=3)
-            anns.append(ax.annotate(f"{p['runtime']} {p['precision']}\n{p['latency_ms']:.3g} ms · {p['accuracy']:.2f}%",
+            anns.append(ax.annotate(f"{p['runtime']} {p['precision']}\n{p['latency_ms']:.3g} ms · {score_text(p['accuracy'], 2, 100)}%",
                                     (p["latency_ms"], p["accuracy"]), xytext=(7, 4), textcoords="offset points",
                                     fontsize=8, color="#111827", linespacing=1.1))
         ax.set_xscale("log")
@@ -488,10 +489,7 @@ def _pct(v: Any, digits: int = 2) -> str:
     f = _num(v)
     if f is None:
         return "—"
-    text = f"{100 * f:.{digits}f}"
-    if f < 1 and float(text) >= 100:  # an imperfect score is never shown as 100% (1999 of 2000 is 99.95%, not 100.0%)
-        text = f"{math.floor(100 * f * 10**digits) / 10**digits:.{digits}f}"
-    return text + "%"
+    return score_text(100 * f, digits, 100) + "%"  # an imperfect score is never shown as 100% (1999 of 2000: 99.95%)
 
 
 def _size(n: Any) -> str:

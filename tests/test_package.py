@@ -872,7 +872,7 @@ def test_card_and_report_numbers_survive_hostile_values() -> None:
     from edgemap.report import _num
 
     rows = _as_percent([{"runtime": "cpu", "precision": "int8", "accuracy": 10**4299, "agreement": 0.5}])
-    assert rows[0]["accuracy %"] is None and rows[0]["agreement %"] == 50.0
+    assert rows[0]["accuracy %"] is None and rows[0]["agreement %"] == "50.00"
     assert "| cpu | int8 |" in _table(rows, ("runtime", "precision", "accuracy %", "agreement %"))
     assert _num(10**4299) is None and _num(0.25) == 0.25
 

@@ -440,6 +440,20 @@ def test_an_imperfect_accuracy_is_never_shown_as_100_percent() -> None:
 
     assert _pct(1999 / 2000) == "99.95%" and _pct(0.99999) == "99.99%" and _pct(1.0) == "100.00%"
     assert _pct(0.96667) == "96.67%" and _pct(None) == "—"
+    # the same rule everywhere a score is shown: the model card, `edgemap eval` and `edgemap run` (and the plots) said
+    # 100 / 1 for 1 error in 30,000 while the report's table said 99.99%
+    from edgemap.cli.cmd_eval import _f1
+    from edgemap.cli.cmd_eval import _pct as eval_pct
+    from edgemap.cli.cmd_run import _fmt
+    from edgemap.metrics import score_text
+    from edgemap.package import _as_percent
+
+    acc = 29999 / 30000
+    assert eval_pct(acc) == "99.99" and _fmt(acc, True) == "99.99" and _f1(0.99997) == "0.999"
+    row = _as_percent([{"accuracy": acc, "top5": 1.0, "agreement": acc, "macro_f1": 0.99997}])[0]
+    assert (row["accuracy %"], row["top5 %"], row["macro_f1"]) == ("99.99", "100.00", "0.9999"), row
+    assert score_text(99.996, 2, 100) == "99.99" and score_text(100.0, 2, 100) == "100.00"
+    assert score_text(0.5, 2, 1) == "0.50" and score_text(-0.004, 2, 1) == "-0.00"
 
 
 def test_the_training_plot_stars_the_epoch_training_kept() -> None:

@@ -34,7 +34,15 @@ RUNTIME_HELP = ("Runtimes, comma-separated: torch (PyTorch fp32 reference), cpu,
 
 
 def _pct(v: float | None) -> str:
-    return "" if v is None else f"{100 * v:.2f}"
+    from edgemap.metrics import score_text
+
+    return "" if v is None else score_text(100 * v, 2, 100)
+
+
+def _f1(v: float) -> str:
+    from edgemap.metrics import score_text
+
+    return score_text(v, 3, 1)
 
 
 def render(result) -> Group:  # noqa: ANN001 - EvalResult, imported lazily
@@ -49,7 +57,7 @@ def render(result) -> Group:  # noqa: ANN001 - EvalResult, imported lazily
                           note_cell(notes, f"{r.runtime} {r.precision}", r.status, r.reason))
             continue
         table.add_row(
-            r.runtime, r.precision, _pct(r.accuracy), _pct(r.top5), f"{r.macro_f1:.3f}",
+            r.runtime, r.precision, _pct(r.accuracy), _pct(r.top5), _f1(r.macro_f1),
             agreement_cell(_pct(r.agreement), r.within_tolerance),
             "" if r.max_abs_diff is None else f"{r.max_abs_diff:.2g}", escape(short_provider(r.provider)),
         )

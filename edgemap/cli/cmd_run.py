@@ -31,7 +31,9 @@ from edgemap.cli.common import (
 def _fmt(v: Any, pct: bool = False, digits: int = 2) -> str:
     if v is None:
         return ""
-    return f"{100 * v:.{digits}f}" if pct else f"{v:.{digits}f}"
+    from edgemap.metrics import score_text
+
+    return score_text(100 * v, digits, 100) if pct else f"{v:.{digits}f}"  # an imperfect score never 100.00
 
 
 def _ms(v: Any) -> str:
