@@ -754,8 +754,11 @@ class _Builder:
         smoothing = _num((self.run.data.get("options", {}).get("finetune") or {}).get("label_smoothing")) or 0.0
         data = self.plot("training_curves", plot_training, rows, best if isinstance(best, int) else None, smoothing)
         last = rows[-1]
-        lead = (f"{len(rows)} epochs; the shaded epochs trained the head only on cached frozen features, the rest "
-                f"fine-tuned the whole network. Last epoch: validation accuracy {_pct(last.get('val_acc'))}, "
+        heads = sum(r.get("phase") == "head" for r in rows)  # "shaded epochs" were named where none were shaded
+        how = ("every epoch trained the head only, on cached frozen features" if heads == len(rows) else
+               "the shaded epochs trained the head only on cached frozen features, the rest fine-tuned the whole "
+               "network" if heads else "every epoch fine-tuned the whole network")
+        lead = (f"{len(rows)} epochs; {how}. Last epoch: validation accuracy {_pct(last.get('val_acc'))}, "
                 f"loss {_e(_fmt(_num(last.get('val_loss')), 4))}"
                 + (f" (cross-entropy with the training's label smoothing {smoothing:g})." if smoothing else "."))
         return _section("training", "Training", lead, _img(data, "training curves: loss, accuracy, learning rate"))
@@ -763,6 +766,7 @@ class _Builder:
     def confusion(self) -> str:
         classes = self.run.classes
         blocks = []
+        shown = []
         for precision in ("fp32", "int8"):
             row = _pick_eval(self.eval_rows, precision)
             cm = None
@@ -778,12 +782,21 @@ class _Builder:
                 continue
             blocks.append(_img(self.plot(f"confusion_{precision}", plot_confusion, cm, classes, title),
                                f"confusion matrix {precision}"))
+            shown.append(precision)
         if not blocks:
             self.sections["confusion"] = f"not run yet: edgemap eval {self.rd}"
             return _section("confusion", "Confusion matrices", "", _missing("not run yet", f"edgemap eval {self.rd}"))
-        self.sections["confusion"] = "ok" if len(blocks) == 2 else "fp32 only (no int8 model yet)"
         lead = "Rows are the true class, columns the prediction; colour is the share of the true class; mistakes (off-diagonal counts) are red, outlined in red where they are most of their row."
-        note = "" if len(blocks) == 2 else _missing("no int8 matrix yet", f"edgemap export {self.rd} --int8")
+        missing = next((p for p in ("fp32", "int8") if p not in shown), None)
+        if missing is None:
+            self.sections["confusion"], note = "ok", ""
+        elif missing == "int8" and not any(k.startswith("onnx_int8") for k in self.run.artifacts):
+            self.sections["confusion"] = "fp32 only (no int8 model yet)"
+            note = _missing("no int8 matrix yet", f"edgemap export {self.rd} --int8")
+        else:  # the model is there (it said "no int8 model yet, export --int8" when int8 models were exported)
+            self.sections["confusion"] = f"{shown[0]} only (no current {missing} eval row)"
+            note = _missing(f"no {missing} matrix: no current {missing} eval row",
+                            f"edgemap eval {self.rd} --precision {missing}")
         return _section("confusion", "Confusion matrices", lead, f'<div class="grid2">{"".join(blocks)}</div>{note}')
 
     def misclassified_grid(self) -> str:

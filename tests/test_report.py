@@ -486,3 +486,20 @@ def test_class_names_the_plot_font_lacks_are_one_report_warning(finished_run: Ru
     b2.plot("cm3", plot_confusion, np.array([[3, 1], [0, 4]]), ["cat", "dog"], "fp32")
     b2.glyph_warning()
     assert b2.warnings == []
+
+
+def test_a_run_with_int8_models_but_no_int8_eval_row_is_sent_to_eval_not_export(finished_run: RunDir,
+                                                                                 tmp_path: Path) -> None:
+    """`eval --precision fp32` on a run with int8 models, then `report --no-predict`: the page said "no int8 model yet"
+    and told the user to export --int8 again."""
+    from edgemap.report import ReportOptions
+
+    run = _copy_run(finished_run, tmp_path / "run")
+    stored = run.data["metrics"]["eval"]
+    stored["rows"] = [r for r in stored["rows"] if r.get("precision") == "fp32"]
+    run.save()
+    res = report(run.path, ReportOptions(predict=False))
+    rd = shlex.quote(str(run.path))
+    assert res.sections["confusion"] == "fp32 only (no current int8 eval row)", res.sections["confusion"]
+    page = res.html.read_text(encoding="utf-8").replace("&#x27;", "'")
+    assert f"edgemap eval {rd} --precision int8" in page and "no int8 model yet" not in page
