@@ -421,6 +421,9 @@ class RunDir:
             yield tmp
             entry = {"path": rel.replace("\\", "/"), "sha256": sha256_file(tmp), "bytes": tmp.stat().st_size,
                      "stage": stage, "created": now_iso(), **meta}
+            old = self.artifacts.get(key) or {}
+            if (old.get("sha256"), old.get("path")) == (entry["sha256"], entry["path"]) and old.get("created"):
+                entry["created"] = old["created"]  # the same bytes again: the same model, made when it first was
             self.data.setdefault("pending", {})[key] = entry
             self.save()
         self.data["pending"].pop(key, None)

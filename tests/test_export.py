@@ -679,3 +679,25 @@ def test_exports_from_threads_keep_stdout_and_agree() -> None:
     assert (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino), "fd 1 no longer is the process's stdout"
     assert all(isinstance(r, bytes) for r in results), [r for r in results if not isinstance(r, bytes)]
     assert len(set(results)) == 1
+
+
+def test_an_export_that_writes_the_same_models_again_outdates_nothing(trained, tmp_path) -> None:  # noqa: ANN001
+    """`eval`, then `export --int8` again: the int8 files came out with the bytes they had, yet eval/bench/package/report
+    were marked outdated ("export wrote new models") and the report called their rows older than the models."""
+    from edgemap.evaluate import EvalOptions, evaluate
+
+    run, _, _ = trained
+    copy = tmp_path / "run"
+    shutil.copytree(run.path, copy)
+    first = export(copy, ExportOptions(int8=True, calib_size=16))
+    evaluate(copy, EvalOptions(runtimes=("cpu",)))
+    RunDir.load(copy).set_stage("eval", "done")  # as `edgemap run` records it
+    made = {k: dict(v) for k, v in RunDir.load(copy).artifacts.items() if k.startswith("onnx")}
+    again = export(copy, ExportOptions(int8=True, calib_size=16))
+    assert first.int8 and sorted(again.int8_unchanged) == sorted(again.int8) and not again.rewritten
+    now = RunDir.load(copy)
+    assert now.data["stages"]["eval"]["status"] == "done", now.data["stages"]["eval"]
+    assert {k: v["created"] for k, v in made.items()} == {k: now.artifacts[k]["created"] for k in made}
+    r = CliRunner().invoke(__import__("edgemap.cli", fromlist=["app"]).app, ["export", str(copy), "--int8",
+                                                                            "--calib-size", "16"])
+    assert r.exit_code == 0 and r.output.count("(unchanged)") == 1 + len(first.int8), r.output

@@ -110,7 +110,8 @@ def register(app: typer.Typer) -> None:
             console.print(gate_table(result.gate, opts.max_drop))
         console.print(f"wrote {result.onnx_path}" + ("" if result.rewritten else " (unchanged)"), markup=False, soft_wrap=True)
         for fmt, path in result.int8.items():
-            console.print(f"wrote {path} ({fmt})", markup=False, soft_wrap=True)
+            console.print(f"wrote {path} ({fmt})" + (" (unchanged)" if fmt in result.int8_unchanged else ""),
+                          markup=False, soft_wrap=True)
         console.print(f"{result.seconds:.1f} s; recorded in edgemap.json (artifacts, metrics.parity"
                       + (", metrics.int8_gate)" if result.gate else ")"))
         next_step(f"edgemap eval {shq(run_dir)}")

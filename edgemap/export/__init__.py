@@ -105,6 +105,7 @@ class ExportResult:
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)  # things the user should know (the CLI prints them)
     retired: dict[str, str] = field(default_factory=dict)  # format -> int8 file of the previous model.onnx, now *.stale.onnx
+    int8_unchanged: list[str] = field(default_factory=list)  # formats written again with the bytes they had
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able, as ``edgemap export --json`` writes it."""
@@ -115,7 +116,7 @@ class ExportResult:
             "parity": [r.to_dict() for r in self.parity],
             "int8": {k: str(v) for k, v in self.int8.items()},
             "gate": [asdict(a) for a in self.gate], "warnings": self.warnings,
-            "retired": dict(self.retired), "seconds": round(self.seconds, 3),
+            "retired": dict(self.retired), "int8_unchanged": list(self.int8_unchanged), "seconds": round(self.seconds, 3),
         }
 
 
@@ -300,6 +301,7 @@ def _export_locked(run: Any, opts: ExportOptions, plan: dict[str, list[str]], da
     result = ExportResult(run.path, onnx_path, rewritten, parity=rows, warnings=warnings)
     if rewritten:
         result.retired = _retire_stale_int8(run, onnx_path)
+    before = {k: v.get("sha256") for k, v in run.artifacts.items() if k.startswith("onnx_int8_")}
     try:
         if opts.int8:
             _int8(run, onnx_path, calib, list(ds.val), plan, opts, result, say)
@@ -324,7 +326,12 @@ def _export_locked(run: Any, opts: ExportOptions, plan: dict[str, list[str]], da
         raise err from None
     finally:
         warnings.extend(_retired_notes(run, result, opts))
-        if result.rewritten or result.int8:  # eval, bench, package, report saw the old models
+        from edgemap.artifacts import int8_key
+
+        result.int8_unchanged = [f for f in result.int8
+                                 if before.get(int8_key(f)) == (run.artifacts.get(int8_key(f)) or {}).get("sha256")]
+        # eval, bench, package, report saw the old models (not when every model came out with the bytes it had)
+        if result.rewritten or len(result.int8_unchanged) < len(result.int8):
             run.outdate_after("export", "export wrote new models", save=False)
         run.save()
     run.set_stage("export", "done", int8=opts.int8 or _has_int8(run))
