@@ -78,6 +78,7 @@ class RunResult:
     wheel_replaced: bool = False  # this run rebuilt a same-version wheel with other contents
     wheel_deps_changed: bool = False  # ... which asked for other packages
     wheel_runtime: str | None = None  # the runtime the wheel is for (its install command differs for cuda)
+    report_warnings: list[str] = field(default_factory=list)  # what this run's report warned about (as `edgemap report`)
     skipped: list[str] = field(default_factory=list)  # unreadable files this command's fine-tuning skipped (--skip-bad)
 
     @property
@@ -98,6 +99,7 @@ class RunResult:
             "stages": [vars(s) for s in self.stages], "summary": self.summary, "artifacts": self.artifacts,
             "wheel": self.wheel, "report": self.report, "unavailable": [list(u) for u in self.unavailable],
             "eval_data": self.eval_data, "skipped": self.skipped, "wheel_replaced": self.wheel_replaced,
+            "report_warnings": self.report_warnings,
             "pip_install": self.pip_install,
         }
 
@@ -287,6 +289,7 @@ def run_pipeline(data: str | Path, out: str | Path | RunDir, opts: RunOptions = 
     t0 = time.perf_counter()
     outcomes: list[StageOutcome] = []
     wheel = report_path = None
+    report_warnings: list[str] = []
     wheel_replaced = wheel_deps_changed = False
     with contextlib.ExitStack() as held:
         # one writer per run directory (manifest.run_lock); the stages' own locks nest inside this one
@@ -330,7 +333,7 @@ def run_pipeline(data: str | Path, out: str | Path | RunDir, opts: RunOptions = 
             if stage == "package":
                 wheel, wheel_replaced, wheel_deps_changed = made
             elif stage == "report":
-                report_path = made
+                report_path, report_warnings = made
             run = RunDir.load(out)  # stages save the manifest themselves: reload, never overwrite theirs
             extra: dict[str, Any] = {}
             if stage == "package":
@@ -354,7 +357,8 @@ def run_pipeline(data: str | Path, out: str | Path | RunDir, opts: RunOptions = 
             run_dir=out, stages=outcomes, artifacts=_artifact_rows(run), wheel=wheel,
             # the precisions this command measures (`run --no-int8` on a run with int8 models: fp32 rows only)
             summary=[r for r in summarize(run) if r["precision"] in opts.eval.precisions],
-            report=report_path, seconds=time.perf_counter() - t0, unavailable=_unavailable(run),
+            report=report_path, report_warnings=report_warnings, seconds=time.perf_counter() - t0,
+            unavailable=_unavailable(run),
             eval_data=((run.data.get("metrics") or {}).get("eval") or {}).get("data"), wheel_replaced=wheel_replaced,
             wheel_deps_changed=wheel_deps_changed, wheel_runtime=(opts.package.runtime or "onnxruntime").strip().lower(),
         )
@@ -402,7 +406,7 @@ def _run_stage(stage: str, data: Path, out: Path, opts: RunOptions, finetune_rep
     from edgemap.report import ReportOptions, report
 
     res = report(out, ReportOptions())
-    return "done", str(res.html), str(res.html)
+    return "done", str(res.html), (str(res.html), list(res.warnings))
 
 
 def again_hint(out: Path) -> str:

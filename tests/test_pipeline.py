@@ -429,3 +429,22 @@ def test_run_names_the_files_its_finetune_skipped(digits: Path, tmp_path: Path) 
     assert got["pip_install"] == f"pip install {got['wheel']}" and f"install on a device: {got['pip_install']}" in r.output
     again = CliRunner().invoke(app, [*args, "--skip-bad"], env={"COLUMNS": "200"})  # nothing trained now: not said again
     assert again.exit_code == 0 and "unreadable" not in again.output, again.output
+
+
+def test_run_prints_what_its_report_warned_about(digits: Path, tmp_path: Path) -> None:
+    """`edgemap run` kept only the report's path: its warnings (here: class names the plot font cannot draw) were
+    printed by `edgemap report` but never by `edgemap run`."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(digits, data)
+    for split in ("train", "val"):
+        (data / split / "3").rename(data / split / "猫")
+    out = tmp_path / "run"
+    r = CliRunner().invoke(app, ["run", str(data), "--out", str(out), "--backbone", "tiny", "--img-size", "32",
+                                 "--epochs", "1", "--freeze-epochs", "0", "--no-int8", "--runtime", "cpu",
+                                 "--bench-seconds", "0.2", "--json", str(tmp_path / "r.json")], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    got = json.loads((tmp_path / "r.json").read_text())
+    said = [w for w in got["report_warnings"] if "has no glyph for 1 character(s) of the class names (猫)" in w]
+    assert said and f"warning: {said[0]}" in " ".join(r.output.split()), r.output

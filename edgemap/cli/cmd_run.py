@@ -115,6 +115,8 @@ def run_and_show(data: Path, out: Path, opts: Any, json_out: Path | None) -> Non
         console.print(f"\ninstall on a device: {result.pip_install}", markup=False, soft_wrap=True)
     if result.report:  # made by this run: where to open it, not a command that makes it again
         console.print(f"report: {Path(result.report).resolve().as_uri()}", markup=False, soft_wrap=True)
+        for w in result.report_warnings:  # as `edgemap report` prints them (they were dropped here)
+            console.print(f"  [yellow]warning:[/] {escape(str(w))}", soft_wrap=True)
     else:
         next_step(f"edgemap report {shq(out)}")  # one command per line: each can be pasted as it is
     console.print(f"also: edgemap bench {shq(out)} --batch 1,8\n      edgemap eval {shq(out)} --details", soft_wrap=True,
