@@ -923,6 +923,10 @@ def test_a_cuda_wheel_asks_for_onnxruntime_gpu_and_runs_fp32_on_the_gpu_only(ven
     img = str(exported["val"][0])
     r = _run(venv, str(venv.parent / "gpu-clf"), img)
     assert r.returncode == 2 and "runtime 'cuda' unavailable:" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    # the way out that a device has (edgemap's own "pip install 'edgemap[cuda]'" is no use there)
+    assert "--runtime onnxruntime runs this model on the CPU" in r.stderr and "edgemap[cuda]" not in r.stderr, r.stderr
+    r = _run(venv, str(venv.parent / "tiny-clf"), img, "--runtime", "cuda")  # the int8 wheel: "use fp32" could not be
+    assert r.returncode == 2 and "run this int8 model with --runtime onnxruntime" in r.stderr, r.stderr  # done there
     r = _run(venv, str(venv.parent / "gpu-clf"), img, "--runtime", "onnxruntime", "--json")
     assert r.returncode == 0, r.stderr
     ref = _eval_probs(run, [exported["val"][0]], "fp32")

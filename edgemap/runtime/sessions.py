@@ -41,9 +41,13 @@ from edgemap.runtime.errors import (
 )
 from edgemap.runtime.text import one_line
 
+#: this module inside a device wheel (``edgemap package`` vendors it as ``<module>.sessions``): no edgemap there, and
+#: the way out of a missing GPU is the CPU runtime, not a re-export
+_ON_DEVICE = not __name__.startswith("edgemap.")
 CUDA_INSTALL_HINT = (
-    "pip uninstall -y onnxruntime && pip install onnxruntime-gpu (it replaces onnxruntime; never install both; "
-    "where edgemap itself is installed: pip install 'edgemap[cuda]')"
+    "pip uninstall -y onnxruntime && pip install onnxruntime-gpu (it replaces onnxruntime; never install both"
+    + ("; or --runtime onnxruntime runs this model on the CPU)" if _ON_DEVICE
+       else "; where edgemap itself is installed: pip install 'edgemap[cuda]')")
 )
 
 
@@ -94,6 +98,10 @@ def check_precision(info: RuntimeInfo, precision: str) -> tuple[bool, str]:
     if precision not in ("fp32", "int8"):
         return False, f"unknown precision {precision!r} (fp32 or int8)"
     if precision not in info.precisions:
+        if _ON_DEVICE:  # the wheel's model is what it is: say which runtime runs it
+            return False, (f"{info.name} has no {precision} kernels for convolutions: run this {precision} model with "
+                           "--runtime onnxruntime (CPU), or package the fp32 model for the GPU (edgemap package "
+                           "--runtime cuda)")
         return False, f"{info.name} has no {precision} kernels for convolutions; use {'/'.join(info.precisions)}"
     return True, ""
 
@@ -121,14 +129,16 @@ def physical_cores() -> int:
 
 
 def _can_load(*libs: str) -> str | None:
-    """None if one of ``libs`` loads, else the last error text."""
+    """None if one of ``libs`` (those of this platform: .dll on Windows, the others elsewhere) loads, else the first
+    one's error (the last named the Windows DLL on Linux)."""
+    mine = [lib for lib in libs if lib.endswith(".dll") == (os.name == "nt")] or list(libs)
     err = None
-    for lib in libs:
+    for lib in mine:
         try:
             ctypes.CDLL(lib)
             return None
         except OSError as e:
-            err = str(e)
+            err = err or str(e)
     return err
 
 
@@ -161,7 +171,9 @@ def available(spec: str) -> tuple[bool, str]:
         if info.name in ("cuda", "tensorrt"):
             err = _can_load("libcuda.so.1", "libcuda.so", "nvcuda.dll")
             if err:
-                return False, f"no NVIDIA driver: libcuda could not be loaded ({err})"
+                return False, (f"no NVIDIA driver: libcuda could not be loaded ({err})"
+                               + ("; in a container, give it the GPU (docker run --gpus all); --runtime onnxruntime "
+                                  "runs this model on the CPU" if _ON_DEVICE else ""))
             if info.name == "tensorrt":
                 err = _can_load("libnvinfer.so.10", "libnvinfer.so.8", "libnvinfer.so", "nvinfer.dll", "nvinfer_10.dll")
                 if err:
