@@ -931,3 +931,12 @@ def test_a_cuda_wheel_asks_for_onnxruntime_gpu_and_runs_fp32_on_the_gpu_only(ven
     assert r.returncode == 0, r.stderr
     ref = _eval_probs(run, [exported["val"][0]], "fp32")
     assert json.loads(r.stdout)[0]["label"] == run.classes[int(ref.argmax())]
+
+
+@pytest.mark.parametrize("top_k", ["3", 2.0, 0, True])
+def test_predict_checks_top_k(clf: Classifier, tiny: dict, top_k: object) -> None:
+    """predict(top_k="3") or 2.0 was a bare TypeError from inside numpy, while load(top_k=...) said OptionError."""
+    from edgemap.errors import OptionError
+
+    with pytest.raises(OptionError, match="top_k must be a whole number >= 1"):
+        clf.predict(tiny["val"][0], top_k=top_k)

@@ -292,8 +292,7 @@ class Classifier:
             >>> [p.label for p in clf.predict(["a.jpg", "b.png"])]
         """
         k = self.top_k if top_k is None else top_k
-        if k < 1:
-            raise ValueError("top_k must be >= 1")
+        _whole("top_k", k, none_ok=False)  # top_k="3" was a bare TypeError from inside numpy
         return self.decode(self.probabilities(images, batch_size), k)
 
     def predict_one(self, image: ImageInput, top_k: int | None = None) -> Prediction:
