@@ -316,6 +316,7 @@ def test_existing_run_is_never_overwritten(digits: Path, reference_run: Path) ->
         (["--img-size", "50", "--backbone", "efficientnet_lite0"], "multiple of 32, at least 32: give 32 or 64"),
         (["--img-size", "100", "--backbone", "efficientnet_lite0"], "give 96 or 128"),  # said ">= 16"
         (["--img-size", "20", "--backbone", "efficientnet_lite0"], "give 32"),
+        (["--img-size", "8", "--backbone", "tiny"], "--img-size 8: tiny needs at least 16"),  # "a multiple of 1"
         (["--img-size", "99999", "--backbone", "tiny"], "--img-size 99999: at most 8192"),  # was: after the scan
         (["--backbone", "nope"], "unknown backbone"),
         (["--epochs", "0"], "--epochs 0"),

@@ -131,6 +131,8 @@ class FinetuneOptions:
         least = -(-16 // m) * m  # the smallest multiple of m from 16 on (">= 16" read wrong where m is 32)
         if size < least or size % m:
             near = sorted({max(least, size // m * m), max(least, size // m * m + m)})
+            if m == 1:
+                raise TrainingError(f"--img-size {size}: {self.backbone} needs at least {least}")
             raise TrainingError(f"--img-size {size}: {self.backbone} needs a multiple of {m}, at least {least}: give "
                                 + " or ".join(map(str, near)))
         for name, val, lo in (("epochs", self.epochs, 1), ("batch-size", self.batch_size, 1), ("freeze-epochs", self.freeze_epochs, 0),
