@@ -433,7 +433,7 @@ def test_truncated_file_is_refused(tmp_path: Path, fmt: str) -> None:
 def test_not_an_image(tmp_path: Path, content: bytes) -> None:
     p = tmp_path / "fake.jpg"
     p.write_bytes(content)
-    with pytest.raises(ImageError, match="fake.jpg: not a readable image"):
+    with pytest.raises(ImageError, match="fake.jpg: " + ("empty file" if not content else "not a readable image")):
         open_image(p)
 
 
@@ -609,3 +609,14 @@ def test_not_an_image_type_is_an_image_error() -> None:
     with pytest.raises(ImageError, match="a set is not an image"):  # no order: results could not follow the inputs
         _as_list({"a.jpg", "b.jpg"})  # type: ignore[arg-type]
     assert _as_list(frozenset({"a.jpg"})) == ["a.jpg"]  # one item has its order
+
+
+def test_an_empty_file_is_called_empty(tmp_path: Path) -> None:
+    """A copy cut short at 0 bytes was "not a readable image (UnidentifiedImageError: cannot identify image file)"."""
+    (tmp_path / "cut.jpg").write_bytes(b"")
+    for source in (tmp_path / "cut.jpg", str(tmp_path / "cut.jpg"), b""):
+        with pytest.raises(ImageError, match=r"empty file \(0 bytes\)"):
+            open_image(source)
+    (tmp_path / "junk.jpg").write_bytes(b"x")
+    with pytest.raises(ImageError, match="not a readable image"):
+        open_image(tmp_path / "junk.jpg")

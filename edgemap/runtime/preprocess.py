@@ -296,11 +296,23 @@ def _open_image(source: str | Path | bytes, max_pixels: int | None) -> Image.Ima
     except FileNotFoundError as e:
         raise ImageError(f"{name}: file not found") from e
     except (OSError, ValueError, SyntaxError, EOFError, Image.UnidentifiedImageError) as e:
+        if _empty(source):  # a copy cut short at 0 bytes: "cannot identify image file" did not say so
+            raise ImageError(f"{name}: empty file (0 bytes)") from e
         why = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "(bytes)", str(e))  # no object address in the message
         raise ImageError(f"{name}: not a readable image ({type(e).__name__}: {why})") from e
     except Warning as e:  # a Pillow warning the user's filters turn into an error (-W error): this image only
         raise ImageError(f"{name}: refused: Pillow warned ({type(e).__name__}: {e}) and the warning filters make "
                          "warnings errors") from e
+
+
+def _empty(source: object) -> bool:
+    """Whether ``source`` (a path or bytes) holds no bytes at all."""
+    if isinstance(source, bytes | bytearray | memoryview):
+        return len(source) == 0
+    try:
+        return isinstance(source, str | os.PathLike) and os.stat(source).st_size == 0
+    except OSError:
+        return False
 
 
 def to_rgb(im: Image.Image, name: str = "<image>") -> Image.Image:
