@@ -61,14 +61,20 @@ def sixteen(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_two_gloo_processes_make_a_valid_run(digits: Path, tmp_path: Path) -> None:
+    import shutil
+
     out = tmp_path / "ddp run"
-    cmd = [sys.executable, "-m", "edgemap", "finetune", str(digits), "--out", str(out), "--backbone", "tiny",
+    data = tmp_path / "data"
+    shutil.copytree(digits, data)
+    (data / "train" / "notes.txt").write_text("a stray file: its scan warning is printed once, not once per process")
+    cmd = [sys.executable, "-m", "edgemap", "finetune", str(data), "--out", str(out), "--backbone", "tiny",
            "--img-size", "32", "--epochs", "3", "--freeze-epochs", "1", "--no-flip", "--nproc", "2", "--threads", "1",
            "--lr", "1e-2"]
     tmp = tmp_path / "TMPDIR"
     tmp.mkdir()
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**ENV, "TMPDIR": str(tmp)})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert (r.stdout + r.stderr).count("ignored 1 file(s)") == 1, r.stdout[-3000:] + r.stderr[-3000:]
     assert not list(tmp.glob("torchelastic_*")), list(tmp.iterdir())  # torchrun's log folder is not left behind
     run = RunDir.load(out)
     assert run.stage_done("finetune")

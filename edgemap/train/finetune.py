@@ -424,8 +424,9 @@ def finetune(data: str | Path, out: str | Path | RunDir, opts: FinetuneOptions |
         contract = PreprocessContract(size, size, crop_pct=opts.crop_pct, interpolation=spec.interpolation,
                                       mean=spec.mean, std=spec.std)
         # the scan writes nothing: a bad dataset or a Ctrl-C here leaves no run directory behind
-        scan = scan_dataset(data, ScanOptions(val_split=opts.val_split, seed=opts.seed, skip_bad=opts.skip_bad,
-                                              max_pixels=opts.max_pixels))
+        with nullcontext() if dist.main else _quiet_scan():  # --nproc N printed every scan warning N times
+            scan = scan_dataset(data, ScanOptions(val_split=opts.val_split, seed=opts.seed, skip_bad=opts.skip_bad,
+                                                  max_pixels=opts.max_pixels))
         rep.message(f"dataset {scan.root}: {len(scan.classes)} classes, {_counts_line(scan)} ({scan.layout})"
                     + (f"; {dist.world} processes ({dist.backend})" if dist.active else ""))
         # e.g. --epochs 2 with the default --freeze-epochs 2: said, not silent. The advice names both options: --epochs
@@ -503,6 +504,20 @@ def finetune(data: str | Path, out: str | Path | RunDir, opts: FinetuneOptions |
     finally:
         dist.close()
         torch.set_num_threads(caller_threads)
+
+
+@contextmanager
+def _quiet_scan() -> Iterator[None]:
+    """The dataset scan's warnings silenced in this process (a training process other than rank 0: said once)."""
+    import logging
+
+    logger = logging.getLogger("edgemap.data")
+    before = logger.disabled
+    logger.disabled = True
+    try:
+        yield
+    finally:
+        logger.disabled = before
 
 
 def out_of_memory(e: BaseException) -> bool:
