@@ -652,3 +652,31 @@ def test_running_out_of_memory_is_recognised() -> None:
         torch.empty(2**62, dtype=torch.uint8)  # a real allocation failure, at once
     assert out_of_memory(caught.value)
     assert not out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+
+
+def test_an_out_that_cannot_be_written_is_refused_before_the_scan(digits: Path, tmp_path: Path) -> None:
+    """`--out` under a read-only folder was refused only after the whole dataset had been decoded."""
+    import os
+    import shutil
+    import stat
+    import subprocess
+    import sys
+
+    prefix: list[str] = []
+    if os.geteuid() == 0:  # root ignores permission bits: drop the capabilities that do so
+        if not shutil.which("setpriv"):
+            pytest.skip("running as root without setpriv: permission bits cannot be tested")
+        caps = "-dac_override,-dac_read_search,-fowner"
+        prefix = ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}", "--"]
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    try:
+        r = subprocess.run([*prefix, sys.executable, "-m", "edgemap", "finetune", str(digits), "--out", str(ro / "run"),
+                            "--backbone", "tiny", "--img-size", "32", "--epochs", "1"],
+                           capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"})
+    finally:
+        ro.chmod(stat.S_IRWXU)
+    out = " ".join((r.stdout + r.stderr).split())
+    assert r.returncode == 2 and f"cannot write the run directory ({ro} is not writable" in out, out
+    assert "classes" not in out and "Traceback" not in out, out  # refused before the dataset was scanned
