@@ -423,6 +423,8 @@ def _as_percent(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             row["macro_f1"] = score_text(f1, 4, 1)
         if r.get("within_tolerance") is False:
             row["agreement %"] = f"{row['agreement %']} ✗"
+        if r.get("status", "ok") != "ok":  # "n 0" read as measured on no images: it did not run
+            row["n"] = None
         out.append(row)
     return out
 

@@ -873,6 +873,8 @@ def test_card_and_report_numbers_survive_hostile_values() -> None:
 
     rows = _as_percent([{"runtime": "cpu", "precision": "int8", "accuracy": 10**4299, "agreement": 0.5}])
     assert rows[0]["accuracy %"] is None and rows[0]["agreement %"] == "50.00"
+    # a runtime that did not run is not "measured on 0 images"
+    assert _as_percent([{"runtime": "cuda", "precision": "fp32", "n": 0, "status": "unavailable"}])[0]["n"] is None
     assert "| cpu | int8 |" in _table(rows, ("runtime", "precision", "accuracy %", "agreement %"))
     assert _num(10**4299) is None and _num(0.25) == 0.25
 
