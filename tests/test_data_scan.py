@@ -761,3 +761,19 @@ def test_progress_bar_on_a_tty_gives_the_same_scan(tmp_path: Path, monkeypatch: 
     shown = scan_dataset(root, ScanOptions(workers=2))
     assert "checking images" in fake.getvalue()
     assert (shown.train, shown.val, shown.fingerprint) == (plain.train, plain.val, plain.fingerprint)
+
+
+def test_class_folders_that_only_hold_the_same_sub_folders_are_warned_about(tmp_path: Path, caplog) -> None:  # noqa: ANN001
+    """DATA/batch1/{cat,dog} + DATA/batch2/{cat,dog} trained the classes batch1 and batch2 without a word."""
+    for batch in ("batch1", "batch2"):
+        make_classes(tmp_path / batch, {"cat": 3, "dog": 3})
+    with caplog.at_level(logging.WARNING, logger="edgemap.data"):
+        scan = scan_dataset(tmp_path)
+    assert scan.classes == ["batch1", "batch2"]
+    assert "every class folder (batch1, batch2) holds only the same sub-folders (cat, dog)" in caplog.text
+    caplog.clear()
+    make_classes(tmp_path / "batch2" / "cat", {"extra": 1})  # sub-folders that differ: a real nested layout
+    (tmp_path / "batch1" / "loose.png").write_bytes((tmp_path / "batch1" / "cat" / "0.png").read_bytes())
+    with caplog.at_level(logging.WARNING, logger="edgemap.data"):
+        scan_dataset(tmp_path)
+    assert "same sub-folders" not in caplog.text

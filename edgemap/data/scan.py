@@ -530,6 +530,7 @@ def _scan(root: str | Path, opts: ScanOptions, *, decode_check: bool, known_bad:
             ignored[name] = ignored.get(name, 0) + n
     if ignored:
         log.warning("%s: ignored %s", root, ignored_text(ignored))
+    _warn_nested_classes(tr.folder, class_dirs)
     return DatasetScan(
         root=root,
         layout=layout,
@@ -816,6 +817,26 @@ class _progress:
     def __exit__(self, *exc: object) -> None:
         if self.bar is not None:
             self.bar.stop()
+
+
+def _warn_nested_classes(folder: Path, class_dirs: dict[str, Path]) -> None:
+    """Say so when every class folder holds only the same sub-folders (batch1/{cat,dog}, batch2/{cat,dog}): the
+    classes learnt are then the top folders (batch1, batch2), almost certainly not what was meant."""
+    subs: list[frozenset[str]] = []
+    for path in class_dirs.values():
+        try:
+            entries = [e for e in os.scandir(path) if not is_hidden(e.name)]
+        except OSError:
+            return
+        if not entries or not all(e.is_dir() for e in entries):
+            return
+        subs.append(frozenset(e.name for e in entries))
+    if len(subs) >= 2 and len(subs[0]) >= 2 and all(x == subs[0] for x in subs):
+        inner = ", ".join(sorted(subs[0]))
+        log.warning("%s: every class folder (%s) holds only the same sub-folders (%s): the classes learnt are the "
+                    "top folders, not %s; if those are the classes, give each one folder (e.g. merge %s into one "
+                    "DATA/<class>/ tree)", folder, ", ".join(sorted(class_dirs)), inner, inner,
+                    " and ".join(sorted(class_dirs)))
 
 
 def _split_class(root: Path, name: str, files: list[Path], opts: ScanOptions) -> tuple[list[Path], list[Path]]:
