@@ -241,6 +241,13 @@ def _file_sha256(path: Path) -> str | None:
         return None
 
 
+def _keep_created(old: dict[str, Any] | None, entry: dict[str, Any]) -> None:
+    """The same bytes at the same path again: the same artifact, made when it first was (the wheel's default version
+    comes from this time: re-exporting an unchanged model gave its wheel a new one)."""
+    if old and (old.get("sha256"), old.get("path")) == (entry["sha256"], entry["path"]) and old.get("created"):
+        entry["created"] = old["created"]
+
+
 @dataclass
 class RunDir:
     """A run directory and its parsed manifest.
@@ -396,6 +403,7 @@ class RunDir:
             "created": now_iso(),
             **meta,
         }
+        _keep_created(self.artifacts.get(key), entry)
         self.artifacts[key] = entry
         if save:
             self.save()
@@ -421,9 +429,7 @@ class RunDir:
             yield tmp
             entry = {"path": rel.replace("\\", "/"), "sha256": sha256_file(tmp), "bytes": tmp.stat().st_size,
                      "stage": stage, "created": now_iso(), **meta}
-            old = self.artifacts.get(key) or {}
-            if (old.get("sha256"), old.get("path")) == (entry["sha256"], entry["path"]) and old.get("created"):
-                entry["created"] = old["created"]  # the same bytes again: the same model, made when it first was
+            _keep_created(self.artifacts.get(key), entry)
             self.data.setdefault("pending", {})[key] = entry
             self.save()
         self.data["pending"].pop(key, None)

@@ -78,7 +78,7 @@ class PackageOptions:
         precision: ``int8`` or ``fp32``; None = int8 when the run has an int8 model for this
             runtime, else fp32 (the result says which).
         name: distribution name (PEP 503); default ``<run dir name>-classifier`` (``run-<name>-classifier`` for a
-            name that starts with a digit). It is also
+            name that starts with a digit), with ``-openvino`` / ``-cuda`` added for those runtimes. It is also
             the console command; the module is the normalised name with ``_``.
         version: PEP 440 version of the wheel; default ``0.1.0.<export time>+<runtime>.m<model sha256, 12 hex>``
             (:func:`default_model_version`), so that two models' or runtimes' wheels never share a version (pip keeps
@@ -145,14 +145,21 @@ def pip_install_command(wheel: str | Path, replaced: bool = False, runtime: str 
                         deps_changed: bool = False) -> str:
     """``pip install WHEEL``.
 
-    With ``--force-reinstall`` when the build replaced a same-version wheel of other contents (pip keeps a version it
-    already installed), and ``--no-deps`` then only when that wheel asked for the same packages. A ``cuda`` wheel's
-    command removes a CPU onnxruntime and installs onnxruntime-gpu for CUDA 12 first (see
-    :data:`CUDA12_ONNXRUNTIME_GPU`; a CUDA 13 device takes ``onnxruntime-gpu>=1.27`` instead)."""
-    flags = ("--force-reinstall " + ("" if deps_changed else "--no-deps ")) if replaced else ""
-    first = (f"pip uninstall -y onnxruntime && pip install {shlex.quote(CUDA12_ONNXRUNTIME_GPU)} && "
-             if runtime == "cuda" else "")
-    return f"{first}pip install {flags}{shlex.quote(str(wheel))}"
+    ``pip install --force-reinstall --no-deps WHEEL`` when the build replaced a same-version wheel of other contents
+    (pip keeps a version it already installed), followed by a plain ``pip install WHEEL`` when that wheel asked for
+    other packages. A ``cuda`` wheel's command first takes out a CPU onnxruntime (with onnxruntime-gpu: they share
+    files) and installs onnxruntime-gpu for CUDA 12 (see :data:`CUDA12_ONNXRUNTIME_GPU`; a CUDA 13 device takes
+    ``onnxruntime-gpu>=1.27`` instead)."""
+    w = shlex.quote(str(wheel))
+    # --force-reinstall alone would also upgrade every dependency (onnxruntime-gpu past the CUDA 12 cap): the wheel
+    # without its dependencies, then a plain install that adds only the ones it newly asks for
+    install = (f"pip install --force-reinstall --no-deps {w}" + (f" && pip install {w}" if deps_changed else "")
+               if replaced else f"pip install {w}")
+    if runtime != "cuda":
+        return install
+    # a CPU onnxruntime is taken out with onnxruntime-gpu (they share files: removing one alone broke the other)
+    return (f"if pip show -q onnxruntime; then pip uninstall -y onnxruntime onnxruntime-gpu; fi; "
+            f"pip install {shlex.quote(CUDA12_ONNXRUNTIME_GPU)} && {install}")
 
 
 def default_model_version(base: str, entry: dict[str, Any], runtime: str) -> str:
@@ -644,7 +651,10 @@ def package(run_dir: str | Path | RunDir | None, opts: PackageOptions | None = N
         default_name = re.sub(r"[^a-z0-9]+", "-", run.path.resolve().name.lower()).strip("-")
         if default_name[:1].isdigit():  # runs/2024: a module cannot start with a digit (run failed here, after training)
             default_name = f"run-{default_name}"
-        name, module = validate_name(opts.name or (f"{default_name}-classifier" if default_name else "edgemap-classifier"))
+        # one name per runtime: wheels for CPU and CUDA of one fp32 model differ only in their version's label, which
+        # pip compares as text: `pip install -U --find-links dist NAME` on a GPU device took the CPU wheel
+        suffix = "" if runtime == "onnxruntime" else f"-{runtime}"
+        name, module = validate_name(opts.name or f"{default_name or 'edgemap'}-classifier{suffix}")
         version = validate_version(opts.version or opts.default_version)  # checked now; the model's label comes below
         out = Path(opts.out) if opts.out is not None else run.own_folder("dist")
 

@@ -28,6 +28,7 @@ from edgemap.errors import DatasetError, TrainingError
 from edgemap.evaluate import EvalOptions
 from edgemap.export import ExportOptions
 from edgemap.manifest import MANIFEST_NAME, STAGE_ORDER, RunDir, run_lock
+from edgemap.metrics import score_text
 from edgemap.options import recorded_value
 from edgemap.package import PackageOptions
 from edgemap.train.finetune import RESULT_NEUTRAL_OPTIONS, FinetuneOptions
@@ -383,7 +384,7 @@ def _run_stage(stage: str, data: Path, out: Path, opts: RunOptions, finetune_rep
                            resume_hint=again_hint(out))
         else:
             res = finetune(data, out, opts.finetune, reporter=finetune_reporter, resume_hint=again_hint(out))
-        return ("resumed" if resume else "done"), f"best val accuracy {res.best_val_accuracy:.4f} (epoch {res.best_epoch})", None
+        return ("resumed" if resume else "done"), f"best val accuracy {score_text(res.best_val_accuracy, 4, 1)} (epoch {res.best_epoch})", None
     if stage == "export":
         if export_progress and (out / MANIFEST_NAME).is_file() and RunDir.load(out).stage_done("export"):
             # done by hand without --int8 (or its int8 models were retired): say why it is exported again

@@ -777,3 +777,36 @@ def test_class_folders_that_only_hold_the_same_sub_folders_are_warned_about(tmp_
     with caplog.at_level(logging.WARNING, logger="edgemap.data"):
         scan_dataset(tmp_path)
     assert "same sub-folders" not in caplog.text
+
+
+def test_the_copy_aware_split_keeps_the_validation_share_and_old_runs_keep_their_split(tmp_path: Path) -> None:
+    """One image copied 60 times among 40: validation took 61 of 100 (the first group in hash order, whatever its size);
+    and runs recorded before the rule changed must rescan to the files and split they were made from."""
+    import json
+
+    big = tmp_path / "big"
+    make_classes(big, {"a": 40, "b": 5})
+    for i in range(60):
+        shutil.copy(big / "a" / "0.png", big / "a" / f"copy{i}.png")
+    for seed in range(5):
+        counts = scan_dataset(big, ScanOptions(val_split=0.2, seed=seed)).counts()
+        assert counts["val"]["a"] <= 20 and counts["train"]["a"] >= 80, (seed, counts)
+    same = tmp_path / "same"  # one image copied: no unseen image can exist; it trains (the copies warning says so)
+    make_classes(same, {"b": 4})
+    (same / "a").mkdir()
+    for i in range(4):
+        shutil.copy(same / "b" / "0.png", same / "a" / f"{i}.png")
+    assert scan_dataset(same).counts()["val"]["a"] == 1
+    # a run recorded without a rule is read with rule 1: no .jfif, copies split by path, as when it was made
+    old = tmp_path / "old"
+    make_classes(old, {"a": 12, "b": 5})
+    for i in range(3):
+        shutil.copy(old / "a" / f"{i}.png", old / "a" / f"{i} (1).png")
+    img(old / "a" / "saved.jfif", fmt="JPEG")
+    made = scan_dataset(old, ScanOptions(rule=1)).to_manifest()
+    made["options"].pop("rule")  # as edgemap.json was written before the field existed
+    again = rescan_for_run(json.loads(json.dumps(made)))
+    assert again.options.rule == 1 and again.fingerprint == made["fingerprint"]
+    assert not any(s.path.suffix == ".jfif" for s in again.train + again.val)
+    assert scan_dataset(old).options.rule == 2 and any(s.path.suffix == ".jfif" for s in scan_dataset(old).train +
+                                                       scan_dataset(old).val)

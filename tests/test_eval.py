@@ -37,7 +37,7 @@ def test_default_data_is_the_test_split_and_rows_cover_every_combo(result, train
     assert ("openvino", "fp32", "ok") in got and ("openvino", "int8", "ok") in got
     assert ("cuda", "fp32", "unavailable") in got and ("cuda", "int8", "unavailable") in got
     cuda = next(r for r in result.rows if r.runtime == "cuda" and r.precision == "fp32")
-    assert "CUDAExecutionProvider" in cuda.reason and "edgemap[cuda]" in cuda.reason
+    assert "CUDAExecutionProvider" in cuda.reason and "onnxruntime-gpu>=1.20,<1.27" in cuda.reason
 
 
 def test_runtimes_agree_within_documented_tolerance(result) -> None:  # noqa: ANN001

@@ -693,6 +693,10 @@ def test_an_export_that_writes_the_same_models_again_outdates_nothing(trained, t
     evaluate(copy, EvalOptions(runtimes=("cpu",)))
     RunDir.load(copy).set_stage("eval", "done")  # as `edgemap run` records it
     made = {k: dict(v) for k, v in RunDir.load(copy).artifacts.items() if k.startswith("onnx")}
+    assert "onnx_fp32" in made  # its time is kept too (through add_artifact, as the fp32 path records it)
+    import time
+
+    time.sleep(1.1)  # the times have whole seconds: another second, or a kept time could not be told from a new one
     again = export(copy, ExportOptions(int8=True, calib_size=16))
     assert first.int8 and sorted(again.int8_unchanged) == sorted(again.int8) and not again.rewritten
     now = RunDir.load(copy)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import zipfile
@@ -858,12 +859,14 @@ def test_rebuilding_a_wheel_warns_only_when_its_contents_change(exported: dict, 
     b = package(run.path, PackageOptions(name="same-clf", out=tmp_path, runtime="openvino"))
     assert not b.replaced and a.wheel != b.wheel and a.wheel.is_file()
     # the openvino wheel asks for other packages than the onnxruntime one it replaced: no --no-deps (pip check failed)
-    assert other.pip_install.startswith("pip install --force-reinstall /") and "--force" not in first.pip_install
+    w = shlex.quote(str(other.wheel))  # --force-reinstall alone upgraded every dependency too: the wheel alone, then
+    assert other.pip_install == f"pip install --force-reinstall --no-deps {w} && pip install {w}"  # what it adds
+    assert "--force" not in first.pip_install
     assert other.replaced_requirements
     same_deps = package(run.path, PackageOptions(name="same-clf", version="1.0", out=tmp_path, runtime="openvino",
                                                  precision="fp32"))  # another model, the same requirements
     assert same_deps.replaced and not same_deps.replaced_requirements
-    assert same_deps.pip_install.startswith("pip install --force-reinstall --no-deps ")
+    assert same_deps.pip_install == f"pip install --force-reinstall --no-deps {shlex.quote(str(same_deps.wheel))}"
 
 
 def test_card_and_report_numbers_survive_hostile_values() -> None:
@@ -915,8 +918,13 @@ def test_a_cuda_wheel_asks_for_onnxruntime_gpu_and_runs_fp32_on_the_gpu_only(ven
     assert any(d.startswith("onnxruntime-gpu>=1.2") for d in deps) and not any(d.startswith("onnxruntime>") for d in deps)
     assert "replaces onnxruntime (never install both)" in card and "--runtime onnxruntime" in card
     # the install line takes out a CPU onnxruntime and puts a CUDA 12 onnxruntime-gpu first (the newest are CUDA 13)
-    assert w.pip_install.startswith("pip uninstall -y onnxruntime && pip install 'onnxruntime-gpu>=1.20,<1.27' && ")
-    assert "pip uninstall -y onnxruntime && pip install 'onnxruntime-gpu>=1.20,<1.27' && pip install gpu_clf-" in card
+    first = ("if pip show -q onnxruntime; then pip uninstall -y onnxruntime onnxruntime-gpu; fi; "
+             "pip install 'onnxruntime-gpu>=1.20,<1.27' && ")  # both out where both are: they share files
+    assert w.pip_install.startswith(first) and f"{first}pip install gpu_clf-" in card, (w.pip_install, card)
+    assert subprocess.run(["bash", "-n", "-c", w.pip_install]).returncode == 0  # pastes as one shell line
+    # its own default name: beside the CPU wheel of the same fp32 model, `pip install -U --find-links dist NAME`
+    # chose between them by the label's text
+    assert package(run.path, PackageOptions(runtime="cuda", out=tmp_path / "named")).name.endswith("-classifier-cuda")
     with pytest.raises(PackageError, match="no int8 convolution kernels"):
         package(run.path, PackageOptions(runtime="cuda", precision="int8", name="gpu-clf", out=tmp_path))
     # on this machine's CPU onnxruntime (standing in for onnxruntime-gpu: --no-deps): the GPU is asked for, and said

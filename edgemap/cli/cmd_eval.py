@@ -80,8 +80,8 @@ def render_details(row, classes: list[str]) -> list[Table]:  # noqa: ANN001
         p_none = i < len(predicted) and predicted[i] == 0
         r_none = c["support"] == 0
         undefined |= p_none or r_none
-        per.add_row(c["class"], "—" if p_none else f"{c['precision']:.3f}", "—" if r_none else f"{c['recall']:.3f}",
-                    "—" if p_none and r_none else f"{c['f1']:.3f}", str(c["support"]))
+        per.add_row(c["class"], "—" if p_none else _f1(c["precision"]), "—" if r_none else _f1(c["recall"]),
+                    "—" if p_none and r_none else _f1(c["f1"]), str(c["support"]))  # 0.9997 never shown as 1.000
     if undefined:
         per.caption = "— undefined (0/0): no images of the class, or never predicted"
     cm = Table(title=f"{row.runtime} {row.precision}: confusion (rows = true, columns = predicted)")

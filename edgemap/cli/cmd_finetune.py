@@ -20,6 +20,7 @@ from edgemap.cli.common import (
     shq,
     write_json_out,
 )
+from edgemap.metrics import score_text
 
 
 class RichReporter:
@@ -62,8 +63,9 @@ class RichReporter:
 
     def epoch_done(self, row: dict[str, Any]) -> None:
         self.progress.console.print(  # one line each, also in a log file (rich folds at 80 columns there)
-            f"epoch {row['epoch']:>3} \\[{row['phase']}] train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} | "
-            f"val loss {row['val_loss']:.4f} [bold]acc {row['val_acc']:.4f}[/] | lr {row['lr']:.2e}", soft_wrap=True
+            f"epoch {row['epoch']:>3} \\[{row['phase']}] train loss {row['train_loss']:.4f} acc "
+            f"{score_text(row['train_acc'], 4, 1)} | val loss {row['val_loss']:.4f} [bold]acc "
+            f"{score_text(row['val_acc'], 4, 1)}[/] | lr {row['lr']:.2e}", soft_wrap=True
         )
 
     def message(self, text: str, *, markup: bool = False) -> None:
@@ -142,7 +144,7 @@ def register(app: typer.Typer) -> None:
         if quiet:
             return
         console.print(
-            f"[green]done[/] in {res.seconds:.0f} s: best val accuracy [bold]{res.best_val_accuracy:.4f}[/] at epoch "
+            f"[green]done[/] in {res.seconds:.0f} s: best val accuracy [bold]{score_text(res.best_val_accuracy, 4, 1)}[/] at epoch "
             f"{res.best_epoch} ({res.epochs_run} epochs{', stopped early' if res.stopped_early else ''}; "
             f"{res.images_per_second:.0f} img/s, {res.autocast}, channels_last={res.channels_last}, {res.device})"
         )

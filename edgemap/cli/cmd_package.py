@@ -18,7 +18,7 @@ def register(app: typer.Typer) -> None:
         run_dir: Annotated[Path | None, typer.Argument(help="Run directory with an exported model (not needed with --runtime-only).", show_default=False)] = None,
         runtime: Annotated[str | None, typer.Option("--runtime", help="onnxruntime (CPU, QOperator int8), openvino (QDQ int8) or cuda (NVIDIA GPU, fp32; the wheel asks for onnxruntime-gpu, which replaces onnxruntime).")] = None,
         precision: Annotated[str | None, typer.Option("--precision", help="int8 or fp32 \\[default: int8 when exported, else fp32]")] = None,
-        name: Annotated[str | None, typer.Option("--name", help="Package name = console command \\[default: <run dir>-classifier].")] = None,
+        name: Annotated[str | None, typer.Option("--name", help="Package name = console command \\[default: <run dir>-classifier, plus -openvino / -cuda for those runtimes].")] = None,
         version: Annotated[str | None, typer.Option("--version", help="PEP 440 version \\[default: 0.1.0.<export time>+<runtime>.m<model sha256, 12 hex>: each model and runtime its own version, so pip on a device replaces another model's wheel instead of keeping it, and pip install -U takes the latest export].")] = None,
         out: Annotated[Path | None, typer.Option("--out", help="Folder for the wheel \\[default: RUN_DIR/dist].")] = None,
         runtime_only: Annotated[bool, typer.Option("--runtime-only", help="Build edgemap-runtime: the same module without a model.")] = False,

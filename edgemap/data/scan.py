@@ -17,6 +17,7 @@ here with its name rather than mid-training. The dataset is only ever read.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import logging
 import os
@@ -97,8 +98,14 @@ class ScanOptions:
     max_pixels: int | None = DEFAULT_MAX_PIXELS
     min_val_per_class: int = 1
     workers: int = 2
+    #: which listing and split rules (recorded with the run, so that a run keeps the files it was made from):
+    #: 1 = before session 10 (no .jfif/.jpe; copies split by path like any file), 2 = byte-identical copies on one
+    #: side of the split, .jfif/.jpe read as images
+    rule: int = 2
 
     def __post_init__(self) -> None:
+        if self.rule not in (1, 2):
+            raise DatasetError(f"dataset rule {self.rule!r} is newer than this edgemap understands (1 or 2); upgrade it")
         if not 0.0 <= self.val_split < 1.0:
             raise DatasetError(f"--val-split must be in [0, 1), got {self.val_split}")
         if self.min_val_per_class < 1:
@@ -112,7 +119,7 @@ class ScanOptions:
     def from_dict(cls, d: dict[str, Any]) -> ScanOptions:
         """Rebuild options recorded by :meth:`DatasetScan.to_manifest` (unknown keys ignored)."""
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return cls(**{"rule": 1, **{k: v for k, v in d.items() if k in known}})  # no rule recorded: made before it
 
 
 @dataclass
@@ -423,6 +430,15 @@ class _Listing:
 
 
 def _scan(root: str | Path, opts: ScanOptions, *, decode_check: bool, known_bad: dict[str, str] | None) -> DatasetScan:
+    token = _EXTENSIONS.set(_extensions_of(opts.rule))
+    try:
+        return _scan_listed(root, opts, decode_check=decode_check, known_bad=known_bad)
+    finally:
+        _EXTENSIONS.reset(token)
+
+
+def _scan_listed(root: str | Path, opts: ScanOptions, *, decode_check: bool,
+                 known_bad: dict[str, str] | None) -> DatasetScan:
     root, top, (train_name, val_name, test_name) = _split_folders(root)
     # a class called "test" (or "valid"...) would be dropped or misread; in a train/ + val/ layout an unlabelled test/
     # (Kaggle's) is just not used, as before
@@ -545,10 +561,19 @@ def _scan(root: str | Path, opts: ScanOptions, *, decode_check: bool, known_bad:
     )
 
 
+#: the image extensions of the rule the current scan follows (see ScanOptions.rule)
+_EXTENSIONS: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("edgemap_scan_extensions",
+                                                                             default=IMAGE_EXTENSIONS)
+
+
+def _extensions_of(rule: int) -> frozenset[str]:
+    return IMAGE_EXTENSIONS if rule >= 2 else IMAGE_EXTENSIONS - {".jfif", ".jpe"}
+
+
 def _holds_images_directly(folder: Path) -> bool:
     """No class sub-folders, but image files of its own."""
     return not _subdirs(folder) and any(
-        Path(e.name).suffix.lower() in IMAGE_EXTENSIONS and not is_hidden(e.name) for e in _entries(folder)
+        Path(e.name).suffix.lower() in _EXTENSIONS.get() and not is_hidden(e.name) for e in _entries(folder)
     )
 
 
@@ -747,7 +772,7 @@ def _walk_class(
                     subdirs.append(path)
                 else:
                     log.warning("%s: links to %s, outside this class folder but inside the dataset; skipped", path, real)
-            elif Path(entry.name).suffix.lower() in IMAGE_EXTENSIONS:
+            elif Path(entry.name).suffix.lower() in _EXTENSIONS.get():
                 if kind == "file":
                     lst.images[name].append(path)
                 elif kind == "broken":
@@ -862,17 +887,23 @@ def _split_class(root: Path, name: str, files: list[Path], opts: ScanOptions) ->
     # byte-identical copies ("img3.png" and "img3 (1).png") stay on one side: split apart, validation scored training
     # images as unseen (early stopping, the kept weights and the int8 gate all judged on them)
     groups: dict[str, list[Path]] = {}
-    for p in files:
-        groups.setdefault(file_sha256(p), []).append(p)
-    if len(groups) == n:  # no copies: the path-hash order alone, as always
+    if opts.rule >= 2:
+        for p in files:
+            groups.setdefault(file_sha256(p), []).append(p)
+    # no copies, a run made before rule 2, or one image copied n times (no unseen image can exist: the copies
+    # warning says so): the path-hash order alone, as always
+    if len(groups) in (0, 1, n):
         val = set(sorted(files, key=key)[:n_val])
     else:
+        ordered = sorted(groups.values(), key=lambda g: min(map(key, g)))
         val = set()
-        for group in sorted(groups.values(), key=lambda g: min(map(key, g))):
-            if len(val) >= n_val:
+        for group in ordered:  # in hash order, the groups that fit the validation share
+            if len(val) + len(group) <= n_val:
+                val.update(group)
+        for group in sorted(ordered, key=len):  # too few for min_val_per_class: the smallest groups left
+            if len(val) >= k:
                 break
-            fits = len(val) + len(group) <= n_val or (len(val) < k and len(val) + len(group) <= n - 1)
-            if fits:
+            if not val.issuperset(group) and len(val) + len(group) <= n - 1:
                 val.update(group)
     return [p for p in files if p not in val], [p for p in files if p in val]
 

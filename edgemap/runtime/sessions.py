@@ -45,9 +45,9 @@ from edgemap.runtime.text import one_line
 #: the way out of a missing GPU is the CPU runtime, not a re-export
 _ON_DEVICE = not __name__.startswith("edgemap.")
 CUDA_INSTALL_HINT = (
-    "pip uninstall -y onnxruntime && pip install onnxruntime-gpu (it replaces onnxruntime; never install both"
-    + ("; or --runtime onnxruntime runs this model on the CPU)" if _ON_DEVICE
-       else "; where edgemap itself is installed: pip install 'edgemap[cuda]')")
+    "pip uninstall -y onnxruntime onnxruntime-gpu && pip install 'onnxruntime-gpu>=1.20,<1.27' (CUDA 12 builds; 1.27 "
+    "on need CUDA 13; it replaces onnxruntime: never install both, and removing one deletes the files they share"
+    + ("; or --runtime onnxruntime runs this model on the CPU)" if _ON_DEVICE else ")")
 )
 
 

@@ -426,7 +426,7 @@ def finetune(data: str | Path, out: str | Path | RunDir, opts: FinetuneOptions |
         # the scan writes nothing: a bad dataset or a Ctrl-C here leaves no run directory behind
         with nullcontext() if dist.main else _quiet_scan():  # --nproc N printed every scan warning N times
             scan = scan_dataset(data, ScanOptions(val_split=opts.val_split, seed=opts.seed, skip_bad=opts.skip_bad,
-                                                  max_pixels=opts.max_pixels))
+                                                  max_pixels=opts.max_pixels, rule=_scan_rule(out, resume)))
         rep.message(f"dataset {scan.root}: {len(scan.classes)} classes, {_counts_line(scan)} ({scan.layout})"
                     + (f"; {dist.world} processes ({dist.backend})" if dist.active else ""))
         # e.g. --epochs 2 with the default --freeze-epochs 2: said, not silent. The advice names both options: --epochs
@@ -476,9 +476,9 @@ def finetune(data: str | Path, out: str | Path | RunDir, opts: FinetuneOptions |
                     saved = (out / ckpt.STATE_FILE).is_file()
                     raise TrainingError(
                         f"out of {'GPU ' if device.type == 'cuda' else ''}memory training at --img-size "
-                        f"{contract.height} with --batch-size {opts.batch_size}: lower --batch-size (or --img-size); "
-                        + (f"the last saved state is kept, and {hint} continues it" if saved
-                           else "nothing was saved yet: run the command again with the smaller values")) from None
+                        f"{contract.height} with --batch-size {opts.batch_size}: lower --batch-size (or --img-size) "
+                        + ("in a new run (another --out): a resumed run keeps the values it was made with" if saved
+                           else "and run the command again: nothing was saved yet")) from None
                 if not dist.active or not _lost_peer(e):
                     raise
                 if dist.main and run is not None:
@@ -504,6 +504,20 @@ def finetune(data: str | Path, out: str | Path | RunDir, opts: FinetuneOptions |
     finally:
         dist.close()
         torch.set_num_threads(caller_threads)
+
+
+def _scan_rule(out: Path, resume: bool) -> int:
+    """The dataset rule a resumed run was made with (its files and split must come out as they did), else the
+    current one."""
+    from edgemap.data.scan import ScanOptions
+
+    if not resume:
+        return ScanOptions.rule
+    try:
+        recorded = json.loads((out / MANIFEST_NAME).read_text(encoding="utf-8"))["dataset"]["options"]
+        return ScanOptions.from_dict(recorded).rule
+    except (OSError, ValueError, KeyError, TypeError, EdgemapError):
+        return ScanOptions.rule  # no readable record: the resume's own checks say what is wrong
 
 
 @contextmanager
