@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The whole mapping on the bundled digits demo, end to end, on a CPU, with no network:
+# The whole mapping on the bundled digits demo, end to end, on a CPU, with no network until step 7 (the device
+# venv installs numpy, Pillow and onnxruntime from your package index, or a wheelhouse: PIP_FIND_LINKS=DIR):
 #
 #   datasets digits → finetune → export --int8 → eval → bench → package
 #   → pip install the wheel into a fresh venv WITHOUT torch → classify images with it.

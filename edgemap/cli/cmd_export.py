@@ -74,7 +74,7 @@ def register(app: typer.Typer) -> None:
         stray = [flag for flag, v in int8_only.items() if v is not None]
         if stray and not int8:
             raise ExportError(f"{', '.join(stray)} only {'apply' if len(stray) > 1 else 'applies'} with --int8; "
-                              "add --int8 or leave them out")
+                              f"add --int8 or leave {'them' if len(stray) > 1 else 'it'} out")
         given = {"opset": opset, "calib_size": calib_size, "calib_method": calib_method, "max_drop": max_drop,
                  "targets": tuple(split_csv(targets)) if targets is not None else None}
         opts = ExportOptions(int8=int8, **{k: v for k, v in given.items() if v is not None})

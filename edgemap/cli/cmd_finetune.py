@@ -149,6 +149,6 @@ def register(app: typer.Typer) -> None:
             f"{res.images_per_second:.0f} img/s, {res.autocast}, channels_last={res.channels_last}, {res.device})"
         )
         if res.skipped:
-            console.print(f"[yellow]skipped {len(res.skipped)} unreadable files[/] (listed in {escape(str(res.run_dir))}/edgemap.json)", soft_wrap=True)
+            console.print(f"[yellow]skipped {len(res.skipped)} unreadable file(s)[/] (listed in {escape(str(res.run_dir))}/edgemap.json)", soft_wrap=True)
         console.print(f"run directory: {res.run_dir}", markup=False, soft_wrap=True)
         next_step(f"edgemap export {shq(res.run_dir)} --int8")

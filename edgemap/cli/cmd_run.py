@@ -144,7 +144,7 @@ def register(app: typer.Typer) -> None:
         calib_size: Annotated[int | None, typer.Option(help="int8 calibration images \\[default: 300].")] = None,
         runtime: Annotated[str | None, typer.Option(help="Runtimes for eval/bench \\[default: torch,cpu,cuda,openvino].")] = None,
         bench_seconds: Annotated[float | None, typer.Option(help="Seconds per bench measurement \\[default: 3].")] = None,
-        package_runtime: Annotated[str | None, typer.Option(help="Wheel runtime onnxruntime|openvino \\[default: onnxruntime].")] = None,
+        package_runtime: Annotated[str | None, typer.Option(help="Wheel runtime onnxruntime|openvino|cuda \\[default: onnxruntime].")] = None,
         name: Annotated[str | None, typer.Option(help="Wheel name \\[default: <run dir>-classifier].")] = None,
         report: Annotated[bool | None, typer.Option("--report/--no-report", help="Make the HTML report \\[default: yes; a re-run keeps the run's choice].", show_default=False)] = None,
         json_out: JsonOpt = None,
