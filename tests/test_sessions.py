@@ -229,3 +229,20 @@ def test_a_session_runs_the_bytes_it_was_given_not_the_file_again(trained_run, r
     via_bytes = S.load(fp32, runtime, data=int8.read_bytes()).run(x)  # the path only names it
     np.testing.assert_array_equal(via_bytes, S.load(int8, runtime).run(x))
     assert not np.array_equal(via_bytes, S.load(fp32, runtime).run(x))
+
+
+def test_a_ctrl_c_inside_a_runtimes_import_is_not_called_a_broken_install() -> None:
+    """onnxruntime's native initialisation turns a Ctrl-C into "ImportError: initialization failed": eval then measured
+    the other rows, exited 0, and told the user to reinstall onnxruntime."""
+    from edgemap.runtime.sessions import _import_failure
+
+    try:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as ki:
+            raise ImportError("initialization failed") from ki
+    except ImportError as e:
+        wrapped = e
+    with pytest.raises(KeyboardInterrupt):
+        _import_failure(wrapped, "onnxruntime", "onnxruntime")
+    assert "failed to import" in _import_failure(ImportError("initialization failed"), "onnxruntime", "onnxruntime")

@@ -142,9 +142,23 @@ def _can_load(*libs: str) -> str | None:
     return err
 
 
+def reraise_interrupt(e: BaseException) -> None:
+    """Raise the Ctrl-C/SIGTERM an import error wraps: onnxruntime's and OpenVINO's native module initialisation turn
+    a KeyboardInterrupt into "ImportError: initialization failed", and the interrupt became "runtime unavailable:
+    pip install -U onnxruntime" with the command going on to exit 0."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, KeyboardInterrupt):
+            raise cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+
+
 def _import_failure(e: ImportError, module: str, pkg: str) -> str:
     """Why ``import module`` failed: not installed, or installed but broken (onnxruntime 1.18.0 with numpy 2 said
-    "not installed")."""
+    "not installed"). A Ctrl-C that interrupted the import is raised again (see :func:`reraise_interrupt`)."""
+    reraise_interrupt(e)
     if isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] == module:
         return f"package {pkg} is not installed (pip install {pkg})"
     return (f"package {pkg} is installed but failed to import ({one_line(e)}); it may need other versions of its "
