@@ -130,15 +130,21 @@ def json_text(obj: Any) -> str:
     return text
 
 
-def remove_stale_temps(folder: str | Path) -> list[Path]:
-    """Delete temp files left by a process killed mid-write; return what was removed."""
+def remove_stale_temps(folder: str | Path, min_age_s: float = 0.0) -> list[Path]:
+    """Delete temp files left by a process killed mid-write; return what was removed.
+
+    ``min_age_s``: only those untouched for that long, in a folder no lock guards (a wheelhouse that two
+    ``edgemap package`` commands write at once: one deleted the other's wheel mid-copy)."""
     removed = []
     folder = Path(folder)
     if folder.is_dir():
+        now = time.time()
         for p in folder.glob(f".*{TMP_SUFFIX}"):
             if not _OUR_TEMP.match(p.name):  # only names atomic_path makes (.<name>.<12 hex>.edgemap-tmp)
                 continue
             with contextlib.suppress(FileNotFoundError):
+                if min_age_s and now - p.stat().st_mtime < min_age_s:
+                    continue
                 p.unlink()
                 removed.append(p)
     return removed

@@ -712,7 +712,8 @@ def package(run_dir: str | Path | RunDir | None, opts: PackageOptions | None = N
         whl = _build_wheel(src, built)
         _check_wheel(whl, module, info["sha256"] if info else None)
         out.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(out)  # a wheel copy cut short by a kill -9
+        remove_stale_temps(out, min_age_s=3600)  # a wheel copy cut short by a kill -9 (an hour old: never one that
+        # another package command is writing now into the same folder)
         dest = out / whl.name
         if dest.resolve().parent != out.resolve():
             raise PackageError(f"wheel name {whl.name!r} would land outside {out}")

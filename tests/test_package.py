@@ -950,3 +950,20 @@ def test_predict_checks_top_k(clf: Classifier, tiny: dict, top_k: object) -> Non
 
     with pytest.raises(OptionError, match="top_k must be a whole number >= 1"):
         clf.predict(tiny["val"][0], top_k=top_k)
+
+
+def test_package_leaves_another_package_commands_temp_file_alone(tiny: dict, tmp_path: Path) -> None:
+    """Two `edgemap package` into one --out (a shared wheelhouse): one deleted the other's wheel while it was being
+    copied (FileNotFoundError traceback). Only temp files an hour old (a killed copy) are cleaned up now."""
+    import os
+    import time
+
+    out = tmp_path / "wh"
+    out.mkdir()
+    busy = out / ".other_classifier-1.0-py3-none-any.whl.0123456789ab.edgemap-tmp"
+    dead = out / ".old_classifier-1.0-py3-none-any.whl.ba9876543210.edgemap-tmp"
+    busy.write_bytes(b"being written")
+    dead.write_bytes(b"cut short")
+    os.utime(dead, (time.time() - 7200, time.time() - 7200))
+    package(tiny["run"].path, PackageOptions(name="wh-clf", out=out))
+    assert busy.exists() and not dead.exists()
