@@ -967,3 +967,19 @@ def test_package_leaves_another_package_commands_temp_file_alone(tiny: dict, tmp
     os.utime(dead, (time.time() - 7200, time.time() - 7200))
     package(tiny["run"].path, PackageOptions(name="wh-clf", out=out))
     assert busy.exists() and not dead.exists()
+
+
+def test_the_cli_survives_a_stdout_that_cannot_hold_its_characters(tiny: dict, tmp_path: Path) -> None:
+    """A Windows console redirected to a file (cp1252), or a latin-1 locale: `edgemap eval` crashed on the table's
+    "Δ" with a traceback and exit 1, after its results were stored."""
+    import os
+    import sys
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny["run"].path, run)
+    r = subprocess.run([sys.executable, "-m", "edgemap", "eval", str(run), "--runtime", "cpu", "--precision", "fp32",
+                        "--data", str(tiny["data"] / "val")],
+                       capture_output=True, timeout=300, env={**os.environ, "PYTHONIOENCODING": "cp1252"})
+    out = (r.stdout + r.stderr).decode("cp1252", "replace")
+    assert r.returncode == 0 and "Traceback" not in out, out
+    assert "\\u0394" in out or "|Δ|" in out  # escaped where the encoding lacks it

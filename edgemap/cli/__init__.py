@@ -41,8 +41,13 @@ for _name in _COMMANDS:  # a missing module is a broken install: it fails here, 
 
 
 def main() -> None:
+    import contextlib
     import os
+    import sys
 
+    for stream in (sys.stdout, sys.stderr):  # a cp1252/latin-1 stdout (a Windows console redirected to a file): a
+        with contextlib.suppress(AttributeError, ValueError):  # "Δ" or "…" it cannot hold is escaped, not a crash
+            stream.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]  # after the work was saved
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         app()
         return
