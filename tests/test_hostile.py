@@ -543,6 +543,17 @@ def test_a_hard_linked_copy_of_a_run_has_its_own_lock(odd_tmp: Path) -> None:
         holder.wait()
 
 
+@pytest.mark.parametrize("key,value", [("runtime", 5), ("runtime", None), ("precision", ["x"]), ("format", 1)])
+def test_a_wheels_model_json_with_a_non_string_field_is_one_error(odd_tmp: Path, key: str, value: object) -> None:
+    """model.json "runtime": 5 was AttributeError: 'int' object has no attribute 'strip' (load() and the command)."""
+    from edgemap.runtime.classifier import read_model_json
+    from edgemap.runtime.errors import ModelFormatError
+
+    (odd_tmp / "model.json").write_text(json.dumps({"file": "model.onnx", "sha256": "0" * 64, key: value}))
+    with pytest.raises(ModelFormatError, match=f"'{key}' must be a string"):
+        read_model_json(odd_tmp)
+
+
 @pytest.mark.parametrize("limit", ["x", [1], 1e400, 0, True])
 def test_a_wheels_model_json_with_a_bad_pixel_limit_is_one_error(odd_tmp: Path, limit: object) -> None:
     """max_pixels "x" or [1] was a TypeError traceback; 1e400 read as Infinity turned the bomb guard off."""

@@ -330,6 +330,9 @@ def read_model_json(folder: str | Path) -> dict[str, Any]:
     if limit is not None and (type(limit) is not int or limit < 1):  # "x", [1], or 1e400 (inf: the guard off)
         raise ModelFormatError(f"{p}: 'max_pixels' must be a positive integer or null, got {str(limit)[:40]}; "
                                "reinstall the package")
+    for key in ("runtime", "precision", "format"):  # 5 or null: an AttributeError traceback where it was used
+        if key in info and not isinstance(info[key], str):
+            raise ModelFormatError(f"{p}: '{key}' must be a string, got {str(info[key])[:40]}; reinstall the package")
     return info
 
 
