@@ -228,6 +228,29 @@ def test_a_path_error_names_the_path_in_the_way_not_a_temp_file(capsys) -> None:
     assert "/w/a.whl: Is a directory: a file is where a folder is needed" in err and "edgemap-tmp" not in err
 
 
+def test_a_full_disk_names_where_the_space_ran_out(capsys) -> None:  # noqa: ANN001
+    """copyfile(temp wheel, dist/x.whl) on a full run disk named the source in /tmp (which had room); a library's own
+    temp file on a full TMPDIR named no place at all."""
+    import errno
+    import tempfile
+
+    @handle_errors
+    def copy() -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", "/tmp/edgemap-package-x/wheel/a.whl", None,
+                      "/runs/r/dist/a.whl")
+
+    @handle_errors
+    def library() -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    for cmd, said in ((copy, "/runs/r/dist/a.whl: No space left on device"),
+                      (library, f"the temp folder {tempfile.gettempdir()} (TMPDIR): No space left on device")):
+        with pytest.raises(typer.Exit) as e:
+            cmd()
+        err = " ".join(capsys.readouterr().err.split())
+        assert e.value.exit_code == 74 and said in err, err
+
+
 def test_names_never_drive_the_terminal(tmp_path: Path) -> None:
     """A file or folder name with ESC sequences (\\x1b]0;TITLE, \\x1b[2J) was printed raw by finetune and eval."""
     import io

@@ -10,6 +10,7 @@ import os
 import shlex
 import signal
 import sys
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -200,8 +201,11 @@ def handle_errors(fn: F) -> F:
                 raise typer.Exit(code=2) from None
             if e.errno not in _ENVIRONMENT_ERRNOS or os.environ.get("EDGEMAP_DEBUG"):
                 raise
-            name = str(e.filename or "")
+            # copyfile(src, dest) failing on a full disk: dest (filename2) is where the space ran out, not src
+            name = str(e.filename2 or e.filename or "") if e.errno in (errno.ENOSPC, errno.EDQUOT) else str(e.filename or "")
             where = f"{Path(name).parent if '.edgemap-tmp' in name else name}: " if name else ""  # the folder, not our temp
+            if not name and e.errno in (errno.ENOSPC, errno.EDQUOT):  # a library's own temp files: say where they go
+                where = f"the output's folder or the temp folder {tempfile.gettempdir()} (TMPDIR): "
             _say("error", f"{where}{e.strerror or e}; {_ENVIRONMENT_ERRNOS[e.errno]}")
             raise typer.Exit(code=74) from None  # EX_IOERR
         except Exception as e:
