@@ -680,3 +680,22 @@ def test_an_out_that_cannot_be_written_is_refused_before_the_scan(digits: Path, 
     out = " ".join((r.stdout + r.stderr).split())
     assert r.returncode == 2 and f"cannot write the run directory ({ro} is not writable" in out, out
     assert "classes" not in out and "Traceback" not in out, out  # refused before the dataset was scanned
+
+
+def test_a_full_disk_while_saving_weights_is_an_os_error(tmp_path: Path) -> None:
+    """safetensors reports a full disk as its own SafetensorError: finetune printed a 30-line traceback, exit 1, where
+    every other stage says one line (exit 74)."""
+    import subprocess
+
+    from edgemap.train.checkpoint import save_tensors
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root and mount rights): no full disk to write to")
+    try:
+        with pytest.raises(OSError) as e:
+            save_tensors({"w": torch.zeros(200_000)}, mnt / "w.safetensors", {"edgemap": "{}"})
+        assert e.value.errno == 28 and e.value.filename == str(mnt / "w.safetensors")
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)

@@ -7,7 +7,9 @@ intact. Nothing here unpickles: tensors come from safetensors, everything else i
 from __future__ import annotations
 
 import json
+import os
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -75,8 +77,24 @@ def save_state(run_path: Path, model: torch.nn.Module, opt: torch.optim.Optimize
     meta = {"info": info, "optimizer": ometa, "rng": rmeta}
     dest = run_path / STATE_FILE
     with atomic_path(dest) as tmp:
-        save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(meta)})
+        save_tensors(tensors, tmp, metadata={_META_KEY: json.dumps(meta)})
     return dest
+
+
+_OS_ERROR = re.compile(r"os error (\d+)")
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """safetensors' save_file, with its I/O failures as the OSError they are: a full disk was a SafetensorError
+    traceback ("I/O error: No space left on device (os error 28)") instead of edgemap's one line, exit 74."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as e:
+        code = _OS_ERROR.search(str(e))
+        if code is None:
+            raise
+        n = int(code.group(1))
+        raise OSError(n, os.strerror(n), str(path)) from e
 
 
 def read_state(run_path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -982,15 +982,14 @@ def _evaluate(net: ClassifierNet, x_u8: torch.Tensor, y: torch.Tensor, bs: int, 
 
 
 def _save_weights(run: RunDir, net: ClassifierNet, key: str, epoch: int, val_acc: float | None) -> None:
-    from safetensors.torch import save_file
-
     dest = run.path / "weights" / f"{key.split('_', 1)[1]}.safetensors"
     state = {k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.detach().cpu().contiguous()
              for k, v in net.state_dict().items()}
     with run.write_artifact(key, dest, stage="finetune", epoch=epoch, val_accuracy=val_acc) as tmp:
         # one metadata key: safetensors writes a metadata dict in hash order, so two keys made identical weights
         # differ in sha256 from run to run
-        save_file(state, str(tmp), metadata={"edgemap": json.dumps({"backbone": run.backbone, "epoch": epoch}, sort_keys=True)})
+        ckpt.save_tensors(state, tmp, metadata={"edgemap": json.dumps({"backbone": run.backbone, "epoch": epoch},
+                                                                      sort_keys=True)})
 
 
 def _append_metrics(run_path: Path, row: dict[str, Any]) -> None:
