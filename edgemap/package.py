@@ -249,7 +249,10 @@ def _choose_artifact(run: RunDir, runtime: str, precision: str | None) -> tuple[
         )
     path = run.artifact_path(key)  # refuses a file whose sha256 changed since export, or made from older inputs
     entry = run.artifacts[key]
-    parity = run.data.get("metrics", {}).get("parity", {})
+    parity = (run.data.get("metrics") or {}).get("parity") or {}
+    if not isinstance(parity, dict):  # [1]: an AttributeError traceback
+        raise PackageError(f"{run.manifest_path}: metrics.parity is not what `edgemap export` writes; run `edgemap "
+                           f"export {shlex.quote(str(run.path))}` again")
     if parity and not parity.get("passed", True):
         raise PackageError(f"{run.path}: model.onnx failed the parity check against PyTorch (metrics.parity); "
                            f"it must not be deployed. Re-run `edgemap export {shlex.quote(str(run.path))}`")

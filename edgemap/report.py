@@ -609,6 +609,18 @@ class _Builder:
         self.pngs[name] = data
         return data if extra is None else (data, extra)  # type: ignore[return-value]
 
+    def guarded(self, section: str, make: Any) -> str:
+        """One section's HTML; a value edgemap never writes (a hand-edited edgemap.json or metrics.jsonl: a batch of
+        "x", an accuracy of 1e308, a 400-digit count) leaves that section out with a warning, not a traceback."""
+        try:
+            return make()
+        except (ValueError, TypeError, OverflowError, ArithmeticError, KeyError, AttributeError, IndexError) as e:
+            why = f"{type(e).__name__}: {' '.join(str(e).split())[:160]}"
+            self.sections[section] = f"left out: unreadable values ({why})"
+            self.warnings.append(f"the {section} section is left out: edgemap.json or metrics.jsonl holds values "
+                                 f"edgemap does not write ({why}); run the stage that wrote them again")
+            return ""
+
     def glyph_warning(self) -> None:
         """One warning for the characters (of class names) the plots' font could not draw."""
         if not self.missing_glyphs:
@@ -999,10 +1011,10 @@ def report(run_dir: str | Path | RunDir, opts: ReportOptions | None = None) -> R
                             "give a path in a folder you can write") from None
     b = _Builder(run, opts, out_dir)
     b.predict()
-    body = [
-        b.accuracy_latency(), b.eval_table(), b.bench_table(), b.training(), b.confusion(),
-        b.misclassified_grid(), b.gate(), b.parity(), b.dataset(), b.artifacts(),
-    ]
+    body = [b.guarded(section, make) for section, make in (
+        ("accuracy_latency", b.accuracy_latency), ("eval", b.eval_table), ("bench", b.bench_table),
+        ("training", b.training), ("confusion", b.confusion), ("misclassified", b.misclassified_grid),
+        ("int8_gate", b.gate), ("parity", b.parity), ("dataset", b.dataset), ("artifacts", b.artifacts))]
     b.glyph_warning()
     warn = "".join(f'<p class="warn">{_e(w)}</p>' for w in b.warnings)
     doc = (

@@ -983,3 +983,14 @@ def test_the_cli_survives_a_stdout_that_cannot_hold_its_characters(tiny: dict, t
     out = (r.stdout + r.stderr).decode("cp1252", "replace")
     assert r.returncode == 0 and "Traceback" not in out, out
     assert "\\u0394" in out or "|Δ|" in out  # escaped where the encoding lacks it
+
+
+def test_a_hand_edited_parity_record_is_one_error(tiny: dict, tmp_path: Path) -> None:
+    """metrics.parity = [1] made `edgemap package` fail with an AttributeError traceback."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny["run"].path, run)
+    data = json.loads((run / "edgemap.json").read_text())
+    data.setdefault("metrics", {})["parity"] = [1]
+    (run / "edgemap.json").write_text(json.dumps(data))
+    with pytest.raises(PackageError, match="metrics.parity is not what `edgemap export` writes"):
+        package(run, PackageOptions(out=tmp_path / "dist"))

@@ -503,3 +503,37 @@ def test_a_run_with_int8_models_but_no_int8_eval_row_is_sent_to_eval_not_export(
     assert res.sections["confusion"] == "fp32 only (no current int8 eval row)", res.sections["confusion"]
     page = res.html.read_text(encoding="utf-8").replace("&#x27;", "'")
     assert f"edgemap eval {rd} --precision int8" in page and "no int8 model yet" not in page
+
+
+@pytest.mark.parametrize("edit", ["batch_x", "p50_huge", "acc_huge", "confusion_huge", "epoch_huge"])
+def test_hand_edited_figures_leave_a_section_out_not_a_traceback(finished_run: RunDir, tmp_path: Path,
+                                                                 edit: str) -> None:
+    """Values edgemap never writes (a batch of "x", 1e308 ms or accuracy, a 400-digit confusion count, epoch 1e308 in
+    metrics.jsonl) crashed `edgemap report` with a traceback."""
+    import json
+
+    from edgemap.report import ReportOptions
+
+    run = _copy_run(finished_run, tmp_path / "run")
+    m = run.data["metrics"]
+    if edit == "batch_x":
+        m["bench"]["rows"][0]["batch"] = "x"
+    elif edit == "p50_huge":
+        m["bench"]["rows"][0]["p50_ms"] = 1e308
+    elif edit == "acc_huge":
+        m["eval"]["rows"][1]["accuracy"] = 1e308
+    elif edit == "confusion_huge":
+        n = len(run.classes)
+        m["eval"]["rows"][1]["confusion"] = [[10**400] * n] * n
+    else:
+        lines = (run.path / "metrics.jsonl").read_text().splitlines()
+        first = json.loads(lines[0])
+        first["epoch"] = 1e308
+        (run.path / "metrics.jsonl").write_text("\n".join([json.dumps(first), *lines[1:]]) + "\n")
+    run.save()
+    res = report(run.path, ReportOptions(predict=False))  # raised before
+    assert res.html.is_file()
+    left_out = [k for k, v in res.sections.items() if v.startswith("left out: unreadable values")]
+    expected = {"p50_huge": ["accuracy_latency"], "acc_huge": ["accuracy_latency"], "confusion_huge": ["confusion"]}
+    assert left_out == expected.get(edit, []), (left_out, res.warnings)
+    assert all(any(f"the {k} section is left out" in w for w in res.warnings) for k in left_out), res.warnings
