@@ -211,26 +211,36 @@ def _held() -> dict[Path, list[Any]]:
     return held
 
 
-def _open_own_lock(folder: Path, path: Path) -> int:
+def _open_own_lock(folder: Path, path: Path) -> tuple[int, bool]:
     """Open ``folder``'s lock file: never through a symlink (a run directory from someone else could point it at
     ~/.bashrc, which locking truncates), never a FIFO or device, and never an inode shared with another folder: a
     copy made with ``cp -al`` would share the original's lock (each blocking the other), so it gets its own file."""
-    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    safe = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    flags = os.O_RDWR | os.O_CREAT | safe
     for _ in range(3):
+        writable = True
         try:
             fd = os.open(path, flags, 0o666)
         except OSError as e:
-            if e.errno in NOT_WRITABLE:
-                raise FolderNotWritable(folder, e.strerror or str(e)) from None
-            if e.errno == errno.ELOOP:
-                raise UnsafeLockFile(path) from None
-            raise
+            fd = -1
+            if e.errno == errno.EACCES and path.exists() and os.access(folder, os.W_OK | os.X_OK):
+                # a shared run (group-writable folder) whose lock file another user made: flock works on a
+                # read-only descriptor too, so lock through it (only the holder line is not written); this said
+                # "cannot write in this run directory: chmod -R u+w", which that user cannot do
+                with contextlib.suppress(OSError):
+                    fd, writable = os.open(path, os.O_RDONLY | safe), False
+            if fd < 0:
+                if e.errno in NOT_WRITABLE:
+                    raise FolderNotWritable(folder, e.strerror or str(e)) from None
+                if e.errno == errno.ELOOP:
+                    raise UnsafeLockFile(path) from None
+                raise
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):  # a FIFO or a device
             os.close(fd)
             raise UnsafeLockFile(path)
-        if st.st_nlink == 1:
-            return fd
+        if st.st_nlink == 1 or not writable:
+            return fd, writable
         os.close(fd)  # a hard link: replace this folder's name with a fresh file (the other folder keeps its own)
         with atomic_path(path) as tmp:
             tmp.touch()
@@ -264,8 +274,8 @@ def folder_lock(folder: str | Path, what: str) -> Iterator[None]:
         yield
         return
     path = folder / LOCK_NAME
-    fd = _open_own_lock(folder, path)
-    f = os.fdopen(fd, "a+", encoding="utf-8")
+    fd, writable = _open_own_lock(folder, path)
+    f = os.fdopen(fd, "a+" if writable else "r", encoding="utf-8")
     try:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -277,16 +287,18 @@ def folder_lock(folder: str | Path, what: str) -> Iterator[None]:
             raise FolderBusy(folder, holder) from None
         if os.stat(path, follow_symlinks=False).st_ino != os.fstat(f.fileno()).st_ino:  # replaced meanwhile (a
             raise FolderBusy(folder, "another edgemap process (it just renewed the lock file)")  # hard-linked copy)
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} ({what}) since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        f.flush()
+        if writable:
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()} ({what}) since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            f.flush()
         held[folder] = [f, 1]
         try:
             yield
         finally:
             del held[folder]
-            f.truncate(0)
+            if writable:
+                f.truncate(0)
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
     finally:
         f.close()

@@ -587,3 +587,32 @@ def test_hostile_numbers_in_metadata_and_environment_are_one_line(odd_tmp: Path)
         finally:
             del os.environ["EDGEMAP_DIST_TIMEOUT"]
     assert collective_timeout_s() == 300
+
+
+def test_a_lock_file_another_user_made_in_a_shared_run_still_locks(tmp_path: Path) -> None:
+    """A group-writable run whose .edgemap.lock another user created (0644): eval/export said "cannot write in this run
+    directory: chmod -R u+w", which this user cannot do. flock works through a read-only descriptor."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from edgemap.fsutil import LOCK_NAME
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give the lock file to another user")
+    if not shutil.which("setpriv"):
+        pytest.skip("running as root without setpriv: permission bits cannot be tested")
+    caps = "-dac_override,-dac_read_search,-fowner"
+    run = tmp_path / "shared run"
+    run.mkdir()
+    lock = run / LOCK_NAME
+    lock.write_text("")
+    os.chown(lock, 65534, 65534)
+    lock.chmod(0o644)
+    code = ("import sys; from edgemap.fsutil import folder_lock\n"
+            "with folder_lock(sys.argv[1], 'edgemap eval'):\n    print('locked')\n")
+    r = subprocess.run(["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}", "--", sys.executable, "-c", code,
+                        str(run)], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert r.returncode == 0 and r.stdout.strip() == "locked", r.stderr
