@@ -702,6 +702,12 @@ def package(run_dir: str | Path | RunDir | None, opts: PackageOptions | None = N
         }
     card = model_card(run, info or {"requirements": requirements}, name, version, module)
     warnings = []
+    if (run is not None and opts.precision is None and precision == "fp32"
+            and any(k.startswith("onnx_int8_") for k in run.artifacts)
+            and WHEEL_RUNTIMES[runtime][0] != "cuda"):  # int8 was exported, but not for this runtime: said, not silent
+        warnings.append(f"packaged the fp32 model: the run has int8 models, but none for {runtime} (export --targets "
+                        f"named others); `edgemap export {shlex.quote(str(run.path))} --int8 --targets "
+                        f"{WHEEL_RUNTIMES[runtime][0]}` makes it")
     for stage in ("eval", "bench") if info is not None else ():
         old = current_results(run, stage)[1]
         if old:

@@ -994,3 +994,19 @@ def test_a_hand_edited_parity_record_is_one_error(tiny: dict, tmp_path: Path) ->
     (run / "edgemap.json").write_text(json.dumps(data))
     with pytest.raises(PackageError, match="metrics.parity is not what `edgemap export` writes"):
         package(run, PackageOptions(out=tmp_path / "dist"))
+
+
+def test_packaging_fp32_where_int8_exists_for_other_runtimes_is_said(tmp_path: Path) -> None:
+    """`export --int8 --targets tensorrt` (or openvino) then `package`: a silent fp32 wheel, though int8 was exported."""
+    from _export_fixtures import make_run, write_dataset
+
+    from edgemap.export import ExportOptions, export
+
+    data = write_dataset(tmp_path / "data", n_train=24, n_val=6)
+    run, _ = make_run(tmp_path / "run", data, steps=20)
+    export(run, ExportOptions(int8=True, targets=("openvino",), calib_size=16, max_drop=100.0))
+    run = run.path
+    r = package(run, PackageOptions(out=tmp_path / "dist"))
+    assert r.precision == "fp32"
+    assert any("the run has int8 models, but none for onnxruntime" in w and "--targets cpu" in w for w in r.warnings)
+    assert not package(run, PackageOptions(runtime="openvino", out=tmp_path / "dist")).warnings

@@ -62,7 +62,7 @@ def register(app: typer.Typer) -> None:
         calib_size: Annotated[int | None, typer.Option("--calib-size", help="Calibration images from the training split, stratified \\[default: 300].")] = None,
         calib_method: Annotated[str | None, typer.Option("--calib-method", help="minmax | entropy | percentile \\[default: minmax].")] = None,
         max_drop: Annotated[float | None, typer.Option("--max-drop", help="Largest int8 top-1 drop allowed, in points \\[default: 1.0].")] = None,
-        targets: Annotated[str | None, typer.Option("--targets", help="Runtimes to write int8 models for, e.g. cpu,openvino \\[default: those with an int8 path that run here; name tensorrt to add it].")] = None,
+        targets: Annotated[str | None, typer.Option("--targets", help="Runtimes to write int8 models for, e.g. cpu,openvino \\[default: those with an int8 path that run here; to add tensorrt, name every target: cpu,openvino,tensorrt].")] = None,
         data: Annotated[Path | None, typer.Option("--data", help="Where the run's training dataset is now, if it moved or was copied here (the same files, checked; the new place is recorded) \\[default: where it was trained].")] = None,
         json_out: JsonOpt = None,
     ) -> None:
