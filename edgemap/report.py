@@ -996,7 +996,10 @@ def report(run_dir: str | Path | RunDir, opts: ReportOptions | None = None) -> R
     opts.validate()
     run = fresh_run(run_dir)  # what eval and bench stored since a caller's RunDir was loaded
     html_path = Path(opts.out) if opts.out is not None else run.own_folder(REPORT_DIR) / REPORT_FILE
-    if html_path.is_dir() or str(opts.out or "").endswith(("/", os.sep)):  # a folder (or one to make): the file in it
+    # a folder (or one to make: a trailing "/", or a new name without a suffix, which became an HTML file named
+    # like a folder): the file in it
+    if html_path.is_dir() or str(opts.out or "").endswith(("/", os.sep)) or (
+            opts.out is not None and not html_path.exists() and not html_path.suffix):
         html_path = html_path / REPORT_FILE
     if opts.out is not None and special_file(html_path):  # /dev/stdout, a FIFO: the PNGs need a folder beside it
         raise ManifestError(f"--out {opts.out}: not a file or folder path; give a path such as report.html or a folder")

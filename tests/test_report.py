@@ -206,6 +206,9 @@ def test_report_out_folder_with_a_slash(finished_run: RunDir, tmp_path: Path) ->
     r = CliRunner().invoke(app, ["report", str(finished_run.path), "--no-predict", "--out", f"{tmp_path}/outs/dir/"])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "outs" / "dir" / "report.html").is_file()
+    # a new name without a suffix is a folder too (it became an HTML file named "plain" with plain_files/ beside it)
+    r = CliRunner().invoke(app, ["report", str(finished_run.path), "--no-predict", "--out", f"{tmp_path}/outs/plain"])
+    assert r.exit_code == 0 and (tmp_path / "outs" / "plain" / "report.html").is_file(), r.output
 
 
 def test_read_metrics_skips_a_cut_line(tmp_path: Path) -> None:

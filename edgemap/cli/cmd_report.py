@@ -15,7 +15,7 @@ def register(app: typer.Typer) -> None:
     @handle_errors
     def report_cmd(
         run_dir: RunDirArg,
-        out: Annotated[str | None, typer.Option("--out", help="HTML file (or folder) to write \\[default: RUN_DIR/report/report.html]; its plots are also saved as PNGs beside it (RUN_DIR/report/, or NAME_files/ next to --out).")] = None,
+        out: Annotated[str | None, typer.Option("--out", help="HTML file (a name ending in .html) or folder (an existing one, one ending in /, or a new name without a suffix) to write \\[default: RUN_DIR/report/report.html]; its plots are also saved as PNGs beside it (RUN_DIR/report/, or NAME_files/ next to --out).")] = None,
         predict: Annotated[bool, typer.Option("--predict/--no-predict", help="Run the exported models on validation images for the misclassified grid.")] = True,
         max_images: Annotated[int | None, typer.Option("--max-images", help="At most this many validation images are predicted \\[default: 2000].")] = None,
         grid: Annotated[int | None, typer.Option("--grid", help="At most this many misclassified images shown \\[default: 40].")] = None,
