@@ -448,3 +448,9 @@ def test_run_prints_what_its_report_warned_about(digits: Path, tmp_path: Path) -
     got = json.loads((tmp_path / "r.json").read_text())
     said = [w for w in got["report_warnings"] if "has no glyph for 1 character(s) of the class names (猫)" in w]
     assert said and f"warning: {said[0]}" in " ".join(r.output.split()), r.output
+
+
+def test_demo_takes_the_freeze_epochs_its_note_names(tmp_path: Path) -> None:
+    """`edgemap demo --epochs 2` is told "give --epochs 3 --freeze-epochs 2", and the demo had no --freeze-epochs."""
+    r = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--epochs", "2", "--freeze-epochs", "5"])
+    assert r.exit_code == 2 and "--freeze-epochs 5 exceeds --epochs 2" in " ".join(r.output.split()), r.output

@@ -165,6 +165,7 @@ def register(app: typer.Typer) -> None:
     def demo_cmd(
         out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the demo's data/ and run/.")] = Path("models/demo"),
         epochs: Annotated[int | None, typer.Option(help="Fine-tuning epochs \\[default: 8].")] = None,
+        freeze_epochs: Annotated[int | None, typer.Option(help="Head-only epochs first, part of --epochs \\[default: 2].")] = None,
         json_out: JsonOpt = None,
     ) -> None:
         """The whole mapping on the embedded digits dataset (scikit-learn's 1,797 scans), a few minutes on 2 CPU cores.
@@ -176,8 +177,9 @@ def register(app: typer.Typer) -> None:
         data = out / "data"
         if not (data / "train").is_dir():
             write_digits(data)
-        opts = build_options(img_size=64, epochs=epochs or 8, flip=False, runtime="torch,cpu,cuda,openvino",
-                             bench_seconds=2.0, name="digits-classifier")
+        # --freeze-epochs too: the head-only note names it (`demo --epochs 2` is advised `--epochs 3 --freeze-epochs 2`)
+        opts = build_options(img_size=64, epochs=epochs or 8, freeze_epochs=freeze_epochs, flip=False,
+                             runtime="torch,cpu,cuda,openvino", bench_seconds=2.0, name="digits-classifier")
         if epochs is None:  # the demo's own 8 is not a request: a demo made with --epochs N is still "done"
             opts = dataclasses.replace(opts, explicit=tuple(e for e in opts.explicit if e != "finetune.epochs"))
         run_and_show(data, out / "run", opts, json_out)
