@@ -454,3 +454,15 @@ def test_demo_takes_the_freeze_epochs_its_note_names(tmp_path: Path) -> None:
     """`edgemap demo --epochs 2` is told "give --epochs 3 --freeze-epochs 2", and the demo had no --freeze-epochs."""
     r = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--epochs", "2", "--freeze-epochs", "5"])
     assert r.exit_code == 2 and "--freeze-epochs 5 exceeds --epochs 2" in " ".join(r.output.split()), r.output
+
+
+def test_run_takes_val_split_patience_and_max_pixels(digits: Path, tmp_path: Path) -> None:
+    """A single-folder dataset could not get another validation share through `edgemap run`, nor images above
+    Pillow's ~89 M pixels: "No such option"."""
+    from edgemap.cli.cmd_run import build_options
+
+    opts = build_options(val_split=0.3, patience=2, max_pixels=200_000_000)
+    assert (opts.finetune.val_split, opts.finetune.patience, opts.finetune.max_pixels) == (0.3, 2, 200_000_000)
+    r = CliRunner().invoke(app, ["run", str(digits), "--out", str(tmp_path / "r"), "--backbone", "tiny",
+                                 "--val-split", "1.5"])
+    assert r.exit_code == 2 and "--val-split" in r.output and not (tmp_path / "r").exists(), r.output

@@ -139,6 +139,9 @@ def register(app: typer.Typer) -> None:
         device: Annotated[str | None, typer.Option(help="Training device auto|cpu|cuda \\[default: auto].")] = None,
         no_flip: Annotated[bool, typer.Option("--no-flip", help="No random horizontal flips.")] = False,
         skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip unreadable images (listed in the run).")] = False,
+        val_split: Annotated[float | None, typer.Option(help="Validation fraction for a single-folder dataset \\[default: 0.2].")] = None,
+        patience: Annotated[int | None, typer.Option(help="Early stop after N epochs without a better val accuracy \\[default: 4].")] = None,
+        max_pixels: Annotated[int | None, typer.Option(help="Refuse images with more pixels (decompression-bomb guard) \\[default: Pillow's, ~89 M].")] = None,
         int8: Annotated[bool | None, typer.Option("--int8/--no-int8", help="Quantize to int8 behind the accuracy gate \\[default: yes]; --no-int8 keeps the run fp32 (export, eval, bench and the wheel).", show_default=False)] = None,
         max_drop: Annotated[float | None, typer.Option(help="Largest int8 top-1 drop allowed, points \\[default: 1.0].")] = None,
         calib_size: Annotated[int | None, typer.Option(help="int8 calibration images \\[default: 300].")] = None,
@@ -156,7 +159,7 @@ def register(app: typer.Typer) -> None:
         """
         opts = build_options(backbone=backbone, epochs=epochs, freeze_epochs=freeze_epochs, img_size=img_size, batch_size=batch_size, lr=lr, seed=seed,
                              device=device, flip=False if no_flip else None, skip_bad=True if skip_bad else None,
-                             int8=int8, max_drop=max_drop, calib_size=calib_size, runtime=runtime, bench_seconds=bench_seconds,
+                             val_split=val_split, patience=patience, max_pixels=max_pixels, int8=int8, max_drop=max_drop, calib_size=calib_size, runtime=runtime, bench_seconds=bench_seconds,
                              package_runtime=package_runtime, name=name, report=report)
         run_and_show(data, out or default_out(data), opts, json_out)
 
