@@ -83,6 +83,7 @@ class BenchOptions:
     def __post_init__(self) -> None:
         normalize(self, names=("runtimes", "precisions"), numbers=("batches",), counts={"warmup": 0, "iters": 1},
                   seconds=("seconds",))
+        _combos(self.runtimes, self.precisions)  # unknown names when the options are made, not when bench starts
 
 
 @dataclass

@@ -78,6 +78,7 @@ class EvalOptions:
     def __post_init__(self) -> None:
         normalize(self, names=("runtimes", "precisions"), counts={"batch": 1, "max_pixels": 1},
                   flags={"batch": "EvalOptions.batch"})
+        _combos(self.runtimes, self.precisions)  # unknown names when the options are made, not when eval starts
         if self.skip_bad and self.data is None:  # was checked by the CLI only: from Python it was ignored
             raise DatasetError("--skip-bad goes with --data: the run's own dataset is read with the skips recorded "
                                "at training")

@@ -96,6 +96,12 @@ class PackageOptions:
     runtime_only: bool = False
     default_version: str = "0.1.0"
 
+    def __post_init__(self) -> None:  # names checked when the options are made (a typo waited for package())
+        if (self.runtime or "onnxruntime").strip().lower() not in WHEEL_RUNTIMES:
+            raise PackageError(f"--runtime {self.runtime!r}: choose {' or '.join(WHEEL_RUNTIMES)}")
+        if self.precision not in (None, "fp32", "int8"):
+            raise PackageError(f"--precision {self.precision!r}: use int8 or fp32")
+
 
 @dataclass
 class PackageResult:

@@ -593,3 +593,23 @@ def test_details_show_undefined_precision_and_recall_as_a_dash() -> None:
     cells = {r[0]: r[1:] for r in ([c.strip() for c in x.split("│")[1:-1]] for x in text.splitlines() if x.startswith("│"))}
     assert cells["c"] == ["—", "—", "—", "0"] and cells["a"] == ["1.000", "0.500", "0.667", "2"], cells
     assert "undefined (0/0)" in text
+
+
+def test_unknown_names_are_refused_when_the_options_are_made() -> None:
+    """EvalOptions(runtimes="cpux"), BenchOptions(runtimes="gpu"), ExportOptions(calib_method="kl"),
+    PackageOptions(runtime="tensorrt") were accepted and refused only when the stage ran (README said "when made")."""
+    from edgemap.bench import BenchOptions
+    from edgemap.errors import EdgemapError
+    from edgemap.export import ExportOptions
+    from edgemap.package import PackageOptions
+
+    for make, said in ((lambda: EvalOptions(runtimes="cpux"), "--runtime 'cpux' is unknown"),
+                       (lambda: BenchOptions(runtimes="gpu"), "--runtime 'gpu' is unknown"),
+                       (lambda: EvalOptions(precisions="fp16"), "--precision 'fp16' is unknown"),
+                       (lambda: ExportOptions(calib_method="kl"), "--calib-method 'kl'"),
+                       (lambda: ExportOptions(targets="gpu"), "--targets: unknown runtime 'gpu'"),
+                       (lambda: PackageOptions(runtime="tensorrt"), "--runtime 'tensorrt'"),
+                       (lambda: PackageOptions(precision="fp16"), "--precision 'fp16'")):
+        with pytest.raises(EdgemapError, match=re.escape(said)):
+            make()
+    assert EvalOptions(runtimes="openvino:GPU").runtimes == ("openvino:GPU",)  # a device is a name, not a check

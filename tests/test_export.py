@@ -346,15 +346,15 @@ def test_options_are_validated_before_any_work(trained) -> None:  # noqa: ANN001
     from edgemap.errors import QuantizationError
 
     run, _, _ = trained
-    for opts, pat in [
-        (ExportOptions(int8=True, targets=("cuda",)), "cuda has no int8 path"),
-        (ExportOptions(int8=True, targets=("nope",)), "unknown runtime"),
-        (ExportOptions(int8=True, calib_method="mse"), "--calib-method 'mse'"),
-        (ExportOptions(int8=True, max_drop=-1), "--max-drop"),
-        (ExportOptions(int8=True, opset=11), "--int8 needs --opset 13"),
+    for opts, pat in [  # names are refused when the options are made; values that need the run, by export
+        (lambda: ExportOptions(int8=True, targets=("cuda",)), "cuda has no int8 path"),
+        (lambda: ExportOptions(int8=True, targets=("nope",)), "unknown runtime"),
+        (lambda: ExportOptions(int8=True, calib_method="mse"), "--calib-method 'mse'"),
+        (lambda: ExportOptions(int8=True, max_drop=-1), "--max-drop"),
+        (lambda: ExportOptions(int8=True, opset=11), "--int8 needs --opset 13"),
     ]:
         with pytest.raises(QuantizationError, match=pat):
-            export(run.path, opts)
+            export(run.path, opts())
     with pytest.raises(ExportError, match="parity_batch"):
         export(run.path, ExportOptions(parity_batch=8))
     assert np.isfinite(ExportOptions().max_drop)

@@ -209,6 +209,11 @@ def build_options(*, runtime: str | None = None, bench_seconds: float | None = N
     if stray and int8 is False:  # as `edgemap export` refuses them without --int8 (they were accepted and unused)
         raise EdgemapError(f"{', '.join(stray)} only {'apply' if len(stray) > 1 else 'applies'} with int8; "
                            "leave out --no-int8 or leave them out")
+    from edgemap.errors import PackageError
+    from edgemap.package import WHEEL_RUNTIMES
+
+    if package_runtime is not None and package_runtime.strip().lower() not in WHEEL_RUNTIMES:  # named as run's option
+        raise PackageError(f"--package-runtime {package_runtime!r}: choose {' or '.join(WHEEL_RUNTIMES)}")
     if bench_seconds is not None and not (math.isfinite(bench_seconds) and bench_seconds > 0):
         raise EdgemapError(f"--bench-seconds {bench_seconds}: must be a finite number of seconds > 0")
     explicit = [f"finetune.{k}" for k in given(**finetune_kw)]

@@ -90,6 +90,20 @@ class ExportOptions:
         normalize(self, names=("targets", "parity_runtimes"),
                   whole=("opset", "calib_size", "parity_batch", "gate_images", "calib_chunk", "seed"),
                   reals=("max_drop", "parity_atol", "parity_rtol"))
+        # names are checked when the options are made (a typo was found only when export started)
+        from edgemap.export.calibration import METHODS
+        from edgemap.runtime.errors import OptionError
+        from edgemap.runtime.sessions import parse_runtime
+
+        if self.calib_method not in METHODS:
+            raise QuantizationError(f"--calib-method {self.calib_method!r} is not one of {', '.join(METHODS)}")
+        for option, names, error in (("--targets", self.targets or (), QuantizationError),
+                                     ("parity_runtimes", self.parity_runtimes, ExportError)):
+            for name in names:
+                try:
+                    parse_runtime(name)
+                except OptionError as e:
+                    raise error(f"{option}: {e}") from None
 
 
 @dataclass
