@@ -130,24 +130,44 @@ def json_text(obj: Any) -> str:
     return text
 
 
-def remove_stale_temps(folder: str | Path, min_age_s: float = 0.0) -> list[Path]:
-    """Delete temp files left by a process killed mid-write; return what was removed.
-
-    ``min_age_s``: only those untouched for that long, in a folder no lock guards (a wheelhouse that two
-    ``edgemap package`` commands write at once: one deleted the other's wheel mid-copy)."""
+def remove_stale_temps(folder: str | Path) -> list[Path]:
+    """Delete temp files left by a process killed mid-write; return what was removed. Call it only where no other
+    edgemap process can be writing (under the folder's lock, or :func:`writers_lock`)."""
     removed = []
     folder = Path(folder)
     if folder.is_dir():
-        now = time.time()
         for p in folder.glob(f".*{TMP_SUFFIX}"):
             if not _OUR_TEMP.match(p.name):  # only names atomic_path makes (.<name>.<12 hex>.edgemap-tmp)
                 continue
             with contextlib.suppress(FileNotFoundError):
-                if min_age_s and now - p.stat().st_mtime < min_age_s:
-                    continue
                 p.unlink()
                 removed.append(p)
     return removed
+
+
+WRITERS_LOCK_NAME = ".edgemap-writers.lock"
+
+
+@contextlib.contextmanager
+def writers_lock(folder: str | Path) -> Iterator[None]:
+    """Wait for the other edgemap processes writing into ``folder`` (a wheelhouse two ``edgemap package`` commands
+    share: one's temp-file cleanup deleted the other's wheel mid-copy). Held only for the short write, so waiting is
+    right here (unlike a run directory's lock, which refuses). Without ``fcntl`` (Windows) it does not lock."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    folder = Path(folder)
+    try:
+        fd, _ = _open_own_lock(folder, folder / WRITERS_LOCK_NAME)
+    except FolderNotWritable as e:  # the write itself would fail so: said as for any file (exit 74, the folder named)
+        raise PermissionError(errno.EACCES, e.why, str(folder)) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing drops the lock
 
 
 class FolderBusy(Exception):

@@ -36,7 +36,7 @@ from typing import Any
 
 from edgemap.artifacts import current_results
 from edgemap.errors import ManifestError, PackageError
-from edgemap.fsutil import atomic_path, remove_stale_temps, sha256_file
+from edgemap.fsutil import atomic_path, remove_stale_temps, sha256_file, writers_lock
 from edgemap.manifest import RunDir, hand_back
 from edgemap.metrics import score_text
 
@@ -727,16 +727,16 @@ def package(run_dir: str | Path | RunDir | None, opts: PackageOptions | None = N
         whl = _build_wheel(src, built)
         _check_wheel(whl, module, info["sha256"] if info else None)
         out.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(out, min_age_s=3600)  # a wheel copy cut short by a kill -9 (an hour old: never one that
-        # another package command is writing now into the same folder)
-        dest = out / whl.name
-        if dest.resolve().parent != out.resolve():
-            raise PackageError(f"wheel name {whl.name!r} would land outside {out}")
-        replaced = dest.is_file() and _contents(dest) != _contents(whl)
-        deps_changed = replaced and _requires(dest) != _requires(whl)
-        with atomic_path(dest) as tmp_dest:
-            shutil.copyfile(whl, tmp_dest)
-            os.chmod(tmp_dest, 0o644)  # mkstemp makes 0600; a wheel is meant to be shared
+        with writers_lock(out):  # another package command writing into this folder (a shared wheelhouse) goes first
+            remove_stale_temps(out)  # a wheel copy cut short by a kill -9 (no other writer can hold a temp now)
+            dest = out / whl.name
+            if dest.resolve().parent != out.resolve():
+                raise PackageError(f"wheel name {whl.name!r} would land outside {out}")
+            replaced = dest.is_file() and _contents(dest) != _contents(whl)
+            deps_changed = replaced and _requires(dest) != _requires(whl)
+            with atomic_path(dest) as tmp_dest:
+                shutil.copyfile(whl, tmp_dest)
+                os.chmod(tmp_dest, 0o644)  # mkstemp makes 0600; a wheel is meant to be shared
     if info is not None and sha256_file(model) != info["sha256"]:  # changed while we were building
         dest.unlink(missing_ok=True)
         raise PackageError(f"{model}: changed while packaging; run `edgemap package` again")
