@@ -273,14 +273,9 @@ def _interrupted(e: KeyboardInterrupt) -> None:
 
 
 def _interrupt_in_chain(e: BaseException) -> KeyboardInterrupt | None:
-    seen: set[int] = set()
-    cur: BaseException | None = e
-    while cur is not None and id(cur) not in seen:
-        if isinstance(cur, KeyboardInterrupt):
-            return cur
-        seen.add(id(cur))
-        cur = cur.__cause__ or cur.__context__
-    return None
+    from edgemap.runtime.sessions import interrupt_in_chain
+
+    return interrupt_in_chain(e)
 
 
 @contextlib.contextmanager

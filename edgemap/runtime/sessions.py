@@ -142,17 +142,25 @@ def _can_load(*libs: str) -> str | None:
     return err
 
 
-def reraise_interrupt(e: BaseException) -> None:
-    """Raise the Ctrl-C/SIGTERM an import error wraps: onnxruntime's and OpenVINO's native module initialisation turn
-    a KeyboardInterrupt into "ImportError: initialization failed", and the interrupt became "runtime unavailable:
-    pip install -U onnxruntime" with the command going on to exit 0."""
+def interrupt_in_chain(e: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C/SIGTERM (KeyboardInterrupt) among ``e``'s causes and contexts, if any."""
     seen: set[int] = set()
     cur: BaseException | None = e
     while cur is not None and id(cur) not in seen:
         if isinstance(cur, KeyboardInterrupt):
-            raise cur
+            return cur
         seen.add(id(cur))
         cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def reraise_interrupt(e: BaseException) -> None:
+    """Raise the Ctrl-C/SIGTERM an import error wraps: onnxruntime's and OpenVINO's native module initialisation turn
+    a KeyboardInterrupt into "ImportError: initialization failed", and the interrupt became "runtime unavailable:
+    pip install -U onnxruntime" with the command going on to exit 0."""
+    ki = interrupt_in_chain(e)
+    if ki is not None:
+        raise ki
 
 
 def _import_failure(e: ImportError, module: str, pkg: str) -> str:
