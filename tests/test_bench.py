@@ -97,6 +97,7 @@ def test_cli_table_and_json(trained_run, tmp_path) -> None:  # noqa: ANN001, F81
                                  "--json", str(out)], env={"COLUMNS": "220"})
     assert r.exit_code == 0, r.output
     assert "edgemap bench" in r.output and "unavailable" in r.output and "next: edgemap package" in r.output
+    assert "note: some rows timed only 3 call(s): their p99 is about their slowest" in " ".join(r.output.split())
     data = json.loads(out.read_text(encoding="utf-8"))
     assert isinstance(data, list) and len(data) == 8 and all(BENCH_KEYS <= set(x) for x in data)
     assert {x["batch"] for x in data} == {1, 3}
@@ -183,3 +184,22 @@ def test_a_runtime_that_fails_while_running_is_a_row_and_the_other_rows_are_kept
     assert (b1, ok) == (1, "ok") and (b2, failed) == (big, "error") and (b3, huge) == (2**40, "error")
     assert why.startswith(f"cpu failed running a batch of {big}: ") and "allocate" in why, why
     assert why3 == f"cpu: out of memory running a batch of {2**40} (try a smaller batch)", why3  # its input batch
+
+
+def test_the_table_says_when_a_rows_timing_is_unsteady() -> None:
+    """On a shared 2-core machine a torch row's p50 was 95 ms instead of 0.12 ms, p99 100 ms: shown as a result."""
+    import io
+
+    from rich.console import Console
+
+    from edgemap.bench import BenchRow
+    from edgemap.cli.cmd_bench import render
+
+    steady = BenchRow("cpu", "fp32", 1, p50_ms=1.0, p90_ms=1.1, p99_ms=1.3, throughput=1000, load_ms=5, mem_mb=1,
+                      iters=200, threads=2)
+    shaky = BenchRow("torch", "fp32", 1, p50_ms=0.12, p90_ms=50.0, p99_ms=95.9, throughput=8000, load_ms=5, mem_mb=1,
+                     iters=200, threads=2)
+    for rows, said in (([steady], False), ([steady, shaky], True)):
+        buf = io.StringIO()
+        Console(file=buf, width=200).print(render(rows))
+        assert ("unsteady timing (p99 over 5× p50) in torch fp32 b1" in buf.getvalue()) is said, buf.getvalue()
