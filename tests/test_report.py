@@ -508,6 +508,7 @@ def test_a_run_with_int8_models_but_no_int8_eval_row_is_sent_to_eval_not_export(
     assert f"edgemap eval {rd} --precision int8" in page and "no int8 model yet" not in page
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # matplotlib's overflow warnings on the planted 1e308s
 @pytest.mark.parametrize("edit", ["batch_x", "p50_huge", "acc_huge", "confusion_huge", "epoch_huge"])
 def test_hand_edited_figures_leave_a_section_out_not_a_traceback(finished_run: RunDir, tmp_path: Path,
                                                                  edit: str) -> None:
