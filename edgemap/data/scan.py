@@ -887,9 +887,19 @@ def _split_class(root: Path, name: str, files: list[Path], opts: ScanOptions) ->
     # byte-identical copies ("img3.png" and "img3 (1).png") stay on one side: split apart, validation scored training
     # images as unseen (early stopping, the kept weights and the int8 gate all judged on them)
     groups: dict[str, list[Path]] = {}
-    if opts.rule >= 2:
+    if opts.rule >= 2:  # only files of one size can be copies: the others are not read again (every rescan splits)
+        size_of: dict[Path, int | None] = {}
         for p in files:
-            groups.setdefault(file_sha256(p), []).append(p)
+            try:
+                size_of[p] = os.stat(p).st_size
+            except OSError:  # gone meanwhile: a group of its own (the fingerprint check names the change)
+                size_of[p] = None
+        sizes: dict[int | None, int] = {}
+        for size in size_of.values():
+            sizes[size] = sizes.get(size, 0) + 1
+        for p in files:
+            shared = size_of[p] is not None and sizes[size_of[p]] > 1
+            groups.setdefault(file_sha256(p) if shared else f"path:{p}", []).append(p)
     # no copies, a run made before rule 2, or one image copied n times (no unseen image can exist: the copies
     # warning says so): the path-hash order alone, as always
     if len(groups) in (0, 1, n):
