@@ -235,6 +235,19 @@ def test_redone_stages_keep_the_runs_options_unless_given(digits: Path, finished
     assert {r["runtime"] for r in run.data["metrics"]["eval"]["rows"]} == {"torch", "cpu", "openvino"}
 
 
+def test_run_takes_the_exports_opset_and_calibration_method(digits: Path, finished: Path, tmp_path: Path) -> None:
+    """`edgemap run` had no --opset or --calib-method: the export stage had to be run by hand first."""
+    copy = _copy(finished, tmp_path)
+    r = CliRunner().invoke(app, ["run", str(digits), "--out", str(copy), "--opset", "14", "--calib-method", "percentile"])
+    assert r.exit_code == 0, r.output
+    run = RunDir.load(copy)
+    assert run.data["stages"]["export"]["status"] == "done" and run.data["options"]["run"]["export"]["opset"] == 14
+    assert run.artifacts["onnx_fp32"]["opset"] == 14
+    assert {a["calib_method"] for k, a in run.artifacts.items() if k.startswith("onnx_int8_")} == {"percentile"}
+    r = CliRunner().invoke(app, ["run", str(digits), "--out", str(copy)])  # the run's own choice is kept
+    assert r.exit_code == 0 and RunDir.load(copy).artifacts["onnx_fp32"]["opset"] == 14, r.output
+
+
 def test_a_rerun_after_ctrl_c_resumes_with_the_runs_own_options(digits: Path, tmp_path: Path) -> None:
     """Interrupted after epoch 1 of 4; `edgemap run` again without --epochs trains to 4, not to the default."""
     from edgemap.errors import Interrupted
@@ -268,6 +281,10 @@ def test_a_rerun_after_ctrl_c_resumes_with_the_runs_own_options(digits: Path, tm
     ({"calib_size": 0}, "--calib-size 0 is too small"),
     ({"img_size": 8}, "--img-size 8"),
     ({"int8": False, "calib_size": 5, "max_drop": 2.0}, "--max-drop, --calib-size only apply with int8"),  # unused
+    ({"int8": False, "calib_method": "entropy"}, "--calib-method only applies with int8; leave out --no-int8 or leave it out"),
+    ({"calib_method": "kl"}, "--calib-method 'kl' is not one of minmax, entropy, percentile"),
+    ({"opset": 99}, "--opset 99 is newer than torch"),  # failed only at export, after fine-tuning
+    ({"opset": 11}, "--opset 11: int8 models need --opset 13 or newer (per-channel int8); give --no-int8"),
 ])
 def test_bad_options_of_any_stage_fail_before_training(digits: Path, tmp_path: Path, kw: dict, says: str) -> None:
     """They used to fail only when their stage started: after fine-tuning (hours with a real backbone)."""

@@ -145,6 +145,8 @@ def register(app: typer.Typer) -> None:
         int8: Annotated[bool | None, typer.Option("--int8/--no-int8", help="Quantize to int8 behind the accuracy gate \\[default: yes]; --no-int8 keeps the run fp32 (export, eval, bench and the wheel).", show_default=False)] = None,
         max_drop: Annotated[float | None, typer.Option(help="Largest int8 top-1 drop allowed, points \\[default: 1.0].")] = None,
         calib_size: Annotated[int | None, typer.Option(help="int8 calibration images \\[default: 300].")] = None,
+        calib_method: Annotated[str | None, typer.Option(help="int8 calibration minmax | entropy | percentile \\[default: minmax].")] = None,
+        opset: Annotated[int | None, typer.Option(help="ONNX opset of the export \\[default: 17; int8 needs ≥ 13].")] = None,
         runtime: Annotated[str | None, typer.Option(help="Runtimes for eval/bench \\[default: torch,cpu,cuda,openvino].")] = None,
         bench_seconds: Annotated[float | None, typer.Option(help="Seconds per bench measurement \\[default: 3].")] = None,
         package_runtime: Annotated[str | None, typer.Option(help="Wheel runtime onnxruntime|openvino|cuda \\[default: onnxruntime].")] = None,
@@ -159,7 +161,7 @@ def register(app: typer.Typer) -> None:
         """
         opts = build_options(backbone=backbone, epochs=epochs, freeze_epochs=freeze_epochs, img_size=img_size, batch_size=batch_size, lr=lr, seed=seed,
                              device=device, flip=False if no_flip else None, skip_bad=True if skip_bad else None,
-                             val_split=val_split, patience=patience, max_pixels=max_pixels, int8=int8, max_drop=max_drop, calib_size=calib_size, runtime=runtime, bench_seconds=bench_seconds,
+                             val_split=val_split, patience=patience, max_pixels=max_pixels, int8=int8, max_drop=max_drop, calib_size=calib_size, calib_method=calib_method, opset=opset, runtime=runtime, bench_seconds=bench_seconds,
                              package_runtime=package_runtime, name=name, report=report)
         run_and_show(data, out or default_out(data), opts, json_out)
 
@@ -190,6 +192,7 @@ def register(app: typer.Typer) -> None:
 
 def build_options(*, runtime: str | None = None, bench_seconds: float | None = None, package_runtime: str | None = None,
                   name: str | None = None, max_drop: float | None = None, calib_size: int | None = None,
+                  calib_method: str | None = None, opset: int | None = None,
                   report: bool | None = None, int8: bool | None = None, **finetune_kw: Any) -> Any:
     """Stage options from what the user set (unset = None = that stage's own default)."""
     from edgemap.bench import BenchOptions
@@ -205,10 +208,17 @@ def build_options(*, runtime: str | None = None, bench_seconds: float | None = N
     from edgemap.errors import EdgemapError
 
     runtimes = tuple(split_runtimes(runtime)) if runtime else None
-    stray = [flag for flag, v in (("--max-drop", max_drop), ("--calib-size", calib_size)) if v is not None]
+    stray = [flag for flag, v in (("--max-drop", max_drop), ("--calib-size", calib_size), ("--calib-method", calib_method))
+             if v is not None]
     if stray and int8 is False:  # as `edgemap export` refuses them without --int8 (they were accepted and unused)
         raise EdgemapError(f"{', '.join(stray)} only {'apply' if len(stray) > 1 else 'applies'} with int8; "
-                           "leave out --no-int8 or leave them out")
+                           f"leave out --no-int8 or leave {'them' if len(stray) > 1 else 'it'} out")
+    from edgemap.errors import QuantizationError
+    from edgemap.export.onnx_export import MIN_INT8_OPSET
+
+    if opset is not None and opset < MIN_INT8_OPSET and int8 is not False:  # int8 is run's default, not asked for
+        raise QuantizationError(f"--opset {opset}: int8 models need --opset {MIN_INT8_OPSET} or newer (per-channel int8); "
+                           "give --no-int8 for an fp32-only run, or a newer --opset")
     from edgemap.errors import PackageError
     from edgemap.package import WHEEL_RUNTIMES
 
@@ -217,7 +227,8 @@ def build_options(*, runtime: str | None = None, bench_seconds: float | None = N
     if bench_seconds is not None and not (math.isfinite(bench_seconds) and bench_seconds > 0):
         raise EdgemapError(f"--bench-seconds {bench_seconds}: must be a finite number of seconds > 0")
     explicit = [f"finetune.{k}" for k in given(**finetune_kw)]
-    explicit += [f"export.{k}" for k in given(max_drop=max_drop, calib_size=calib_size, int8=int8)]
+    export_kw = given(max_drop=max_drop, calib_size=calib_size, calib_method=calib_method, opset=opset)
+    explicit += [f"export.{k}" for k in given(**export_kw, int8=int8)]
     explicit += [f"{s}.precisions" for s in ("eval", "bench") if int8 is not None]
     explicit += ["package.precision"] if int8 is not None else []
     precisions = {} if int8 is None else {"precisions": ("fp32", "int8") if int8 else ("fp32",)}
@@ -227,7 +238,7 @@ def build_options(*, runtime: str | None = None, bench_seconds: float | None = N
     explicit += [] if report is None else ["report.report"]
     return RunOptions(
         finetune=FinetuneOptions(**cap_default_freeze(given(**finetune_kw))),
-        export=ExportOptions(int8=int8 is not False, **given(max_drop=max_drop, calib_size=calib_size)),
+        export=ExportOptions(int8=int8 is not False, **export_kw),
         eval=EvalOptions(**given(runtimes=runtimes), **precisions),
         bench=BenchOptions(batches=(1,), seconds=3.0 if bench_seconds is None else bench_seconds, warmup=5,
                            **given(runtimes=runtimes), **precisions),

@@ -168,7 +168,7 @@ def _int8_plan(targets: tuple[str, ...] | None) -> dict[str, list[str]]:
 
 def _check_options(opts: ExportOptions) -> dict[str, list[str]]:
     from edgemap.export.calibration import METHODS, MIN_CALIB_IMAGES
-    from edgemap.export.onnx_export import MIN_INT8_OPSET
+    from edgemap.export.onnx_export import MIN_INT8_OPSET, check_opset
 
     if opts.parity_batch < 2 or opts.parity_batch % 2 == 0:
         raise ExportError(f"parity_batch must be an odd number > 1, got {opts.parity_batch}")
@@ -191,6 +191,7 @@ def _check_options(opts: ExportOptions) -> dict[str, list[str]]:
         )
     if not 0 <= opts.max_drop <= 100:  # inf was written into edgemap.json as Infinity, which is not JSON
         raise QuantizationError(f"--max-drop must be 0 to 100 points, got {opts.max_drop}")
+    check_opset(opts.opset)  # `edgemap run --opset 99` is refused before fine-tuning, not after it
     if not opts.int8:
         return {}
     if opts.opset < MIN_INT8_OPSET:

@@ -106,6 +106,20 @@ def _stdout_fd_silenced() -> Iterator[None]:
 _EXPORT_LOCK = threading.Lock()
 
 
+def check_opset(opset: int) -> None:
+    """Refuse an opset newer than the installed torch exports (checked before fine-tuning by ``edgemap run``).
+
+    Raises:
+        ExportError: naming the newest opset this torch exports.
+    """
+    import torch
+    from torch.onnx import _constants
+
+    hi = getattr(_constants, "ONNX_MAX_OPSET", 20)
+    if opset > hi:
+        raise ExportError(f"--opset {opset} is newer than torch {torch.__version__} exports (at most {hi}); try --opset 17")
+
+
 def torch_to_onnx_bytes(net: Any, height: int, width: int, opset: int) -> bytes:
     """Trace ``net`` (uint8 NHWC in, logits out) into serialized ONNX with a dynamic batch.
 
@@ -114,11 +128,8 @@ def torch_to_onnx_bytes(net: Any, height: int, width: int, opset: int) -> bytes:
             equivalent at ``opset``.
     """
     import torch
-    from torch.onnx import _constants
 
-    hi = getattr(_constants, "ONNX_MAX_OPSET", 20)
-    if opset > hi:  # checked first: torch prints its whole graph to stdout on this failure
-        raise ExportError(f"--opset {opset} is newer than torch {torch.__version__} exports (at most {hi}); try --opset 17")
+    check_opset(opset)  # first: torch prints its whole graph to stdout on this failure
     # Batch 2 while tracing, so nothing gets specialised to a batch of one.
     example = torch.zeros((2, height, width, 3), dtype=torch.uint8)
     buf = io.BytesIO()
