@@ -269,8 +269,9 @@ def test_other_extensions_are_ignored_and_counted(tmp_path: Path, caplog: pytest
         scan = scan_dataset(tmp_path)
     assert scan.ignored == {"cat": 4, "dog": 1, ".": 1}
     assert scan.counts()["train"]["cat"] == 4 + 6
-    assert ("ignored 6 file(s): 1 outside the class folders (no class: an image there is not used), 4 non-image in cat, "
-            "1 non-image in dog") in caplog.text
+    assert ("ignored 6 file(s): 1 outside the class folders (no class: an image there is not used); 5 not read as images "
+            "in class folders (cat 4, dog 1; (no extension) 1, .csv 1, .db 1, .ini 1, .txt 1)") in caplog.text
+    assert "convert" not in caplog.text  # nothing there looks like a photo
     # an image left beside the class folders has no class: it was called a non-image file
     img(tmp_path / "train" / "IMG_0001.jpg", fmt="JPEG")
     caplog.clear()
@@ -278,6 +279,14 @@ def test_other_extensions_are_ignored_and_counted(tmp_path: Path, caplog: pytest
         assert scan_dataset(tmp_path).ignored["."] == 2
     assert "2 outside the class folders (no class: an image there is not used)" in caplog.text
     assert scan.to_manifest()["ignored"] == scan.ignored
+    # photos in a format that is not read were "non-image" files: their kind, and what is read, are named
+    for i in range(3):
+        (tmp_path / "train" / "dog" / f"IMG_{i}.HEIC").write_bytes(b"ftypheic")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="edgemap.data"):
+        scan_dataset(tmp_path)
+    assert "(cat 4, dog 4; .heic 3, (no extension) 1, .csv 1, .db 1, .ini 1, …); only .bmp, .gif, " in caplog.text
+    assert ".webp files are read: convert the others to use them" in caplog.text
 
 
 def test_hidden_files_and_folders_are_never_classes_or_samples(tmp_path: Path) -> None:

@@ -17,7 +17,6 @@ here with its name rather than mid-training. The dataset is only ever read.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import hashlib
 import logging
 import os
@@ -55,12 +54,33 @@ _TEST_NAMES = ("test",)
 _ROOT_KEY = "."  # key in `ignored` for files lying directly in a split folder, outside any class
 
 
-def ignored_text(ignored: dict[str, int]) -> str:
-    """``{".": 1, "x": 2}`` → "3 file(s): 1 outside the class folders (no class: an image there is not used), 2
-    non-image in x" (a bare "." said nothing, and an image left beside the class folders was called a non-image file)."""
-    parts = [f"{v} outside the class folders (no class: an image there is not used)" if k == _ROOT_KEY else f"{v} non-image in {k}"
-             for k, v in sorted(ignored.items())]
-    return f"{sum(ignored.values())} file(s): " + ", ".join(parts)
+def ignored_text(ignored: dict[str, int], suffixes: dict[str, int] | None = None) -> str:
+    """``{".": 1, "x": 2}`` → "3 file(s): 1 outside the class folders (no class: an image there is not used); 2 not
+    read as images in class folders (x 2)" (a bare "." said nothing, and an image left beside the class folders was
+    called a non-image file).
+
+    ``suffixes`` (extension → count of the ignored files in class folders) adds which kinds they were, and what
+    edgemap reads when some look like photos in a format it does not (40 .heic files were "40 non-image").
+    """
+    def listed(counts: dict[str, int], order: Any) -> str:
+        ranked = sorted(counts.items(), key=order)
+        return ", ".join(f"{k} {v}" for k, v in ranked[:_MAX_LISTED]) + (", …" if len(ranked) > _MAX_LISTED else "")
+
+    parts = [f"{ignored[_ROOT_KEY]} outside the class folders (no class: an image there is not used)"] if _ROOT_KEY in ignored else []
+    in_classes = {k: v for k, v in ignored.items() if k != _ROOT_KEY}
+    if in_classes:
+        kinds = f"; {listed(suffixes, lambda kv: (-kv[1], kv[0]))}" if suffixes else ""
+        parts.append(f"{sum(in_classes.values())} not read as images in class folders "
+                     f"({listed(in_classes, lambda kv: kv[0])}{kinds})")
+    text = f"{sum(ignored.values())} file(s): " + "; ".join(parts)
+    if suffixes and any(ext in _UNREAD_IMAGE_SUFFIXES for ext in suffixes):
+        text += f"; only {', '.join(sorted(IMAGE_EXTENSIONS))} files are read: convert the others to use them"
+    return text
+
+
+#: photo formats people keep in datasets that Pillow (without plugins) does not decode
+_UNREAD_IMAGE_SUFFIXES = frozenset({".heic", ".heif", ".avif", ".jxl", ".jp2", ".dng", ".cr2", ".cr3", ".nef", ".arw",
+                                    ".raw", ".svg", ".psd", ".ico", ".ppm", ".pgm", ".pbm", ".tga", ".exr"})
 _MAX_LISTED = 5  # bad files named in one error message
 _PROGRESS_MIN = 200  # show a progress bar from this many files on (TTY only)
 
@@ -351,7 +371,7 @@ def scan_labelled(root: str | Path, opts: ScanOptions = ScanOptions()) -> Labell
     if empty:
         log.warning("%s: class folder(s) without images skipped: %s", lst.folder, ", ".join(empty))
     if lst.ignored:  # as training says it
-        log.warning("%s: ignored %s", lst.folder, ignored_text(lst.ignored))
+        log.warning("%s: ignored %s", lst.folder, ignored_text(lst.ignored, lst.suffixes))
     files = [p for paths in lst.images.values() for p in paths]
     if not files and not lst.broken:
         raise DatasetError(f"{lst.folder}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in its class folders")
@@ -427,23 +447,17 @@ class _Listing:
     dirs: dict[str, Path]
     ignored: dict[str, int]
     broken: list[tuple[Path, str]]
+    extensions: frozenset[str] = IMAGE_EXTENSIONS  # the image files it lists (the scan rule's)
+    suffixes: dict[str, int] = field(default_factory=dict)  # extensions of the ignored files in class folders
 
 
 def _scan(root: str | Path, opts: ScanOptions, *, decode_check: bool, known_bad: dict[str, str] | None) -> DatasetScan:
-    token = _EXTENSIONS.set(_extensions_of(opts.rule))
-    try:
-        return _scan_listed(root, opts, decode_check=decode_check, known_bad=known_bad)
-    finally:
-        _EXTENSIONS.reset(token)
-
-
-def _scan_listed(root: str | Path, opts: ScanOptions, *, decode_check: bool,
-                 known_bad: dict[str, str] | None) -> DatasetScan:
     root, top, (train_name, val_name, test_name) = _split_folders(root)
+    exts = _extensions_of(opts.rule)
     # a class called "test" (or "valid"...) would be dropped or misread; in a train/ + val/ layout an unlabelled test/
     # (Kaggle's) is just not used, as before
     for name in (train_name, val_name) + (() if train_name and val_name else (test_name,)):
-        if name and _holds_images_directly(root / name):
+        if name and _holds_images_directly(root / name, exts):
             raise DatasetError(
                 f"{root / name}: holds images directly, like a class folder, but {name!r} is a split name: "
                 f"train, val (validation, valid) and test, in any case, at the top of {root} mean "
@@ -463,8 +477,8 @@ def _scan_listed(root: str | Path, opts: ScanOptions, *, decode_check: bool,
         others = sorted(set(top) - {train_name, val_name, test_name})
         if others:
             log.warning("%s: ignoring folders %s (not train/val/test)", root, ", ".join(others))
-        tr = _list_split(root / train_name, root)
-        va = _list_split(root / val_name, root)
+        tr = _list_split(root / train_name, root, exts)
+        va = _list_split(root / val_name, root, exts)
         class_dirs = tr.dirs
     else:
         layout = "split"
@@ -473,10 +487,10 @@ def _scan_listed(root: str | Path, opts: ScanOptions, *, decode_check: bool,
                 f"{root}: --val-split 0 leaves no validation images for a single-folder dataset; "
                 "use e.g. --val-split 0.2, or provide DATA/train + DATA/val"
             )
-        tr = _list_split(root, root, exclude={test_name} if test_name else set())
+        tr = _list_split(root, root, exts, exclude={test_name} if test_name else set())
         va = None
         class_dirs = tr.dirs
-    te = _list_split(root / test_name, root) if test_name else None
+    te = _list_split(root / test_name, root, exts) if test_name else None
 
     listings = [x for x in (tr, va, te) if x is not None]
     classes = sorted(tr.images)
@@ -541,11 +555,13 @@ def _scan_listed(root: str | Path, opts: ScanOptions, *, decode_check: bool,
     _check_same_files(classes, (("train", train), ("val", val), ("test", test)))
 
     ignored: dict[str, int] = {}
+    suffixes: dict[str, int] = {}
     for lst in listings:
-        for name, n in lst.ignored.items():
-            ignored[name] = ignored.get(name, 0) + n
+        for counts, into in ((lst.ignored, ignored), (lst.suffixes, suffixes)):
+            for name, n in counts.items():
+                into[name] = into.get(name, 0) + n
     if ignored:
-        log.warning("%s: ignored %s", root, ignored_text(ignored))
+        log.warning("%s: ignored %s", root, ignored_text(ignored, suffixes))
     _warn_nested_classes(tr.folder, class_dirs)
     return DatasetScan(
         root=root,
@@ -561,19 +577,15 @@ def _scan_listed(root: str | Path, opts: ScanOptions, *, decode_check: bool,
     )
 
 
-#: the image extensions of the rule the current scan follows (see ScanOptions.rule)
-_EXTENSIONS: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("edgemap_scan_extensions",
-                                                                             default=IMAGE_EXTENSIONS)
-
-
 def _extensions_of(rule: int) -> frozenset[str]:
+    """The image extensions a scan of this rule reads (see ScanOptions.rule)."""
     return IMAGE_EXTENSIONS if rule >= 2 else IMAGE_EXTENSIONS - {".jfif", ".jpe"}
 
 
-def _holds_images_directly(folder: Path) -> bool:
+def _holds_images_directly(folder: Path, extensions: frozenset[str]) -> bool:
     """No class sub-folders, but image files of its own."""
     return not _subdirs(folder) and any(
-        Path(e.name).suffix.lower() in _EXTENSIONS.get() and not is_hidden(e.name) for e in _entries(folder)
+        Path(e.name).suffix.lower() in extensions and not is_hidden(e.name) for e in _entries(folder)
     )
 
 
@@ -669,12 +681,13 @@ def _class_name(folder: Path) -> str:
     return unicodedata.normalize("NFC", name)
 
 
-def _list_split(folder: Path, root: Path, exclude: Iterable[str] = ()) -> _Listing:
+def _list_split(folder: Path, root: Path, extensions: frozenset[str] = IMAGE_EXTENSIONS,
+                exclude: Iterable[str] = ()) -> _Listing:
     """List class folders of one split and the image files below each (recursive, loop-safe)."""
     excluded = set(exclude)
     root_real = os.path.realpath(root)
     split_real = os.path.realpath(folder)
-    lst = _Listing(folder=folder, images={}, dirs={}, ignored={}, broken=[])
+    lst = _Listing(folder=folder, images={}, dirs={}, ignored={}, broken=[], extensions=extensions)
     visited: set[tuple[int, int]] = set()
     real_class: dict[str, str] = {}  # real folder -> the class listed from it
     try:
@@ -772,7 +785,7 @@ def _walk_class(
                     subdirs.append(path)
                 else:
                     log.warning("%s: links to %s, outside this class folder but inside the dataset; skipped", path, real)
-            elif Path(entry.name).suffix.lower() in _EXTENSIONS.get():
+            elif Path(entry.name).suffix.lower() in lst.extensions:
                 if kind == "file":
                     lst.images[name].append(path)
                 elif kind == "broken":
@@ -781,6 +794,8 @@ def _walk_class(
                     lst.broken.append((path, "not a regular file"))
             else:
                 lst.ignored[name] = lst.ignored.get(name, 0) + 1
+                suffix = Path(entry.name).suffix.lower() or "(no extension)"
+                lst.suffixes[suffix] = lst.suffixes.get(suffix, 0) + 1
         stack.extend(reversed(subdirs))
     lst.images[name].sort(key=lambda p: os.fsencode(p))
 
