@@ -819,3 +819,29 @@ def test_the_copy_aware_split_keeps_the_validation_share_and_old_runs_keep_their
     assert not any(s.path.suffix == ".jfif" for s in again.train + again.val)
     assert scan_dataset(old).options.rule == 2 and any(s.path.suffix == ".jfif" for s in scan_dataset(old).train +
                                                        scan_dataset(old).val)
+
+
+def test_a_scan_reads_each_files_bytes_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Images of one size (BMPs, raw camera dumps) were read twice: by the split's copy check, then again for the
+    training digests and the content fingerprint that finetune records."""
+    import edgemap.data.scan as scan_mod
+
+    for c in ("cat", "dog"):
+        for i in range(6):
+            img(tmp_path / c / f"{i}.bmp", seed=i + (c == "dog") * 10)  # one size: every file may be a copy
+    reads: list[Path] = []
+    real = scan_mod.file_sha256
+
+    def counted(path: str | Path) -> str:
+        reads.append(Path(path))
+        return real(path)
+
+    monkeypatch.setattr(scan_mod, "file_sha256", counted)
+    scan = scan_dataset(tmp_path)
+    assert len(reads) == 12  # the copy check read them all
+    digests, fingerprint = scan.train_digests(), scan.content_fingerprint()
+    assert len(reads) == 12, sorted(reads)  # and nothing again
+    monkeypatch.setattr(scan_mod, "file_sha256", real)
+    fresh = scan_dataset(tmp_path)
+    fresh._read.clear()  # digests read now, from the files: the same as the reused ones
+    assert (fresh.train_digests(), fresh.content_fingerprint()) == (digests, fingerprint)

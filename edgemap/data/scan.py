@@ -170,6 +170,8 @@ class DatasetScan:
     fingerprint: str
     options: ScanOptions = field(default_factory=ScanOptions)
     _file_digests: list[tuple[str, Sample, str]] | None = field(default=None, repr=False, compare=False)
+    #: digests the scan already read (the split's copy check): not read a second time
+    _read: dict[Path, str] = field(default_factory=dict, repr=False, compare=False)
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Images per split and class: ``{"train": {"cat": 40, ...}, "val": {...}, "test": {...}}``."""
@@ -184,7 +186,7 @@ class DatasetScan:
     def _digests(self) -> list[tuple[str, Sample, str]]:
         """(split, sample, sha256 of its bytes) of every sample; read once per scan."""
         if self._file_digests is None:
-            self._file_digests = [(split, s, file_sha256(s.path))
+            self._file_digests = [(split, s, self._read.get(s.path) or file_sha256(s.path))
                                   for split, samples in (("train", self.train), ("val", self.val), ("test", self.test))
                                   for s in samples]
         return self._file_digests
@@ -537,10 +539,11 @@ def _scan(root: str | Path, opts: ScanOptions, *, decode_check: bool, known_bad:
 
     index = {c: i for i, c in enumerate(classes)}
     train, val, test = [], [], []
+    read: dict[Path, str] = {}  # file digests the split read (copies share a size): reused, not read again
     for name in classes:
         good = [p for p in tr.images[name] if str(p) not in bad]
         if va is None:
-            t, v = _split_class(root, name, good, opts)
+            t, v = _split_class(root, name, good, opts, read)
             train += [Sample(p, index[name]) for p in t]
             val += [Sample(p, index[name]) for p in v]
         else:
@@ -574,6 +577,7 @@ def _scan(root: str | Path, opts: ScanOptions, *, decode_check: bool, known_bad:
         ignored=ignored,
         fingerprint=_fingerprint(root, (("train", train), ("val", val), ("test", test))),
         options=opts,
+        _read=read,
     )
 
 
@@ -879,15 +883,18 @@ def _warn_nested_classes(folder: Path, class_dirs: dict[str, Path]) -> None:
                     " and ".join(sorted(class_dirs)))
 
 
-def _split_class(root: Path, name: str, files: list[Path], opts: ScanOptions) -> tuple[list[Path], list[Path]]:
+def _split_class(root: Path, name: str, files: list[Path], opts: ScanOptions,
+                 read: dict[Path, str] | None = None) -> tuple[list[Path], list[Path]]:
     """Deterministic stratified split of one class: order by a seeded hash of the relative path.
 
     Hash order (not a shuffled index) keeps each file's side stable when other files are
     added or removed, and does not depend on listing order or the numpy version. Files with the
     same bytes go to the same side (the group takes its first member's place in that order).
+    ``read`` collects the digests computed (the scan's digests reuse them).
     """
     k = opts.min_val_per_class
     n = len(files)
+    read = {} if read is None else read
     if n <= k:
         raise DatasetError(
             f"{files[0].parent if files else root / name}: class {name!r} has {n} image(s); the validation split needs "
@@ -914,7 +921,9 @@ def _split_class(root: Path, name: str, files: list[Path], opts: ScanOptions) ->
             sizes[size] = sizes.get(size, 0) + 1
         for p in files:
             shared = size_of[p] is not None and sizes[size_of[p]] > 1
-            groups.setdefault(file_sha256(p) if shared else f"path:{p}", []).append(p)
+            if shared:
+                read[p] = digest = file_sha256(p)
+            groups.setdefault(digest if shared else f"path:{p}", []).append(p)
     # no copies, a run made before rule 2, or one image copied n times (no unseen image can exist: the copies
     # warning says so): the path-hash order alone, as always
     if len(groups) in (0, 1, n):
