@@ -26,6 +26,20 @@ _OUR_TEMP = re.compile(r"^\..+\.[0-9a-f]{12}" + re.escape(TMP_SUFFIX) + "$")
 LOCK_NAME = ".edgemap.lock"
 
 
+def size_text(n: float, sign: bool = False) -> str:
+    """A byte count in decimal units, as pip and the run's artifact table show sizes: 950 B, 71.5 kB, 13.5 MB.
+
+    One convention everywhere (package said KiB, run and report MB, export's disk errors KiB/MiB).
+    ``sign``: "+1.2 kB" / "-0.3 kB" (a difference).
+    """
+    f, mark = abs(float(n)), ("-" if n < 0 else "+") if sign else ("-" if n < 0 else "")
+    for unit in ("B", "kB", "MB", "GB"):
+        if f < 1000 or unit == "GB":
+            return f"{mark}{f:.0f} {unit}" if unit == "B" else f"{mark}{f:.1f} {unit}"
+        f /= 1000
+    raise AssertionError("unreachable")
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -27,6 +27,7 @@ from edgemap.bench import BenchOptions
 from edgemap.errors import DatasetError, TrainingError
 from edgemap.evaluate import EvalOptions
 from edgemap.export import ExportOptions
+from edgemap.fsutil import size_text
 from edgemap.manifest import MANIFEST_NAME, STAGE_ORDER, RunDir, run_lock
 from edgemap.metrics import score_text
 from edgemap.options import recorded_value
@@ -402,7 +403,7 @@ def _run_stage(stage: str, data: Path, out: Path, opts: RunOptions, finetune_rep
         return "done", f"{sum(r.status == 'ok' for r in rows)} rows", None
     if stage == "package":
         res = package(out, opts.package)
-        return ("done", f"{res.wheel.name} ({res.wheel_bytes / 1e6:.2f} MB, {res.precision})",
+        return ("done", f"{res.wheel.name} ({size_text(res.wheel_bytes)}, {res.precision})",
                 (str(res.wheel), res.replaced, res.replaced_requirements))
     from edgemap.report import ReportOptions, report
 

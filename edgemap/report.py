@@ -42,7 +42,7 @@ import numpy as np
 from edgemap.artifacts import current_results, stored_rows
 from edgemap.data.scan import ignored_text
 from edgemap.errors import EdgemapError, ManifestError
-from edgemap.fsutil import NOT_WRITABLE, atomic_write_bytes, special_file
+from edgemap.fsutil import NOT_WRITABLE, atomic_write_bytes, size_text, special_file
 from edgemap.manifest import RunDir, fresh_run, hand_back, now_iso
 from edgemap.metrics import score_text
 
@@ -494,13 +494,7 @@ def _pct(v: Any, digits: int = 2) -> str:
 
 def _size(n: Any) -> str:
     f = _num(n)
-    if f is None:
-        return "—"
-    for unit in ("B", "kB", "MB", "GB"):  # decimal, as `edgemap run`'s artifact table (and so labelled)
-        if f < 1000 or unit == "GB":
-            return f"{f:.0f} {unit}" if unit == "B" else f"{f:.1f} {unit}"
-        f /= 1000
-    return "—"
+    return "—" if f is None else size_text(f)
 
 
 def _pill(ok: Any, yes: str = "ok", no: str = "fail") -> str:

@@ -295,7 +295,7 @@ def test_a_full_disk_is_reported_as_a_full_disk(trained, tmp_path, monkeypatch) 
     assert not list(r.path.glob(".export-work-*")) and "onnx_int8_qoperator" not in RunDir.load(r.path).artifacts
     truncated = Exception("Error parsing message with type 'onnx.ModelProto'")
     low = q.tool_failed("quantize_static", truncated, tmp_path)
-    assert isinstance(low, OSError) and low.errno == errno.ENOSPC and "KiB left" in str(low)
+    assert isinstance(low, OSError) and low.errno == errno.ENOSPC and "kB left" in str(low)
     monkeypatch.setattr(shutil_mod, "disk_usage", lambda _p: usage(1 << 30, 0, 1 << 30))
     assert isinstance(q.tool_failed("quantize_static", truncated, tmp_path), QuantizationError)
     quota = OSError(errno.EDQUOT, "Disk quota exceeded")

@@ -34,10 +34,12 @@ def register(app: typer.Typer) -> None:
         if json_out is not None and str(json_out) == "-":
             return
         console.print(f"[green]built[/] {escape(str(r.wheel))}", soft_wrap=True)
-        size = f"{r.wheel_bytes / 1024:,.1f} KiB"
+        from edgemap.fsutil import size_text
+
+        size = size_text(r.wheel_bytes)
         if r.model_bytes is not None:
             console.print(f"  {r.name} {r.version}: {r.precision} model for {r.runtime}, sha256 {r.model_sha256[:16]}…", markup=False)
-            size += f" (model {r.model_bytes / 1024:,.1f} KiB; wheel − model = {r.overhead_bytes / 1024:+,.1f} KiB)"
+            size += f" (model {size_text(r.model_bytes)}; wheel − model = {size_text(r.overhead_bytes, sign=True)})"
         console.print(f"  wheel {size}; depends on {', '.join(r.requirements)}")
         for note in r.warnings:
             err_console.print(f"[yellow]warning:[/] {escape(note)}", soft_wrap=True)

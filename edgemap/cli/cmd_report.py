@@ -8,6 +8,7 @@ import typer
 from rich.markup import escape
 
 from edgemap.cli.common import JsonOpt, RunDirArg, console, handle_errors, next_step, shq, write_json_out
+from edgemap.fsutil import size_text
 
 
 def register(app: typer.Typer) -> None:
@@ -30,7 +31,7 @@ def register(app: typer.Typer) -> None:
         write_json_out(json_out, r.to_dict())
         if json_out is not None and str(json_out) == "-":
             return
-        console.print(f"[green]wrote[/] {escape(str(r.html))} ({r.bytes / 1000:,.0f} kB, {len(r.images)} plots embedded, "
+        console.print(f"[green]wrote[/] {escape(str(r.html))} ({size_text(r.bytes)}, {len(r.images)} plots embedded, "
                       f"{r.seconds:.1f} s)", soft_wrap=True)
         for name, status in r.sections.items():
             if status != "ok" and status not in r.warnings:  # said once, as the warning below

@@ -52,6 +52,7 @@ import numpy as np
 from edgemap.errors import QuantizationError
 from edgemap.export.calibration import METHODS, ImageReader, calibrate, quiet
 from edgemap.export.stem_pack import pack_stem_pixels
+from edgemap.fsutil import size_text
 from edgemap.runtime.preprocess import DEFAULT_MAX_PIXELS, PreprocessContract
 
 FALLBACK_METHODS = ("percentile", "minmax", "entropy")
@@ -129,7 +130,7 @@ def tool_failed(what: str, e: Exception, folder: Path) -> Exception:
     except OSError:
         free = _LOW_SPACE
     if free < _LOW_SPACE:
-        return OSError(errno.ENOSPC, f"{what} failed with {free // 1024} KiB left on the disk ({e})", str(folder))
+        return OSError(errno.ENOSPC, f"{what} failed with {size_text(free)} left on the disk ({e})", str(folder))
     return QuantizationError(f"{what} failed: {e}")
 
 
@@ -138,8 +139,8 @@ def check_free_space(folder: Path, fp32_path: Path) -> None:
     need = 3 * fp32_path.stat().st_size + (16 << 20)
     free = shutil.disk_usage(folder).free
     if free < need:
-        raise OSError(errno.ENOSPC, f"int8 quantization needs about {need >> 20} MiB free for its work files, "
-                      f"{free >> 20} MiB left", str(folder))
+        raise OSError(errno.ENOSPC, f"int8 quantization needs about {size_text(need)} free for its work files, "
+                      f"{size_text(free)} left", str(folder))
 
 
 def prepare(fp32_path: Path, out_path: Path) -> Path:
