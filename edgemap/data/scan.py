@@ -454,89 +454,10 @@ class _Listing:
 
 
 def _scan(root: str | Path, opts: ScanOptions, *, decode_check: bool, known_bad: dict[str, str] | None) -> DatasetScan:
-    root, top, (train_name, val_name, test_name) = _split_folders(root)
-    exts = _extensions_of(opts.rule)
-    # a class called "test" (or "valid"...) would be dropped or misread; in a train/ + val/ layout an unlabelled test/
-    # (Kaggle's) is just not used, as before
-    for name in (train_name, val_name) + (() if train_name and val_name else (test_name,)):
-        if name and _holds_images_directly(root / name, exts):
-            raise DatasetError(
-                f"{root / name}: holds images directly, like a class folder, but {name!r} is a split name: "
-                f"train, val (validation, valid) and test, in any case, at the top of {root} mean "
-                "DATA/<split>/<class>/...; rename that class folder (e.g. to " + repr(name + "_") + "), or, if it "
-                "is a split, put its images in class sub-folders"
-            )
-
-    if train_name or val_name:
-        if not train_name:
-            raise DatasetError(f"{root / val_name}: found a validation folder but no {root / 'train'}; add train/<class>/... beside it")
-        if not val_name:
-            raise DatasetError(
-                f"{root / train_name}: found train/ but no val/ (or validation/) beside it; add val/<class>/..., "
-                f"or put the class folders directly in {root} to let edgemap split off {opts.val_split:.0%} for validation"
-            )
-        layout = f"train/{val_name.lower()}"
-        others = sorted(set(top) - {train_name, val_name, test_name})
-        if others:
-            log.warning("%s: ignoring folders %s (not train/val/test)", root, ", ".join(others))
-        tr = _list_split(root / train_name, root, exts)
-        va = _list_split(root / val_name, root, exts)
-        class_dirs = tr.dirs
-    else:
-        layout = "split"
-        if opts.val_split <= 0:
-            raise DatasetError(
-                f"{root}: --val-split 0 leaves no validation images for a single-folder dataset; "
-                "use e.g. --val-split 0.2, or provide DATA/train + DATA/val"
-            )
-        tr = _list_split(root, root, exts, exclude={test_name} if test_name else set())
-        va = None
-        class_dirs = tr.dirs
-    te = _list_split(root / test_name, root, exts) if test_name else None
-
+    root, layout, tr, va, te = _list_layout(root, opts)
     listings = [x for x in (tr, va, te) if x is not None]
-    classes = sorted(tr.images)
-    if not classes:
-        raise DatasetError(
-            f"{tr.folder}: no class folders found; expected {tr.folder}/<class>/<image>.jpg "
-            "(one sub-folder per class, at least two classes)"
-        )
-    for lst in listings:
-        for name, paths in lst.images.items():
-            if not paths and not any(p.is_relative_to(lst.dirs[name]) for p, _ in lst.broken):
-                raise DatasetError(
-                    f"{lst.dirs[name]}: class folder has no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
-                    "add images or remove the folder"
-                )
-    if len(classes) < 2:
-        raise DatasetError(f"{class_dirs[classes[0]]}: only one class found in {tr.folder}; a classifier needs at least two class folders")
-    if va is not None and set(va.images) != set(classes):
-        missing = sorted(set(classes) - set(va.images))
-        extra = sorted(set(va.images) - set(classes))
-        raise DatasetError(
-            f"{va.folder}: classes differ from {tr.folder}: "
-            + "; ".join(x for x in (f"missing in val: {missing}" if missing else "", f"not in train: {extra}" if extra else "") if x)
-            + "; make both folders hold the same class sub-folders"
-        )
-    if te is not None:
-        extra = sorted(set(te.images) - set(classes))
-        if extra:
-            raise DatasetError(f"{te.folder}: classes not in training: {extra}; remove them or add them to training")
-
-    # ---- decode check (or re-apply the recorded skips) --------------------------------------
-    all_files = [p for lst in listings for paths in lst.images.values() for p in paths]
-    bad: dict[str, str] = {str(p): why for lst in listings for p, why in lst.broken}
-    if decode_check:
-        bad.update(_decode_check(all_files, opts))
-    elif known_bad:
-        for p in all_files:
-            why = known_bad.get(str(p)) or known_bad.get(_json_safe(str(p)))
-            if why is not None:
-                bad[str(p)] = why
-    if bad and not opts.skip_bad and decode_check:
-        raise _unreadable(root, bad)
-    skipped = sorted(bad.items())
-
+    classes = _check_classes(tr, va, te)
+    bad = _bad_files(root, listings, opts, decode_check=decode_check, known_bad=known_bad)
     index = {c: i for i, c in enumerate(classes)}
     train, val, test = [], [], []
     read: dict[Path, str] = {}  # file digests the split read (copies share a size): reused, not read again
@@ -550,13 +471,119 @@ def _scan(root: str | Path, opts: ScanOptions, *, decode_check: bool, known_bad:
             train += [Sample(p, index[name]) for p in good]
             val += [Sample(p, index[name]) for p in va.images[name] if str(p) not in bad]
         if not any(s.label == index[name] for s in train):
-            raise DatasetError(f"{class_dirs[name]}: no readable training images left after skipping bad files; add images")
+            raise DatasetError(f"{tr.dirs[name]}: no readable training images left after skipping bad files; add images")
     if te is not None:
         test = [Sample(p, index[c]) for c in sorted(te.images) for p in te.images[c] if str(p) not in bad]
 
     _check_val(root, layout, classes, val, va, opts)
     _check_same_files(classes, (("train", train), ("val", val), ("test", test)))
+    ignored = _warn_ignored(root, listings)
+    _warn_nested_classes(tr.folder, tr.dirs)
+    return DatasetScan(
+        root=root,
+        layout=layout,
+        classes=classes,
+        train=train,
+        val=val,
+        test=test,
+        skipped=sorted(bad.items()),
+        ignored=ignored,
+        fingerprint=_fingerprint(root, (("train", train), ("val", val), ("test", test))),
+        options=opts,
+        _read=read,
+    )
 
+
+def _list_layout(root: str | Path, opts: ScanOptions) -> tuple[Path, str, _Listing, _Listing | None, _Listing | None]:
+    """(root, layout, train listing, val listing or None for the single-folder layout, test listing or None)."""
+    root, top, (train_name, val_name, test_name) = _split_folders(root)
+    exts = _extensions_of(opts.rule)
+    # a class called "test" (or "valid"...) would be dropped or misread; in a train/ + val/ layout an unlabelled test/
+    # (Kaggle's) is just not used, as before
+    for name in (train_name, val_name) + (() if train_name and val_name else (test_name,)):
+        if name and _holds_images_directly(root / name, exts):
+            raise DatasetError(
+                f"{root / name}: holds images directly, like a class folder, but {name!r} is a split name: "
+                f"train, val (validation, valid) and test, in any case, at the top of {root} mean "
+                "DATA/<split>/<class>/...; rename that class folder (e.g. to " + repr(name + "_") + "), or, if it "
+                "is a split, put its images in class sub-folders"
+            )
+    def test_listing() -> _Listing | None:  # listed last, as the error checks of the other splits come first
+        return _list_split(root / test_name, root, exts) if test_name else None
+
+    if not (train_name or val_name):
+        if opts.val_split <= 0:
+            raise DatasetError(
+                f"{root}: --val-split 0 leaves no validation images for a single-folder dataset; "
+                "use e.g. --val-split 0.2, or provide DATA/train + DATA/val"
+            )
+        tr = _list_split(root, root, exts, exclude={test_name} if test_name else set())
+        return root, "split", tr, None, test_listing()
+    if not train_name:
+        raise DatasetError(f"{root / val_name}: found a validation folder but no {root / 'train'}; add train/<class>/... beside it")
+    if not val_name:
+        raise DatasetError(
+            f"{root / train_name}: found train/ but no val/ (or validation/) beside it; add val/<class>/..., "
+            f"or put the class folders directly in {root} to let edgemap split off {opts.val_split:.0%} for validation"
+        )
+    others = sorted(set(top) - {train_name, val_name, test_name})
+    if others:
+        log.warning("%s: ignoring folders %s (not train/val/test)", root, ", ".join(others))
+    tr, va = _list_split(root / train_name, root, exts), _list_split(root / val_name, root, exts)
+    return root, f"train/{val_name.lower()}", tr, va, test_listing()
+
+
+def _check_classes(tr: _Listing, va: _Listing | None, te: _Listing | None) -> list[str]:
+    """The classes (sorted train class folders), after checking every split holds images of the same ones."""
+    classes = sorted(tr.images)
+    if not classes:
+        raise DatasetError(
+            f"{tr.folder}: no class folders found; expected {tr.folder}/<class>/<image>.jpg "
+            "(one sub-folder per class, at least two classes)"
+        )
+    for lst in (x for x in (tr, va, te) if x is not None):
+        for name, paths in lst.images.items():
+            if not paths and not any(p.is_relative_to(lst.dirs[name]) for p, _ in lst.broken):
+                raise DatasetError(
+                    f"{lst.dirs[name]}: class folder has no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
+                    "add images or remove the folder"
+                )
+    if len(classes) < 2:
+        raise DatasetError(f"{tr.dirs[classes[0]]}: only one class found in {tr.folder}; a classifier needs at least two class folders")
+    if va is not None and set(va.images) != set(classes):
+        missing = sorted(set(classes) - set(va.images))
+        extra = sorted(set(va.images) - set(classes))
+        raise DatasetError(
+            f"{va.folder}: classes differ from {tr.folder}: "
+            + "; ".join(x for x in (f"missing in val: {missing}" if missing else "", f"not in train: {extra}" if extra else "") if x)
+            + "; make both folders hold the same class sub-folders"
+        )
+    if te is not None:
+        extra = sorted(set(te.images) - set(classes))
+        if extra:
+            raise DatasetError(f"{te.folder}: classes not in training: {extra}; remove them or add them to training")
+    return classes
+
+
+def _bad_files(root: Path, listings: list[_Listing], opts: ScanOptions, *, decode_check: bool,
+               known_bad: dict[str, str] | None) -> dict[str, str]:
+    """path -> why, of the files that cannot be used: decode-checked now, or the recorded skips re-applied."""
+    all_files = [p for lst in listings for paths in lst.images.values() for p in paths]
+    bad: dict[str, str] = {str(p): why for lst in listings for p, why in lst.broken}
+    if decode_check:
+        bad.update(_decode_check(all_files, opts))
+    elif known_bad:
+        for p in all_files:
+            why = known_bad.get(str(p)) or known_bad.get(_json_safe(str(p)))
+            if why is not None:
+                bad[str(p)] = why
+    if bad and not opts.skip_bad and decode_check:
+        raise _unreadable(root, bad)
+    return bad
+
+
+def _warn_ignored(root: Path, listings: list[_Listing]) -> dict[str, int]:
+    """The ignored-file counts of all splits (class -> count), warned about once."""
     ignored: dict[str, int] = {}
     suffixes: dict[str, int] = {}
     for lst in listings:
@@ -565,20 +592,7 @@ def _scan(root: str | Path, opts: ScanOptions, *, decode_check: bool, known_bad:
                 into[name] = into.get(name, 0) + n
     if ignored:
         log.warning("%s: ignored %s", root, ignored_text(ignored, suffixes))
-    _warn_nested_classes(tr.folder, class_dirs)
-    return DatasetScan(
-        root=root,
-        layout=layout,
-        classes=classes,
-        train=train,
-        val=val,
-        test=test,
-        skipped=skipped,
-        ignored=ignored,
-        fingerprint=_fingerprint(root, (("train", train), ("val", val), ("test", test))),
-        options=opts,
-        _read=read,
-    )
+    return ignored
 
 
 def _extensions_of(rule: int) -> frozenset[str]:
