@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import re
 import struct
 import zlib
@@ -620,3 +621,37 @@ def test_an_empty_file_is_called_empty(tmp_path: Path) -> None:
     (tmp_path / "junk.jpg").write_bytes(b"x")
     with pytest.raises(ImageError, match="not a readable image"):
         open_image(tmp_path / "junk.jpg")
+
+
+def test_importing_the_runtime_leaves_an_apps_bomb_policy_alone(tmp_path: Path) -> None:
+    """Importing edgemap.runtime (or a device wheel) put an "ignore" filter for Pillow's DecompressionBombWarning in
+    front of the app's own: an app that had set "error" for it opened over-limit images without a word. Inside
+    edgemap's own decode the warning is still not shown (open_image enforces the limit itself)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import io, sys, warnings
+        import numpy as np
+        from PIL import Image
+        if sys.argv[1] == "error":
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+        Image.MAX_IMAGE_PIXELS = 1000
+        buf = io.BytesIO()
+        Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(buf, "PNG")
+        from edgemap.runtime.preprocess import open_image
+        try:
+            Image.open(io.BytesIO(buf.getvalue())).load()
+            print("app: opened")
+        except Image.DecompressionBombWarning:
+            print("app: refused")
+        open_image(buf.getvalue(), max_pixels=5000)  # a raised limit: decoded, silently
+        print("edgemap: opened")
+    """)
+    env = {**os.environ, "PYTHONWARNINGS": ""}
+    strict = subprocess.run([sys.executable, "-c", script, "error"], capture_output=True, text=True, env=env)
+    assert strict.returncode == 0 and strict.stdout.split("\n")[:2] == ["app: refused", "edgemap: opened"], strict
+    lax = subprocess.run([sys.executable, "-c", script, "default"], capture_output=True, text=True, env=env)
+    assert lax.stdout.split("\n")[:2] == ["app: opened", "edgemap: opened"], lax
+    assert lax.stderr.count("DecompressionBombWarning") == 1, lax.stderr  # the app's own open warned; edgemap's did not

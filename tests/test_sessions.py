@@ -246,3 +246,30 @@ def test_a_ctrl_c_inside_a_runtimes_import_is_not_called_a_broken_install() -> N
     with pytest.raises(KeyboardInterrupt):
         _import_failure(wrapped, "onnxruntime", "onnxruntime")
     assert "failed to import" in _import_failure(ImportError("initialization failed"), "onnxruntime", "onnxruntime")
+
+
+def test_each_classifier_call_reports_its_own_images_pillow_warnings(trained_run, tmp_path) -> None:  # noqa: F811
+    """The 20-image cap on Pillow-warning lines was per process: a device server that met 20 such images in its
+    first requests logged none for any later request. Each call that decodes images now has its own budget.
+    In a subprocess: pytest records warnings itself."""
+    import subprocess
+
+    from test_preprocess import _corrupt_exif_jpeg
+
+    for i in range(23):
+        _corrupt_exif_jpeg(tmp_path / f"img{i:02d}.jpg", i)
+    script = (
+        "import sys; from pathlib import Path; from edgemap.runtime import Classifier\n"
+        "clf = Classifier.from_path(sys.argv[1])\n"
+        "d = Path(sys.argv[2])\n"
+        "clf.predict([str(d / f'img{i:02d}.jpg') for i in range(21)])\n"
+        "print('--', file=sys.stderr, flush=True)\n"
+        "clf.predict([str(d / 'img22.jpg'), str(d / 'img00.jpg')])\n"
+    )
+    run, _ = trained_run
+    r = subprocess.run([sys.executable, "-c", script, str(run.path / "model.onnx"), str(tmp_path)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    first, second = r.stderr.split("--\n")
+    assert first.count("Tag data larger than file") == 20 and "not listed (20 shown)" in first, first
+    assert "img22.jpg: Tag data larger than file" in second and "img00.jpg: Tag data" in second, second

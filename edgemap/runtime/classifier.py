@@ -31,7 +31,7 @@ from edgemap.runtime.errors import (
     RuntimeUnavailableError,
 )
 from edgemap.runtime.onnx_meta import ModelMeta, model_meta, parse_model_bytes, pillow_mismatch, read_model_bytes
-from edgemap.runtime.preprocess import DEFAULT_MAX_PIXELS, ImageInput, PreprocessContract, preprocess
+from edgemap.runtime.preprocess import DEFAULT_MAX_PIXELS, ImageInput, PreprocessContract, new_warning_scope, preprocess
 from edgemap.runtime.sessions import Session, SessionOptions, available, check_precision, load, parse_runtime
 
 #: Names a user may give for a runtime → the session runtime spec (see sessions.RUNTIMES).
@@ -256,6 +256,8 @@ class Classifier:
     def logits(self, images: ImageInput | Sequence[ImageInput], batch_size: int = 32) -> np.ndarray:
         """Raw float32 logits (N, num_classes), run in batches of ``batch_size``."""
         items = _as_list(images)
+        if any(isinstance(x, str | Path | bytes) for x in items):  # decoded here: this call's warnings are reported
+            new_warning_scope()
         n_cls = len(self.meta.classes)
         if not items:
             return np.zeros((0, n_cls), dtype=np.float32)
