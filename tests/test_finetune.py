@@ -388,7 +388,9 @@ def test_python_options_are_checked_before_a_run_directory_is_made(digits: Path,
     FinetuneOptions(backbone="tiny", checkpoint_seconds=float("inf"), label_smoothing=1.0, dropout=1.0).validate()
 
 
-def test_finetune_gives_back_the_callers_torch_threads(digits: Path, tmp_path: Path) -> None:
+def test_finetune_gives_back_the_callers_torch_threads_and_random_state(digits: Path, tmp_path: Path) -> None:
+    """--threads 2 stayed set for the whole process; and training's per-step seeding left torch's global generator
+    where training put it: a caller's own draws after finetune() were the same whatever seed it had set."""
     import torch
 
     from edgemap.train.finetune import FinetuneOptions, finetune
@@ -396,9 +398,12 @@ def test_finetune_gives_back_the_callers_torch_threads(digits: Path, tmp_path: P
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        finetune(digits, tmp_path / "run", FinetuneOptions(backbone="tiny", img_size=32, epochs=1, freeze_epochs=1,
+        torch.manual_seed(1234)
+        state = torch.get_rng_state()
+        finetune(digits, tmp_path / "run", FinetuneOptions(backbone="tiny", img_size=32, epochs=1, freeze_epochs=0,
                                                              threads=2))
-        assert torch.get_num_threads() == 1  # finetune's --threads 2 stayed set for the whole process
+        assert torch.get_num_threads() == 1
+        assert torch.equal(torch.get_rng_state(), state)
     finally:
         torch.set_num_threads(before)
 

@@ -416,6 +416,10 @@ def finetune(data: str | Path, out: str | Path | RunDir, opts: FinetuneOptions |
         device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)
     caller_threads = torch.get_num_threads()  # the caller's, given back when done (a notebook's later torch work)
+    # and the caller's random state: training seeds torch's global generator every step, so a notebook's or a
+    # sweep's own random draws after finetune() came out the same whatever seed it had set
+    caller_rng = torch.get_rng_state()
+    caller_cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     torch.set_num_threads(opts.threads or max(1, physical_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
     rep = (reporter or _Reporter()) if dist.main else _Reporter()
     try:
@@ -504,6 +508,9 @@ def finetune(data: str | Path, out: str | Path | RunDir, opts: FinetuneOptions |
     finally:
         dist.close()
         torch.set_num_threads(caller_threads)
+        torch.set_rng_state(caller_rng)
+        if caller_cuda_rng is not None:
+            torch.cuda.set_rng_state(caller_cuda_rng, device)
 
 
 def _scan_rule(out: Path, resume: bool) -> int:
