@@ -595,6 +595,30 @@ def test_details_show_undefined_precision_and_recall_as_a_dash() -> None:
     assert "undefined (0/0)" in text
 
 
+def test_eval_tables_show_class_names_and_paths_as_they_are() -> None:
+    """Class folders "[cat]" and "[bold red]dog" were read as Rich markup: a blank row label, a red "dog"; the
+    dataset path "[data]" vanished from the title; columns cut to 8 characters made healthy_leaf and healthy_stem
+    the same column."""
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from edgemap.cli.cmd_eval import render, render_details
+    from edgemap.metrics import classification_report
+
+    classes = ["[cat]", "[bold red]dog", "healthy_leaf", "healthy_stem"]
+    labels, preds = np.array([0, 1, 2, 3, 3]), np.array([0, 1, 2, 3, 2])
+    m = classification_report(labels, np.eye(4)[preds], classes)
+    row = SimpleNamespace(runtime="cpu", precision="fp32", per_class=m.per_class, confusion=m.confusion)
+    console = Console(width=200, record=True)
+    for table in render_details(row, classes):
+        console.print(table)
+    console.print(render(SimpleNamespace(data="/d/[data] (val, 5 images)", rows=[], notes=[])))
+    text = console.export_text()
+    assert "│ [cat]" in text and "│ [bold red]dog" in text and "/d/[data] (val" in text, text
+    assert "│ 2 healthy_leaf" in text and "│ 3 healthy_stem" in text, text  # numbered: the columns are 0..3
+
+
 def test_unknown_names_are_refused_when_the_options_are_made() -> None:
     """EvalOptions(runtimes="cpux"), BenchOptions(runtimes="gpu"), ExportOptions(calib_method="kl"),
     PackageOptions(runtime="tensorrt") were accepted and refused only when the stage ran (README said "when made")."""

@@ -47,7 +47,7 @@ def _f1(v: float) -> str:
 
 def render(result) -> Group:  # noqa: ANN001 - EvalResult, imported lazily
     """The summary table, one line per runtime × precision, and the reasons of rows that did not run."""
-    table = result_table(f"edgemap eval: {result.data}",
+    table = result_table(f"edgemap eval: {escape(str(result.data))}",
                          ["runtime", "prec", "acc %", "top5 %", "F1", "agree %", "max |Δ|", "ran on"],
                          text=("runtime", "prec"))
     notes: list[tuple[str, str, str]] = []
@@ -80,16 +80,20 @@ def render_details(row, classes: list[str]) -> list[Table]:  # noqa: ANN001
         p_none = i < len(predicted) and predicted[i] == 0
         r_none = c["support"] == 0
         undefined |= p_none or r_none
-        per.add_row(c["class"], "—" if p_none else _f1(c["precision"]), "—" if r_none else _f1(c["recall"]),
+        per.add_row(escape(c["class"]), "—" if p_none else _f1(c["precision"]), "—" if r_none else _f1(c["recall"]),
                     "—" if p_none and r_none else _f1(c["f1"]), str(c["support"]))  # 0.9997 never shown as 1.000
     if undefined:
         per.caption = "— undefined (0/0): no images of the class, or never predicted"
+    # columns show at most 8 characters of a class name; where two names share them (healthy_leaf, healthy_stem),
+    # the classes are numbered instead, and the rows say which number is which
+    short = [c[:8] for c in classes]
+    numbered = len(set(short)) < len(short)
     cm = Table(title=f"{row.runtime} {row.precision}: confusion (rows = true, columns = predicted)")
     cm.add_column("")
-    for c in classes:
-        cm.add_column(c[:8], justify="right")
-    for c, line in zip(classes, row.confusion, strict=True):
-        cm.add_row(c, *(str(v) for v in line))
+    for i, c in enumerate(short):
+        cm.add_column(str(i) if numbered else escape(c), justify="right")
+    for i, (c, line) in enumerate(zip(classes, row.confusion, strict=True)):
+        cm.add_row(escape(f"{i} {c}" if numbered else c), *(str(v) for v in line))
     return [per, cm]
 
 
