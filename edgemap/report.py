@@ -379,7 +379,8 @@ def plot_accuracy_latency(points: list[dict[str, Any]], dpi: int = 110) -> bytes
             ax.scatter([p["latency_ms"]], [p["accuracy"]], s=90 if p["precision"] == "int8" else 70,
                        marker="D" if p["precision"] == "int8" else "o", color=_PALETTE.get(rt, "#111827"),
                        edgecolor="white", linewidth=1.2, zorder=3)
-            anns.append(ax.annotate(f"{p['runtime']} {p['precision']}\n{p['latency_ms']:.3g} ms · {score_text(p['accuracy'], 2, 100)}%",
+            batch = f", batch {p['batch']}" if p.get("batch", 1) != 1 else ""  # one call of 8 images is not one of 1
+            anns.append(ax.annotate(f"{p['runtime']} {p['precision']}{batch}\n{p['latency_ms']:.3g} ms · {score_text(p['accuracy'], 2, 100)}%",
                                     (p["latency_ms"], p["accuracy"]), xytext=(7, 4), textcoords="offset points",
                                     fontsize=8, color="#111827", linespacing=1.1))
         ax.set_xscale("log")
@@ -653,9 +654,12 @@ class _Builder:
             cards.append(("best validation accuracy", _pct(best["val_accuracy"]), f"epoch {best.get('epoch')} (training)"))
         lat = _latency_rows(self.bench_rows)
         if lat:
-            (rt, pr), row = min(lat.items(), key=lambda kv: kv[1]["p50_ms"])
+            # latencies of one batch size only: a batch-8 call against a batch-1 call made "29× PyTorch eager" of 3.7×
+            batch = min(int(r.get("batch", 1)) for r in lat.values())
+            same = {k: r for k, r in lat.items() if int(r.get("batch", 1)) == batch}
+            (rt, pr), row = min(same.items(), key=lambda kv: kv[1]["p50_ms"])
             note = f"{rt} {pr}, batch {row.get('batch')}, p50"
-            ref = lat.get(("torch", "fp32"))
+            ref = same.get(("torch", "fp32"))
             if ref and (rt, pr) != ("torch", "fp32") and row["p50_ms"] > 0:
                 note += f" · {ref['p50_ms'] / row['p50_ms']:.1f}× PyTorch eager"
             cards.append(("fastest latency", f"{_fmt(row['p50_ms'], 3)} ms", note))
@@ -701,7 +705,8 @@ class _Builder:
             b = lat.get((str(r.get("runtime")), str(r.get("precision"))))
             if b and _num(r.get("accuracy")) is not None and _num(b.get("p50_ms")):
                 points.append({"runtime": str(r["runtime"]), "precision": str(r["precision"]),
-                               "accuracy": 100 * float(r["accuracy"]), "latency_ms": float(b["p50_ms"])})
+                               "accuracy": 100 * float(r["accuracy"]), "latency_ms": float(b["p50_ms"]),
+                               "batch": int(b.get("batch", 1))})
         if not points:
             self.sections["accuracy_latency"] = "no runtime × precision has both an eval and a bench row"
             return _section("accuracy-latency", "Accuracy vs latency", "",
@@ -937,7 +942,8 @@ class _Builder:
     def header(self) -> str:
         run, c = self.run, self.run.contract
         classes = run.classes
-        shown = ", ".join(classes[:12]) + (f", … ({len(classes)} in all)" if len(classes) > 12 else "")
+        # each name isolated (<bdi>): a right-to-left override in one ("\u202egnp.exe") reversed the rest of the line
+        shown = ", ".join(f"<bdi>{_e(c)}</bdi>" for c in classes[:12]) + (f", … ({len(classes)} in all)" if len(classes) > 12 else "")
         bb = run.data.get("backbone") or {}
         stages = run.data.get("stages") or {}
         chips = []
@@ -952,8 +958,8 @@ class _Builder:
             cls = "done" if status == "done" else ("fail" if status in ("failed", "error") else "todo")
             chips.append(f'<span class="chip {cls}">{_e(st)}: {_e(status or "not run")}</span>')
         return (
-            f'<header><div class="wrap"><h1>{_e(run.path.resolve().name)}</h1>'
-            f'<div class="sub">{_e(bb.get("name", "?"))} · {len(classes)} classes ({_e(shown)}) · '
+            f'<header><div class="wrap"><h1><bdi>{_e(run.path.resolve().name)}</bdi></h1>'
+            f'<div class="sub">{_e(bb.get("name", "?"))} · {len(classes)} classes ({shown}) · '
             f'{c.height}×{c.width} px uint8 RGB, {_e(c.interpolation)} · created {_e(run.data.get("created", "?"))}</div>'
             f'<div class="chips">{"".join(chips)}</div></div></header>'
         )

@@ -541,3 +541,32 @@ def test_hand_edited_figures_leave_a_section_out_not_a_traceback(finished_run: R
     expected = {"p50_huge": ["accuracy_latency"], "acc_huge": ["accuracy_latency"], "confusion_huge": ["confusion"]}
     assert left_out == expected.get(edit, []), (left_out, res.warnings)
     assert all(any(f"the {k} section is left out" in w for w in res.warnings) for k in left_out), res.warnings
+
+
+def test_the_headline_compares_latencies_of_one_batch_size(finished_run: RunDir, tmp_path: Path) -> None:
+    """With torch benched at batch 8 only, the card said "29.3× PyTorch eager": one call of 8 images against one
+    of 1 image (per image, 3.7×)."""
+    from edgemap.report import ReportOptions
+
+    run = _copy_run(finished_run, tmp_path / "run")
+    rows = run.data["metrics"]["bench"]["rows"]
+    ref = next(r for r in rows if r["runtime"] == "torch" and r["precision"] == "fp32" and r["batch"] == 1)
+    fastest = min((r for r in rows if r["status"] == "ok" and r["runtime"] != "torch"), key=lambda r: r["p50_ms"])
+    page = report(run.path, ReportOptions(predict=False)).html.read_text(encoding="utf-8")
+    ratio = ref["p50_ms"] / fastest["p50_ms"]
+    assert f"{ratio:.1f}× PyTorch eager" in page  # one batch size: compared
+    ref["batch"], ref["p50_ms"] = 8, ref["p50_ms"] * 8
+    run.save()
+    page = report(run.path, ReportOptions(predict=False)).html.read_text(encoding="utf-8")
+    assert "× PyTorch eager" not in page
+
+
+def test_a_class_name_with_a_direction_override_stays_inside_its_name(finished_run: RunDir, tmp_path: Path) -> None:
+    """A class folder named "\\u202egnp.exe" reversed the rest of the header line after it (the other names)."""
+    from edgemap.report import ReportOptions
+
+    run = _copy_run(finished_run, tmp_path / "run")
+    run.data["classes"][0] = "\u202egnp.exe"
+    run.save()
+    page = report(run.path, ReportOptions(predict=False)).html.read_text(encoding="utf-8")
+    assert "(<bdi>\u202egnp.exe</bdi>, <bdi>1</bdi>," in page
