@@ -23,6 +23,9 @@ def test_cuda_and_tensorrt_unavailable_without_onnxruntime_gpu() -> None:
         ok, why = S.available(name)
         assert not ok
         assert S.RUNTIMES[name].provider in why and "pip uninstall -y onnxruntime onnxruntime-gpu" in why and "onnxruntime-gpu>=1.20,<1.27" in why
+        if S._can_load("libcuda.so.1", "libcuda.so", "nvcuda.dll"):  # no driver: said first, the pip advice after it
+            assert why.startswith("no NVIDIA GPU driver on this machine (libcuda could not be loaded) and "), why
+            assert f"{name} cannot run here; on a machine with an NVIDIA GPU: pip uninstall" in why, why
 
 
 def test_load_of_an_unavailable_runtime_raises_with_the_reason(trained_run) -> None:  # noqa: F811

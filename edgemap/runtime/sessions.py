@@ -189,7 +189,11 @@ def available(spec: str) -> tuple[bool, str]:
         if info.provider not in providers:
             if info.name == "cpu":
                 return False, "this onnxruntime build has no CPUExecutionProvider"
-            return False, f"{info.provider} missing from this onnxruntime build ({', '.join(providers)}): {CUDA_INSTALL_HINT}"
+            missing = f"{info.provider} missing from this onnxruntime build ({', '.join(providers)})"
+            if _can_load("libcuda.so.1", "libcuda.so", "nvcuda.dll"):  # no driver: the pip advice would not help here
+                return False, (f"no NVIDIA GPU driver on this machine (libcuda could not be loaded) and {missing}: "
+                               f"{info.name} cannot run here; on a machine with an NVIDIA GPU: {CUDA_INSTALL_HINT}")
+            return False, f"{missing}: {CUDA_INSTALL_HINT}"
         if info.name in ("cuda", "tensorrt"):
             err = _can_load("libcuda.so.1", "libcuda.so", "nvcuda.dll")
             if err:
