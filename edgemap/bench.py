@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import os
 import time
 from contextlib import nullcontext
@@ -116,6 +117,30 @@ class BenchRow:
 
 
 # ---- memory --------------------------------------------------------------------------------
+def timing_notes(rows: Any) -> list[str]:
+    """Caveats of measured rows (BenchRows or their stored dicts): rows timed only a few calls (their p99 is about
+    their slowest call), and rows whose p99 is over 5× their p50 (a shared or throttled machine: their p50 may not be
+    what the model costs). Said by `edgemap bench`, the `edgemap run` summary and the report alike."""
+    def get(r: Any, k: str) -> Any:
+        return r.get(k) if isinstance(r, dict) else getattr(r, k, None)
+
+    def num(v: Any) -> float | None:
+        return float(v) if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) else None
+
+    ok = [r for r in rows if (get(r, "status") or "ok") == "ok"]
+    notes = []
+    few = min((int(n) for r in ok if (n := num(get(r, "iters")))), default=0)
+    if 0 < few < 100:  # one timed call gave p50 = p90 = p99, unsaid
+        notes.append(f"some rows timed only {few} call(s): their p99 is about their slowest call "
+                     "(--iters 100 or --seconds for a real tail)")
+    shaky = [f"{get(r, 'runtime')} {get(r, 'precision')} b{get(r, 'batch')}" for r in ok
+             if (p50 := num(get(r, "p50_ms"))) and (p99 := num(get(r, "p99_ms"))) is not None and p99 > 5 * p50]
+    if shaky:
+        notes.append(f"unsteady timing (p99 over 5× p50) in {', '.join(shaky)}: another process or CPU throttling? "
+                     "measure again on a quiet machine")
+    return notes
+
+
 def rss_bytes() -> int:
     """Current resident set size of this process (0 where it cannot be read)."""
     try:

@@ -82,6 +82,7 @@ class RunResult:
     wheel_runtime: str | None = None  # the runtime the wheel is for (its install command differs for cuda)
     report_warnings: list[str] = field(default_factory=list)  # what this run's report warned about (as `edgemap report`)
     skipped: list[str] = field(default_factory=list)  # unreadable files this command's fine-tuning skipped (--skip-bad)
+    timing_notes: list[str] = field(default_factory=list)  # caveats of the summary's latencies (as `edgemap bench`)
 
     @property
     def pip_install(self) -> str | None:
@@ -101,7 +102,7 @@ class RunResult:
             "stages": [vars(s) for s in self.stages], "summary": self.summary, "artifacts": self.artifacts,
             "wheel": self.wheel, "report": self.report, "unavailable": [list(u) for u in self.unavailable],
             "eval_data": self.eval_data, "skipped": self.skipped, "wheel_replaced": self.wheel_replaced,
-            "report_warnings": self.report_warnings,
+            "report_warnings": self.report_warnings, "timing_notes": self.timing_notes,
             "pip_install": self.pip_install,
         }
 
@@ -363,7 +364,17 @@ def run_pipeline(data: str | Path, out: str | Path | RunDir, opts: RunOptions = 
             unavailable=_unavailable(run),
             eval_data=((run.data.get("metrics") or {}).get("eval") or {}).get("data"), wheel_replaced=wheel_replaced,
             wheel_deps_changed=wheel_deps_changed, wheel_runtime=(opts.package.runtime or "onnxruntime").strip().lower(),
+            timing_notes=_timing_notes(run, opts.eval.precisions),
         )
+
+
+def _timing_notes(run: RunDir, precisions: Any) -> list[str]:
+    """The bench caveats of the rows the summary shows (batch 1, this command's precisions)."""
+    from edgemap.artifacts import current_results
+    from edgemap.bench import timing_notes
+
+    rows = current_results(run, "bench")[0] or []
+    return timing_notes([r for r in rows if isinstance(r, dict) and r.get("batch") == 1 and r.get("precision") in precisions])
 
 
 def _run_stage(stage: str, data: Path, out: Path, opts: RunOptions, finetune_reporter: Any,

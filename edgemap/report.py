@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from edgemap.artifacts import current_results, stored_rows
+from edgemap.bench import timing_notes
 from edgemap.data.scan import ignored_text
 from edgemap.errors import EdgemapError, ManifestError
 from edgemap.fsutil import NOT_WRITABLE, atomic_write_bytes, size_text, special_file
@@ -750,6 +751,7 @@ class _Builder:
         ] for r in _ok(self.bench_rows)]
         lead = (f"Percentiles in ms over timed calls after warm-up, {_e(b.get('threads', '?'))} threads; throughput in "
                 "images/s; memory is the peak growth of the process's resident set.")
+        lead += "".join(f" <strong>Note:</strong> {_e(n)}." for n in timing_notes(_ok(self.bench_rows)))
         return _section("bench", title, lead, _table(
             ["runtime", "precision", "batch", "p50 ms", "p90 ms", "p99 ms", "img/s", "load ms", "mem MiB", "what ran"],
             rows, numeric={2, 3, 4, 5, 6, 7, 8}) + _not_measured(self.bench_rows))

@@ -203,3 +203,28 @@ def test_the_table_says_when_a_rows_timing_is_unsteady() -> None:
         buf = io.StringIO()
         Console(file=buf, width=200).print(render(rows))
         assert ("unsteady timing (p99 over 5× p50) in torch fp32 b1" in buf.getvalue()) is said, buf.getvalue()
+
+
+def test_the_run_summary_and_the_report_say_the_bench_caveats_too(tmp_path) -> None:  # noqa: ANN001
+    """Only `edgemap bench` said "unsteady timing" or "timed only N calls": the `edgemap run` summary showed a p99 96×
+    its p50, and the report headline "9974.9× PyTorch eager" from 21 calls on a loaded machine, without a word."""
+    import io
+    from dataclasses import asdict
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from edgemap.bench import BenchRow, timing_notes
+    from edgemap.cli.cmd_run import summary_table
+
+    shaky = BenchRow("openvino", "int8", 1, p50_ms=0.0348, p90_ms=0.1, p99_ms=3.33, throughput=28000, load_ms=5,
+                     mem_mb=1, iters=21, threads=2)
+    notes = timing_notes([asdict(shaky)])  # stored rows are dicts
+    assert notes == timing_notes([shaky]) and len(notes) == 2, notes
+    assert "timed only 21 call(s)" in notes[0] and "unsteady timing (p99 over 5× p50) in openvino int8 b1" in notes[1]
+    assert timing_notes([{**asdict(shaky), "iters": 500, "p99_ms": 0.05}]) == []
+    result = SimpleNamespace(run_dir=tmp_path, summary=[{"runtime": "openvino", "precision": "int8", "p50_ms": 0.0348,
+                                                        "p99_ms": 3.33}], timing_notes=notes)
+    buf = io.StringIO()
+    Console(file=buf, width=300).print(summary_table(result))
+    assert "unsteady timing (p99 over 5× p50) in openvino int8 b1" in " ".join(buf.getvalue().split())

@@ -48,15 +48,9 @@ def render(rows) -> Group:  # noqa: ANN001 - list[BenchRow], imported lazily
         )
     legend = Text("b: batch; p50/p90/p99: latency ms; load: session load ms; MiB: memory growth", style="dim")
     lines = [Text(f"ran on: {k} → {v}") for k, v in ran_on.items()]
-    ok = [r for r in rows if r.status == "ok"]
-    few = min((r.iters for r in ok if r.iters), default=0)
-    if 0 < few < 100:  # one timed call gave p50 = p90 = p99, unsaid
-        lines.append(Text(f"note: some rows timed only {few} call(s): their p99 is about their slowest call "
-                          "(--iters 100 or --seconds for a real tail)", style="yellow"))
-    shaky = [f"{r.runtime} {r.precision} b{r.batch}" for r in ok if r.p50_ms and r.p99_ms > 5 * r.p50_ms]
-    if shaky:  # a shared or throttled machine: the row's p50 may not be what the model costs
-        lines.append(Text(f"note: unsteady timing (p99 over 5× p50) in {', '.join(shaky)}: another process or CPU "
-                          "throttling? measure again on a quiet machine", style="yellow"))
+    from edgemap.bench import timing_notes
+
+    lines += [Text(f"note: {n}", style="yellow") for n in timing_notes(rows)]
     return Group(table, legend, *lines, row_notes(notes))
 
 

@@ -56,6 +56,7 @@ def summary_table(result: Any) -> Table:
         notes.append(f"accuracy on {result.eval_data}")
     if any(r.get("within_tolerance") is False for r in result.summary):
         notes.append(TOLERANCE_NOTE)
+    notes += getattr(result, "timing_notes", [])  # as `edgemap bench` says them: a p50 measured on a busy machine
     table.caption = escape("; ".join(notes)) if notes else None
     return table
 
