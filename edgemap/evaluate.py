@@ -452,7 +452,15 @@ def load_samples(run: RunDir, data: Path | None, max_pixels: int | None = None,
     ``test/``, else ``val/``, else its class folders, one class is enough); without it the
     run's own dataset is re-checked and its test (else validation) split is used.
     """
+    return _load_samples(run, data, max_pixels, skip_bad)[:3]
+
+
+def _load_samples(run: RunDir, data: Path | None, max_pixels: int | None = None,
+                  skip_bad: bool = False) -> tuple[list[Path], np.ndarray, str, Any]:
+    """:func:`load_samples`, and the rescan of the run's own dataset (None with ``data``)."""
     from edgemap.data import scan as scan_mod
+
+    scan = None
 
     if data is not None:
         limit = max_pixels if max_pixels is not None else run.max_pixels
@@ -486,7 +494,7 @@ def load_samples(run: RunDir, data: Path | None, max_pixels: int | None = None,
         )
     paths = [p for p, _ in named]
     labels = np.asarray([index[name] for _, name in named], dtype=np.int64)
-    return paths, labels, f"{where} ({split}, {len(paths)} image{'s' if len(paths) != 1 else ''})"
+    return paths, labels, f"{where} ({split}, {len(paths)} image{'s' if len(paths) != 1 else ''})", scan
 
 
 def evaluate(run_dir: str | Path | RunDir, opts: EvalOptions = EvalOptions()) -> EvalResult:
@@ -510,10 +518,24 @@ def evaluate(run_dir: str | Path | RunDir, opts: EvalOptions = EvalOptions()) ->
     with guard:
         run = fresh_run(run_dir)  # as it is now (see evaluate_arrays)
         refuse_older_models(run, opts.runtimes)
-        paths, labels, where = load_samples(run, opts.data, opts.max_pixels, opts.skip_bad)
+        paths, labels, where, scan = _load_samples(run, opts.data, opts.max_pixels, opts.skip_bad)
         limit = opts.max_pixels if opts.max_pixels is not None else run.max_pixels
         images = preprocess_batch(paths, run.contract, limit)  # once, reused by every runtime
         try:
-            return evaluate_arrays(run, images, labels, opts, data=where, own_data=opts.data is None)
+            result = evaluate_arrays(run, images, labels, opts, data=where, own_data=opts.data is None)
+            if scan is not None and scan.test_changed and opts.save and not nothing_ran([r.status for r in result.rows], "eval"):
+                _record_test_split(run, scan)
+            return result
         finally:
             hand_back(run_dir, run)
+
+
+def _record_test_split(run: RunDir, scan: Any) -> None:
+    """The run's results are now on the test split as it is (new labelled images added since training): recorded
+    as the run's dataset (training and validation were checked unchanged), so later commands do not warn again and
+    `edgemap run` does not score it again."""
+    now = fresh_run(run)
+    now.data["dataset"].update(fingerprint=scan.fingerprint, content_fingerprint=scan.content_fingerprint(),
+                               counts=scan.counts())
+    now.save()
+    hand_back(run, now)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import shlex
 import time
 from collections.abc import Callable
@@ -35,6 +36,7 @@ from edgemap.package import PackageOptions
 from edgemap.train.finetune import RESULT_NEUTRAL_OPTIONS, FinetuneOptions
 
 STAGES = STAGE_ORDER
+log = logging.getLogger(__name__)
 _STAGE_ARTIFACTS = {"finetune": ("weights_best",), "export": ("onnx_fp32",)}
 
 
@@ -193,13 +195,22 @@ def check_options(opts: RunOptions, finetune_opts: FinetuneOptions | None = None
 
 def _check_existing(run: RunDir, data: Path, opts: RunOptions) -> list[str]:
     """Refuse a run made from another dataset or with other fine-tuning options; return the stages to redo."""
-    from edgemap.data.scan import rescan_for_run
+    from edgemap.data.scan import relocated, rescan_for_run
 
     recorded_root = Path(str(run.data.get("dataset", {}).get("root", "")))
     if recorded_root and recorded_root.resolve() != data.resolve():
-        raise DatasetError(f"{run.path} was made from the dataset {recorded_root}, not {data}; "
-                           "a run directory holds one model: choose another --out")
-    rescan_for_run(run.data["dataset"])  # DatasetError if its files changed since training
+        # the same files at another place (the dataset moved or was renamed): the run continues, and records it
+        moved = relocated(run.data["dataset"], data)
+        try:
+            scan = rescan_for_run(moved)
+        except DatasetError as e:
+            raise DatasetError(f"{run.path} was made from the dataset {recorded_root}, not {data} ({e}); "
+                               "a run directory holds one model: choose another --out") from None
+        log.warning("%s: the run's dataset is now here (the same files as at %s); recorded", data, recorded_root)
+        run.data["dataset"] = {**moved, "root": str(scan.root)}
+        run.save()
+    else:
+        scan = rescan_for_run(run.data["dataset"])  # DatasetError if its files changed since training
     given = opts.finetune.to_dict()
     stored = run.data.get("options", {}).get("finetune") or {}
     free = set(RESULT_NEUTRAL_OPTIONS) | (set() if run.stage_done("finetune") else {"epochs"})  # an unfinished run may get more
@@ -223,7 +234,9 @@ def _check_existing(run: RunDir, data: Path, opts: RunOptions) -> list[str]:
             differs = any(recorded[s].get(k) != now[s][k] for k in opts.given(s, now[s]))
         if differs:
             changed.append(s)
-    return changed
+    if scan.test_changed and run.stage_done("eval") and "eval" not in changed:  # new test images: scored again
+        changed.append("eval")
+    return sorted(changed, key=STAGES.index)
 
 
 def _resolved(key: str, value: Any, stored: dict[str, Any]) -> Any:

@@ -845,3 +845,31 @@ def test_a_scan_reads_each_files_bytes_once(tmp_path: Path, monkeypatch: pytest.
     fresh = scan_dataset(tmp_path)
     fresh._read.clear()  # digests read now, from the files: the same as the reused ones
     assert (fresh.train_digests(), fresh.content_fingerprint()) == (digests, fingerprint)
+
+
+def test_a_changed_test_split_leaves_the_model_standing_but_not_a_changed_training_set(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Labelled photos added to test/ made every later command refuse the run ("dataset changed since training ...
+    train a new run"); the model depends on train and val only. Runs recorded before (no model fingerprint) keep
+    the strict check."""
+    from edgemap.data.scan import rescan_for_run
+
+    train_val(tmp_path)
+    make_classes(tmp_path / "test", {"cat": 2, "dog": 2})
+    record = scan_dataset(tmp_path).to_manifest()
+    img(tmp_path / "test" / "cat" / "new.png", seed=99)
+    with caplog.at_level(logging.WARNING, logger="edgemap.data"):
+        scan = rescan_for_run(record)
+    assert scan.test_changed == "test 5 images, was 4" and len(scan.test) == 5
+    assert "the test split changed since training (test 5 images, was 4); training and validation did not" in caplog.text
+    old = {k: v for k, v in record.items() if k != "model_fingerprint"}
+    with pytest.raises(DatasetError, match="dataset changed since training"):
+        rescan_for_run(old)
+    img(tmp_path / "val" / "dog" / "new.png", seed=98)
+    with pytest.raises(DatasetError, match=r"dataset changed since training: .*val 5 images, was 4, test 5 images"):
+        rescan_for_run(record)
+    # an empty val/<class>: removing it (as advised) only led to "classes differ from train"
+    for f in (tmp_path / "val" / "cat").iterdir():
+        f.unlink()
+    with pytest.raises(DatasetError, match="validation needs images of every class: add some, or remove 'cat' from"):
+        scan_dataset(tmp_path)

@@ -483,3 +483,36 @@ def test_run_takes_val_split_patience_and_max_pixels(digits: Path, tmp_path: Pat
     r = CliRunner().invoke(app, ["run", str(digits), "--out", str(tmp_path / "r"), "--backbone", "tiny",
                                  "--val-split", "1.5"])
     assert r.exit_code == 2 and "--val-split" in r.output and not (tmp_path / "r").exists(), r.output
+
+
+def test_a_moved_dataset_continues_and_new_test_images_are_scored(digits: Path, finished: Path, tmp_path: Path) -> None:
+    """`edgemap run MOVED --out RUN` was refused ("made from the dataset X, not MOVED ... choose another --out") though
+    `export --data` accepted the same files; and one image added to test/ blocked eval and run with "dataset changed
+    since training ... train a new run", though the model depends on train and val only."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    from edgemap.errors import DatasetError
+
+    copy = _copy(finished, tmp_path)
+    moved = tmp_path / "moved digits"
+    shutil.copytree(digits, moved)  # the same files (copy2 keeps their times)
+    res = run_pipeline(moved, copy, _opts())
+    assert res.did_nothing, _statuses(res)
+    assert RunDir.load(copy).data["dataset"]["root"] == str(moved)  # recorded: the next commands read it there
+    for i, cls in enumerate(("3", "7")):  # new labelled photos in a test split
+        (moved / "test" / cls).mkdir(parents=True)
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(moved / "test" / cls / "new.png")
+    res = run_pipeline(moved, copy, _opts())
+    assert _statuses(res)[:3] == [("finetune", "skipped"), ("export", "skipped"), ("eval", "done")], _statuses(res)
+    run = RunDir.load(copy)
+    assert "(test, 2 images)" in run.data["metrics"]["eval"]["data"] and run.data["dataset"]["counts"]["test"]
+    assert run_pipeline(moved, copy, _opts()).did_nothing  # recorded: not scored again
+    (moved / "train" / "3" / sorted(os.listdir(moved / "train" / "3"))[0]).unlink()  # training images changed: refused
+    with pytest.raises(DatasetError, match="dataset changed since training"):
+        run_pipeline(moved, copy, _opts())
+    shutil.rmtree(moved)
+    with pytest.raises(DatasetError, match=r"was made from the dataset .*, not .*other .*\); a run directory holds one model"):
+        run_pipeline(tmp_path / "other", copy, _opts())

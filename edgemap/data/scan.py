@@ -172,6 +172,8 @@ class DatasetScan:
     _file_digests: list[tuple[str, Sample, str]] | None = field(default=None, repr=False, compare=False)
     #: digests the scan already read (the split's copy check): not read a second time
     _read: dict[Path, str] = field(default_factory=dict, repr=False, compare=False)
+    #: set by :func:`rescan_for_run`: how the test split differs from training's (training and validation do not)
+    test_changed: str | None = field(default=None, compare=False)
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Images per split and class: ``{"train": {"cat": 40, ...}, "val": {...}, "test": {...}}``."""
@@ -194,6 +196,11 @@ class DatasetScan:
     def train_digests(self) -> list[str]:
         """The sha256 of every training image's bytes, sorted, once each (what :func:`training_images_in` checks)."""
         return sorted({digest for split, _, digest in self._digests() if split == "train"})
+
+    def model_fingerprint(self) -> str:
+        """The fingerprint of the training and validation images only: what the model (and its checks) depend on.
+        A test split that changed since training (new labelled photos added) leaves the model as it is."""
+        return _fingerprint(self.root, (("train", self.train), ("val", self.val)))
 
     def content_fingerprint(self) -> str:
         """sha256 over (split, relative path, sha256 of the bytes) of every sample (reads every file)."""
@@ -249,6 +256,7 @@ class DatasetScan:
             "options": asdict(self.options),
             "counts": self.counts(),
             "fingerprint": self.fingerprint,
+            "model_fingerprint": self.model_fingerprint(),
             "content_fingerprint": self.content_fingerprint(),
             "copies": self.copies(),
             "skipped": [[_json_safe(p), _json_safe(r)] for p, r in self.skipped],
@@ -426,6 +434,12 @@ def rescan_for_run(manifest_dataset: dict[str, Any]) -> DatasetScan:
     if not scan.matches(manifest_dataset):
         was = manifest_dataset.get("counts") or {}
         diff = _count_diff(was, scan.counts())
+        if manifest_dataset.get("model_fingerprint") == scan.model_fingerprint():  # (runs before session 11: no key)
+            scan.test_changed = diff or "test images renamed or changed"
+            log.warning("%s: the test split changed since training (%s); training and validation did not, so the "
+                        "model stands: results on the test split score its images as they are now", root,
+                        scan.test_changed)
+            return scan
         raise DatasetError(
             f"dataset changed since training: {root} fingerprint {scan.fingerprint[:12]} != recorded {str(recorded)[:12]}"
             f" ({diff or 'same counts: files were renamed or their content changed'}); "
@@ -435,6 +449,24 @@ def rescan_for_run(manifest_dataset: dict[str, Any]) -> DatasetScan:
     if classes is not None and list(classes) != scan.classes:
         raise DatasetError(f"dataset changed since training: classes {scan.classes} != recorded {classes}")
     return scan
+
+
+def relocated(manifest_dataset: dict[str, Any], data: str | Path) -> dict[str, Any]:
+    """The ``dataset`` record of a run as if its files were at ``data`` (moved, or copied to another machine): its
+    root and the paths of the files training skipped. :func:`rescan_for_run` of it checks they are the same files."""
+    was = manifest_dataset.get("root")
+    skipped = manifest_dataset.get("skipped")
+    if isinstance(skipped, list) and isinstance(was, str) and was:
+        rebased = []
+        for item in skipped:
+            try:
+                rel = Path(item[0]).relative_to(was)
+            except (ValueError, TypeError, IndexError):
+                rebased.append(item)
+                continue
+            rebased.append([os.path.join(os.path.abspath(data), rel), *item[1:]])  # as the scan spells paths (abspath)
+        skipped = rebased
+    return {**manifest_dataset, "root": str(data), "skipped": skipped}
 
 
 # ---- listing ------------------------------------------------------------------------------
@@ -544,9 +576,11 @@ def _check_classes(tr: _Listing, va: _Listing | None, te: _Listing | None) -> li
     for lst in (x for x in (tr, va, te) if x is not None):
         for name, paths in lst.images.items():
             if not paths and not any(p.is_relative_to(lst.dirs[name]) for p, _ in lst.broken):
+                # removing an empty val/<class> only led to "classes differ from train": say what validation needs
+                fix = (f"validation needs images of every class: add some, or remove {name!r} from {tr.folder} too"
+                       if lst is va else "add images or remove the folder")
                 raise DatasetError(
-                    f"{lst.dirs[name]}: class folder has no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
-                    "add images or remove the folder"
+                    f"{lst.dirs[name]}: class folder has no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); {fix}"
                 )
     if len(classes) < 2:
         raise DatasetError(f"{tr.dirs[classes[0]]}: only one class found in {tr.folder}; a classifier needs at least two class folders")

@@ -216,8 +216,10 @@ def _dataset(run: Any, dataset: Any, data: str | Path | None = None) -> Any:
                                "--data DIR")
         return rescan_for_run(run.data["dataset"])
     # the training dataset at another place (moved, or copied to this machine): the same files, or refused
+    from edgemap.data.scan import relocated
+
     was = run.data["dataset"].get("root")
-    moved = {**run.data["dataset"], "root": str(data), "skipped": _rebased(run.data["dataset"].get("skipped"), was, data)}
+    moved = relocated(run.data["dataset"], data)
     scan = rescan_for_run(moved)
     if not was or os.path.realpath(was) != os.path.realpath(scan.root):  # realpath: no error on a symlink loop
         log.warning("--data: the dataset is now at %s (the same files as at %s); recorded", printable(str(scan.root)),
@@ -225,21 +227,6 @@ def _dataset(run: Any, dataset: Any, data: str | Path | None = None) -> Any:
         moved["root"] = str(scan.root)
         run.data["dataset"] = moved  # saved with the export's records
     return scan
-
-
-def _rebased(skipped: Any, old_root: str | None, new_root: str | Path) -> Any:
-    """The files training skipped (unreadable, --skip-bad), as paths under the dataset's new place."""
-    if not isinstance(skipped, list) or not old_root:
-        return skipped
-    out = []
-    for item in skipped:
-        try:
-            rel = Path(item[0]).relative_to(old_root)
-        except ValueError:
-            out.append(item)
-            continue
-        out.append([os.path.join(os.path.abspath(new_root), rel), *item[1:]])  # as the scan spells paths (abspath)
-    return out
 
 
 def export(run_dir: Any, opts: ExportOptions | None = None, *, dataset: Any = None, progress: Progress | None = None,
