@@ -760,6 +760,26 @@ def test_device_cli_names_a_folder_it_cannot_list(tiny: dict, tmp_path: Path, mo
         (tmp_path / "b", f"{tmp_path / 'b'}: cannot list folder (Permission denied)")]
 
 
+def test_device_cli_does_not_climb_a_link_to_a_folder_above(tmp_path: Path) -> None:
+    """With ds/cat/loop -> .. in place, `classifier ds/cat` classified the dog images too (ds/cat/loop/dog/...):
+    training skips such a link, and its class held only the cat images."""
+    import os
+
+    from edgemap.runtime.device_cli import list_images
+
+    for cls in ("cat", "dog"):
+        (tmp_path / "ds" / cls / "more").mkdir(parents=True)
+        (tmp_path / "ds" / cls / "0.png").write_bytes(b"x")
+        (tmp_path / "ds" / cls / "more" / "1.png").write_bytes(b"x")
+    os.symlink("..", tmp_path / "ds" / "cat" / "loop")
+    os.symlink(".", tmp_path / "ds" / "cat" / "more" / "self")
+    os.symlink(tmp_path / "ds" / "dog" / "more", tmp_path / "ds" / "cat" / "elsewhere")  # sideways: still followed
+    listing = list_images([tmp_path / "ds" / "cat"])
+    assert [p.relative_to(tmp_path / "ds" / "cat").as_posix() for p in listing.images] == [
+        "0.png", "elsewhere/1.png", "more/1.png"], listing.images
+    assert listing.upward_links == 1 and "1 link(s) to the folder itself or a folder above it skipped" in listing.skipped_note()
+
+
 def test_device_cli_json_under_any_locale_and_warnings_made_errors(tiny: dict, tmp_path: Path) -> None:
     """--json under an ascii/cp1252 stdout wrote Python escapes ("\\xe9"), invalid JSON; garbage on stdin was named
     "<bytes>" with an object address; with PYTHONWARNINGS=error a corrupt-EXIF image took the whole batch down."""

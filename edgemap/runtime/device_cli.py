@@ -101,6 +101,8 @@ class Listing:
     #: image-named entries in the folders that are no regular file (a FIFO, a socket, a device): reading one could
     #: wait forever for a writer
     not_regular: int = 0
+    #: links to the folder given or a folder above it ("loop -> .."): followed, they listed the folder's parent tree
+    upward_links: int = 0
 
     @property
     def problems(self) -> list[tuple[Path, str]]:
@@ -125,6 +127,9 @@ class Listing:
         if self.not_regular:
             notes.append(f"{self.not_regular} entr{'y' if self.not_regular == 1 else 'ies'} with an image name in the "
                          "folders skipped: not a regular file (a FIFO, socket or device; give it by name to read it)")
+        if self.upward_links:
+            notes.append(f"{self.upward_links} link(s) to the folder itself or a folder above it skipped (they would "
+                         "list the images around it, as training skips them)")
         return "; ".join(notes)
 
 
@@ -140,6 +145,7 @@ def list_images(paths: list[Path]) -> Listing:
             out.images.append(p)
             continue
         found = []
+        top = os.path.realpath(p)
         seen: set[tuple[int, int]] = set()
         unlisted: list[OSError] = []  # a folder that cannot be listed: its images were dropped without a word
         for root, dirs, files in os.walk(p, followlinks=True, onerror=unlisted.append):
@@ -148,7 +154,7 @@ def list_images(paths: list[Path]) -> Listing:
                 dirs[:] = []
                 continue
             seen.add((st.st_dev, st.st_ino))
-            dirs[:] = sorted(d for d in dirs if not is_hidden(d))
+            dirs[:] = sorted(d for d in dirs if not is_hidden(d) and not _upward(os.path.join(root, d), top, out))
             for f in sorted(files):
                 if is_hidden(f):
                     continue
@@ -168,6 +174,17 @@ def list_images(paths: list[Path]) -> Listing:
                 (len(out.images), (p, f"{p}: folder holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")))
         out.images += found
     return out
+
+
+def _upward(path: str, top: str, out: Listing) -> bool:
+    """A link to ``top`` (the folder given) or a folder above it: counted in ``out``, not entered."""
+    if not os.path.islink(path):
+        return False
+    real = os.path.realpath(path)
+    if top == real or top.startswith(real.rstrip(os.sep) + os.sep):
+        out.upward_links += 1
+        return True
+    return False
 
 
 def _regular_or_unreadable(path: Path) -> bool:
