@@ -516,3 +516,13 @@ def test_a_moved_dataset_continues_and_new_test_images_are_scored(digits: Path, 
     shutil.rmtree(moved)
     with pytest.raises(DatasetError, match=r"was made from the dataset .*, not .*other .*\); a run directory holds one model"):
         run_pipeline(tmp_path / "other", copy, _opts())
+
+
+def test_the_training_bar_ends_before_the_next_stage(digits: Path, tmp_path: Path) -> None:
+    """The fine-tuning bar stayed live through export, eval and bench: in a log, its last state came after them."""
+    r = CliRunner().invoke(app, ["run", str(digits), "--out", str(tmp_path / "run"), "--backbone", "tiny", "--img-size",
+                                 "32", "--epochs", "1", "--no-int8", "--runtime", "cpu", "--bench-seconds", "0.1",
+                                 "--no-report"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    bar = r.output.rfind("epoch 1/1")
+    assert 0 <= bar < r.output.index("── export ──"), r.output

@@ -50,6 +50,13 @@ class RichReporter:
         if self.task is not None:
             self.progress.stop()
 
+    def done(self) -> None:
+        """Training is over: its bar stops (in `edgemap run` it stayed live through export, eval and bench, and in a
+        log its last state came after the report's lines)."""
+        if self.task is not None:
+            self.progress.stop()
+            self.task = None
+
     def phase(self, name: str, total: int) -> None:
         if self.task is None:
             self.progress.start()

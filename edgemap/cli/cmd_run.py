@@ -89,9 +89,12 @@ def run_and_show(data: Path, out: Path, opts: Any, json_out: Path | None) -> Non
     quiet = json_out is not None and str(json_out) == "-"
     with RichReporter(to_stderr=quiet) as rep:
         def on_stage(stage: str) -> None:
-            rep.message(f"[bold cyan]── {stage} ──[/]", markup=True)
+            if stage != "finetune":
+                rep.done()
+            if not quiet:
+                rep.message(f"[bold cyan]── {stage} ──[/]", markup=True)
 
-        result = run_pipeline(data, out, opts, on_stage=None if quiet else on_stage, finetune_reporter=rep,
+        result = run_pipeline(data, out, opts, on_stage=on_stage, finetune_reporter=rep,
                               export_progress=lambda msg: rep.message(f"  {msg}"))
     write_json_out(json_out, result.to_dict())
     if quiet:
