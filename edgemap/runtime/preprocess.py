@@ -386,6 +386,10 @@ def preprocess(
     Accepts a path, encoded bytes, a PIL image, or a uint8 array (H, W), (H, W, 3) or
     (H, W, 4). An array already of the contract's size passes through unchanged.
 
+    An array is taken as it is: gray, RGB or RGBA pixels, already upright. ``np.asarray(Image.open(f))`` of a
+    CMYK JPEG is (H, W, 4) CMYK (read here as RGBA: wrong colours), and of an EXIF-rotated photo is not rotated;
+    give the path, the bytes or the PIL image instead: they convert and rotate exactly as training did.
+
     Example:
         >>> x = preprocess("cat.jpg", PreprocessContract(224, 224, crop_pct=0.875))
         >>> x.shape, x.dtype
