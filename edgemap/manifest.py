@@ -173,6 +173,11 @@ def validate_manifest(data: Any, where: str = MANIFEST_NAME) -> dict[str, Any]:
             problems.append("'classes' has duplicates")
         elif any(has_control_chars(c) for c in classes):
             problems.append("'classes' has a name with control characters (tab, newline, escape...)")
+        trained = data["dataset"].get("classes") if isinstance(data.get("dataset"), dict) else None
+        if isinstance(trained, list) and trained != classes:  # reordered or renamed by hand: export's gate still
+            # passed (it scores by index) and the models carried the wrong names
+            problems.append("'classes' is not the class list the weights were trained with ('dataset.classes', in "
+                            "that order): the models would name the wrong classes; restore it")
         try:
             c = PreprocessContract.from_dict(data["preprocess"])
             if not (8 <= c.height <= MAX_IMG_SIZE and 8 <= c.width <= MAX_IMG_SIZE):

@@ -355,7 +355,7 @@ def test_a_read_only_run_directory_is_one_line_or_works_without_storing(trained_
 def test_a_hand_edited_manifest_that_contradicts_the_model_is_caught(trained_run, tmp_path) -> None:  # noqa: ANN001, F811
     """Classes or preprocessing edited in edgemap.json: eval must not score the ONNX models with labels or inputs the
     device (which reads the model's metadata) never uses, and package must not write a card that says so."""
-    from edgemap.errors import PackageError
+    from edgemap.errors import ManifestError, PackageError
     from edgemap.package import PackageOptions, package
 
     run, splits = trained_run
@@ -368,6 +368,10 @@ def test_a_hand_edited_manifest_that_contradicts_the_model_is_caught(trained_run
         else:
             manifest["preprocess"]["interpolation"] = "nearest"
         (copy / "edgemap.json").write_text(json.dumps(manifest), encoding="utf-8")
+        if edit == "classes":  # not the classes the weights were trained with: refused by every command at once
+            with pytest.raises(ManifestError, match="'classes' is not the class list the weights were trained with"):
+                RunDir.load(copy)
+            continue
         edited = RunDir.load(copy)
         x, y = load_arrays(splits["test"][:4], edited.contract)
         res = evaluate_arrays(edited, x, y, EvalOptions(runtimes=("torch", "cpu", "openvino"), precisions=("fp32",),
@@ -484,7 +488,7 @@ def test_a_run_loaded_before_another_command_wrote_it_never_saves_its_old_record
     other.data["artifacts"]["onnx_fp32"]["created"] = "2100-01-01T00:00:00+00:00"
     other.save()
     before = (tmp_path / "run" / "edgemap.json").read_bytes()
-    stale.data["classes"] = list(reversed(stale.classes))
+    stale.data["stages"]["eval"] = {"status": "outdated"}
     with pytest.raises(ManifestError, match="changed since this run was loaded .* nothing was written over it"):
         stale.save()
     assert (tmp_path / "run" / "edgemap.json").read_bytes() == before

@@ -18,7 +18,9 @@ from PIL import Image
 from edgemap.manifest import RunDir
 from edgemap.runtime.preprocess import PreprocessContract
 
-CLASSES = ["red", "yellow", "green", "cyan", "blue", "magenta"]
+#: each class's hue; the run's classes in the order the scanner gives them (sorted), as `edgemap finetune` makes them
+HUES = {"red": 0 / 6, "yellow": 1 / 6, "green": 2 / 6, "cyan": 3 / 6, "blue": 4 / 6, "magenta": 5 / 6}
+CLASSES = sorted(HUES)
 SIZE = 32
 
 
@@ -29,7 +31,7 @@ def make_images(root: Path, n_per_class: int, seed: int) -> list[tuple[Path, int
     for k, name in enumerate(CLASSES):
         (root / name).mkdir(parents=True, exist_ok=True)
         for i in range(n_per_class):
-            hue = (k / len(CLASSES) + rng.normal(0, 0.06)) % 1.0
+            hue = (HUES[name] + rng.normal(0, 0.06)) % 1.0
             r, g, b = colorsys.hsv_to_rgb(hue, rng.uniform(0.4, 1.0), rng.uniform(0.4, 1.0))
             img = np.array([r, g, b]) * 255 + rng.normal(0, 40, (SIZE + 8, SIZE + 4, 3))
             p = root / name / f"img {i:03d}.png"

@@ -137,11 +137,13 @@ def test_nan_logits_are_named_as_such_in_the_parity_error(exported, trained) -> 
 
 
 def test_a_manifest_edited_against_its_weights_is_one_error(trained, tmp_path) -> None:  # noqa: ANN001
-    """Fewer classes, another backbone or a text dropout in edgemap.json gave torch's traceback (exit 1)."""
+    """Fewer classes, another backbone or a text dropout in edgemap.json gave torch's traceback (exit 1); classes in
+    another order passed the int8 gate (it scores by index) and the models named the wrong classes."""
     from edgemap.cli import app
 
     run, _, _ = trained
     edits = {"classes": lambda d: d.update(classes=d["classes"][:2]),
+             "reordered": lambda d: d.update(classes=d["classes"][::-1]),
              "backbone": lambda d: d["backbone"].update(name="efficientnet_lite0"),
              "dropout": lambda d: d["options"].setdefault("finetune", {}).update(dropout="abc")}
     for name, edit in edits.items():
@@ -153,7 +155,10 @@ def test_a_manifest_edited_against_its_weights_is_one_error(trained, tmp_path) -
         res = CliRunner().invoke(app, ["export", str(copy)])
         said = " ".join(res.output.split())
         assert res.exit_code == 2 and "Traceback" not in said, (name, res.output)
-        assert ("dropout' 'abc' must be a number in [0, 1]" if name == "dropout" else "weights do not fit the run's") in said, said
+        expected = {"dropout": "dropout' 'abc' must be a number in [0, 1]",
+                    "classes": "'classes' is not the class list the weights were trained with",
+                    "reordered": "'classes' is not the class list the weights were trained with"}
+        assert expected.get(name, "weights do not fit the run's") in said, said
         assert sorted(p.name for p in copy.iterdir() if p.name not in ("edgemap.json", ".edgemap.lock")) == before
 
 

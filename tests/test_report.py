@@ -568,7 +568,7 @@ def test_a_class_name_with_a_direction_override_stays_inside_its_name(finished_r
     from edgemap.report import ReportOptions
 
     run = _copy_run(finished_run, tmp_path / "run")
-    run.data["classes"][0] = "\u202egnp.exe"
+    run.data["classes"][0] = run.data["dataset"]["classes"][0] = "\u202egnp.exe"
     run.save()
     page = report(run.path, ReportOptions(predict=False)).html.read_text(encoding="utf-8")
     assert "(<bdi>\u202egnp.exe</bdi>, <bdi>1</bdi>," in page
