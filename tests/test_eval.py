@@ -566,6 +566,12 @@ def test_strict_is_runtime_unavailable_only_when_every_row_was(trained_run, tmp_
 @pytest.mark.parametrize(("make", "says"), [
     (lambda: __import__("edgemap.export", fromlist=["x"]).ExportOptions(calib_size=20.5), "--calib-size 20.5: must be a whole"),
     (lambda: __import__("edgemap.export", fromlist=["x"]).ExportOptions(max_drop="1"), "--max-drop '1': must be a number"),
+    # API-only fields: a nan tolerance failed a good model's parity and recorded it; calib_chunk 0 failed inside ORT
+    (lambda: __import__("edgemap.export", fromlist=["x"]).ExportOptions(parity_atol=float("nan")),
+     "parity_atol must be a finite number >= 0, got nan"),
+    (lambda: __import__("edgemap.export", fromlist=["x"]).ExportOptions(parity_rtol=-1.0), "parity_rtol must be a finite"),
+    (lambda: __import__("edgemap.export", fromlist=["x"]).ExportOptions(calib_chunk=0), "calib_chunk must be at least 1"),
+    (lambda: __import__("edgemap.export", fromlist=["x"]).ExportOptions(gate_images=0), "gate_images must be at least 1"),
     (lambda: __import__("edgemap.report", fromlist=["x"]).ReportOptions(grid="5").validate(), "--grid '5': must be a whole"),
     (lambda: __import__("edgemap.train.finetune", fromlist=["x"]).FinetuneOptions(epochs=2.5).validate(),
      "--epochs 2.5: must be a whole number"),

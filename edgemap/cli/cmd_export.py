@@ -91,7 +91,8 @@ def register(app: typer.Typer) -> None:
                         err_console.print(f"[yellow]warning:[/] {escape(note)}", soft_wrap=True)
                     if res is not None and res.parity:
                         console.print(parity_table(res.parity))
-                    console.print(gate_table(e.attempts, opts.max_drop))
+                    # every format's attempts: the ones that passed (and were written) too, not only the failed
+                    console.print(gate_table(res.gate if res is not None and res.gate else e.attempts, opts.max_drop))
                 raise
             except ParityError as e:
                 status.stop()

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import shlex
 import shutil
@@ -97,6 +98,15 @@ class ExportOptions:
 
         if self.calib_method not in METHODS:
             raise QuantizationError(f"--calib-method {self.calib_method!r} is not one of {', '.join(METHODS)}")
+        # ranges of the API-only fields: a negative or nan tolerance failed a good model's parity (recorded as failed,
+        # package then refused the run), calib_chunk 0 was a bare "No data is collected", -5 fed overlapping slices
+        for name in ("parity_atol", "parity_rtol"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ExportError(f"{name} must be a finite number >= 0, got {v}")
+        for name in ("calib_chunk", "gate_images"):
+            if getattr(self, name) < 1:
+                raise ExportError(f"{name} must be at least 1, got {getattr(self, name)}")
         for option, names, error in (("--targets", self.targets or (), QuantizationError),
                                      ("parity_runtimes", self.parity_runtimes, ExportError)):
             for name in names:
@@ -212,8 +222,8 @@ def _dataset(run: Any, dataset: Any, data: str | Path | None = None) -> Any:
         root = run.data["dataset"].get("root")
         if isinstance(root, str) and not Path(root).is_dir():  # moved, or the run was copied to another machine
             raise DatasetError(f"{root}: the dataset this run was trained on is gone; restore it there (same files) "
-                               f"to continue, or give its new place: edgemap export {shlex.quote(str(run.path))} "
-                               "--data DIR")
+                               f"to continue, or give its new place: add --data DIR to this command (edgemap export "
+                               f"{shlex.quote(str(run.path))} ... --data DIR)")
         return rescan_for_run(run.data["dataset"])
     # the training dataset at another place (moved, or copied to this machine): the same files, or refused
     from edgemap.data.scan import relocated
