@@ -219,36 +219,26 @@ def handle_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-#: Set by `edgemap finetune --nproc N` for its training processes: a folder where each rank leaves
-#: its error line instead of printing it, so that the launcher prints the one that matters, once.
-WORKER_MESSAGES_ENV = "EDGEMAP_WORKER_MESSAGES"
-
-
 def _say(kind: str, text: str) -> None:
-    folder = os.environ.get(WORKER_MESSAGES_ENV)
-    if folder:
-        from edgemap.fsutil import atomic_write_json
+    from edgemap import worker_messages
 
-        with contextlib.suppress(OSError):  # the launcher then reports the exit code instead
-            atomic_write_json(Path(folder) / f"rank{os.environ.get('RANK', '0')}.json", {"kind": kind, "text": text})
-            return
-    show_message(kind, text)
+    if not worker_messages.leave(kind, text):  # under --nproc the launcher prints one rank's line
+        show_message(kind, text)
 
 
 def mark_worker_done() -> None:
-    """A training process under `edgemap finetune --nproc` finished its run: said to the launcher, which otherwise
-    takes a Ctrl-C in the last moments (no message from any rank) for one before training started."""
-    folder = os.environ.get(WORKER_MESSAGES_ENV)
-    if folder:
-        with contextlib.suppress(OSError):
-            (Path(folder) / f"rank{os.environ.get('RANK', '0')}.done").touch()
+    """A training process under `edgemap finetune --nproc` finished its run (see edgemap.worker_messages)."""
+    from edgemap import worker_messages
+
+    worker_messages.mark_done()
 
 
 def show_message(kind: str, text: str) -> None:
     """Print an error line (``kind`` "error") or an interruption line (``text``: the signal's name)."""
     if kind == "interrupted":
-        err_console.print(f"[yellow]interrupted by {escape(text)}[/]: files being written were discarded, earlier "
-                          "artifacts are untouched; run the command again", soft_wrap=True)
+        from edgemap.worker_messages import INTERRUPTED_TAIL
+
+        err_console.print(f"[yellow]interrupted by {escape(text)}[/]: {INTERRUPTED_TAIL}", soft_wrap=True)
     else:
         err_console.print(f"[bold red]error:[/] {escape(text)}", soft_wrap=True)
 

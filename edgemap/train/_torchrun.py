@@ -3,7 +3,7 @@
 When a training process fails, torchrun's own ``main`` logs each failed rank and raises
 ``ChildFailedError``, whose traceback and box of ranks follow the worker's own error line
 and bury it. Here the launch is the same (``torch.distributed.run``'s argument parser and ``run``),
-but on a failure the error line the failed rank left (``edgemap.cli.common``) is printed once,
+but on a failure the error line the failed rank left (``edgemap.worker_messages``) is printed once,
 and the job exits with that rank's code; a crash with no line (a signal) gets one line of its own.
 
     python -m edgemap.train._torchrun --standalone --nproc-per-node=2 -m edgemap finetune ...
@@ -19,7 +19,6 @@ import sys
 import time
 from typing import Any
 
-from edgemap.cli.common import WORKER_MESSAGES_ENV
 from edgemap.train.distributed import (
     AGENT_PID_ENV,
     LAUNCHER_PID_ENV,
@@ -29,6 +28,7 @@ from edgemap.train.distributed import (
     stop_children,
     watch_parent,
 )
+from edgemap.worker_messages import ENV as WORKER_MESSAGES_ENV
 
 #: Exit codes after which a worker printed its own message: 1 an uncaught exception (its
 #: traceback), 2 a usage error (typer's box).

@@ -236,7 +236,7 @@ def launch_torchrun(nproc: int, argv: list[str] | None = None) -> int:
 
 
 def _launch(cmd: list[str], nproc: int, messages: str) -> int:
-    from edgemap.cli.common import WORKER_MESSAGES_ENV
+    from edgemap.worker_messages import ENV as WORKER_MESSAGES_ENV
 
     # the ranks leave their error line in `messages`; one is printed (report_worker_messages)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc))),
@@ -293,28 +293,23 @@ def _launch(cmd: list[str], nproc: int, messages: str) -> int:
 def report_worker_messages(folder: str | Path, first: int | None = None) -> bool:
     """Print the error line the training processes left in ``folder``: rank ``first``'s, else the lowest rank's.
 
-    Every rank that fails leaves one (``edgemap.cli.common``); they are usually the same error
+    Every rank that fails leaves one (``edgemap.worker_messages``); they are usually the same error
     (each rank checks the same data), so one is printed. Returns whether there was one.
     """
-    import json
+    from edgemap import worker_messages
 
-    from edgemap.cli.common import show_message
-
-    found: dict[int, dict[str, str]] = {}
-    for f in Path(folder).glob("rank*.json"):
-        with contextlib.suppress(OSError, ValueError):
-            found[int(f.stem[4:])] = json.loads(f.read_text(encoding="utf-8"))
-    if not found:
+    msg = worker_messages.read(folder, first)
+    if msg is None:
         return False
-    msg = found.get(first) if first is not None and first in found else found[min(found)]
-    show_message(str(msg.get("kind", "error")), str(msg.get("text", "")))
+    sys.stderr.write(worker_messages.as_line(*msg) + "\n")
+    sys.stderr.flush()
     return True
 
 
 def _launched_by(messages: str) -> list[int]:
     """The processes (Linux /proc) whose environment names this launch's messages folder: its training processes,
     wherever they were re-parented (empty where /proc is not available)."""
-    from edgemap.cli.common import WORKER_MESSAGES_ENV
+    from edgemap.worker_messages import ENV as WORKER_MESSAGES_ENV
 
     needle = f"{WORKER_MESSAGES_ENV}={messages}".encode() + b"\0"
     found = []
