@@ -301,24 +301,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from {module}.classifier import Classifier, PillowVersionWarning, Prediction
-from {module}.errors import (
-    EdgemapError,
-    ImageError,
-    InferenceError,
-    ModelFormatError,
-    ModelIntegrityError,
-    OptionError,
-    ProviderFallbackError,
-    RuntimeUnavailableError,
-)
+from {module}.errors import {errors}
 
 __version__ = {version!r}
 DIST_NAME = {name!r}
 PACKAGE_DIR = Path(__file__).resolve().parent
 EMBEDDED = {embedded!r}
-__all__ = ["Classifier", "Prediction", "EdgemapError", "ImageError", "InferenceError", "ModelFormatError",
-           "ModelIntegrityError", "OptionError", "PillowVersionWarning", "ProviderFallbackError", "RuntimeUnavailableError",
-           "load", "main"]
+__all__ = ["Classifier", "Prediction", "PillowVersionWarning", "load", "main", {errors_all}]
 {extra}
 
 def main(argv: list[str] | None = None) -> int:
@@ -549,7 +538,11 @@ def _write_tree(src: Path, *, name: str, module: str, version: str, requirements
              else "edgemap-runtime: edgemap's torch-free device runtime; loads any edgemap-exported model.")
     usage = ("``load()`` returns the Classifier of the embedded model." if embedded
              else "``Classifier.from_path(model_file)`` loads a model from its own metadata.")
+    from edgemap.runtime import errors as runtime_errors
+
+    errors = sorted(runtime_errors.__all__)  # every error class the runtime raises (a new one is in the wheel too)
     (pkg / "__init__.py").write_text(_INIT_TEMPLATE.format(
+        errors=", ".join(errors), errors_all=", ".join(f'"{e}"' for e in errors),
         title=title, edgemap_version=f"edgemap {edgemap_version}", usage=usage, module=module, version=version,
         name=name, embedded=embedded, extra=extra, command=name, runtime=runtime), encoding="utf-8")
     data = [MODEL_CARD]

@@ -518,6 +518,16 @@ def test_installed_python_api(venv: Path, exported: dict) -> None:
     got = json.loads(r.stdout)
     assert [lab for lab, _ in got] == [exported["run"].classes[i] for i in ref.argmax(1)]
     assert max(abs(p - ref[i].max()) for i, (_, p) in enumerate(got)) <= PROB_TOL
+    # every error class the runtime raises is importable from the wheel's package (the list was kept by hand)
+    import inspect
+
+    from edgemap.runtime import errors
+
+    raised = sorted(n for n, c in vars(errors).items() if inspect.isclass(c) and issubclass(c, Exception))
+    assert errors.__all__ == raised
+    probe = f"import tiny_clf; print(all(issubclass(getattr(tiny_clf, n), tiny_clf.EdgemapError) for n in {raised!r}))"
+    r = _run(venv, str(venv), "-c", probe)
+    assert r.stdout.strip() == "True", r.stdout + r.stderr
 
 
 @pytest.mark.slow

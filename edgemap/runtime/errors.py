@@ -41,3 +41,8 @@ class ProviderFallbackError(EdgemapError):
 
 class ModelFormatError(EdgemapError):
     """A model file is not a valid edgemap model (metadata missing, bad external data...)."""
+
+
+#: every error a device meets (the device wheel's package exports them all: edgemap.package)
+__all__ = ["EdgemapError", "ImageError", "InferenceError", "ModelFormatError", "ModelIntegrityError", "OptionError",
+           "ProviderFallbackError", "RuntimeUnavailableError"]
