@@ -34,14 +34,13 @@ from edgemap.artifacts import recorded_sha256
 from edgemap.errors import EdgemapError, OptionError, RuntimeUnavailableError
 from edgemap.evaluate import (
     _combos,
-    kept_rows,
-    merged_rows,
     nothing_ran,
     open_session,
     refuse_older_models,
+    store_rows,
     strict_failure,
 )
-from edgemap.manifest import RunDir, fresh_run, hand_back, now_iso, run_lock
+from edgemap.manifest import RunDir, fresh_run, hand_back, run_lock
 from edgemap.options import normalize
 from edgemap.runtime.sessions import engine_errors
 
@@ -380,10 +379,6 @@ def _bench_all(run: RunDir, opts: BenchOptions, say: Any) -> list[BenchRow]:
         if measured and before.get("threads") not in (None, threads):
             log.warning("the %d stored bench row(s), measured with %s thread(s), were replaced by these (%d thread(s)): "
                         "rows are compared only at one thread count", len(measured), before["threads"], threads)
-        new = {"threads": threads, "rows": [r.to_dict() for r in rows]}
-        new["rows"] = merged_rows(kept_rows(run.data.get("metrics", {}).get("bench"), new, ("runtime", "precision", "batch"),
-                                            same=("threads",)), new["rows"])
-        run.data.setdefault("metrics", {})["bench"] = {"updated": now_iso(), **new}
-        run.outdate(("package", "report"), "bench results changed", save=False)  # the model card and the report show them
-        run.save()
+        store_rows(run, "bench", {"threads": threads, "rows": [r.to_dict() for r in rows]},
+                   ("runtime", "precision", "batch"), same=("threads",))
     return rows

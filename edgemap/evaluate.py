@@ -295,6 +295,16 @@ def strict_failure(bad: list[tuple[str, str, str]]) -> EdgemapError:
     return RuntimeUnavailableError(text) if all(status == "unavailable" for _, status, _ in bad) else EdgemapError(text)
 
 
+def store_rows(run: RunDir, stage: str, new: dict[str, Any], keys: tuple[str, ...], same: tuple[str, ...]) -> None:
+    """Save ``new`` (its ``rows`` measured now) as ``metrics.<stage>``, keeping the stored rows of other
+    ``keys`` measured on the same ``same`` fields; the model card and the report show them, so package and
+    report are outdated. Shared by eval and bench."""
+    new = {**new, "rows": merged_rows(kept_rows(run.data.get("metrics", {}).get(stage), new, keys, same=same), new["rows"])}
+    run.data.setdefault("metrics", {})[stage] = {"updated": now_iso(), **new}
+    run.outdate(("package", "report"), f"{stage} results changed", save=False)
+    run.save()
+
+
 def nothing_ran(statuses: list[str], what: str, reasons: list[str] | None = None) -> str | None:
     """The error for a command none of whose rows ran (its earlier results are kept), else None. ``reasons``: said
     in the error itself, when no table shows them (``--json -``, ``edgemap run``)."""
@@ -412,12 +422,7 @@ def _evaluate_arrays(run: RunDir, images: np.ndarray, labels: np.ndarray, opts: 
                 "report` show these now" + ("" if own_data else
                 f" (`edgemap run` measures the run's own held-out split again before it packages; so does "
                 f"`edgemap eval {shlex.quote(str(run.path))}`)"))
-        stored = result.to_dict()
-        stored["rows"] = merged_rows(kept_rows(run.data.get("metrics", {}).get("eval"), stored, ("runtime", "precision"),
-                                               same=("data", "n", "images_sha256")), stored["rows"])
-        run.data.setdefault("metrics", {})["eval"] = {"updated": now_iso(), **stored}
-        run.outdate(("package", "report"), "eval results changed", save=False)  # the model card and the report show them
-        run.save()
+        store_rows(run, "eval", result.to_dict(), ("runtime", "precision"), same=("data", "n", "images_sha256"))
     return result
 
 
