@@ -351,3 +351,37 @@ def test_an_openvino_device_list_stays_one_runtime() -> None:
     assert split_runtimes("openvino:AUTO,CPU") == ["openvino:AUTO", "CPU"]  # AUTO alone is no list either
     assert EvalOptions(runtimes="openvino:AUTO:GPU,CPU,cpu").runtimes == ("openvino:AUTO:GPU,CPU", "cpu")
     assert BenchOptions(runtimes="openvino:AUTO:CPU").runtimes == ("openvino:AUTO:CPU",)
+
+
+def test_every_default_the_help_names_is_the_options_default() -> None:
+    """The CLI's help texts spell their defaults by hand ("[default: 12]"); the options classes hold the real ones."""
+    import re
+
+    import typer.main
+
+    from edgemap.cli import app
+    from edgemap.evaluate import EvalOptions
+    from edgemap.export import ExportOptions
+    from edgemap.package import PackageOptions
+    from edgemap.report import ReportOptions
+    from edgemap.train.finetune import FinetuneOptions
+
+    owners = {"finetune": [FinetuneOptions], "export": [ExportOptions], "eval": [EvalOptions],
+              "package": [PackageOptions], "report": [ReportOptions], "run": [FinetuneOptions, ExportOptions]}
+    cmd = typer.main.get_command(app)
+    checked = 0
+    for name, classes in owners.items():
+        for p in cmd.commands[name].params:
+            said = re.search(r"\[default: ([^\];]+)", (getattr(p, "help", None) or "").replace("\\[", "["))
+            owner = next((c for c in classes if p.name in c.__dataclass_fields__), None)
+            if not said or owner is None:
+                continue
+            real = owner.__dataclass_fields__[p.name].default
+            if isinstance(real, bool | type(None)) or not isinstance(real, int | float | str):
+                continue  # "yes", "the backbone's": said in words
+            text = said.group(1).strip()
+            if isinstance(real, int | float) and not re.fullmatch(r"[-+0-9.e]+", text):
+                continue  # "Pillow's, ~89 M": said in words
+            assert (float(text) == real) if isinstance(real, int | float) else (text == real), (name, p.name, text, real)
+            checked += 1
+    assert checked >= 20, checked
