@@ -301,6 +301,14 @@ def test_resume_refuses_other_backbone_and_other_classes(digits: Path, tmp_path:
             finetune(digits, out, resume=True)
     finally:
         (digits / "train" / "0" / "extra copy.png").unlink()
+    # a test split added since: training does not read it, so the run resumes (here to its own lr's failure)
+    (digits / "test" / "0").mkdir(parents=True)
+    shutil.copy(next((digits / "val" / "0").glob("*.png")), digits / "test" / "0" / "new.png")
+    try:
+        with pytest.raises(TrainingError):
+            finetune(digits, out, resume=True)
+    finally:
+        shutil.rmtree(digits / "test")
 
 
 def test_existing_run_is_never_overwritten(digits: Path, reference_run: Path) -> None:

@@ -1099,8 +1099,9 @@ def _check_compatible(run: RunDir, scan: Any, opts: FinetuneOptions, main: bool 
         missing = sorted(set(run.classes) - set(scan.classes))
         extra = sorted(set(scan.classes) - set(run.classes))
         raise ResumeError(f"--resume: the dataset's classes differ from the run's (missing {missing}, extra {extra})")
-    recorded = run.data.get("dataset", {}).get("fingerprint")
-    if recorded and not scan.matches(run.data.get("dataset", {})):
+    ds = run.data.get("dataset", {})
+    # a test split changed since (new labelled images): training does not read it, resuming stays exact
+    if ds.get("fingerprint") and not scan.matches(ds) and ds.get("model_fingerprint") != scan.model_fingerprint():
         raise DatasetError(
             f"--resume: dataset {scan.root} changed since the run started (fingerprint differs); resuming would not be exact. "
             "Start a new run with another --out"
