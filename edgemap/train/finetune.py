@@ -388,7 +388,6 @@ def finetune(data: str | Path, out: str | Path | RunDir, opts: FinetuneOptions |
     Example:
         >>> finetune("data/digits", "models/digits", FinetuneOptions(img_size=64, flip=False))
     """
-    from edgemap.data.scan import ScanOptions, scan_dataset, write_train_digests
     from edgemap.train.distributed import Dist
 
     out = Path(out.path if isinstance(out, RunDir) else out)  # a RunDir (to resume), as the other stages take
@@ -415,102 +414,145 @@ def finetune(data: str | Path, out: str | Path | RunDir, opts: FinetuneOptions |
     if dist.active and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)
-    caller_threads = torch.get_num_threads()  # the caller's, given back when done (a notebook's later torch work)
-    # and the caller's random state: training seeds torch's global generator every step, so a notebook's or a
-    # sweep's own random draws after finetune() came out the same whatever seed it had set
-    caller_rng = torch.get_rng_state()
-    caller_cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    torch.set_num_threads(opts.threads or max(1, physical_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
     rep = (reporter or _Reporter()) if dist.main else _Reporter()
+    threads = opts.threads or max(1, physical_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     try:
-        spec = get_spec(opts.backbone)
-        size = opts.img_size or spec.input_size
-        contract = PreprocessContract(size, size, crop_pct=opts.crop_pct, interpolation=spec.interpolation,
-                                      mean=spec.mean, std=spec.std)
-        # the scan writes nothing: a bad dataset or a Ctrl-C here leaves no run directory behind
-        with nullcontext() if dist.main else _quiet_scan():  # --nproc N printed every scan warning N times
-            scan = scan_dataset(data, ScanOptions(val_split=opts.val_split, seed=opts.seed, skip_bad=opts.skip_bad,
-                                                  max_pixels=opts.max_pixels, rule=_scan_rule(out, resume)))
-        rep.message(f"dataset {scan.root}: {len(scan.classes)} classes, {_counts_line(scan)} ({scan.layout})"
-                    + (f"; {dist.world} processes ({dist.backend})" if dist.active else ""))
-        # e.g. --epochs 2 with the default --freeze-epochs 2: said, not silent. The advice names both options: --epochs
-        # alone would bring back the default --freeze-epochs where --epochs 1 had capped it
-        if opts.freeze_epochs >= opts.epochs:
-            rep.message(f"note: all {opts.epochs} epoch(s) train the head only (--freeze-epochs {opts.freeze_epochs}); "
-                        f"the backbone is not fine-tuned: give --epochs {opts.freeze_epochs + 1} --freeze-epochs "
-                        f"{opts.freeze_epochs} (more epochs than head-only ones) for that")
-        fewest = min(len(scan.train), len(scan.val))
-        if dist.world > fewest:  # a rank with no images failed inside torch.cat, and the others with gloo tracebacks
-            raise TrainingError(f"--nproc {dist.world}: more processes than images to share among them ({len(scan.train)} "
-                                f"training, {len(scan.val)} validation); use --nproc {fewest} or fewer")
-        if dist.main and not resume:
-            try:
-                out.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise TrainingError(f"--out {out}: cannot create the run directory ({e.strerror or e})") from e
-        # rank 0 holds the run directory: a second command writing it is refused (manifest.run_lock)
-        with run_lock(out, "finetune", create=True) if dist.main else nullcontext(), _catch_signals() as stop:
-            if dist.main and not resume and (out / MANIFEST_NAME).exists() and not _failed_start(out):
-                raise TrainingError(_holds_a_run(out))
-            dist.barrier()  # every rank checked `out` before rank 0 creates it
-            if resume:
-                _check_compatible(run, scan, opts, dist.main)
-            elif dist.main:
-                run = RunDir.create(
-                    out,
-                    backbone={"name": opts.backbone, "weights": spec.weights if opts.pretrained else "random init"},
-                    classes=scan.classes, contract=contract, options={"finetune": opts.to_dict()}, dataset=scan.to_manifest(),
-                )
-                run.data["dataset"]["train_digests"] = write_train_digests(scan, run.path)
-                run.save()
-                scan.warn_copies()
-            else:
-                run = None
-            hint = resume_hint or _resume_hint(data, out, dist)
-            try:
-                trainer = _Trainer(run, scan, opts, contract, device, dist, rep, hint, stop)
-                return trainer.fit(state, t_start)
-            except Interrupted:  # the first Ctrl-C, state saved: said as it is
-                raise
-            except RuntimeError as e:  # a collective that lost a peer: gloo/NCCL's traceback hid what to do next
-                if out_of_memory(e):  # a traceback ending in alloc_cpu.cpp / CUDA OOM: say which options to lower
-                    if dist.main and run is not None:
-                        with suppress(EdgemapError, OSError):
-                            run.set_stage("finetune", "failed", reason="out of memory")
-                    saved = (out / ckpt.STATE_FILE).is_file()
-                    raise TrainingError(
-                        f"out of {'GPU ' if device.type == 'cuda' else ''}memory training at --img-size "
-                        f"{contract.height} with --batch-size {opts.batch_size}: lower --batch-size (or --img-size) "
-                        + ("in a new run (another --out): a resumed run keeps the values it was made with" if saved
-                           else "and run the command again: nothing was saved yet")) from None
-                if not dist.active or not _lost_peer(e):
+        with _process_state(device, threads):
+            spec = get_spec(opts.backbone)
+            size = opts.img_size or spec.input_size
+            contract = PreprocessContract(size, size, crop_pct=opts.crop_pct, interpolation=spec.interpolation,
+                                          mean=spec.mean, std=spec.std)
+            scan = _scan_for(data, out, opts, resume, dist)
+            _announce(rep, scan, opts, dist)
+            if dist.main and not resume:
+                try:
+                    out.mkdir(parents=True, exist_ok=True)
+                except OSError as e:
+                    raise TrainingError(f"--out {out}: cannot create the run directory ({e.strerror or e})") from e
+            # rank 0 holds the run directory: a second command writing it is refused (manifest.run_lock)
+            with run_lock(out, "finetune", create=True) if dist.main else nullcontext(), _catch_signals() as stop:
+                if dist.main and not resume and (out / MANIFEST_NAME).exists() and not _failed_start(out):
+                    raise TrainingError(_holds_a_run(out))
+                dist.barrier()  # every rank checked `out` before rank 0 creates it
+                if resume:
+                    _check_compatible(run, scan, opts, dist.main)
+                elif dist.main:
+                    run = _create_run(out, scan, opts, spec, contract)
+                else:
+                    run = None
+                hint = resume_hint or _resume_hint(data, out, dist)
+                try:
+                    trainer = _Trainer(run, scan, opts, contract, device, dist, rep, hint, stop)
+                    return trainer.fit(state, t_start)
+                except Interrupted:  # the first Ctrl-C, state saved: said as it is
                     raise
-                if dist.main and run is not None:
-                    with suppress(EdgemapError, OSError):
-                        run.set_stage("finetune", "interrupted")
-                said = re.sub(r"\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", one_line(e)).split(". ")[0][:160]
-                saved = (out / ckpt.STATE_FILE).is_file()
-                raise TrainingError(
-                    f"another training process of this job stopped ({said}); " + (
-                        f"the last saved state is kept. Resume with: {hint}" if saved
-                        else "nothing was trained yet: run the same command again" if _failed_start(out)
-                        else f"no state was saved yet; start it over with: {hint}")) from None
-            except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, the last saved state is what resumes
-                if not dist.main or run is None:
-                    raise
-                with suppress(EdgemapError, OSError):
-                    run.set_stage("finetune", "interrupted")
-                if (out / ckpt.STATE_FILE).is_file():
-                    raise Interrupted(f"interrupted twice: stopped at once, the last saved state is kept. Resume "
-                                      f"with: {hint}") from None
-                raise Interrupted("interrupted twice before the first saved state; run the same command again "
-                                  "(without --resume)") from None
+                except RuntimeError as e:
+                    said = _training_failure(e, run, out, device, contract, opts, dist, hint)
+                    if said is None:
+                        raise
+                    raise said from None
+                except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, the last saved state is what resumes
+                    if not dist.main or run is None:
+                        raise
+                    raise _interrupted_twice(run, out, hint) from None
     finally:
         dist.close()
+
+
+@contextmanager
+def _process_state(device: torch.device, threads: int) -> Iterator[None]:
+    """Train with ``threads`` torch threads; give the caller back its own thread count and random state (training
+    seeds torch's global generator every step: a notebook's or a sweep's own draws after finetune() came out the
+    same whatever seed it had set)."""
+    caller_threads = torch.get_num_threads()
+    caller_rng = torch.get_rng_state()
+    caller_cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
         torch.set_num_threads(caller_threads)
         torch.set_rng_state(caller_rng)
         if caller_cuda_rng is not None:
             torch.cuda.set_rng_state(caller_cuda_rng, device)
+
+
+def _scan_for(data: str | Path, out: Path, opts: FinetuneOptions, resume: bool, dist: Any) -> Any:
+    """The dataset as training reads it. The scan writes nothing: a bad dataset or a Ctrl-C here leaves no run
+    directory behind."""
+    from edgemap.data.scan import ScanOptions, scan_dataset
+
+    with nullcontext() if dist.main else _quiet_scan():  # --nproc N printed every scan warning N times
+        return scan_dataset(data, ScanOptions(val_split=opts.val_split, seed=opts.seed, skip_bad=opts.skip_bad,
+                                              max_pixels=opts.max_pixels, rule=_scan_rule(out, resume)))
+
+
+def _announce(rep: _Reporter, scan: Any, opts: FinetuneOptions, dist: Any) -> None:
+    """What will be trained; refuses more processes than images to share."""
+    rep.message(f"dataset {scan.root}: {len(scan.classes)} classes, {_counts_line(scan)} ({scan.layout})"
+                + (f"; {dist.world} processes ({dist.backend})" if dist.active else ""))
+    # e.g. --epochs 2 with the default --freeze-epochs 2: said, not silent. The advice names both options: --epochs
+    # alone would bring back the default --freeze-epochs where --epochs 1 had capped it
+    if opts.freeze_epochs >= opts.epochs:
+        rep.message(f"note: all {opts.epochs} epoch(s) train the head only (--freeze-epochs {opts.freeze_epochs}); "
+                    f"the backbone is not fine-tuned: give --epochs {opts.freeze_epochs + 1} --freeze-epochs "
+                    f"{opts.freeze_epochs} (more epochs than head-only ones) for that")
+    fewest = min(len(scan.train), len(scan.val))
+    if dist.world > fewest:  # a rank with no images failed inside torch.cat, and the others with gloo tracebacks
+        raise TrainingError(f"--nproc {dist.world}: more processes than images to share among them ({len(scan.train)} "
+                            f"training, {len(scan.val)} validation); use --nproc {fewest} or fewer")
+
+
+def _create_run(out: Path, scan: Any, opts: FinetuneOptions, spec: Any, contract: PreprocessContract) -> RunDir:
+    """The new run directory's records: backbone, classes, contract, options, the dataset and its training digests."""
+    from edgemap.data.scan import write_train_digests
+
+    run = RunDir.create(
+        out,
+        backbone={"name": opts.backbone, "weights": spec.weights if opts.pretrained else "random init"},
+        classes=scan.classes, contract=contract, options={"finetune": opts.to_dict()}, dataset=scan.to_manifest(),
+    )
+    run.data["dataset"]["train_digests"] = write_train_digests(scan, run.path)
+    run.save()
+    scan.warn_copies()
+    return run
+
+
+def _training_failure(e: RuntimeError, run: RunDir | None, out: Path, device: torch.device,
+                      contract: PreprocessContract, opts: FinetuneOptions, dist: Any, hint: str) -> Exception | None:
+    """The one-line error for a RuntimeError out of training: out of memory (which options to lower), or a
+    collective that lost a peer (gloo/NCCL's traceback hid what to do next); None for any other."""
+    if out_of_memory(e):  # a traceback ending in alloc_cpu.cpp / CUDA OOM
+        if dist.main and run is not None:
+            with suppress(EdgemapError, OSError):
+                run.set_stage("finetune", "failed", reason="out of memory")
+        saved = (out / ckpt.STATE_FILE).is_file()
+        return TrainingError(
+            f"out of {'GPU ' if device.type == 'cuda' else ''}memory training at --img-size "
+            f"{contract.height} with --batch-size {opts.batch_size}: lower --batch-size (or --img-size) "
+            + ("in a new run (another --out): a resumed run keeps the values it was made with" if saved
+               else "and run the command again: nothing was saved yet"))
+    if not dist.active or not _lost_peer(e):
+        return None
+    if dist.main and run is not None:
+        with suppress(EdgemapError, OSError):
+            run.set_stage("finetune", "interrupted")
+    said = re.sub(r"\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", one_line(e)).split(". ")[0][:160]
+    saved = (out / ckpt.STATE_FILE).is_file()
+    return TrainingError(
+        f"another training process of this job stopped ({said}); " + (
+            f"the last saved state is kept. Resume with: {hint}" if saved
+            else "nothing was trained yet: run the same command again" if _failed_start(out)
+            else f"no state was saved yet; start it over with: {hint}"))
+
+
+def _interrupted_twice(run: RunDir, out: Path, hint: str) -> Interrupted:
+    """A second Ctrl-C stopped training at once: the last saved state is what resumes."""
+    with suppress(EdgemapError, OSError):
+        run.set_stage("finetune", "interrupted")
+    if (out / ckpt.STATE_FILE).is_file():
+        return Interrupted(f"interrupted twice: stopped at once, the last saved state is kept. Resume with: {hint}")
+    return Interrupted("interrupted twice before the first saved state; run the same command again (without --resume)")
 
 
 def _scan_rule(out: Path, resume: bool) -> int:
