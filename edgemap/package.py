@@ -630,7 +630,31 @@ def package(run_dir: str | Path | RunDir | None, opts: PackageOptions | None = N
     if runtime not in WHEEL_RUNTIMES:
         raise PackageError(f"--runtime {opts.runtime!r}: choose {' or '.join(WHEEL_RUNTIMES)}")
     requirements = [*BASE_REQUIREMENTS, WHEEL_RUNTIMES[runtime][1]]
-    run: RunDir | None = None
+    run, name, module, version, out = _target(run_dir, opts, runtime)
+    precision = model = info = None
+    if run is not None:
+        precision, model, info = _model_info(run, opts, runtime, requirements, name, version)
+        version = info["version"]
+    card = model_card(run, info or {"requirements": requirements}, name, version, module)
+    warnings = _package_warnings(run, opts, runtime, precision) if run is not None else []
+    dest, replaced, deps_changed = _build_into(out, name=name, module=module, version=version, requirements=requirements,
+                                               runtime=runtime, model=model, info=info, card=card)
+    if info is not None and sha256_file(model) != info["sha256"]:  # changed while we were building
+        dest.unlink(missing_ok=True)
+        raise PackageError(f"{model}: changed while packaging; run `edgemap package` again")
+    if run is not None:
+        hand_back(caller, run)
+    return PackageResult(
+        wheel=dest, name=name, module=module, version=version, command=name, runtime=runtime, precision=precision,
+        model_sha256=info["sha256"] if info else None, model_bytes=info["bytes"] if info else None,
+        wheel_bytes=dest.stat().st_size, requirements=requirements, replaced=replaced, warnings=warnings,
+        replaced_requirements=deps_changed,
+    )
+
+
+def _target(run_dir: str | Path | None, opts: PackageOptions,
+            runtime: str) -> tuple[RunDir | None, str, str, str, Path]:
+    """(the run or None for --runtime-only, distribution name, module name, version, output folder)."""
     if opts.runtime_only:
         from edgemap import __version__ as edgemap_version
 
@@ -640,79 +664,84 @@ def package(run_dir: str | Path | RunDir | None, opts: PackageOptions | None = N
         if opts.precision is not None:
             raise PackageError(f"--runtime-only builds {RUNTIME_DIST}, which holds no model; drop --precision {opts.precision}")
         version = validate_version(opts.version or edgemap_version)
-        if opts.out is not None:
-            out = Path(opts.out)
-        elif run_dir is not None:
-            out = Path(run_dir) / "dist"
-        else:
-            out = Path("dist")
-    else:
-        if run_dir is None:
-            raise PackageError("RUN_DIR is required (or pass --runtime-only for the generic runtime wheel)")
-        run = RunDir.load(run_dir)
-        default_name = re.sub(r"[^a-z0-9]+", "-", run.path.resolve().name.lower()).strip("-")
-        if default_name[:1].isdigit():  # runs/2024: a module cannot start with a digit (run failed here, after training)
-            default_name = f"run-{default_name}"
-        # one name per runtime: wheels for CPU and CUDA of one fp32 model differ only in their version's label, which
-        # pip compares as text: `pip install -U --find-links dist NAME` on a GPU device took the CPU wheel
-        suffix = "" if runtime == "onnxruntime" else f"-{runtime}"
-        name, module = validate_name(opts.name or f"{default_name or 'edgemap'}-classifier{suffix}")
-        version = validate_version(opts.version or opts.default_version)  # checked now; the model's label comes below
-        out = Path(opts.out) if opts.out is not None else run.own_folder("dist")
+        out = Path(opts.out) if opts.out is not None else Path(run_dir) / "dist" if run_dir is not None else Path("dist")
+        return None, name, module, version, out
+    if run_dir is None:
+        raise PackageError("RUN_DIR is required (or pass --runtime-only for the generic runtime wheel)")
+    run = RunDir.load(run_dir)
+    default_name = re.sub(r"[^a-z0-9]+", "-", run.path.resolve().name.lower()).strip("-")
+    if default_name[:1].isdigit():  # runs/2024: a module cannot start with a digit (run failed here, after training)
+        default_name = f"run-{default_name}"
+    # one name per runtime: wheels for CPU and CUDA of one fp32 model differ only in their version's label, which
+    # pip compares as text: `pip install -U --find-links dist NAME` on a GPU device took the CPU wheel
+    suffix = "" if runtime == "onnxruntime" else f"-{runtime}"
+    name, module = validate_name(opts.name or f"{default_name or 'edgemap'}-classifier{suffix}")
+    version = validate_version(opts.version or opts.default_version)  # checked now; the model's label comes later
+    out = Path(opts.out) if opts.out is not None else run.own_folder("dist")
+    return run, name, module, version, out
 
-    precision = key = None
-    model: Path | None = None
-    info: dict[str, Any] | None = None
-    if run is not None:
-        precision, key, model, entry = _choose_artifact(run, runtime, opts.precision)
-        from edgemap.artifacts import model_run_mismatch
-        from edgemap.runtime.onnx_meta import read_model_meta
 
-        meta = read_model_meta(model)  # refuses external data / missing metadata before we ship it
-        if runtime in ("onnxruntime", "cuda"):  # what this model needs: an opset-23 model fails to load on 1.18
-            from edgemap.runtime.onnx_meta import onnxruntime_floor, parse_model_bytes
+def _model_info(run: RunDir, opts: PackageOptions, runtime: str, requirements: list[str], name: str,
+                version: str) -> tuple[str, Path, dict[str, Any]]:
+    """(precision, model file, model.json) of the artifact the wheel embeds; sets the runtime's and Pillow's
+    requirement in ``requirements`` to what this model needs."""
+    from edgemap.artifacts import model_run_mismatch
+    from edgemap.runtime.onnx_meta import read_model_meta
 
-            dist, least = WHEEL_RUNTIMES[runtime][1].split(">=")
-            floor = onnxruntime_floor(parse_model_bytes(model.read_bytes(), str(model)))
-            requirements[-1] = f"{dist}>={max(floor, least, key=lambda v: tuple(map(int, v.split('.'))))}"
-        requirements[1] = _pillow_requirement(meta)
-        mismatch = model_run_mismatch(run, model)  # the card and model.json must say what the model does
-        if mismatch:
-            raise PackageError(mismatch)
-        if opts.version is None:
-            version = validate_version(default_model_version(opts.default_version, entry, runtime))
-        info = {
-            "file": MODEL_FILE,
-            "sha256": entry["sha256"],
-            "bytes": model.stat().st_size,
-            "runtime": runtime,
-            "precision": precision,
-            "format": _known_format(entry.get("format", meta.format or ("fp32" if precision == "fp32" else "")), key),
-            "artifact": key,
-            "classes": run.classes,
-            "contract": run.contract.to_dict(),
-            "max_pixels": run.max_pixels,  # the decompression-bomb limit the model was trained with
-            "backbone": run.backbone,
-            "source_run": run.path.resolve().name,
-            "versions": {k: v for k, v in run.data.get("versions", {}).items() if isinstance(v, str)},
-            "requirements": requirements,
-            "name": name,
-            "version": version,
-        }
-    card = model_card(run, info or {"requirements": requirements}, name, version, module)
+    precision, key, model, entry = _choose_artifact(run, runtime, opts.precision)
+    meta = read_model_meta(model)  # refuses external data / missing metadata before we ship it
+    if runtime in ("onnxruntime", "cuda"):  # what this model needs: an opset-23 model fails to load on 1.18
+        from edgemap.runtime.onnx_meta import onnxruntime_floor, parse_model_bytes
+
+        dist, least = WHEEL_RUNTIMES[runtime][1].split(">=")
+        floor = onnxruntime_floor(parse_model_bytes(model.read_bytes(), str(model)))
+        requirements[-1] = f"{dist}>={max(floor, least, key=lambda v: tuple(map(int, v.split('.'))))}"
+    requirements[1] = _pillow_requirement(meta)
+    mismatch = model_run_mismatch(run, model)  # the card and model.json must say what the model does
+    if mismatch:
+        raise PackageError(mismatch)
+    if opts.version is None:
+        version = validate_version(default_model_version(opts.default_version, entry, runtime))
+    return precision, model, {
+        "file": MODEL_FILE,
+        "sha256": entry["sha256"],
+        "bytes": model.stat().st_size,
+        "runtime": runtime,
+        "precision": precision,
+        "format": _known_format(entry.get("format", meta.format or ("fp32" if precision == "fp32" else "")), key),
+        "artifact": key,
+        "classes": run.classes,
+        "contract": run.contract.to_dict(),
+        "max_pixels": run.max_pixels,  # the decompression-bomb limit the model was trained with
+        "backbone": run.backbone,
+        "source_run": run.path.resolve().name,
+        "versions": {k: v for k, v in run.data.get("versions", {}).items() if isinstance(v, str)},
+        "requirements": requirements,
+        "name": name,
+        "version": version,
+    }
+
+
+def _package_warnings(run: RunDir, opts: PackageOptions, runtime: str, precision: str | None) -> list[str]:
+    """What the wheel leaves out: int8 models made for other runtimes only, results of an earlier model."""
     warnings = []
-    if (run is not None and opts.precision is None and precision == "fp32"
-            and any(k.startswith("onnx_int8_") for k in run.artifacts)
+    if (opts.precision is None and precision == "fp32" and any(k.startswith("onnx_int8_") for k in run.artifacts)
             and WHEEL_RUNTIMES[runtime][0] != "cuda"):  # int8 was exported, but not for this runtime: said, not silent
         warnings.append(f"packaged the fp32 model: the run has int8 models, but none for {runtime} (export --targets "
                         f"named others); `edgemap export {shlex.quote(str(run.path))} --int8 --targets "
                         f"{WHEEL_RUNTIMES[runtime][0]}` makes it")
-    for stage in ("eval", "bench") if info is not None else ():
+    for stage in ("eval", "bench"):
         old = current_results(run, stage)[1]
         if old:
             warnings.append(f"{len(old)} {stage} result row(s) were measured on an earlier model and are left out of "
                             f"the model card; run `edgemap {stage} {shlex.quote(str(run.path))}` and package again")
+    return warnings
 
+
+def _build_into(out: Path, *, name: str, module: str, version: str, requirements: list[str], runtime: str,
+                model: Path | None, info: dict[str, Any] | None, card: str) -> tuple[Path, bool, bool]:
+    """Build the wheel and copy it into ``out``: (its path there, whether it replaced a wheel of other contents,
+    and whether that one asked for other packages)."""
     with tempfile.TemporaryDirectory(prefix="edgemap-package-", ignore_cleanup_errors=True) as tmp:
         src, built = Path(tmp) / "src", Path(tmp) / "wheel"
         _write_tree(src, name=name, module=module, version=version, requirements=requirements,
@@ -730,17 +759,7 @@ def package(run_dir: str | Path | RunDir | None, opts: PackageOptions | None = N
             with atomic_path(dest) as tmp_dest:
                 shutil.copyfile(whl, tmp_dest)
                 os.chmod(tmp_dest, 0o644)  # mkstemp makes 0600; a wheel is meant to be shared
-    if info is not None and sha256_file(model) != info["sha256"]:  # changed while we were building
-        dest.unlink(missing_ok=True)
-        raise PackageError(f"{model}: changed while packaging; run `edgemap package` again")
-    if run is not None:
-        hand_back(caller, run)
-    return PackageResult(
-        wheel=dest, name=name, module=module, version=version, command=name, runtime=runtime, precision=precision,
-        model_sha256=info["sha256"] if info else None, model_bytes=info["bytes"] if info else None,
-        wheel_bytes=dest.stat().st_size, requirements=requirements, replaced=replaced, warnings=warnings,
-        replaced_requirements=deps_changed,
-    )
+    return dest, replaced, deps_changed
 
 
 def _requires(wheel: Path) -> list[str] | None:
