@@ -314,16 +314,7 @@ def run_pipeline(data: str | Path, out: str | Path | RunDir, opts: RunOptions = 
             check_options(opts)
         if held_lock:
             held.enter_context(run_lock(out, "run"))
-            existing = RunDir.load(out)
-            changed = _check_existing(existing, data, opts)
-            opts = _with_recorded(opts, existing.data.get("options", {}).get("run") or {})
-            check_options(opts, _resumed_options(existing, opts))
-            if changed:  # options of a later stage changed: redo it and everything after it
-                first = STAGES.index(changed[0])
-                if existing.stage_done(STAGES[first]):
-                    existing.set_stage(STAGES[first], "outdated", save=False, reason=f"options of {changed[0]} changed")
-                existing.outdate_after(STAGES[first], f"options of {changed[0]} changed", save=False)
-                existing.save()
+            opts = _reconcile(RunDir.load(out), data, opts)
         for stage in STAGES:
             if stage == "report" and not opts.report:
                 if (out / MANIFEST_NAME).is_file():  # remembered: a later bare re-run does not add a report
@@ -350,18 +341,8 @@ def run_pipeline(data: str | Path, out: str | Path | RunDir, opts: RunOptions = 
                 wheel, wheel_replaced, wheel_deps_changed = made
             elif stage == "report":
                 report_path, report_warnings = made
-            run = RunDir.load(out)  # stages save the manifest themselves: reload, never overwrite theirs
-            extra: dict[str, Any] = {}
-            if stage == "package":
-                extra["wheel"] = _relative(out, wheel)
-            if stage == "report":
-                extra["html"] = _relative(out, report_path)
-            if stage not in ("finetune", "export"):  # those two record their own completion
-                run.set_stage(stage, "done", save=False, seconds=round(time.perf_counter() - ts, 2), **extra)
-            recorded = run.data["options"].setdefault("run", {})
-            if stage != "finetune":
-                recorded[stage] = _stage_options(opts)[stage]
-            run.save()
+            _record_stage(out, stage, opts, time.perf_counter() - ts, wheel if stage == "package" else None,
+                          report_path if stage == "report" else None)
             outcomes.append(StageOutcome(stage, status, time.perf_counter() - ts, detail))
             if not held_lock and (out / MANIFEST_NAME).is_file():  # finetune just made it: hold it for the rest
                 held.enter_context(run_lock(out, "run"))
@@ -379,6 +360,38 @@ def run_pipeline(data: str | Path, out: str | Path | RunDir, opts: RunOptions = 
             wheel_deps_changed=wheel_deps_changed, wheel_runtime=(opts.package.runtime or "onnxruntime").strip().lower(),
             timing_notes=_timing_notes(run, opts.eval.precisions),
         )
+
+
+def _reconcile(existing: RunDir, data: Path, opts: RunOptions) -> RunOptions:
+    """A re-run on an existing run directory: check it against what is asked now (another dataset or other
+    fine-tuning options are refused), outdate the stages whose options changed (and those after them), and return
+    the options the re-run uses (the run's recorded ones for what was not given now)."""
+    changed = _check_existing(existing, data, opts)
+    opts = _with_recorded(opts, existing.data.get("options", {}).get("run") or {})
+    check_options(opts, _resumed_options(existing, opts))
+    if changed:  # options of a later stage changed: redo it and everything after it
+        first = STAGES.index(changed[0])
+        if existing.stage_done(STAGES[first]):
+            existing.set_stage(STAGES[first], "outdated", save=False, reason=f"options of {changed[0]} changed")
+        existing.outdate_after(STAGES[first], f"options of {changed[0]} changed", save=False)
+        existing.save()
+    return opts
+
+
+def _record_stage(out: Path, stage: str, opts: RunOptions, seconds: float, wheel: str | None,
+                  report_path: str | None) -> None:
+    """A stage `run` ran: its status (finetune and export record their own) and the options it ran with."""
+    run = RunDir.load(out)  # stages save the manifest themselves: reload, never overwrite theirs
+    extra: dict[str, Any] = {}
+    if wheel is not None:
+        extra["wheel"] = _relative(out, wheel)
+    if report_path is not None:
+        extra["html"] = _relative(out, report_path)
+    if stage not in ("finetune", "export"):
+        run.set_stage(stage, "done", save=False, seconds=round(seconds, 2), **extra)
+    if stage != "finetune":
+        run.data["options"].setdefault("run", {})[stage] = _stage_options(opts)[stage]
+    run.save()
 
 
 def _timing_notes(run: RunDir, precisions: Any) -> list[str]:
