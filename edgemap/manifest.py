@@ -149,6 +149,63 @@ def _dataset_problems(ds: Any) -> list[str]:
     return problems
 
 
+def _class_problems(data: dict[str, Any]) -> list[str]:
+    classes = data["classes"]
+    if len(classes) < 2 or not all(isinstance(c, str) and c for c in classes):
+        return ["'classes' must list at least two non-empty class names"]
+    if len(set(classes)) != len(classes):
+        return ["'classes' has duplicates"]
+    if any(has_control_chars(c) for c in classes):
+        return ["'classes' has a name with control characters (tab, newline, escape...)"]
+    trained = data["dataset"].get("classes") if isinstance(data.get("dataset"), dict) else None
+    if isinstance(trained, list) and trained != classes:  # reordered or renamed by hand: export's gate still
+        # passed (it scores by index) and the models carried the wrong names
+        return ["'classes' is not the class list the weights were trained with ('dataset.classes', in "
+                "that order): the models would name the wrong classes; restore it"]
+    return []
+
+
+def _contract_problems(preprocess: Any) -> list[str]:
+    try:
+        c = PreprocessContract.from_dict(preprocess)
+    except Exception as e:  # noqa: BLE001 - reported as a manifest problem
+        return [f"'preprocess' invalid: {e}"]
+    if not (8 <= c.height <= MAX_IMG_SIZE and 8 <= c.width <= MAX_IMG_SIZE):
+        return [f"'preprocess' size {c.height}x{c.width} is outside 8..{MAX_IMG_SIZE}"]
+    return []
+
+
+def _option_problems(options: dict[str, Any]) -> list[str]:
+    problems = [f"'options.{sub}' must be an object" for sub, value in options.items() if not isinstance(value, dict)]
+    ft_options = options.get("finetune")
+    dropout = ft_options.get("dropout", 0.2) if isinstance(ft_options, dict) else 0.2  # the model is built with it
+    if not (isinstance(dropout, int | float) and not isinstance(dropout, bool) and 0 <= dropout <= 1):
+        problems.append(f"'options.finetune.dropout' {str(dropout)[:20]!r} must be a number in [0, 1]")
+    return problems
+
+
+def _artifact_problems(name: str, art: Any) -> list[str]:
+    if not isinstance(art, dict):
+        return [f"artifact '{name}' must be an object"]
+    problems = []
+    if not isinstance(art.get("path"), str):
+        problems.append(f"artifact '{name}'.path must be a string")
+    elif not _safe_rel_path(art["path"]):  # a run from elsewhere must not make edgemap rename files outside
+        problems.append(f"artifact '{name}'.path {art['path'][:80]!r} must be a relative path inside the run "
+                        "directory (no '..', no absolute path)")
+    if not isinstance(art.get("sha256"), str) or not _SHA_RE.match(art["sha256"]):
+        problems.append(f"artifact '{name}'.sha256 must be 64 lowercase hex characters")
+    if "bytes" in art and (not isinstance(art["bytes"], int) or isinstance(art["bytes"], bool) or art["bytes"] < 0):
+        problems.append(f"artifact '{name}'.bytes must be a whole number of bytes")
+    problems += [f"artifact '{name}'.{k} must be a string" for k in ("stage", "format", "precision", "created")
+                 if k in art and not isinstance(art[k], str)]
+    if isinstance(art.get("stage"), str) and art["stage"] not in STAGE_ORDER:  # printed in commands to run
+        problems.append(f"artifact '{name}'.stage {art['stage'][:40]!r} is not one of {', '.join(STAGE_ORDER)}")
+    if "runtimes" in art and not (isinstance(art["runtimes"], list) and all(isinstance(r, str) for r in art["runtimes"])):
+        problems.append(f"artifact '{name}'.runtimes must be a list of runtime names")
+    return problems
+
+
 def validate_manifest(data: Any, where: str = MANIFEST_NAME) -> dict[str, Any]:
     """Check types and required keys of a manifest; raise ManifestError listing every problem."""
     if not isinstance(data, dict):
@@ -166,53 +223,15 @@ def validate_manifest(data: Any, where: str = MANIFEST_NAME) -> dict[str, Any]:
             problems.append(f"schema {data['schema']} is newer than this edgemap understands ({SCHEMA_VERSION})")
         if not isinstance(data["backbone"].get("name"), str):
             problems.append("'backbone.name' must be a string")
-        classes = data["classes"]
-        if len(classes) < 2 or not all(isinstance(c, str) and c for c in classes):
-            problems.append("'classes' must list at least two non-empty class names")
-        elif len(set(classes)) != len(classes):
-            problems.append("'classes' has duplicates")
-        elif any(has_control_chars(c) for c in classes):
-            problems.append("'classes' has a name with control characters (tab, newline, escape...)")
-        trained = data["dataset"].get("classes") if isinstance(data.get("dataset"), dict) else None
-        if isinstance(trained, list) and trained != classes:  # reordered or renamed by hand: export's gate still
-            # passed (it scores by index) and the models carried the wrong names
-            problems.append("'classes' is not the class list the weights were trained with ('dataset.classes', in "
-                            "that order): the models would name the wrong classes; restore it")
-        try:
-            c = PreprocessContract.from_dict(data["preprocess"])
-            if not (8 <= c.height <= MAX_IMG_SIZE and 8 <= c.width <= MAX_IMG_SIZE):
-                problems.append(f"'preprocess' size {c.height}x{c.width} is outside 8..{MAX_IMG_SIZE}")
-        except Exception as e:  # noqa: BLE001 - reported as a manifest problem below
-            problems.append(f"'preprocess' invalid: {e}")
-        problems += [f"'options.{sub}' must be an object" for sub, value in (data.get("options") or {}).items()
-                     if not isinstance(value, dict)]
-        ft_options = (data.get("options") or {}).get("finetune")
-        dropout = ft_options.get("dropout", 0.2) if isinstance(ft_options, dict) else 0.2  # the model is built with it
-        if not (isinstance(dropout, int | float) and not isinstance(dropout, bool) and 0 <= dropout <= 1):
-            problems.append(f"'options.finetune.dropout' {str(dropout)[:20]!r} must be a number in [0, 1]")
+        problems += _class_problems(data)
+        problems += _contract_problems(data["preprocess"])
+        problems += _option_problems(data.get("options") or {})
         problems += _dataset_problems(data.get("dataset"))
         finetune = (data.get("metrics") or {}).get("finetune")
         if finetune is not None and not (isinstance(finetune, dict) and isinstance(finetune.get("best", {}), dict)):
             problems.append("'metrics.finetune' (and its 'best') must be an object")
         for name, art in [*data["artifacts"].items(), *data.get("pending", {}).items()]:
-            if not isinstance(art, dict):
-                problems.append(f"artifact '{name}' must be an object")
-                continue
-            if not isinstance(art.get("path"), str):
-                problems.append(f"artifact '{name}'.path must be a string")
-            elif not _safe_rel_path(art["path"]):  # a run from elsewhere must not make edgemap rename files outside
-                problems.append(f"artifact '{name}'.path {art['path'][:80]!r} must be a relative path inside the run "
-                                "directory (no '..', no absolute path)")
-            if not isinstance(art.get("sha256"), str) or not _SHA_RE.match(art["sha256"]):
-                problems.append(f"artifact '{name}'.sha256 must be 64 lowercase hex characters")
-            if "bytes" in art and (not isinstance(art["bytes"], int) or isinstance(art["bytes"], bool) or art["bytes"] < 0):
-                problems.append(f"artifact '{name}'.bytes must be a whole number of bytes")
-            problems += [f"artifact '{name}'.{k} must be a string" for k in ("stage", "format", "precision", "created")
-                         if k in art and not isinstance(art[k], str)]
-            if isinstance(art.get("stage"), str) and art["stage"] not in STAGE_ORDER:  # printed in commands to run
-                problems.append(f"artifact '{name}'.stage {art['stage'][:40]!r} is not one of {', '.join(STAGE_ORDER)}")
-            if "runtimes" in art and not (isinstance(art["runtimes"], list) and all(isinstance(r, str) for r in art["runtimes"])):
-                problems.append(f"artifact '{name}'.runtimes must be a list of runtime names")
+            problems += _artifact_problems(name, art)
         for stage, info in data["stages"].items():
             if not isinstance(info, dict):
                 problems.append(f"'stages.{stage}' must be an object")
