@@ -643,6 +643,9 @@ def package(run_dir: str | Path | RunDir | None, opts: PackageOptions | None = N
         dest.unlink(missing_ok=True)
         raise PackageError(f"{model}: changed while packaging; run `edgemap package` again")
     if run is not None:
+        note = _record_package(run, opts, dest)
+        if note:
+            warnings.append(note)
         hand_back(caller, run)
     return PackageResult(
         wheel=dest, name=name, module=module, version=version, command=name, runtime=runtime, precision=precision,
@@ -760,6 +763,32 @@ def _build_into(out: Path, *, name: str, module: str, version: str, requirements
                 shutil.copyfile(whl, tmp_dest)
                 os.chmod(tmp_dest, 0o644)  # mkstemp makes 0600; a wheel is meant to be shared
     return dest, replaced, deps_changed
+
+
+def _record_package(run: RunDir, opts: PackageOptions, wheel: Path) -> str | None:
+    """Record the wheel and the options it was built with, as `edgemap run` records its package stage: a later
+    `edgemap run` on this run then advertises this wheel and rebuilds with this --name/--version (it knew only its
+    own, and built and printed a wheel of the default name). A warning when the run cannot be written."""
+    import dataclasses
+
+    from edgemap.errors import EdgemapError
+    from edgemap.manifest import fresh_run, run_lock
+
+    try:
+        with run_lock(run.path, "package"):
+            now = fresh_run(run)
+            made = wheel.absolute()
+            inside = made.is_relative_to(now.path.absolute())
+            now.set_stage("package", "done", save=False,
+                          wheel=str(made.relative_to(now.path.absolute())) if inside else str(made))
+            recorded = json.loads(json.dumps(dataclasses.asdict(opts), default=str))
+            now.data.setdefault("options", {}).setdefault("run", {})["package"] = recorded
+            now.save()
+            hand_back(run, now)
+    except (OSError, EdgemapError) as e:
+        return (f"the wheel was not recorded in the run ({' '.join(str(e).split())[:200]}): `edgemap run` on it will "
+                "not know this wheel or its --name")
+    return None
 
 
 def _requires(wheel: Path) -> list[str] | None:

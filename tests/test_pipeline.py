@@ -526,3 +526,18 @@ def test_the_training_bar_ends_before_the_next_stage(digits: Path, tmp_path: Pat
     assert r.exit_code == 0, r.output
     bar = r.output.rfind("epoch 1/1")
     assert 0 <= bar < r.output.index("── export ──"), r.output
+
+
+def test_a_wheel_packaged_by_hand_is_the_one_run_keeps_and_rebuilds(digits: Path, finished: Path, tmp_path: Path) -> None:
+    """`edgemap package RUN --name cats-classifier`, then `edgemap run DATA --out RUN`: run said "package skipped"
+    and printed the install line of its own default-named wheel, and rebuilt that name when eval outdated it."""
+    from edgemap.evaluate import EvalOptions, evaluate
+
+    copy = _copy(finished, tmp_path)
+    r = CliRunner().invoke(app, ["package", str(copy), "--name", "cats-classifier"])
+    assert r.exit_code == 0, r.output
+    res = run_pipeline(digits, copy, _opts())
+    assert res.did_nothing and Path(res.wheel).name.startswith("cats_classifier-"), (res.wheel, _statuses(res))
+    evaluate(copy, EvalOptions(runtimes=("torch", "cpu")))  # new results: the wheel's card is outdated
+    res = run_pipeline(digits, copy, _opts())
+    assert ("package", "done") in _statuses(res) and Path(res.wheel).name.startswith("cats_classifier-"), res.wheel
