@@ -420,8 +420,9 @@ def _evaluate_arrays(run: RunDir, images: np.ndarray, labels: np.ndarray, opts: 
                 f"the stored results on {before.get('data')}{' (other images then)' if same_name else ''} were replaced "
                 "by these; `edgemap package` and `edgemap "
                 "report` show these now" + ("" if own_data else
-                f" (`edgemap run` measures the run's own held-out split again before it packages; so does "
-                f"`edgemap eval {shlex.quote(str(run.path))}`)"))
+                f" (`edgemap run` measures the run's own held-out split again before it packages, and so does "
+                f"`edgemap eval {shlex.quote(str(run.path))}`, while that dataset is unchanged; `--no-save` "
+                "measures without replacing them)"))
         store_rows(run, "eval", result.to_dict(), ("runtime", "precision"), same=("data", "n", "images_sha256"))
     return result
 
@@ -484,8 +485,7 @@ def _load_samples(run: RunDir, data: Path | None, max_pixels: int | None = None,
         try:
             scan = scan_mod.rescan_for_run(run.data["dataset"])
         except DatasetError as e:
-            raise DatasetError(f"{e}; if it moved, record where it is now with edgemap export {shlex.quote(str(run.path))} "
-                               f"--data NEW_PLACE; or evaluate on another labelled folder: "
+            raise DatasetError(f"{e}; or evaluate on another labelled folder: "
                                f"edgemap eval {shlex.quote(str(run.path))} --data FOLDER") from e
         where = str(scan.root)
         samples, split = _split_samples(scan)

@@ -226,8 +226,8 @@ def test_a_moved_dataset_error_points_to_eval_data(trained_run, tmp_path) -> Non
     manifest["dataset"]["root"] = str(tmp_path / "moved away")
     run.manifest_path.write_text(json.dumps(manifest))
     try:
-        with pytest.raises(DatasetError, match="gone; restore it .* if it moved, record where it is now with edgemap export "
-                                               ".* or evaluate on another labelled folder"):
+        with pytest.raises(DatasetError, match=r"gone; restore it .* if it moved, give its new place: `edgemap export RUN "
+                                               r"--data NEW_PLACE` .* or evaluate on another labelled folder"):
             evaluate(run.path, EvalOptions(runtimes=("cpu",), precisions=("fp32",), save=False))
         r = CliRunner().invoke(app, ["eval", str(run.path), "--runtime", "cpu", "--precision", "fp32"])
         assert r.exit_code == 2, r.output
@@ -648,3 +648,20 @@ def test_unknown_names_are_refused_when_the_options_are_made() -> None:
         with pytest.raises(EdgemapError, match=re.escape(said)):
             make()
     assert EvalOptions(runtimes="openvino:GPU").runtimes == ("openvino:GPU",)  # a device is a name, not a check
+
+
+def test_no_save_measures_without_replacing_the_runs_results(trained_run, tmp_path) -> None:  # noqa: ANN001, F811
+    """`eval RUN --data NEW` to compare two runs replaced the run's own results (and its wheel's card); they often
+    cannot be measured again once the dataset moved on."""
+    import shutil
+
+    from edgemap.cli import app
+
+    run, _ = trained_run
+    copy = tmp_path / "run"
+    shutil.copytree(run.path, copy)
+    before = (copy / "edgemap.json").read_bytes()
+    r = CliRunner().invoke(app, ["eval", str(copy), "--data", str(run.path.parent / "data" / "val"), "--runtime",
+                                 "torch,cpu", "--no-save"])
+    assert r.exit_code == 0 and "not stored (--no-save)" in r.output, r.output
+    assert (copy / "edgemap.json").read_bytes() == before

@@ -270,6 +270,11 @@ def test_cli_package_errors_and_success(tiny: dict, tmp_path: Path) -> None:
     made = [p.name for p in tmp_path.glob("cli_pkg-*.whl")]
     assert "pip install" in r.output and len(made) == 1, (made, r.output)
     assert re.fullmatch(rf"cli_pkg-0\.1\.0\.20\d{{12}}\+onnxruntime\.m{sha[:12]}-py3-none-any\.whl", made[0]), made
+    assert f"sha256 {sha}" in " ".join(r.output.split())  # whole: what `edgemap-runtime --sha256` takes
+    assert "comes from the run folder" not in r.output  # named by the user
+    # a name made from the run folder: a retrain into another folder would install beside this model
+    r = runner.invoke(app, ["package", str(tiny["run"].path), "--out", str(tmp_path / "default")])
+    assert r.exit_code == 0 and "comes from the run folder" in r.output and "same --name" in " ".join(r.output.split())
 
 
 def test_wheels_of_two_models_never_share_a_version_so_pip_replaces_the_model(venv: Path, exported: dict,

@@ -110,6 +110,7 @@ def register(app: typer.Typer) -> None:
         details: Annotated[bool, typer.Option("--details", help="Also print per-class tables and confusion matrices.")] = False,
         max_pixels: Annotated[int | None, typer.Option("--max-pixels", help="Decompression-bomb limit per image, in pixels \\[default: the one the run was trained with].")] = None,
         skip_bad: Annotated[bool, typer.Option("--skip-bad", help="With --data: skip (and count) unreadable images instead of failing.")] = False,
+        no_save: Annotated[bool, typer.Option("--no-save", help="Measure only: keep the results stored in the run (and the wheel's model card) as they are, e.g. to compare runs on new data.")] = False,
         json_out: JsonOpt = None,
     ) -> None:
         """Accuracy, top-5, macro P/R/F1 and agreement with PyTorch for each runtime × precision."""
@@ -120,7 +121,7 @@ def register(app: typer.Typer) -> None:
         read_only = not_writable(run_dir) if run_dir.is_dir() else None
         opts = EvalOptions(data=data, runtimes=tuple(split_runtimes(runtime)), precisions=tuple(split_csv(precision)),
                            strict=strict, exact=False if bf16 else None, max_pixels=max_pixels, skip_bad=skip_bad,
-                           save=read_only is None)
+                           save=read_only is None and not no_save)
         result = evaluate(run_dir, opts)
         write_json_out(json_out, [r.to_dict() for r in result.rows])
         failed = nothing_ran([r.status for r in result.rows], "eval",  # no table with --json -: the reasons then
@@ -143,6 +144,9 @@ def register(app: typer.Typer) -> None:
                           "without --bf16 it computes in f32, as the packaged wheel does.[/]")
         if read_only:
             console.print(f"[yellow]not stored[/]: the run directory is not writable ({escape(read_only)})", soft_wrap=True)
+            return
+        if no_save:
+            console.print("not stored (--no-save): the run's stored results are unchanged")
             return
         console.print("stored in edgemap.json → metrics.eval (per-class rows and confusion matrices included)")
         next_step(f"edgemap bench {shq(run_dir)}")

@@ -38,7 +38,7 @@ def register(app: typer.Typer) -> None:
 
         size = size_text(r.wheel_bytes)
         if r.model_bytes is not None:
-            console.print(f"  {r.name} {r.version}: {r.precision} model for {r.runtime}, sha256 {r.model_sha256[:16]}…", markup=False)
+            console.print(f"  {r.name} {r.version}: {r.precision} model for {r.runtime}, sha256 {r.model_sha256}", markup=False)
             size += f" (model {size_text(r.model_bytes)}; wheel − model = {size_text(r.overhead_bytes, sign=True)})"
         console.print(f"  wheel {size}; depends on {', '.join(r.requirements)}")
         for note in r.warnings:
@@ -47,6 +47,10 @@ def register(app: typer.Typer) -> None:
             err_console.print(f"[yellow]warning:[/] replaced an earlier {escape(r.wheel.name)} with other contents; pip "
                               "keeps a version it already installed, so a device needs the --force-reinstall below, "
                               "or give this build its own --version", soft_wrap=True)
+        if name is None and not runtime_only:  # a retrain into v2/ made "v2-classifier": installed beside v1's
+            console.print(f"  its name {r.name} comes from the run folder: a model retrained into another folder gets "
+                          "another name and installs beside this one on a device; give each model of one app the "
+                          "same --name", markup=False, soft_wrap=True)
         if r.runtime == "cuda":
             console.print("  onnxruntime-gpu replaces onnxruntime (one module); <1.27 are CUDA 12 builds: a CUDA 13 "
                           "device takes 'onnxruntime-gpu>=1.27' instead", markup=False, soft_wrap=True)

@@ -423,7 +423,8 @@ def rescan_for_run(manifest_dataset: dict[str, Any]) -> DatasetScan:
     root = Path(manifest_dataset["root"])
     if not root.is_dir():
         raise DatasetError(
-            f"{root}: the dataset this run was trained on is gone; restore it there (same files) to continue"
+            f"{root}: the dataset this run was trained on is gone; restore it there (same files) to continue, or, if "
+            "it moved, give its new place: `edgemap export RUN --data NEW_PLACE` (or `edgemap run NEW_PLACE --out RUN`)"
         )
     known_bad = {str(item[0]): str(item[1]) if len(item) > 1 else "skipped in training" for item in manifest_dataset.get("skipped") or []}
     try:
@@ -436,6 +437,9 @@ def rescan_for_run(manifest_dataset: dict[str, Any]) -> DatasetScan:
         diff = _count_diff(was, scan.counts())
         if manifest_dataset.get("model_fingerprint") == scan.model_fingerprint():  # (runs before session 11: no key)
             scan.test_changed = diff or "test images renamed or changed"
+            if (str(root), scan.fingerprint) in _SAID_TEST_CHANGED:  # once per process (run: its check, then eval)
+                return scan
+            _SAID_TEST_CHANGED.add((str(root), scan.fingerprint))
             log.warning("%s: the test split changed since training (%s); training and validation did not, so the "
                         "model stands: results on the test split score its images as they are now", root,
                         scan.test_changed)
@@ -449,6 +453,9 @@ def rescan_for_run(manifest_dataset: dict[str, Any]) -> DatasetScan:
     if classes is not None and list(classes) != scan.classes:
         raise DatasetError(f"dataset changed since training: classes {scan.classes} != recorded {classes}")
     return scan
+
+
+_SAID_TEST_CHANGED: set[tuple[str, str]] = set()
 
 
 def relocated(manifest_dataset: dict[str, Any], data: str | Path) -> dict[str, Any]:
