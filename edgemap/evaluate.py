@@ -62,6 +62,8 @@ class EvalOptions:
         max_pixels: decompression-bomb limit per image; None = the limit the run was trained
             with (its recorded scan options), so images training accepted are accepted here.
         skip_bad: with ``data``: skip (and count) undecodable images instead of failing.
+        known_classes_only: with ``data``: leave out (and count) the images of classes the run does not know
+            (a class added since it was trained), so runs of other class lists compare on the classes they share.
     """
 
     data: Path | None = None
@@ -74,6 +76,7 @@ class EvalOptions:
     exact: bool | None = None
     max_pixels: int | None = None
     skip_bad: bool = False
+    known_classes_only: bool = False
 
     def __post_init__(self) -> None:
         normalize(self, names=("runtimes", "precisions"), counts={"batch": 1, "max_pixels": 1},
@@ -82,6 +85,8 @@ class EvalOptions:
         if self.skip_bad and self.data is None:  # was checked by the CLI only: from Python it was ignored
             raise DatasetError("--skip-bad goes with --data: the run's own dataset is read with the skips recorded "
                                "at training")
+        if self.known_classes_only and self.data is None:
+            raise DatasetError("--known-classes-only goes with --data: the run's own dataset holds its classes")
 
 
 @dataclass
@@ -450,19 +455,19 @@ def _has_training_images(run: RunDir, folder: Path) -> bool:
     return not rel.parts or rel.parts[0].lower() not in (*_VAL_NAMES, *_TEST_NAMES)
 
 
-def load_samples(run: RunDir, data: Path | None, max_pixels: int | None = None,
-                 skip_bad: bool = False) -> tuple[list[Path], np.ndarray, str]:
+def load_samples(run: RunDir, data: Path | None, max_pixels: int | None = None, skip_bad: bool = False,
+                 known_classes_only: bool = False) -> tuple[list[Path], np.ndarray, str]:
     """Image paths and labels (in the run's class order) for ``evaluate``, plus a description.
 
     ``data`` is any folder of labelled images (:func:`edgemap.data.scan.scan_labelled`: its
     ``test/``, else ``val/``, else its class folders, one class is enough); without it the
     run's own dataset is re-checked and its test (else validation) split is used.
     """
-    return _load_samples(run, data, max_pixels, skip_bad)[:3]
+    return _load_samples(run, data, max_pixels, skip_bad, known_classes_only)[:3]
 
 
-def _load_samples(run: RunDir, data: Path | None, max_pixels: int | None = None,
-                  skip_bad: bool = False) -> tuple[list[Path], np.ndarray, str, Any]:
+def _load_samples(run: RunDir, data: Path | None, max_pixels: int | None = None, skip_bad: bool = False,
+                  known_classes_only: bool = False) -> tuple[list[Path], np.ndarray, str, Any]:
     """:func:`load_samples`, and the rescan of the run's own dataset (None with ``data``)."""
     from edgemap.data import scan as scan_mod
 
@@ -492,10 +497,17 @@ def _load_samples(run: RunDir, data: Path | None, max_pixels: int | None = None,
         named = [(Path(s.path), scan.classes[int(s.label)]) for s in samples]
     index = {c: i for i, c in enumerate(run.classes)}
     unknown = sorted({name for _, name in named} - set(index))
-    if unknown:
+    if unknown and known_classes_only:
+        left = sum(name not in index for _, name in named)
+        named = [(p, name) for p, name in named if name in index]
+        where += f", {left} image(s) of classes the run does not know left out ({', '.join(unknown)})"
+        if not named:
+            raise DatasetError(f"{where}: no images of the run's classes ({', '.join(run.classes)})")
+    elif unknown:
         raise DatasetError(
             f"{where}: classes not known to the run {run.path} ({', '.join(unknown)}); "
-            f"the run knows: {', '.join(run.classes)}. Remove those folders or evaluate another dataset."
+            f"the run knows: {', '.join(run.classes)}. Remove those folders, or give --known-classes-only to leave "
+            "their images out (e.g. to compare runs trained on other class lists)"
         )
     paths = [p for p, _ in named]
     labels = np.asarray([index[name] for _, name in named], dtype=np.int64)
@@ -523,7 +535,8 @@ def evaluate(run_dir: str | Path | RunDir, opts: EvalOptions = EvalOptions()) ->
     with guard:
         run = fresh_run(run_dir)  # as it is now (see evaluate_arrays)
         refuse_older_models(run, opts.runtimes)
-        paths, labels, where, scan = _load_samples(run, opts.data, opts.max_pixels, opts.skip_bad)
+        paths, labels, where, scan = _load_samples(run, opts.data, opts.max_pixels, opts.skip_bad,
+                                                   opts.known_classes_only)
         limit = opts.max_pixels if opts.max_pixels is not None else run.max_pixels
         images = preprocess_batch(paths, run.contract, limit)  # once, reused by every runtime
         try:

@@ -94,8 +94,14 @@ def test_data_option_maps_classes_by_name_and_refuses_unknown(trained_run, tmp_p
     (flat / "purple").mkdir()
     make_images(tmp_path / "x", 1, seed=1)
     shutil.copy(tmp_path / "x" / "red" / "img 000.png", flat / "purple" / "a.png")
-    with pytest.raises(DatasetError, match="purple"):
+    with pytest.raises(DatasetError, match="purple.*give --known-classes-only to leave their images out"):
         evaluate(run, EvalOptions(data=flat, runtimes=("cpu",), save=False))
+    # a class added since the run was trained: its images left out (and said), so runs compare on shared classes
+    res = evaluate(run, EvalOptions(data=flat, runtimes=("cpu",), precisions=("fp32",), save=False,
+                                    known_classes_only=True))
+    assert res.n == 15 and "1 image(s) of classes the run does not know left out (purple)" in res.data, res.data
+    with pytest.raises(DatasetError, match="--known-classes-only goes with --data"):
+        EvalOptions(known_classes_only=True)
 
 
 def test_strict_fails_on_unavailable_and_reference_runs_when_not_asked(trained_run) -> None:  # noqa: F811

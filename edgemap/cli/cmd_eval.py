@@ -110,6 +110,7 @@ def register(app: typer.Typer) -> None:
         details: Annotated[bool, typer.Option("--details", help="Also print per-class tables and confusion matrices.")] = False,
         max_pixels: Annotated[int | None, typer.Option("--max-pixels", help="Decompression-bomb limit per image, in pixels \\[default: the one the run was trained with].")] = None,
         skip_bad: Annotated[bool, typer.Option("--skip-bad", help="With --data: skip (and count) unreadable images instead of failing.")] = False,
+        known_classes_only: Annotated[bool, typer.Option("--known-classes-only", help="With --data: leave out (and count) images of classes the run does not know, e.g. a class added since it was trained.")] = False,
         no_save: Annotated[bool, typer.Option("--no-save", help="Measure only: keep the results stored in the run (and the wheel's model card) as they are, e.g. to compare runs on new data.")] = False,
         json_out: JsonOpt = None,
     ) -> None:
@@ -121,6 +122,7 @@ def register(app: typer.Typer) -> None:
         read_only = not_writable(run_dir) if run_dir.is_dir() else None
         opts = EvalOptions(data=data, runtimes=tuple(split_runtimes(runtime)), precisions=tuple(split_csv(precision)),
                            strict=strict, exact=False if bf16 else None, max_pixels=max_pixels, skip_bad=skip_bad,
+                           known_classes_only=known_classes_only,
                            save=read_only is None and not no_save)
         result = evaluate(run_dir, opts)
         write_json_out(json_out, [r.to_dict() for r in result.rows])
