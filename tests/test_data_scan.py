@@ -868,6 +868,13 @@ def test_a_changed_test_split_leaves_the_model_standing_but_not_a_changed_traini
     img(tmp_path / "val" / "dog" / "new.png", seed=98)
     with pytest.raises(DatasetError, match=r"dataset changed since training: .*val 5 images, was 4, test 5 images"):
         rescan_for_run(record)
+    # a class renamed since: said as such (the counts alone did not tell why)
+    for split in ("train", "val", "test"):
+        (tmp_path / split / "dog").rename(tmp_path / split / "hound")
+    with pytest.raises(DatasetError, match=r"\(classes added: hound; classes gone: dog"):
+        rescan_for_run(record)
+    for split in ("train", "val", "test"):
+        (tmp_path / split / "hound").rename(tmp_path / split / "dog")
     # an empty val/<class>: removing it (as advised) only led to "classes differ from train"
     for f in (tmp_path / "val" / "cat").iterdir():
         f.unlink()

@@ -435,6 +435,11 @@ def rescan_for_run(manifest_dataset: dict[str, Any]) -> DatasetScan:
     if not scan.matches(manifest_dataset):
         was = manifest_dataset.get("counts") or {}
         diff = _count_diff(was, scan.counts())
+        trained = manifest_dataset.get("classes")
+        if isinstance(trained, list) and trained != scan.classes:  # the likely cause, said first
+            added, gone = sorted(set(scan.classes) - set(trained)), sorted(set(trained) - set(scan.classes))
+            diff = "; ".join(x for x in (f"classes added: {', '.join(added)}" if added else "",
+                                         f"classes gone: {', '.join(gone)}" if gone else "", diff) if x)
         if manifest_dataset.get("model_fingerprint") == scan.model_fingerprint():  # (runs before session 11: no key)
             scan.test_changed = diff or "test images renamed or changed"
             if (str(root), scan.fingerprint) in _SAID_TEST_CHANGED:  # once per process (run: its check, then eval)
