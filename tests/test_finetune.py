@@ -712,3 +712,23 @@ def test_a_full_disk_while_saving_weights_is_an_os_error(tmp_path: Path) -> None
         assert e.value.errno == 28 and e.value.filename == str(mnt / "w.safetensors")
     finally:
         subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_a_stop_as_training_finishes_is_honoured_not_dropped(digits: Path, tmp_path: Path) -> None:
+    """A Ctrl-C during the last validation or the final saves was dropped: exit 0, and `edgemap run` went on through
+    export, eval, bench and package."""
+    import signal
+
+    from edgemap.errors import Interrupted
+    from edgemap.train.finetune import FinetuneOptions, _Reporter, finetune
+
+    class LastEpochCtrlC(_Reporter):
+        def epoch_done(self, row: dict) -> None:
+            if row["epoch"] == TINY["epochs"]:  # after the last step: no step left to see the stop
+                os.kill(os.getpid(), signal.SIGINT)
+
+    out = tmp_path / "run"
+    with pytest.raises(Interrupted, match="as fine-tuning finished: the run is complete and recorded") as e:
+        finetune(digits, out, FinetuneOptions(**TINY), reporter=LastEpochCtrlC())
+    assert e.value.exit_code == 130 and "edgemap export" in str(e.value)
+    assert RunDir.load(out).stage_done("finetune")  # complete: nothing to resume

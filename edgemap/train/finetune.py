@@ -784,7 +784,15 @@ class _Trainer:
                 stopped_early = True
                 self.rep.message(f"early stop: no better val accuracy for {opts.patience} epochs")
                 break
-        return self._finish(stopped_early, t_start)
+        result = self._finish(stopped_early, t_start)
+        # a Ctrl-C/SIGTERM after the last step (during the last validation or the final saves) was dropped: exit 0,
+        # and `edgemap run` went on through every later stage. Said now: the run is complete, the stop is honoured
+        if self.dist.sum([float(self.stop.pending)])[0]:
+            where = shlex.quote(str(self.run.path)) if self.run is not None else "RUN_DIR"
+            raise Interrupted(f"interrupted by {self.stop.name or 'a signal'} as fine-tuning finished: the run is complete "
+                              f"and recorded (nothing to resume); continue with: edgemap export {where} --int8 (or the "
+                              "same `edgemap run` command)", self.stop.signum or self.stop.requested)
+        return result
 
     def _epoch(self, head_only: bool) -> dict[str, Any]:
         opts, info, net = self.opts, self.info, self.net
