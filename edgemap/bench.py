@@ -380,5 +380,5 @@ def _bench_all(run: RunDir, opts: BenchOptions, say: Any) -> list[BenchRow]:
             log.warning("the %d stored bench row(s), measured with %s thread(s), were replaced by these (%d thread(s)): "
                         "rows are compared only at one thread count", len(measured), before["threads"], threads)
         store_rows(run, "bench", {"threads": threads, "rows": [r.to_dict() for r in rows]},
-                   ("runtime", "precision", "batch"), same=("threads",))
+                   ("runtime", "precision", "batch"), same=("threads",), result=rows)
     return rows

@@ -119,3 +119,13 @@ class Interrupted(KeyboardInterrupt):
         super().__init__(message)
         if signum == 15:  # SIGTERM (Windows has no signal module value for it in every build)
             self.exit_code = 143
+
+
+class ResultsNotStored(OSError):
+    """eval or bench measured, but the run could not store the results (its disk is full, or read-only): an OSError
+    (exit 74, naming the folder) that carries what was measured in ``result`` (an EvalResult, or bench's rows), so
+    the table is still shown and nothing measured is lost."""
+
+    def __init__(self, error: OSError, result: object):
+        super().__init__(error.errno, error.strerror or str(error), error.filename)
+        self.result = result

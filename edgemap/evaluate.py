@@ -300,14 +300,30 @@ def strict_failure(bad: list[tuple[str, str, str]]) -> EdgemapError:
     return RuntimeUnavailableError(text) if all(status == "unavailable" for _, status, _ in bad) else EdgemapError(text)
 
 
-def store_rows(run: RunDir, stage: str, new: dict[str, Any], keys: tuple[str, ...], same: tuple[str, ...]) -> None:
+def store_rows(run: RunDir, stage: str, new: dict[str, Any], keys: tuple[str, ...], same: tuple[str, ...],
+               result: object = None) -> None:
     """Save ``new`` (its ``rows`` measured now) as ``metrics.<stage>``, keeping the stored rows of other
     ``keys`` measured on the same ``same`` fields; the model card and the report show them, so package and
-    report are outdated. Shared by eval and bench."""
+    report are outdated. Shared by eval and bench.
+
+    Raises:
+        ResultsNotStored: the run's disk is full (or read-only); it carries ``result``, what was measured.
+    """
+    import errno
+
+    from edgemap.errors import ResultsNotStored
+    from edgemap.fsutil import remove_stale_temps
+
+    remove_stale_temps(run.path)  # a kill -9 while an earlier eval or bench saved (the run lock is held here)
     new = {**new, "rows": merged_rows(kept_rows(run.data.get("metrics", {}).get(stage), new, keys, same=same), new["rows"])}
     run.data.setdefault("metrics", {})[stage] = {"updated": now_iso(), **new}
     run.outdate(("package", "report"), f"{stage} results changed", save=False)
-    run.save()
+    try:
+        run.save()
+    except OSError as e:  # minutes of measuring were lost with the save: the results go back to the caller
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise ResultsNotStored(e, result) from e
+        raise
 
 
 def nothing_ran(statuses: list[str], what: str, reasons: list[str] | None = None) -> str | None:
@@ -428,7 +444,8 @@ def _evaluate_arrays(run: RunDir, images: np.ndarray, labels: np.ndarray, opts: 
                 f" (`edgemap run` measures the run's own held-out split again before it packages, and so does "
                 f"`edgemap eval {shlex.quote(str(run.path))}`, while that dataset is unchanged; `--no-save` "
                 "measures without replacing them)"))
-        store_rows(run, "eval", result.to_dict(), ("runtime", "precision"), same=("data", "n", "images_sha256"))
+        store_rows(run, "eval", result.to_dict(), ("runtime", "precision"), same=("data", "n", "images_sha256"),
+                   result=result)
     return result
 
 

@@ -92,6 +92,13 @@ def atomic_path(dest: str | Path) -> Iterator[Path]:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
         os.replace(tmp, dest)
         fsync_dir(dest.parent)
+    except OSError as e:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        if e.filename is None and e.errno is not None:  # a write (path.write_bytes, a library's file) names no file:
+            # the CLI then blamed the temp folder (TMPDIR) for a full run directory
+            raise OSError(e.errno, e.strerror or str(e), str(tmp)) from e
+        raise
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()

@@ -43,7 +43,7 @@ from edgemap.artifacts import current_results, stored_rows
 from edgemap.bench import timing_notes
 from edgemap.data.scan import ignored_text
 from edgemap.errors import EdgemapError, ManifestError
-from edgemap.fsutil import NOT_WRITABLE, atomic_write_bytes, size_text, special_file
+from edgemap.fsutil import NOT_WRITABLE, atomic_write_bytes, remove_stale_temps, size_text, special_file, writers_lock
 from edgemap.manifest import RunDir, fresh_run, hand_back, now_iso
 from edgemap.metrics import score_text
 
@@ -1025,6 +1025,14 @@ def report(run_dir: str | Path | RunDir, opts: ReportOptions | None = None) -> R
             raise  # the place refused the write: one line, exit 74
         raise ManifestError(f"--out {opts.out}: cannot make the folder {out_dir} ({e.strerror}); "
                             "give a path in a folder you can write") from None
+    with writers_lock(out_dir):  # another report into this folder goes first; then a killed one's temps go
+        for folder in dict.fromkeys((out_dir, html_path.parent)):
+            remove_stale_temps(folder)
+        return _build_report(run, run_dir, opts, out_dir, html_path, t0)
+
+
+def _build_report(run: RunDir, run_dir: Any, opts: ReportOptions, out_dir: Path, html_path: Path,
+                  t0: float) -> ReportResult:
     b = _Builder(run, opts, out_dir)
     b.predict()
     body = [b.guarded(section, make) for section, make in (

@@ -671,3 +671,33 @@ def test_no_save_measures_without_replacing_the_runs_results(trained_run, tmp_pa
                                  "torch,cpu", "--no-save"])
     assert r.exit_code == 0 and "not stored (--no-save)" in r.output, r.output
     assert (copy / "edgemap.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("command", ["eval", "bench"])
+def test_a_full_run_disk_shows_the_results_and_names_the_run_not_tmpdir(trained_run, tmp_path, monkeypatch,  # noqa: ANN001, F811
+                                                                        command: str) -> None:
+    """The save of edgemap.json on a full disk failed after all the measuring: no table (the results were lost), and
+    the error blamed "the temp folder /tmp (TMPDIR)" though /tmp had room and the run's disk was full."""
+    import errno
+    import shutil
+
+    from edgemap.cli import app
+
+    run, _ = trained_run
+    copy = tmp_path / "run"
+    shutil.copytree(run.path, copy)
+    before = (copy / "edgemap.json").read_bytes()
+    real = Path.write_bytes
+
+    def full(self: Path, data: bytes) -> int:  # the run's disk: any write of edgemap.json's temp file
+        if self.name.startswith(".edgemap.json."):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    args = ["--runtime", "cpu", "--precision", "fp32"] + (["--iters", "3", "--batch", "1"] if command == "bench" else [])
+    r = CliRunner().invoke(app, [command, str(copy), *args], env={"COLUMNS": "200"})
+    said = " ".join(r.output.split())
+    assert r.exit_code == 74, r.output
+    assert "cpu fp32" in said and f"{copy}: No space left on device" in said and "TMPDIR" not in said, r.output
+    assert (copy / "edgemap.json").read_bytes() == before and not list(copy.glob("*.edgemap-tmp"))

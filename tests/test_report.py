@@ -572,3 +572,24 @@ def test_a_class_name_with_a_direction_override_stays_inside_its_name(finished_r
     run.save()
     page = report(run.path, ReportOptions(predict=False)).html.read_text(encoding="utf-8")
     assert "(<bdi>\u202egnp.exe</bdi>, <bdi>1</bdi>," in page
+
+
+def test_eval_bench_and_report_clear_temps_a_kill_left(finished_run: RunDir, tmp_path: Path) -> None:
+    """A kill -9 while eval, bench or report saved left .*.edgemap-tmp files that only finetune or export removed
+    (report/'s never)."""
+    from edgemap.bench import BenchOptions, bench
+    from edgemap.evaluate import EvalOptions, evaluate
+    from edgemap.report import ReportOptions
+
+    run = _copy_run(finished_run, tmp_path / "run")
+    stale = [run.path / ".edgemap.json.0123456789ab.edgemap-tmp", run.path / "report" / ".report.html.0123456789ab.edgemap-tmp"]
+    for p in stale:
+        p.parent.mkdir(exist_ok=True)
+        p.write_bytes(b"cut short")
+    report(run.path, ReportOptions(predict=False))
+    assert not stale[1].exists() and stale[0].exists()  # report cleans its own folder
+    evaluate(run.path, EvalOptions(runtimes=("cpu",), precisions=("fp32",)))
+    assert not stale[0].exists()
+    stale[0].write_bytes(b"cut short")
+    bench(run.path, BenchOptions(runtimes=("cpu",), precisions=("fp32",), batches=(1,), iters=2, warmup=0))
+    assert not stale[0].exists()

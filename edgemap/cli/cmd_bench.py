@@ -83,8 +83,14 @@ def register(app: typer.Typer) -> None:
             batches=batch, strict=strict, exact=False if bf16 else None, save=read_only is None,
             **{k: v for k, v in given.items() if v is not None},
         )
+        from edgemap.errors import ResultsNotStored
+
+        not_stored = None
         with console.status("benchmarking…") as status:
-            rows = bench(run_dir, opts, progress=lambda msg: status.update(escape(msg) + "…"))
+            try:
+                rows = bench(run_dir, opts, progress=lambda msg: status.update(escape(msg) + "…"))
+            except ResultsNotStored as e:  # a full disk: the rows are shown (and written with --json), then the error
+                rows, not_stored = e.result, e
         write_json_out(json_out, [r.to_dict() for r in rows])
         failed = nothing_ran([r.status for r in rows], "bench",  # no table with --json -: the reasons then
                              [f"{r.runtime}: {r.reason}" for r in rows] if str(json_out) == "-" else None)
@@ -92,6 +98,8 @@ def register(app: typer.Typer) -> None:
             console.print(render(rows))
         if failed:
             raise RuntimeUnavailableError(failed)
+        if not_stored is not None:
+            raise not_stored
         if json_out is not None and str(json_out) == "-":
             return
         if read_only:

@@ -124,17 +124,32 @@ def register(app: typer.Typer) -> None:
                            strict=strict, exact=False if bf16 else None, max_pixels=max_pixels, skip_bad=skip_bad,
                            known_classes_only=known_classes_only,
                            save=read_only is None and not no_save)
-        result = evaluate(run_dir, opts)
+        from edgemap.errors import ResultsNotStored
+
+        not_stored = None
+        try:
+            result = evaluate(run_dir, opts)
+        except ResultsNotStored as e:  # a full disk: the table is shown (and written with --json), then the error
+            result, not_stored = e.result, e
         write_json_out(json_out, [r.to_dict() for r in result.rows])
         failed = nothing_ran([r.status for r in result.rows], "eval",  # no table with --json -: the reasons then
                              [f"{r.runtime}: {r.reason}" for r in result.rows] if str(json_out) == "-" else None)
         if json_out is not None and str(json_out) == "-":
             if failed:
                 raise RuntimeUnavailableError(failed)
+            if not_stored is not None:
+                raise not_stored
             return
         console.print(render(result))
         if failed:
             raise RuntimeUnavailableError(failed)
+        if not_stored is not None:
+            if details:
+                for r in result.rows:
+                    if r.status == "ok":
+                        for t in render_details(r, result.classes):
+                            console.print(t)
+            raise not_stored
         if details:
             for r in result.rows:
                 if r.status == "ok":
