@@ -563,8 +563,13 @@ def _build_wheel(src: Path, out: Path) -> Path:
            "--disable-pip-version-check", "--no-cache-dir", "-q", "-w", str(out), str(src)]
     # its own session: a Ctrl-C reaches edgemap only, which then stops pip and its build backend together; they
     # used to get the signal too, and the backend still wrote into the temp folder as it was removed (a traceback)
+    # pip's own temp folders inside ours (removed with it): pip killed on a Ctrl-C never removed its pip-unpack-*,
+    # pip-wheel-*... in TMPDIR, one holding a copy of the wheel (the model) each time
+    pip_tmp = src.parent / "pip-tmp"
+    pip_tmp.mkdir(exist_ok=True)
+    env = {**os.environ, "TMPDIR": str(pip_tmp), "TEMP": str(pip_tmp), "TMP": str(pip_tmp)}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=src,
-                            start_new_session=True)
+                            start_new_session=True, env=env)
     try:
         stdout, stderr = proc.communicate()
     except BaseException:

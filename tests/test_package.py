@@ -1052,3 +1052,29 @@ def test_packaging_fp32_where_int8_exists_for_other_runtimes_is_said(tmp_path: P
     assert r.precision == "fp32"
     assert any("the run has int8 models, but none for onnxruntime" in w and "--targets cpu" in w for w in r.warnings)
     assert not package(run, PackageOptions(runtime="openvino", out=tmp_path / "dist")).warnings
+
+
+def test_a_package_interrupted_mid_build_leaves_nothing_in_tmpdir(tiny: dict, tmp_path: Path) -> None:
+    """Ctrl-C while pip built the wheel: pip was killed before it removed its pip-unpack-*, pip-wheel-*... folders in
+    TMPDIR (one held a copy of the wheel, the model in it), every time."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmpdir)}
+    proc = subprocess.Popen([sys.executable, "-m", "edgemap", "package", str(tiny["run"].path), "--out",
+                             str(tmp_path / "dist")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    t0 = time.monotonic()
+    while not list(tmpdir.rglob("pip-*")) and proc.poll() is None and time.monotonic() - t0 < 60:
+        time.sleep(0.002)
+    if proc.poll() is not None:
+        pytest.skip("the build ended before pip made its temp folders (a fast machine)")
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    time.sleep(0.5)
+    assert list(tmpdir.rglob("*")) == [], sorted(map(str, tmpdir.rglob("*")))[:5]
