@@ -102,10 +102,13 @@ def run_lock(path: str | Path, command: str, create: bool = False) -> Iterator[N
         with folder_lock(path, f"edgemap {command}"):
             yield
     except FolderNotWritable as e:
+        where = shlex.quote(str(e.folder))
+        fix = (f"the file system is read-only (chmod cannot help): copy the run (cp -r {where} COPY) and work on the copy"
+               if "read-only file system" in str(e.why).lower() else
+               f"Make it writable (chmod -R u+w {where}) or work on a copy (cp -r)")
         raise RunNotWritableError(
             f"{e.folder}: cannot write in this run directory ({e.why}); `edgemap {command}` records its results there. "
-            f"Make it writable (chmod -R u+w {shlex.quote(str(e.folder))}) or work on a copy (cp -r)"
-        ) from None
+            + fix) from None
     except UnsafeLockFile as e:
         raise RunNotWritableError(
             f"{e.path} is a symlink (or not a plain file); edgemap never writes through it, since a run directory from "

@@ -616,3 +616,24 @@ def test_a_lock_file_another_user_made_in_a_shared_run_still_locks(tmp_path: Pat
                         str(run)], capture_output=True, text=True, timeout=60,
                        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert r.returncode == 0 and r.stdout.strip() == "locked", r.stderr
+
+
+def test_a_read_only_file_system_is_not_told_to_chmod(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run on a read-only mount was told "Make it writable (chmod -R u+w ...)": chmod fails there too."""
+    import contextlib
+
+    import edgemap.manifest as manifest_mod
+    from edgemap.errors import RunNotWritableError
+    from edgemap.fsutil import FolderNotWritable
+
+    (tmp_path / "edgemap.json").write_text("{}")
+
+    @contextlib.contextmanager
+    def read_only(folder, what):  # noqa: ANN001, ANN202 - as folder_lock on a read-only mount
+        raise FolderNotWritable(Path(folder), "Read-only file system")
+        yield
+
+    monkeypatch.setattr(manifest_mod, "folder_lock", read_only)
+    with pytest.raises(RunNotWritableError, match=r"the file system is read-only \(chmod cannot help\): copy the run"):
+        with manifest_mod.run_lock(tmp_path, "export"):
+            pass

@@ -635,7 +635,8 @@ def _check_out(out: Path, data: Path, resume: bool = False) -> None:
     place = next((p for p in (o, *o.parents) if p.exists()), None)  # where the run directory will be made or written
     if place is not None and place.is_dir() and not os.access(place, os.W_OK | os.X_OK):  # said after scanning the whole dataset before
         raise TrainingError(f"--out {out}: cannot write the run directory ({place} is not writable: read-only, or "
-                            "another user's); choose another --out")
+                            "another user's); " + (f"copy it (cp -r {shlex.quote(str(out))} COPY) and resume the copy "
+                                                   "(--out COPY --resume)" if resume else "choose another --out"))
     if resume or not out.is_dir() or (out / MANIFEST_NAME).exists():
         return
     try:
