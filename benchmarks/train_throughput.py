@@ -4,8 +4,8 @@
 
 Both variants run full training steps (forward, backward, AdamW) of the same model on the
 same batch, interleaved round by round so drift hits both alike; the ratio of median
-images/s is printed. edgemap's settings = channels_last + bf16 autocast where the CPU has
-AVX512-BF16/AMX (what `edgemap finetune --precision auto` does).
+images/s is printed. edgemap's settings = channels_last, plus bf16 autocast where the CPU has
+AMX (what `edgemap finetune --precision auto` does; AVX512-BF16 without AMX trains in fp32).
 """
 
 from __future__ import annotations

@@ -385,3 +385,13 @@ def test_every_default_the_help_names_is_the_options_default() -> None:
             assert (float(text) == real) if isinstance(real, int | float) else (text == real), (name, p.name, text, real)
             checked += 1
     assert checked >= 20, checked
+
+
+def test_flags_are_not_shown_as_taking_a_value() -> None:
+    """`--skip-bad <bool>` in --help: `--skip-bad true` then failed with "unexpected extra argument"."""
+    from edgemap.cli import _COMMANDS, app
+
+    for name in [*_COMMANDS, "datasets scan", "demo"]:
+        r = CliRunner().invoke(app, [*name.split(), "--help"], env={"COLUMNS": "200"})
+        assert r.exit_code == 0 and "<bool>" not in r.output, (name, r.output)
+    assert "<int>" in CliRunner().invoke(app, ["bench", "--help"], env={"COLUMNS": "200"}).output  # values still say so

@@ -17,6 +17,24 @@ app = typer.Typer(
 )
 
 
+def _flags_take_no_value() -> None:
+    """``--help`` showed every on/off flag as ``--skip-bad <bool>``, as if it took a value (typer 0.29's rich help);
+    ``--skip-bad true`` then failed with "unexpected extra argument". A flag's type column is left empty."""
+    from typer.core import TyperOption
+
+    shown = getattr(TyperOption, "display_type_rich", None)
+    if shown is None or getattr(shown, "edgemap_flags", False):
+        return
+
+    def display_type_rich(self, ctx):  # noqa: ANN001, ANN202 - typer's own signature
+        return None if getattr(self, "is_flag", False) else shown(self, ctx)
+
+    display_type_rich.edgemap_flags = True  # type: ignore[attr-defined]
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_flags_take_no_value()
+
 
 def _version(value: bool) -> None:
     if value:

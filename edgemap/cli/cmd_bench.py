@@ -62,7 +62,7 @@ def register(app: typer.Typer) -> None:
         runtime: Annotated[str, typer.Option("--runtime", help=RUNTIME_HELP)] = "torch,cpu,cuda,openvino",
         precision: Annotated[str, typer.Option("--precision", help="fp32, int8 or both.")] = "fp32,int8",
         batch: Annotated[str, typer.Option("--batch", help="Batch sizes, comma-separated.")] = "1,8",
-        threads: Annotated[int | None, typer.Option("--threads", help="Intra-op threads (default: physical cores).")] = None,
+        threads: Annotated[int | None, typer.Option("--threads", help="Intra-op threads (0: the default) \\[default: physical cores].")] = None,
         warmup: Annotated[int | None, typer.Option("--warmup", help="Untimed calls first (default 10).")] = None,
         iters: Annotated[int | None, typer.Option("--iters", help="Timed calls (default 100).")] = None,
         seconds: Annotated[float | None, typer.Option("--seconds", help="Measure for S seconds instead of --iters.")] = None,
@@ -77,7 +77,7 @@ def register(app: typer.Typer) -> None:
         from edgemap.runtime.errors import RuntimeUnavailableError
 
         read_only = not_writable(run_dir) if run_dir.is_dir() else None
-        given = {"threads": threads, "warmup": warmup, "iters": iters, "seconds": seconds}
+        given = {"threads": threads or None, "warmup": warmup, "iters": iters, "seconds": seconds}  # 0: as finetune
         opts = BenchOptions(
             runtimes=tuple(split_runtimes(runtime)), precisions=tuple(split_csv(precision)),
             batches=batch, strict=strict, exact=False if bf16 else None, save=read_only is None,

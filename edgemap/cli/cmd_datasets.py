@@ -40,7 +40,8 @@ def digits(
     counts = write_digits(out, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, force=force)
     totals = ", ".join(f"{split} {sum(c.values())}" for split, c in counts.items())
     console.print(f"wrote digits to {out} ({totals}; 10 classes) in {time.perf_counter() - t0:.2f}s", markup=False)
-    next_step(f"edgemap finetune {shq(out)} --backbone efficientnet_lite0 --out models/digits")
+    # 8x8 scans: 64 px (224 took ~10x as long for the same accuracy), and no flips (a flipped digit is another one)
+    next_step(f"edgemap finetune {shq(out)} --backbone efficientnet_lite0 --img-size 64 --no-flip --out models/digits")
 
 
 @datasets_app.command("scan")

@@ -154,7 +154,7 @@ def register(app: typer.Typer) -> None:
         runtime: Annotated[str | None, typer.Option(help="Runtimes for eval/bench \\[default: torch,cpu,cuda,openvino].")] = None,
         bench_seconds: Annotated[float | None, typer.Option(help="Seconds per bench measurement \\[default: 3].")] = None,
         package_runtime: Annotated[str | None, typer.Option(help="Wheel runtime onnxruntime|openvino|cuda \\[default: onnxruntime].")] = None,
-        name: Annotated[str | None, typer.Option(help="Wheel name \\[default: <run dir>-classifier].")] = None,
+        name: Annotated[str | None, typer.Option(help="Wheel name; keep it for every model of one app \\[default: <run dir>-classifier, plus -openvino / -cuda for those runtimes].")] = None,
         report: Annotated[bool | None, typer.Option("--report/--no-report", help="Make the HTML report \\[default: yes; a re-run keeps the run's choice].", show_default=False)] = None,
         json_out: JsonOpt = None,
     ) -> None:
@@ -177,7 +177,7 @@ def register(app: typer.Typer) -> None:
         freeze_epochs: Annotated[int | None, typer.Option(help="Head-only epochs first, part of --epochs \\[default: 2].")] = None,
         json_out: JsonOpt = None,
     ) -> None:
-        """The whole mapping on the embedded digits dataset (scikit-learn's 1,797 scans), a few minutes on 2 CPU cores.
+        """The whole mapping on the embedded digits dataset (scikit-learn's 1,797 scans), about a minute on 2 idle CPU cores.
 
         Writes OUT/data (the dataset) and OUT/run (run directory, int8 models, wheel, report).
         """

@@ -24,11 +24,10 @@ def cpu_flags() -> frozenset[str]:
 def cpu_has_fast_bf16() -> bool:
     """AMX: the only CPUs where bf16 autocast training clearly pays off.
 
-    Measured here (AVX512-BF16 without AMX, Lite0 128 px): channels_last fp32 2.70x and
-    channels_last + bf16 2.79x the fp32-contiguous baseline, while the bf16-trained model
-    lost ~0.8 points when evaluated in fp32 (what the exported model runs). So `auto` means
-    bf16 only with AMX; `--precision bf16` forces it anywhere (3.07x vs 1.91x for
-    channels_last fp32 at 224 px here, but 0.99x at 64 px).
+    Measured on this project's machine (AVX512-BF16 without AMX, Lite0; benchmarks/train_throughput.py,
+    see the README's table): bf16 autocast 3.07x the fp32-contiguous baseline at 224 px (channels_last fp32
+    1.91x) but 0.99x at 64 px, and a bf16-trained model lost ~0.8 points when evaluated in fp32 (what the
+    exported model runs). So `auto` means bf16 only with AMX; `--precision bf16` forces it anywhere.
     """
     return "amx_bf16" in cpu_flags()
 
