@@ -197,8 +197,11 @@ def _check_existing(run: RunDir, data: Path, opts: RunOptions) -> list[str]:
     """Refuse a run made from another dataset or with other fine-tuning options; return the stages to redo."""
     from edgemap.data.scan import relocated, rescan_for_run
 
-    recorded_root = Path(str(run.data.get("dataset", {}).get("root", "")))
-    if recorded_root and recorded_root.resolve() != data.resolve():
+    if not isinstance(run.data.get("dataset"), dict) or not run.data["dataset"].get("root"):
+        raise DatasetError(f"{run.path} records no dataset (it was not made by `edgemap finetune`), so it cannot be "
+                           f"checked against {data}; choose another --out")
+    recorded_root = Path(str(run.data["dataset"]["root"]))
+    if recorded_root.resolve() != data.resolve():
         # the same files at another place (the dataset moved or was renamed): the run continues, and records it
         moved = relocated(run.data["dataset"], data)
         try:

@@ -1025,9 +1025,9 @@ def report(run_dir: str | Path | RunDir, opts: ReportOptions | None = None) -> R
             raise  # the place refused the write: one line, exit 74
         raise ManifestError(f"--out {opts.out}: cannot make the folder {out_dir} ({e.strerror}); "
                             "give a path in a folder you can write") from None
-    with writers_lock(out_dir):  # another report into this folder goes first; then a killed one's temps go
-        for folder in dict.fromkeys((out_dir, html_path.parent)):
-            remove_stale_temps(folder)
+    with writers_lock(out_dir):  # another report into this folder goes first; then a killed one's temps go (only
+        # this folder's: the page's own folder may be shared, or be the run directory, whose writers hold other locks)
+        remove_stale_temps(out_dir)
         return _build_report(run, run_dir, opts, out_dir, html_path, t0)
 
 

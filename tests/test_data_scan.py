@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import struct
 import threading
@@ -865,6 +866,24 @@ def test_a_changed_test_split_leaves_the_model_standing_but_not_a_changed_traini
     old = {k: v for k, v in record.items() if k != "model_fingerprint"}
     with pytest.raises(DatasetError, match="dataset changed since training"):
         rescan_for_run(old)
+    # a copy of a training image added as a "new" test photo: said (it would be scored as unseen)
+    shutil.copy(next((tmp_path / "train" / "cat").iterdir()), tmp_path / "test" / "cat" / "copy.png")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="edgemap.data"):
+        rescan_for_run(record)
+    assert re.search(r"\d+ test image\(s\) have the same bytes as a training image: test accuracy counts them as "
+                     r"unseen \(e\.g\. ", caplog.text), caplog.text
+    (tmp_path / "test" / "cat" / "copy.png").unlink()
+    # the test split removed: refused (eval would score the validation split as unseen)
+    shutil.move(tmp_path / "test", tmp_path.parent / f"{tmp_path.name}-test-aside")
+    with pytest.raises(DatasetError, match=r"test 0 images, was 4"):
+        rescan_for_run(record)
+    shutil.move(tmp_path.parent / f"{tmp_path.name}-test-aside", tmp_path / "test")
+    # training changed too: that is said first, not the test split (which alone would be accepted)
+    img(tmp_path / "train" / "cat" / "extra.png", seed=77)
+    with pytest.raises(DatasetError, match=r"\(training or validation images changed .*; train 8 images, was 7"):
+        rescan_for_run(record)
+    (tmp_path / "train" / "cat" / "extra.png").unlink()
     img(tmp_path / "val" / "dog" / "new.png", seed=98)
     with pytest.raises(DatasetError, match=r"dataset changed since training: .*val 5 images, was 4, test 5 images"):
         rescan_for_run(record)

@@ -440,7 +440,10 @@ def rescan_for_run(manifest_dataset: dict[str, Any]) -> DatasetScan:
             added, gone = sorted(set(scan.classes) - set(trained)), sorted(set(trained) - set(scan.classes))
             diff = "; ".join(x for x in (f"classes added: {', '.join(added)}" if added else "",
                                          f"classes gone: {', '.join(gone)}" if gone else "", diff) if x)
-        if manifest_dataset.get("model_fingerprint") == scan.model_fingerprint():  # (runs before session 11: no key)
+        model_fp = manifest_dataset.get("model_fingerprint")  # (runs before session 11 have none: strict check)
+        # a test split changed, not removed: without one, eval would score the validation split (which picked the
+        # kept epoch and judged int8) as if it were unseen
+        if model_fp and model_fp == scan.model_fingerprint() and scan.test:
             scan.test_changed = diff or "test images renamed or changed"
             if (str(root), scan.fingerprint) in _SAID_TEST_CHANGED:  # once per process (run: its check, then eval)
                 return scan
@@ -448,7 +451,14 @@ def rescan_for_run(manifest_dataset: dict[str, Any]) -> DatasetScan:
             log.warning("%s: the test split changed since training (%s); training and validation did not, so the "
                         "model stands: results on the test split score its images as they are now", root,
                         scan.test_changed)
+            copied = scan.copies().get("test_in_train")
+            if copied:  # new "test" photos that are training images would be scored as unseen
+                log.warning("%s: %d test image(s) have the same bytes as a training image: test accuracy counts them "
+                            "as unseen (e.g. %s)", root, copied["count"], copied["examples"][0])
             return scan
+        if model_fp and model_fp != scan.model_fingerprint() and not diff.startswith("classes"):  # what matters
+            diff = "; ".join(x for x in ("training or validation images changed (added, removed, renamed, replaced "
+                                         "or touched)", diff) if x)
         raise DatasetError(
             f"dataset changed since training: {root} fingerprint {scan.fingerprint[:12]} != recorded {str(recorded)[:12]}"
             f" ({diff or 'same counts: files were renamed or their content changed'}); "
