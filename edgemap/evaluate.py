@@ -556,13 +556,24 @@ def evaluate(run_dir: str | Path | RunDir, opts: EvalOptions = EvalOptions()) ->
                                                    opts.known_classes_only)
         limit = opts.max_pixels if opts.max_pixels is not None else run.max_pixels
         images = preprocess_batch(paths, run.contract, limit)  # once, reused by every runtime
+        before = {(r.get("runtime"), r.get("precision")) for r in _stored_rows(run)}
         try:
             result = evaluate_arrays(run, images, labels, opts, data=where, own_data=opts.data is None)
-            if scan is not None and scan.test_changed and opts.save and not nothing_ran([r.status for r in result.rows], "eval"):
+            measured = {(r.runtime, r.precision) for r in result.rows if r.status == "ok"}
+            # recorded only when every row stored before was measured again: an eval of some rows (say fp32 only)
+            # would leave the others lost, and `edgemap run` would take the new test split as scored
+            if scan is not None and scan.test_changed and opts.save and before <= measured:
                 _record_test_split(run, scan)
             return result
         finally:
             hand_back(run_dir, run)
+
+
+def _stored_rows(run: RunDir) -> list[dict[str, Any]]:
+    """The eval rows stored in the run that ran (status ok)."""
+    stored = (run.data.get("metrics") or {}).get("eval")
+    rows = stored.get("rows") if isinstance(stored, dict) else None
+    return [r for r in rows or [] if isinstance(r, dict) and r.get("status", "ok") == "ok"]
 
 
 def _record_test_split(run: RunDir, scan: Any) -> None:

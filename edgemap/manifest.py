@@ -103,7 +103,7 @@ def run_lock(path: str | Path, command: str, create: bool = False) -> Iterator[N
             yield
     except FolderNotWritable as e:
         where = shlex.quote(str(e.folder))
-        fix = (f"the file system is read-only (chmod cannot help): copy the run (cp -r {where} COPY) and work on the copy"
+        fix = (f"The file system is read-only (chmod cannot help): copy the run (cp -r {where} COPY) and work on the copy"
                if "read-only file system" in str(e.why).lower() else
                f"Make it writable (chmod -R u+w {where}) or work on a copy (cp -r)")
         raise RunNotWritableError(

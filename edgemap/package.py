@@ -121,6 +121,7 @@ class PackageResult:
     replaced: bool = False  # a wheel of the same name and version with other contents was overwritten
     warnings: list[str] = field(default_factory=list)
     replaced_requirements: bool = False  # ... and the one overwritten asked for other packages
+    named_after_run_folder: bool = False  # no --name given or recorded: a retrain in another folder gets another
 
     @property
     def overhead_bytes(self) -> int | None:
@@ -635,7 +636,7 @@ def package(run_dir: str | Path | RunDir | None, opts: PackageOptions | None = N
     if runtime not in WHEEL_RUNTIMES:
         raise PackageError(f"--runtime {opts.runtime!r}: choose {' or '.join(WHEEL_RUNTIMES)}")
     requirements = [*BASE_REQUIREMENTS, WHEEL_RUNTIMES[runtime][1]]
-    run, name, module, version, out = _target(run_dir, opts, runtime)
+    run, name, module, version, out, by_folder = _target(run_dir, opts, runtime)
     precision = model = info = None
     if run is not None:
         precision, model, info = _model_info(run, opts, runtime, requirements, name, version)
@@ -656,13 +657,14 @@ def package(run_dir: str | Path | RunDir | None, opts: PackageOptions | None = N
         wheel=dest, name=name, module=module, version=version, command=name, runtime=runtime, precision=precision,
         model_sha256=info["sha256"] if info else None, model_bytes=info["bytes"] if info else None,
         wheel_bytes=dest.stat().st_size, requirements=requirements, replaced=replaced, warnings=warnings,
-        replaced_requirements=deps_changed,
+        replaced_requirements=deps_changed, named_after_run_folder=by_folder,
     )
 
 
 def _target(run_dir: str | Path | None, opts: PackageOptions,
-            runtime: str) -> tuple[RunDir | None, str, str, str, Path]:
-    """(the run or None for --runtime-only, distribution name, module name, version, output folder)."""
+            runtime: str) -> tuple[RunDir | None, str, str, str, Path, bool]:
+    """(the run or None for --runtime-only, distribution name, module name, version, output folder, whether the
+    name was made from the run folder: no --name given now nor recorded by `edgemap run` for this runtime)."""
     if opts.runtime_only:
         from edgemap import __version__ as edgemap_version
 
@@ -673,7 +675,7 @@ def _target(run_dir: str | Path | None, opts: PackageOptions,
             raise PackageError(f"--runtime-only builds {RUNTIME_DIST}, which holds no model; drop --precision {opts.precision}")
         version = validate_version(opts.version or edgemap_version)
         out = Path(opts.out) if opts.out is not None else Path(run_dir) / "dist" if run_dir is not None else Path("dist")
-        return None, name, module, version, out
+        return None, name, module, version, out, False
     if run_dir is None:
         raise PackageError("RUN_DIR is required (or pass --runtime-only for the generic runtime wheel)")
     run = RunDir.load(run_dir)
@@ -683,10 +685,14 @@ def _target(run_dir: str | Path | None, opts: PackageOptions,
     # one name per runtime: wheels for CPU and CUDA of one fp32 model differ only in their version's label, which
     # pip compares as text: `pip install -U --find-links dist NAME` on a GPU device took the CPU wheel
     suffix = "" if runtime == "onnxruntime" else f"-{runtime}"
-    name, module = validate_name(opts.name or f"{default_name or 'edgemap'}-classifier{suffix}")
+    recorded = ((run.data.get("options") or {}).get("run") or {}).get("package")
+    kept = (recorded.get("name") if isinstance(recorded, dict) and isinstance(recorded.get("name"), str)
+            and (recorded.get("runtime") or "onnxruntime") == runtime else None)  # `run --name myapp`'s, same runtime
+    name, module = validate_name(opts.name or kept or f"{default_name or 'edgemap'}-classifier{suffix}")
+    by_folder = not (opts.name or kept)
     version = validate_version(opts.version or opts.default_version)  # checked now; the model's label comes later
     out = Path(opts.out) if opts.out is not None else run.own_folder("dist")
-    return run, name, module, version, out
+    return run, name, module, version, out, by_folder
 
 
 def _model_info(run: RunDir, opts: PackageOptions, runtime: str, requirements: list[str], name: str,
@@ -786,12 +792,20 @@ def _record_package(run: RunDir, opts: PackageOptions, wheel: Path) -> str | Non
             inside = made.is_relative_to(now.path.absolute())
             now.set_stage("package", "done", save=False,
                           wheel=str(made.relative_to(now.path.absolute())) if inside else str(made))
-            recorded = json.loads(json.dumps(dataclasses.asdict(opts), default=str))
-            now.data.setdefault("options", {}).setdefault("run", {})["package"] = recorded
+            given = json.loads(json.dumps(dataclasses.asdict(opts), default=str))
+            if opts.out is not None:  # a relative --out is this command's working directory's, not a later one's
+                given["out"] = str(Path(opts.out).absolute())
+            recorded = now.data.setdefault("options", {}).setdefault("run", {})
+            old = recorded.get("package") if isinstance(recorded.get("package"), dict) else {}
+            if (old.get("runtime") or "onnxruntime") != given["runtime"]:  # a name is one runtime's (see _target)
+                old = {k: v for k, v in old.items() if k not in ("name", "version")}
+            # what this command was not given keeps the run's recorded value (a bare `edgemap package` erased the
+            # --name an `edgemap run` had been given, and the next run rebuilt the default name)
+            recorded["package"] = {**old, **{k: v for k, v in given.items() if v is not None or k not in old}}
             now.save()
             hand_back(run, now)
     except (OSError, EdgemapError) as e:
-        return (f"the wheel was not recorded in the run ({' '.join(str(e).split())[:200]}): `edgemap run` on it will "
+        return (f"the wheel was not recorded in the run ({' '.join(str(e).split())}): `edgemap run` on it will "
                 "not know this wheel or its --name")
     return None
 

@@ -193,9 +193,10 @@ def check_options(opts: RunOptions, finetune_opts: FinetuneOptions | None = None
         validate_version(opts.package.version)
 
 
-def _check_existing(run: RunDir, data: Path, opts: RunOptions) -> list[str]:
-    """Refuse a run made from another dataset or with other fine-tuning options; return the stages to redo."""
-    from edgemap.data.scan import relocated, rescan_for_run
+def _check_existing(run: RunDir, data: Path, opts: RunOptions) -> tuple[list[str], bool]:
+    """Refuse a run made from another dataset or with other fine-tuning options; return the stages whose options
+    changed (to redo with those after them), and whether the test split changed since training."""
+    from edgemap.data.scan import record_at, relocated, rescan_for_run
 
     if not isinstance(run.data.get("dataset"), dict) or not run.data["dataset"].get("root"):
         raise DatasetError(f"{run.path} records no dataset (it was not made by `edgemap finetune`), so it cannot be "
@@ -210,7 +211,7 @@ def _check_existing(run: RunDir, data: Path, opts: RunOptions) -> list[str]:
             raise DatasetError(f"{run.path} was made from the dataset {recorded_root}, not {data} ({e}); "
                                "a run directory holds one model: choose another --out") from None
         log.warning("%s: the run's dataset is now here (the same files as at %s); recorded", data, recorded_root)
-        run.data["dataset"] = {**moved, "root": str(scan.root)}
+        run.data["dataset"] = record_at(moved, scan)
         run.save()
     else:
         scan = rescan_for_run(run.data["dataset"])  # DatasetError if its files changed since training
@@ -237,9 +238,7 @@ def _check_existing(run: RunDir, data: Path, opts: RunOptions) -> list[str]:
             differs = any(recorded[s].get(k) != now[s][k] for k in opts.given(s, now[s]))
         if differs:
             changed.append(s)
-    if scan.test_changed and run.stage_done("eval") and "eval" not in changed:  # new test images: scored again
-        changed.append("eval")
-    return sorted(changed, key=STAGES.index)
+    return changed, bool(scan.test_changed)
 
 
 def _resolved(key: str, value: Any, stored: dict[str, Any]) -> Any:
@@ -369,7 +368,7 @@ def _reconcile(existing: RunDir, data: Path, opts: RunOptions) -> RunOptions:
     """A re-run on an existing run directory: check it against what is asked now (another dataset or other
     fine-tuning options are refused), outdate the stages whose options changed (and those after them), and return
     the options the re-run uses (the run's recorded ones for what was not given now)."""
-    changed = _check_existing(existing, data, opts)
+    changed, test_changed = _check_existing(existing, data, opts)
     opts = _with_recorded(opts, existing.data.get("options", {}).get("run") or {})
     check_options(opts, _resumed_options(existing, opts))
     if changed:  # options of a later stage changed: redo it and everything after it
@@ -377,6 +376,10 @@ def _reconcile(existing: RunDir, data: Path, opts: RunOptions) -> RunOptions:
         if existing.stage_done(STAGES[first]):
             existing.set_stage(STAGES[first], "outdated", save=False, reason=f"options of {changed[0]} changed")
         existing.outdate_after(STAGES[first], f"options of {changed[0]} changed", save=False)
+        existing.save()
+    if test_changed and existing.stage_done("eval"):  # new test images: scored again (bench does not read them)
+        existing.set_stage("eval", "outdated", save=False, reason="the test split changed since training")
+        existing.outdate(("package", "report"), "the test split changed since training", save=False)
         existing.save()
     return opts
 

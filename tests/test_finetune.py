@@ -732,3 +732,28 @@ def test_a_stop_as_training_finishes_is_honoured_not_dropped(digits: Path, tmp_p
         finetune(digits, out, FinetuneOptions(**TINY), reporter=LastEpochCtrlC())
     assert e.value.exit_code == 130 and "edgemap export" in str(e.value)
     assert RunDir.load(out).stage_done("finetune")  # complete: nothing to resume
+
+
+def test_a_resume_gives_back_the_callers_python_and_numpy_random_state(digits: Path, tmp_path: Path) -> None:
+    """Resuming restores the run's own random states into `random` and numpy's global generator: they stayed so."""
+    import random
+    import signal
+
+    import numpy as np
+
+    from edgemap.errors import Interrupted
+    from edgemap.train.finetune import FinetuneOptions, _Reporter, finetune
+
+    class CtrlCAfterEpoch1(_Reporter):
+        def epoch_done(self, row: dict) -> None:
+            if row["epoch"] == 1:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    out = tmp_path / "run"
+    with pytest.raises(Interrupted):
+        finetune(digits, out, FinetuneOptions(**TINY), reporter=CtrlCAfterEpoch1())
+    random.seed(5)
+    np.random.seed(5)
+    py, npy = random.getstate(), np.random.get_state()
+    finetune(digits, out, resume=True)
+    assert random.getstate() == py and all(np.array_equal(a, b) for a, b in zip(np.random.get_state(), npy))

@@ -498,10 +498,12 @@ def test_a_moved_dataset_continues_and_new_test_images_are_scored(digits: Path, 
 
     copy = _copy(finished, tmp_path)
     moved = tmp_path / "moved digits"
-    shutil.copytree(digits, moved)  # the same files (copy2 keeps their times)
+    shutil.copytree(digits, moved, copy_function=shutil.copy)  # the same bytes, new file times (as cp -r, rsync)
     res = run_pipeline(moved, copy, _opts())
     assert res.did_nothing, _statuses(res)
-    assert RunDir.load(copy).data["dataset"]["root"] == str(moved)  # recorded: the next commands read it there
+    recorded = RunDir.load(copy).data["dataset"]
+    assert recorded["root"] == str(moved)  # recorded: the next commands read it there, by its files' times now
+    assert recorded["fingerprint"] != RunDir.load(finished).data["dataset"]["fingerprint"]
     for i, cls in enumerate(("3", "7")):  # new labelled photos in a test split
         (moved / "test" / cls).mkdir(parents=True)
         Image.fromarray(np.random.default_rng(i).integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(moved / "test" / cls / "new.png")
@@ -528,7 +530,8 @@ def test_the_training_bar_ends_before_the_next_stage(digits: Path, tmp_path: Pat
     assert 0 <= bar < r.output.index("── export ──"), r.output
 
 
-def test_a_wheel_packaged_by_hand_is_the_one_run_keeps_and_rebuilds(digits: Path, finished: Path, tmp_path: Path) -> None:
+def test_a_wheel_packaged_by_hand_is_the_one_run_keeps_and_rebuilds(digits: Path, finished: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """`edgemap package RUN --name cats-classifier`, then `edgemap run DATA --out RUN`: run said "package skipped"
     and printed the install line of its own default-named wheel, and rebuilt that name when eval outdated it."""
     from edgemap.evaluate import EvalOptions, evaluate
@@ -541,3 +544,11 @@ def test_a_wheel_packaged_by_hand_is_the_one_run_keeps_and_rebuilds(digits: Path
     evaluate(copy, EvalOptions(runtimes=("torch", "cpu")))  # new results: the wheel's card is outdated
     res = run_pipeline(digits, copy, _opts())
     assert ("package", "done") in _statuses(res) and Path(res.wheel).name.startswith("cats_classifier-"), res.wheel
+    # a bare `edgemap package` keeps the recorded name (it erased it: the next run rebuilt the default name), and a
+    # relative --out is recorded as the folder it named, not relative to a later command's working directory
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(app, ["package", str(copy), "--out", "rel dist"])
+    assert r.exit_code == 0 and "comes from the run folder" not in r.output, r.output
+    assert list((tmp_path / "rel dist").glob("cats_classifier-*.whl")), r.output
+    recorded = RunDir.load(copy).data["options"]["run"]["package"]
+    assert recorded["name"] == "cats-classifier" and recorded["out"] == str(tmp_path / "rel dist"), recorded

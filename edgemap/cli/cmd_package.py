@@ -47,7 +47,7 @@ def register(app: typer.Typer) -> None:
             err_console.print(f"[yellow]warning:[/] replaced an earlier {escape(r.wheel.name)} with other contents; pip "
                               "keeps a version it already installed, so a device needs the --force-reinstall below, "
                               "or give this build its own --version", soft_wrap=True)
-        if name is None and not runtime_only:  # a retrain into v2/ made "v2-classifier": installed beside v1's
+        if r.named_after_run_folder:  # a retrain into v2/ made "v2-classifier": installed beside v1's
             console.print(f"  its name {r.name} comes from the run folder: a model retrained into another folder gets "
                           "another name and installs beside this one on a device; give each model of one app the "
                           "same --name", markup=False, soft_wrap=True)

@@ -473,6 +473,17 @@ def rescan_for_run(manifest_dataset: dict[str, Any]) -> DatasetScan:
 _SAID_TEST_CHANGED: set[tuple[str, str]] = set()
 
 
+def record_at(moved: dict[str, Any], scan: DatasetScan) -> dict[str, Any]:
+    """The ``dataset`` record of the same files found at ``scan.root`` (see :func:`relocated`): its new root, and
+    the fingerprints of the files there (a copy made without its file times matched by content only; every later
+    command then hashed the whole dataset again, and a test image added there was refused)."""
+    record = {**moved, "root": str(scan.root)}
+    if scan.test_changed is None:  # the very files: their sizes and times now (a changed test split is eval's to record)
+        record["fingerprint"] = scan.fingerprint
+        record["model_fingerprint"] = scan.model_fingerprint()
+    return record
+
+
 def relocated(manifest_dataset: dict[str, Any], data: str | Path) -> dict[str, Any]:
     """The ``dataset`` record of a run as if its files were at ``data`` (moved, or copied to another machine): its
     root and the paths of the files training skipped. :func:`rescan_for_run` of it checks they are the same files."""

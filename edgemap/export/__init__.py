@@ -226,7 +226,7 @@ def _dataset(run: Any, dataset: Any, data: str | Path | None = None) -> Any:
                                f"{shlex.quote(str(run.path))} ... --data DIR)")
         return rescan_for_run(run.data["dataset"])
     # the training dataset at another place (moved, or copied to this machine): the same files, or refused
-    from edgemap.data.scan import relocated
+    from edgemap.data.scan import record_at, relocated
 
     was = run.data["dataset"].get("root")
     moved = relocated(run.data["dataset"], data)
@@ -234,8 +234,7 @@ def _dataset(run: Any, dataset: Any, data: str | Path | None = None) -> Any:
     if not was or os.path.realpath(was) != os.path.realpath(scan.root):  # realpath: no error on a symlink loop
         log.warning("--data: the dataset is now at %s (the same files as at %s); recorded", printable(str(scan.root)),
                     printable(str(was)))
-        moved["root"] = str(scan.root)
-        run.data["dataset"] = moved  # saved with the export's records
+        run.data["dataset"] = record_at(moved, scan)  # saved with the export's records
     return scan
 
 

@@ -464,14 +464,21 @@ def _process_state(device: torch.device, threads: int) -> Iterator[None]:
     """Train with ``threads`` torch threads; give the caller back its own thread count and random state (training
     seeds torch's global generator every step: a notebook's or a sweep's own draws after finetune() came out the
     same whatever seed it had set)."""
+    import random
+
+    import numpy as np
+
     caller_threads = torch.get_num_threads()
     caller_rng = torch.get_rng_state()
     caller_cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    caller_py, caller_np = random.getstate(), np.random.get_state()  # a resume restores the run's own into them
     torch.set_num_threads(threads)
     try:
         yield
     finally:
         torch.set_num_threads(caller_threads)
+        random.setstate(caller_py)
+        np.random.set_state(caller_np)
         torch.set_rng_state(caller_rng)
         if caller_cuda_rng is not None:
             torch.cuda.set_rng_state(caller_cuda_rng, device)
@@ -632,6 +639,8 @@ def _check_out(out: Path, data: Path, resume: bool = False) -> None:
                             "(and the dataset must never be modified); choose a folder outside it")
     if out.exists() and not out.is_dir():
         raise TrainingError(f"--out {out} is a file, not a folder; choose another --out")
+    if resume and not out.is_dir():  # before the place check: its advice was to copy a run that is not there
+        raise ResumeError(f"--resume: {out} does not exist; start a new run without --resume")
     place = next((p for p in (o, *o.parents) if p.exists()), None)  # where the run directory will be made or written
     if place is not None and place.is_dir() and not os.access(place, os.W_OK | os.X_OK):  # said after scanning the whole dataset before
         raise TrainingError(f"--out {out}: cannot write the run directory ({place} is not writable: read-only, or "
@@ -791,8 +800,8 @@ class _Trainer:
         if self.dist.sum([float(self.stop.pending)])[0]:
             where = shlex.quote(str(self.run.path)) if self.run is not None else "RUN_DIR"
             raise Interrupted(f"interrupted by {self.stop.name or 'a signal'} as fine-tuning finished: the run is complete "
-                              f"and recorded (nothing to resume); continue with: edgemap export {where} --int8 (or the "
-                              "same `edgemap run` command)", self.stop.signum or self.stop.requested)
+                              f"and recorded (nothing to resume); continue with its next stage: edgemap export {where} "
+                              "(or the same `edgemap run` command)", self.stop.signum or self.stop.requested)
         return result
 
     def _epoch(self, head_only: bool) -> dict[str, Any]:
