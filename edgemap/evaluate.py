@@ -495,6 +495,14 @@ def _load_samples(run: RunDir, data: Path | None, max_pixels: int | None = None,
         found = scan_mod.scan_labelled(Path(data), scan_mod.ScanOptions(max_pixels=limit, skip_bad=skip_bad))
         where = str(data) + (f", {len(found.skipped)} unreadable skipped" if found.skipped else "")
         named, split = found.samples, found.part
+        known = set(run.classes)
+        unknown_here = sorted({name for _, name in named} - known)
+        if unknown_here and known_classes_only:  # left out first: the overlap below counts the images scored
+            left = sum(name not in known for _, name in named)
+            named = [(p, name) for p, name in named if name in known]
+            where += f", {left} image(s) of classes the run does not know left out ({', '.join(unknown_here)})"
+            if not named:
+                raise DatasetError(f"{where}: no images of the run's classes ({', '.join(run.classes)})")
         # shown in the table and on the model card: by content (a copy or a moved dataset), else by place
         trained_on = scan_mod.training_images_in(run.path, run.data.get("dataset") or {}, (p for p, _ in named))
         if trained_on:
@@ -514,13 +522,7 @@ def _load_samples(run: RunDir, data: Path | None, max_pixels: int | None = None,
         named = [(Path(s.path), scan.classes[int(s.label)]) for s in samples]
     index = {c: i for i, c in enumerate(run.classes)}
     unknown = sorted({name for _, name in named} - set(index))
-    if unknown and known_classes_only:
-        left = sum(name not in index for _, name in named)
-        named = [(p, name) for p, name in named if name in index]
-        where += f", {left} image(s) of classes the run does not know left out ({', '.join(unknown)})"
-        if not named:
-            raise DatasetError(f"{where}: no images of the run's classes ({', '.join(run.classes)})")
-    elif unknown:
+    if unknown:
         raise DatasetError(
             f"{where}: classes not known to the run {run.path} ({', '.join(unknown)}); "
             f"the run knows: {', '.join(run.classes)}. Remove those folders, or give --known-classes-only to leave "

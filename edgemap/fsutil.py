@@ -331,8 +331,13 @@ def folder_lock(folder: str | Path, what: str) -> Iterator[None]:
         if writable:
             f.seek(0)
             f.truncate()
-            f.write(f"pid {os.getpid()} ({what}) since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-            f.flush()
+            line = f"pid {os.getpid()} ({what}) since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+            try:  # unbuffered: a failed write must not stay in a buffer that close() writes again
+                os.write(f.fileno(), line.encode("utf-8", "backslashreplace"))
+            except OSError as e:  # a full disk: the lock holds without its holder line; the command goes on (eval
+                # then shows what it measured, and its save names the folder)
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise OSError(e.errno, e.strerror or str(e), str(path)) from e
         held[folder] = [f, 1]
         try:
             yield

@@ -284,7 +284,8 @@ def test_a_rerun_after_ctrl_c_resumes_with_the_runs_own_options(digits: Path, tm
     ({"int8": False, "calib_method": "entropy"}, "--calib-method only applies with int8; leave out --no-int8 or leave it out"),
     ({"calib_method": "kl"}, "--calib-method 'kl' is not one of minmax, entropy, percentile"),
     ({"opset": 99}, "--opset 99 is newer than torch"),  # failed only at export, after fine-tuning
-    ({"opset": 11}, "--opset 11: int8 models need --opset 13 or newer (per-channel int8); give --no-int8"),
+    ({"opset": 11}, "--int8 needs --opset 13 or newer (per-channel int8), got 11; or export fp32 only"),
+    ({"opset": 11, "int8": True}, "--opset 11: int8 models need --opset 13 or newer (per-channel int8); give --no-int8"),
 ])
 def test_bad_options_of_any_stage_fail_before_training(digits: Path, tmp_path: Path, kw: dict, says: str) -> None:
     """They used to fail only when their stage started: after fine-tuning (hours with a real backbone)."""
@@ -508,7 +509,8 @@ def test_a_moved_dataset_continues_and_new_test_images_are_scored(digits: Path, 
         (moved / "test" / cls).mkdir(parents=True)
         Image.fromarray(np.random.default_rng(i).integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(moved / "test" / cls / "new.png")
     res = run_pipeline(moved, copy, _opts())
-    assert _statuses(res)[:3] == [("finetune", "skipped"), ("export", "skipped"), ("eval", "done")], _statuses(res)
+    assert _statuses(res)[:4] == [("finetune", "skipped"), ("export", "skipped"), ("eval", "done"),
+                                  ("bench", "skipped")], _statuses(res)  # bench does not read test images
     run = RunDir.load(copy)
     assert "(test, 2 images)" in run.data["metrics"]["eval"]["data"] and run.data["dataset"]["counts"]["test"]
     assert run_pipeline(moved, copy, _opts()).did_nothing  # recorded: not scored again

@@ -220,7 +220,8 @@ def build_options(*, runtime: str | None = None, bench_seconds: float | None = N
     from edgemap.errors import QuantizationError
     from edgemap.export.onnx_export import MIN_INT8_OPSET
 
-    if opset is not None and opset < MIN_INT8_OPSET and int8 is not False:  # int8 is run's default, not asked for
+    if opset is not None and opset < MIN_INT8_OPSET and int8 is True:  # unset: the run's own choice decides (a re-run
+        # of an fp32 run keeps fp32; a new run's default int8 is refused by the export's own check, before training)
         raise QuantizationError(f"--opset {opset}: int8 models need --opset {MIN_INT8_OPSET} or newer (per-channel int8); "
                            "give --no-int8 for an fp32-only run, or a newer --opset")
     from edgemap.errors import PackageError

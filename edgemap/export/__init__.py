@@ -205,7 +205,8 @@ def _check_options(opts: ExportOptions) -> dict[str, list[str]]:
     if not opts.int8:
         return {}
     if opts.opset < MIN_INT8_OPSET:
-        raise QuantizationError(f"--int8 needs --opset {MIN_INT8_OPSET} or newer (per-channel int8), got {opts.opset}")
+        raise QuantizationError(f"--int8 needs --opset {MIN_INT8_OPSET} or newer (per-channel int8), got {opts.opset}; or "
+                                "export fp32 only (no --int8; `edgemap run --no-int8`)")
     return _int8_plan(opts.targets)
 
 
