@@ -554,3 +554,29 @@ def test_a_wheel_packaged_by_hand_is_the_one_run_keeps_and_rebuilds(digits: Path
     assert list((tmp_path / "rel dist").glob("cats_classifier-*.whl")), r.output
     recorded = RunDir.load(copy).data["options"]["run"]["package"]
     assert recorded["name"] == "cats-classifier" and recorded["out"] == str(tmp_path / "rel dist"), recorded
+
+
+def test_a_partial_eval_does_not_record_a_changed_test_split(digits: Path, finished: Path, tmp_path: Path) -> None:
+    """After new test images, `eval --precision fp32` dropped the stored int8 row and recorded the new test split:
+    the next `edgemap run` said eval was done and shipped a card without int8 accuracy."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    from edgemap.evaluate import EvalOptions, evaluate
+
+    data = tmp_path / "data"
+    shutil.copytree(digits, data)
+    copy = _copy(finished, tmp_path)
+    assert run_pipeline(data, copy, _opts()).did_nothing  # recorded at the new place
+    (data / "test" / "3").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(data / "test" / "3" / "new.png")
+    before = RunDir.load(copy).data["dataset"]["fingerprint"]
+    evaluate(copy, EvalOptions(runtimes=("torch", "cpu"), precisions=("fp32",)))
+    assert RunDir.load(copy).data["dataset"]["fingerprint"] == before  # not every stored row was measured again
+    res = run_pipeline(data, copy, _opts())
+    assert ("eval", "done") in _statuses(res)
+    rows = RunDir.load(copy).data["metrics"]["eval"]["rows"]
+    assert {(r["runtime"], r["precision"]) for r in rows} >= {("cpu", "int8"), ("cpu", "fp32")}
+    assert RunDir.load(copy).data["dataset"]["fingerprint"] != before  # now scored in full: recorded
