@@ -634,6 +634,6 @@ def test_a_read_only_file_system_is_not_told_to_chmod(tmp_path: Path, monkeypatc
         yield
 
     monkeypatch.setattr(manifest_mod, "folder_lock", read_only)
-    with pytest.raises(RunNotWritableError, match=r"the file system is read-only \(chmod cannot help\): copy the run"):
+    with pytest.raises(RunNotWritableError, match=r"The file system is read-only \(chmod cannot help\): copy the run"):
         with manifest_mod.run_lock(tmp_path, "export"):
             pass

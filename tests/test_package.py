@@ -272,8 +272,16 @@ def test_cli_package_errors_and_success(tiny: dict, tmp_path: Path) -> None:
     assert re.fullmatch(rf"cli_pkg-0\.1\.0\.20\d{{12}}\+onnxruntime\.m{sha[:12]}-py3-none-any\.whl", made[0]), made
     assert f"sha256 {sha}" in " ".join(r.output.split())  # whole: what `edgemap-runtime --sha256` takes
     assert "comes from the run folder" not in r.output  # named by the user
-    # a name made from the run folder: a retrain into another folder would install beside this model
-    r = runner.invoke(app, ["package", str(tiny["run"].path), "--out", str(tmp_path / "default")])
+    # the name it was given is recorded (a later bare package or `edgemap run` keeps it) ...
+    r = runner.invoke(app, ["package", str(tiny["run"].path), "--out", str(tmp_path / "kept")])
+    assert r.exit_code == 0 and list((tmp_path / "kept").glob("cli_pkg-*.whl")), r.output
+    # ... and a run never given one is named after its folder: a retrain into another folder installs beside it
+    fresh = tmp_path / "fresh run"
+    shutil.copytree(tiny["run"].path, fresh)
+    d = json.loads((fresh / "edgemap.json").read_text())
+    d["options"].get("run", {}).pop("package", None)
+    (fresh / "edgemap.json").write_text(json.dumps(d))
+    r = runner.invoke(app, ["package", str(fresh), "--out", str(tmp_path / "default")])
     assert r.exit_code == 0 and "comes from the run folder" in r.output and "same --name" in " ".join(r.output.split())
 
 
@@ -943,6 +951,9 @@ def test_a_cuda_wheel_asks_for_onnxruntime_gpu_and_runs_fp32_on_the_gpu_only(ven
     """There was no GPU wheel: the onnxruntime wheel asks for `onnxruntime`, so on a device with onnxruntime-gpu pip
     added the CPU build over the same module."""
     run = exported["run"]
+    # its own default name: beside the CPU wheel of the same fp32 model, `pip install -U --find-links dist NAME`
+    # chose between them by the label's text (first: a --name given below is then recorded for cuda, and kept)
+    assert package(run.path, PackageOptions(runtime="cuda", out=tmp_path / "named")).name.endswith("-classifier-cuda")
     w = package(run.path, PackageOptions(runtime="cuda", name="gpu-clf", out=tmp_path))
     assert w.precision == "fp32" and w.runtime == "cuda"  # int8 exported, but the CUDA EP has no int8 convolutions
     assert w.model_sha256 == run.artifacts["onnx_fp32"]["sha256"]
@@ -957,9 +968,7 @@ def test_a_cuda_wheel_asks_for_onnxruntime_gpu_and_runs_fp32_on_the_gpu_only(ven
              "pip install 'onnxruntime-gpu>=1.20,<1.27' && ")  # both out where both are: they share files
     assert w.pip_install.startswith(first) and f"{first}pip install gpu_clf-" in card, (w.pip_install, card)
     assert subprocess.run(["bash", "-n", "-c", w.pip_install]).returncode == 0  # pastes as one shell line
-    # its own default name: beside the CPU wheel of the same fp32 model, `pip install -U --find-links dist NAME`
-    # chose between them by the label's text
-    assert package(run.path, PackageOptions(runtime="cuda", out=tmp_path / "named")).name.endswith("-classifier-cuda")
+    assert package(run.path, PackageOptions(runtime="cuda", out=tmp_path / "kept")).name == "gpu-clf"  # recorded
     with pytest.raises(PackageError, match="no int8 convolution kernels"):
         package(run.path, PackageOptions(runtime="cuda", precision="int8", name="gpu-clf", out=tmp_path))
     # on this machine's CPU onnxruntime (standing in for onnxruntime-gpu: --no-deps): the GPU is asked for, and said
@@ -1002,6 +1011,9 @@ def test_package_commands_sharing_a_wheelhouse_all_build(tiny: dict, tmp_path: P
     for i in range(6):
         runs.append(tmp_path / f"r{i}")
         shutil.copytree(tiny["run"].path, runs[-1])
+        d = json.loads((runs[-1] / "edgemap.json").read_text())  # six runs, six default names (no recorded --name)
+        d["options"].get("run", {}).pop("package", None)
+        (runs[-1] / "edgemap.json").write_text(json.dumps(d))
     for _ in range(2):
         procs = [subprocess.Popen([sys.executable, "-m", "edgemap", "package", str(r), "--out", str(out)],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
