@@ -67,6 +67,16 @@ _TOP_LEVEL: dict[str, tuple[type | tuple[type, ...], bool]] = {
 }
 
 
+def run_relative(run_path: str | Path, made: str | Path) -> str:
+    """How a run records a file it made (a wheel, a report): relative to the run directory when inside it (the run
+    can move), else absolute."""
+    p = Path(made).absolute()
+    try:
+        return str(p.relative_to(Path(run_path).absolute()))
+    except ValueError:
+        return str(p)
+
+
 def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 

@@ -783,15 +783,12 @@ def _record_package(run: RunDir, opts: PackageOptions, wheel: Path) -> str | Non
     import dataclasses
 
     from edgemap.errors import EdgemapError
-    from edgemap.manifest import fresh_run, run_lock
+    from edgemap.manifest import fresh_run, run_lock, run_relative
 
     try:
         with run_lock(run.path, "package"):
             now = fresh_run(run)
-            made = wheel.absolute()
-            inside = made.is_relative_to(now.path.absolute())
-            now.set_stage("package", "done", save=False,
-                          wheel=str(made.relative_to(now.path.absolute())) if inside else str(made))
+            now.set_stage("package", "done", save=False, wheel=run_relative(now.path, wheel))
             given = json.loads(json.dumps(dataclasses.asdict(opts), default=str))
             if opts.out is not None:  # a relative --out is this command's working directory's, not a later one's
                 given["out"] = str(Path(opts.out).absolute())

@@ -29,7 +29,7 @@ from edgemap.errors import DatasetError, TrainingError
 from edgemap.evaluate import EvalOptions
 from edgemap.export import ExportOptions
 from edgemap.fsutil import size_text
-from edgemap.manifest import MANIFEST_NAME, STAGE_ORDER, RunDir, run_lock
+from edgemap.manifest import MANIFEST_NAME, STAGE_ORDER, RunDir, run_lock, run_relative
 from edgemap.metrics import score_text
 from edgemap.options import recorded_value
 from edgemap.package import PackageOptions
@@ -142,12 +142,7 @@ def _resolve(run_path: Path, recorded: str) -> Path:
     return p if p.is_absolute() else run_path / p
 
 
-def _relative(run_path: Path, made: str | Path) -> str:
-    p = Path(made).absolute()
-    try:
-        return str(p.relative_to(run_path.absolute()))
-    except ValueError:
-        return str(p)
+
 
 
 def _stage_options(opts: RunOptions) -> dict[str, Any]:
@@ -390,9 +385,9 @@ def _record_stage(out: Path, stage: str, opts: RunOptions, seconds: float, wheel
     run = RunDir.load(out)  # stages save the manifest themselves: reload, never overwrite theirs
     extra: dict[str, Any] = {}
     if wheel is not None:
-        extra["wheel"] = _relative(out, wheel)
+        extra["wheel"] = run_relative(out, wheel)
     if report_path is not None:
-        extra["html"] = _relative(out, report_path)
+        extra["html"] = run_relative(out, report_path)
     if stage not in ("finetune", "export"):
         run.set_stage(stage, "done", save=False, seconds=round(seconds, 2), **extra)
     if stage != "finetune":
