@@ -142,9 +142,6 @@ def _resolve(run_path: Path, recorded: str) -> Path:
     return p if p.is_absolute() else run_path / p
 
 
-
-
-
 def _stage_options(opts: RunOptions) -> dict[str, Any]:
     """Each later stage's options as JSON (recorded in the run, compared on the next run)."""
     parts = {"export": opts.export, "eval": opts.eval, "bench": opts.bench, "package": opts.package}
